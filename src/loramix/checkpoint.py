@@ -1,0 +1,394 @@
+"""Self-contained checkpoints: config JSON + safetensors, written atomically, checked against the base on load.
+
+    ckpt/
+      loramix_config.json    format_version, mix config, experts (names + original adapter configs),
+                             adapted layers (module path, per-expert ranks and scales), base reference + fingerprint
+      gate.safetensors       the ScalingHead (inner.{i}.weight/bias ..., last.weight/bias)
+      experts.safetensors    per adapted module: "<module>.lora_A" [R, d_in], "<module>.lora_B" [d_out, R]
+      tokenizer/             the tokenizer, when the model has one
+      base/                  a copy of the base model, only with save(include_base=True)
+
+The base weights are referenced (hub id or absolute path), not copied. docs/checkpoint-format.md has the details.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .config import MixConfig
+from .errors import BaseModelMismatchError, CheckpointError, ConfigError, LoramixError
+from .experts import StackedLoRA
+from .model import ExpertInfo, LoraMixModel, load_base_model, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["atomic_directory", "base_fingerprint", "load", "save_checkpoint"]
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "loramix_config.json"
+GATE_NAME = "gate.safetensors"
+EXPERTS_NAME = "experts.safetensors"
+TOKENIZER_DIR = "tokenizer"
+BASE_DIR = "base"
+_SAMPLE = 64
+
+
+# ---------------------------------------------------------------------- atomic writes
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path, *, overwrite: bool = True, marker: str | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `path` in one rename, on failure it is removed.
+
+    An existing `path` is replaced only if `overwrite` and (when `marker` is given) it contains that file, so a
+    directory that is not ours is never deleted. Readers never see a half-written directory at `path`.
+    """
+    target = Path(path).expanduser().absolute()
+    if target.exists():
+        if not target.is_dir():
+            raise CheckpointError(f"{target} exists and is not a directory")
+        if any(target.iterdir()):
+            if not overwrite:
+                raise CheckpointError(f"{target} already exists; pass overwrite=True to replace it")
+            if marker is not None and not (target / marker).exists():
+                raise CheckpointError(f"{target} is a non-empty directory without {marker}; refusing to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors file with contiguous CPU copies (shared or strided tensors are fine)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(path), metadata)
+
+
+def read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing ({what})")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing ({what})")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return data
+
+
+# ---------------------------------------------------------------------- base fingerprint
+
+
+def _weight_of(model: nn.Module, path: str) -> torch.Tensor | None:
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return None  # reported with a clear message when the layers are built
+    module = getattr(module, "base_layer", module)
+    weight = getattr(module, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) else None
+
+
+def _sample(t: torch.Tensor) -> list[float]:
+    flat = t.detach().reshape(-1)
+    index = torch.linspace(0, flat.numel() - 1, min(_SAMPLE, flat.numel())).round().long().to(flat.device)
+    return [float(f"{v:.6g}") for v in flat.index_select(0, index).float().cpu().tolist()]
+
+
+def base_fingerprint(model: nn.Module, layer_names: list[str]) -> dict[str, Any]:
+    """Shapes and a few sampled values of the input embeddings and the first/last adapted base weights.
+
+    Sampled values (not a byte hash) so that the same base loaded in another dtype still matches.
+    """
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    tensors: dict[str, torch.Tensor | None] = {}
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tensors["input_embeddings"] = getattr(embeddings, "weight", None)
+    for path in dict.fromkeys([layer_names[0], layer_names[-1]]):
+        tensors[f"{path}.weight"] = _weight_of(model, path)
+    fingerprint: dict[str, Any] = {
+        "architecture": type(model).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "hidden_size": getattr(text, "hidden_size", None),
+        "num_hidden_layers": getattr(text, "num_hidden_layers", None),
+        "vocab_size": getattr(text, "vocab_size", None),
+        "tensors": {},
+    }
+    for name, t in tensors.items():
+        if t is None or t.device.type == "meta":
+            continue
+        fingerprint["tensors"][name] = {"shape": list(t.shape), "sample": _sample(t)}
+    return fingerprint
+
+
+def check_fingerprint(expected: dict[str, Any], model: nn.Module, layer_names: list[str], where: str) -> None:
+    """Raise `BaseModelMismatchError` if `model` is not the base the checkpoint was made for."""
+    actual = base_fingerprint(model, layer_names)
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
+        if expected.get(key) is not None and actual.get(key) != expected.get(key):
+            raise BaseModelMismatchError(
+                f"{where}: the checkpoint was made for a base with {key}={expected.get(key)!r}, but this base has "
+                f"{key}={actual.get(key)!r}; pass the right base (load(..., base=...))"
+            )
+    for name, info in (expected.get("tensors") or {}).items():
+        got = actual["tensors"].get(name)
+        if got is None:
+            continue
+        if got["shape"] != info["shape"]:
+            raise BaseModelMismatchError(
+                f"{where}: base tensor '{name}' has shape {got['shape']}, the checkpoint expects {info['shape']}; "
+                "this is a different base model"
+            )
+        a = torch.tensor(got["sample"], dtype=torch.float64)
+        b = torch.tensor(info["sample"], dtype=torch.float64)
+        tolerance = 1e-2 * float(b.abs().max().clamp_min(1e-12))  # a dtype change (fp32 <-> bf16) stays well inside
+        if a.shape != b.shape or float((a - b).abs().max()) > tolerance:
+            raise BaseModelMismatchError(
+                f"{where}: base weights differ from the ones the checkpoint was made for (tensor '{name}'); "
+                "this is a different base model. Pass the right one with load(..., base=...), or check_base=False "
+                "if you really mean to mix these experts into another base"
+            )
+
+
+# ---------------------------------------------------------------------- save
+
+
+def save_checkpoint(
+    model: LoraMixModel, path: str | Path, *, include_base: bool = False, overwrite: bool = True
+) -> Path:
+    """Write `model` to the directory `path` atomically and return its path."""
+    layers = []
+    expert_tensors: dict[str, torch.Tensor] = {}
+    for name, layer in zip(model.layer_names, model.mixed_layers()):
+        st = layer.stacked()
+        layers.append({"module": name, "ranks": st.ranks, "scales": st.scales})
+        expert_tensors[f"{name}.lora_A"] = st.lora_A
+        expert_tensors[f"{name}.lora_B"] = st.lora_B
+    base_info = {
+        "name_or_path": model.base_reference,
+        "bundled": include_base,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "fingerprint": base_fingerprint(model.model, model.layer_names),
+    }
+    if include_base:
+        base_info["name_or_path"] = BASE_DIR
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "loramix_version": __version__,
+        "mix_config": model.config.to_dict(),
+        "gate": {"hidden_size": model.hidden_size, "n_layers": model.n_layers, "n_experts": model.n_experts},
+        "experts": [{"name": e.name, "source": e.source, "adapter_config": e.adapter_config} for e in model.experts],
+        "layers": layers,
+        "base": base_info,
+    }
+    try:
+        json.dumps(meta)
+    except TypeError as exc:
+        raise CheckpointError(f"cannot serialise the checkpoint config: {exc}") from None
+    with atomic_directory(path, overwrite=overwrite, marker=CONFIG_NAME) as tmp:
+        save_tensors(dict(model.gate.state_dict()), tmp / GATE_NAME, {"format": "pt"})
+        save_tensors(expert_tensors, tmp / EXPERTS_NAME, {"format": "pt"})
+        if model.tokenizer is not None and hasattr(model.tokenizer, "save_pretrained"):
+            model.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+        if include_base:
+            with model.plain_model() as base:
+                base.save_pretrained(str(tmp / BASE_DIR))
+        write_json(tmp / CONFIG_NAME, meta)  # last: a directory with this file is complete
+    logger.info("saved loramix checkpoint to %s", path)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------- load
+
+
+def _layer_table(meta: dict[str, Any], where: Path, n_experts: int) -> list[tuple[str, list[int], list[float]]]:
+    layers = meta.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise CheckpointError(f"{where}: field 'layers' must be a non-empty list of adapted modules")
+    out = []
+    for i, entry in enumerate(layers):
+        try:
+            module, ranks, scales = entry["module"], entry["ranks"], entry["scales"]
+        except (KeyError, TypeError):
+            raise CheckpointError(f"{where}: layers[{i}] must have 'module', 'ranks' and 'scales'") from None
+        if (
+            not isinstance(module, str)
+            or not isinstance(ranks, list)
+            or not isinstance(scales, list)
+            or len(ranks) != n_experts
+            or len(scales) != n_experts
+            or not all(isinstance(r, int) and r >= 0 for r in ranks)
+            or not all(isinstance(s, (int, float)) for s in scales)
+        ):
+            raise CheckpointError(
+                f"{where}: layers[{i}] ('{module}') needs a module path and {n_experts} non-negative integer ranks "
+                f"and {n_experts} numeric scales"
+            )
+        out.append((module, ranks, [float(s) for s in scales]))
+    return out
+
+
+def load(
+    path: str | Path,
+    base: Any = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    tokenizer: Any = None,
+    check_base: bool = True,
+    **model_kwargs: Any,
+) -> LoraMixModel:
+    """Load a checkpoint written by `LoraMixModel.save`. The expert directories it was built from are not needed.
+
+    base: override the recorded base (id, directory or loaded PreTrainedModel). The base is checked against the
+    checkpoint's fingerprint; a different base raises `BaseModelMismatchError` (check_base=False skips that).
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise CheckpointError(f"{root} is not a directory (expected a loramix checkpoint)")
+    config_path = root / CONFIG_NAME
+    meta = read_json(config_path, "the checkpoint's config")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{config_path}: format_version={version!r}, this loramix reads format_version {FORMAT_VERSION}"
+        )
+    known = {"format_version", "loramix_version", "mix_config", "gate", "experts", "layers", "base"}
+    unknown = sorted(set(meta) - known)
+    if unknown:
+        raise CheckpointError(f"{config_path}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    try:
+        config = MixConfig.from_dict(meta.get("mix_config", {}), where="mix_config")
+    except ConfigError as exc:
+        raise CheckpointError(f"{config_path}: {exc}") from None
+    experts_meta = meta.get("experts")
+    if not isinstance(experts_meta, list) or not experts_meta:
+        raise CheckpointError(f"{config_path}: field 'experts' must be a non-empty list")
+    try:
+        infos = [ExpertInfo(e["name"], dict(e.get("adapter_config") or {}), e.get("source", "")) for e in experts_meta]
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{config_path}: every entry of 'experts' needs a 'name'") from None
+    table = _layer_table(meta, config_path, len(infos))
+    base_meta = meta.get("base") or {}
+
+    if base is None:
+        reference = base_meta.get("name_or_path")
+        if base_meta.get("bundled"):
+            base = root / BASE_DIR
+        elif reference:
+            base = reference
+        else:
+            raise CheckpointError(
+                f"{config_path}: the checkpoint records no base model (it was built on an in-memory model); "
+                "pass one with load(path, base=...)"
+            )
+        if isinstance(base, (str, Path)) and Path(str(base)).is_absolute() and not Path(str(base)).exists():
+            raise CheckpointError(
+                f"{config_path}: the base model directory {base} no longer exists; pass the base with "
+                "load(path, base=...)"
+            )
+    model, reference = load_base_model(base, dtype=dtype, device=device, **model_kwargs)
+    if base_meta.get("bundled") and not isinstance(base, nn.Module):
+        reference = base_meta.get("name_or_path")
+    if check_base and base_meta.get("fingerprint"):
+        check_fingerprint(base_meta["fingerprint"], model, [m for m, _, _ in table], str(config_path))
+
+    tensors = read_tensors(root / EXPERTS_NAME, "the stacked expert weights")
+    modules = dict(model.named_modules())
+    stacked: dict[str, StackedLoRA] = {}
+    for module, ranks, scales in table:
+        if module not in modules:
+            raise BaseModelMismatchError(
+                f"{config_path}: adapted module '{module}' does not exist in the base model "
+                f"({type(model).__name__}); pass the right base with load(path, base=...)"
+            )
+        try:
+            a, b = tensors.pop(f"{module}.lora_A"), tensors.pop(f"{module}.lora_B")
+        except KeyError as exc:
+            raise CheckpointError(f"{root / EXPERTS_NAME}: tensor {exc} is missing") from None
+        weight = modules[module].weight
+        dtype_ = weight.dtype if weight.is_floating_point() else torch.float32
+        stacked[module] = StackedLoRA(a.to(weight.device, dtype_), b.to(weight.device, dtype_), ranks, scales)
+    if tensors:
+        raise CheckpointError(f"{root / EXPERTS_NAME}: unexpected tensor(s) {sorted(tensors)[:5]}")
+
+    if tokenizer is None:
+        tok_dir = root / TOKENIZER_DIR
+        tokenizer = load_tokenizer(tok_dir) if tok_dir.is_dir() else None
+        if tokenizer is None and isinstance(base, (str, Path)):
+            tokenizer = load_tokenizer(base)
+    try:
+        mix = LoraMixModel(model, stacked, infos, config, tokenizer=tokenizer, base_reference=reference)
+    except LoramixError as exc:
+        raise type(exc)(f"{config_path}: {exc}") from None
+
+    gate_meta = meta.get("gate") or {}
+    for key, actual in (("hidden_size", mix.hidden_size), ("n_layers", mix.n_layers), ("n_experts", mix.n_experts)):
+        if key in gate_meta and gate_meta[key] != actual:
+            raise BaseModelMismatchError(
+                f"{config_path}: gate.{key}={gate_meta[key]} but the model gives {actual}; wrong base model?"
+            )
+    gate_state = read_tensors(root / GATE_NAME, "the gate weights")
+    expected = mix.gate.state_dict()
+    missing, unexpected = sorted(set(expected) - set(gate_state)), sorted(set(gate_state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{root / GATE_NAME}: missing tensors {missing}, unexpected tensors {unexpected}")
+    for key, value in gate_state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{root / GATE_NAME}: tensor '{key}' has shape {tuple(value.shape)}, the gate expects "
+                f"{tuple(expected[key].shape)}"
+            )
+        if not value.is_floating_point():
+            raise CheckpointError(f"{root / GATE_NAME}: tensor '{key}' has dtype {value.dtype}; expected floats")
+    mix.gate.load_state_dict({k: v.to(mix.dtype) for k, v in gate_state.items()})
+    return mix

@@ -1,0 +1,191 @@
+"""Configuration dataclasses: the gate (`GateConfig`) and the whole mixture (`MixConfig`).
+
+Every option of PEFT's `XLoraConfig` has a field here (the table in docs/checkpoint-format.md maps the names).
+Sizes that the model determines (hidden size, number of adapted layers, number of experts) are inferred when the
+mixture is built, never defaulted: a value given by hand is checked against the model instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["GateConfig", "MixConfig"]
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(names)}")
+    try:
+        return cls(**data)
+    except TypeError as exc:  # a wrong type that __post_init__ did not catch
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class GateConfig:
+    """The scaling head: an MLP from the scaling pass's hidden states to one scaling per (layer, expert)."""
+
+    depth: int = 1
+    """Number of linear layers. 1: a single linear map (PEFT `xlora_depth`). Deeper gates put ReLU (and dropout)
+    between layers."""
+
+    width: int | None = None
+    """Width of the inner layers when depth > 1 (PEFT `xlora_size`). None: the base model's hidden size, which is
+    also the only width mistral.rs can load."""
+
+    dropout: float = 0.2
+    """Dropout between inner layers, active in training only (PEFT `xlora_dropout_p`). Ignored when depth == 1."""
+
+    softmax: bool = True
+    """Softmax over the experts of each (token, layer) (PEFT `enable_softmax`)."""
+
+    temperature: float = 1.0
+    """Softmax temperature; lower is sharper (PEFT `softmax_temperature`)."""
+
+    top_k: int | None = None
+    """Keep only the k largest scalings per (token, layer), zeroing the rest (PEFT `top_k_lora`). None: dense."""
+
+    topk_softmax: bool = False
+    """Re-normalise the kept top-k scalings with a softmax (PEFT `enable_softmax_topk`). Needs top_k."""
+
+    layerwise: bool = False
+    """One row of scalings per adapted layer (True) or one row shared by every layer (PEFT `layerwise_scalings`)."""
+
+    bias: bool = True
+    """Whether the gate's linear layers have a bias (PEFT always uses one; mistral.rs `use_bias`)."""
+
+    hidden_size: int | None = None
+    """Input size of the gate. Leave unset: it is inferred from the base model; a value given is checked."""
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.depth) and self.depth >= 1, f"gate.depth={self.depth!r} must be an integer >= 1")
+        _check(
+            self.width is None or (_is_int(self.width) and self.width >= 1),
+            f"gate.width={self.width!r} must be an integer >= 1, or unset to use the model's hidden size",
+        )
+        _check(
+            _is_number(self.dropout) and 0.0 <= self.dropout < 1.0,
+            f"gate.dropout={self.dropout!r} must be a number in [0, 1)",
+        )
+        _check(isinstance(self.softmax, bool), f"gate.softmax={self.softmax!r} must be true or false")
+        _check(
+            _is_number(self.temperature) and self.temperature > 0,
+            f"gate.temperature={self.temperature!r} must be a number > 0",
+        )
+        _check(
+            self.top_k is None or (_is_int(self.top_k) and self.top_k >= 1),
+            f"gate.top_k={self.top_k!r} must be an integer >= 1, or unset for dense mixing",
+        )
+        _check(isinstance(self.topk_softmax, bool), f"gate.topk_softmax={self.topk_softmax!r} must be true or false")
+        _check(
+            not (self.topk_softmax and self.top_k is None),
+            "gate.topk_softmax=true needs gate.top_k (the softmax re-normalises the kept top-k scalings)",
+        )
+        _check(isinstance(self.layerwise, bool), f"gate.layerwise={self.layerwise!r} must be true or false")
+        _check(isinstance(self.bias, bool), f"gate.bias={self.bias!r} must be true or false")
+        _check(
+            self.hidden_size is None or (_is_int(self.hidden_size) and self.hidden_size >= 1),
+            f"gate.hidden_size={self.hidden_size!r} must be an integer >= 1; leave it unset to infer it",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "gate") -> GateConfig:
+        return _from_dict(cls, data, where)
+
+
+@dataclass
+class MixConfig:
+    """Everything that defines a mixture besides the experts themselves."""
+
+    gate: GateConfig = field(default_factory=GateConfig)
+    """The scaling head (a `GateConfig` or a dict of its fields)."""
+
+    scaling_pass_value: float | None = 0.0
+    """Scaling every expert gets in the scaling pass (PEFT `scaling_pass_value`). 0: the scaling pass is the plain
+    base model and skips the expert matmuls. None: 1/N for N experts (PEFT's `set_scaling_pass_value(None)`)."""
+
+    global_scaling_weight: float = 1.0
+    """Multiplies every expert's output (PEFT `global_scaling_weight`). Applied in both passes, not in the reported
+    scalings."""
+
+    trainable_experts: bool = False
+    """Train the experts' LoRA matrices with the gate (PEFT `use_trainable_adapters`). Default: only the gate trains."""
+
+    scaling_layer: int | None = None
+    """Truncated scaling pass: the gate reads the hidden states after the first k decoder blocks (then the model's
+    final norm) and the scaling pass runs only those k blocks. None: all blocks. A gate must be trained with the
+    same k it runs with."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.gate, dict):
+            self.gate = GateConfig.from_dict(self.gate)
+        _check(
+            isinstance(self.gate, GateConfig), f"gate must be a GateConfig or a dict, got {type(self.gate).__name__}"
+        )
+        _check(
+            self.scaling_pass_value is None or _is_number(self.scaling_pass_value),
+            f"scaling_pass_value={self.scaling_pass_value!r} must be a finite number, or null for 1/N",
+        )
+        _check(
+            _is_number(self.global_scaling_weight),
+            f"global_scaling_weight={self.global_scaling_weight!r} must be a finite number",
+        )
+        _check(
+            isinstance(self.trainable_experts, bool),
+            f"trainable_experts={self.trainable_experts!r} must be true or false",
+        )
+        _check(
+            self.scaling_layer is None or (_is_int(self.scaling_layer) and self.scaling_layer >= 1),
+            f"scaling_layer={self.scaling_layer!r} must be an integer >= 1 (number of decoder blocks the scaling "
+            "pass runs), or unset for all of them",
+        )
+
+    def validate_for(self, *, hidden_size: int, n_experts: int, n_blocks: int | None) -> None:
+        """Check the config against the sizes of a concrete model; raise `ConfigError` naming the field."""
+        g = self.gate
+        if g.hidden_size is not None and g.hidden_size != hidden_size:
+            raise ConfigError(
+                f"gate.hidden_size={g.hidden_size} does not match the base model's hidden size {hidden_size}; "
+                "leave it unset to infer it"
+            )
+        if g.top_k is not None and g.top_k > n_experts:
+            raise ConfigError(f"gate.top_k={g.top_k} is larger than the number of experts ({n_experts})")
+        if self.scaling_layer is not None and n_blocks is not None and self.scaling_layer > n_blocks:
+            raise ConfigError(
+                f"scaling_layer={self.scaling_layer} is out of range: the base model has {n_blocks} decoder blocks"
+            )
+
+    def resolved_scaling_pass_value(self, n_experts: int) -> float:
+        return 1.0 / n_experts if self.scaling_pass_value is None else float(self.scaling_pass_value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "mix config") -> MixConfig:
+        return _from_dict(cls, data, where)

@@ -1,0 +1,27 @@
+"""One exception family. Every message names the file, module or field at fault and what was expected."""
+
+from __future__ import annotations
+
+
+class LoramixError(Exception):
+    """Base class of every error loramix raises on purpose. The CLI prints it as one red line (exit code 1)."""
+
+
+class ConfigError(LoramixError, ValueError):
+    """A configuration field is missing, out of range or inconsistent with the model."""
+
+
+class AdapterError(LoramixError):
+    """A LoRA expert (PEFT adapter directory) cannot be read or is of an unsupported kind."""
+
+
+class ShapeMismatchError(LoramixError):
+    """Tensors do not fit the module they are meant for."""
+
+
+class CheckpointError(LoramixError):
+    """A loramix checkpoint cannot be written or read."""
+
+
+class BaseModelMismatchError(CheckpointError):
+    """A checkpoint is loaded on a base model other than the one it was made for."""

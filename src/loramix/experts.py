@@ -1,0 +1,297 @@
+"""Read PEFT LoRA adapter directories and stack them per adapted module.
+
+An expert is a plain PEFT LoRA adapter dir: `adapter_config.json` + `adapter_model.safetensors`. For every module
+of the base model that any expert adapts (the union of their targets), `stack_experts` builds one `StackedLoRA`:
+
+    lora_A = [A_1; ...; A_N]   [R, d_in]     R = sum of the experts' ranks at this module
+    lora_B = [B_1 ... B_N]     [d_out, R]
+    ranks  = [r_1, ..., r_N]   an expert that does not adapt the module has rank 0 there (contributes zero)
+    scales = [c_1, ..., c_N]   c_e = alpha_e / r_e, or alpha_e / sqrt(r_e) for rsLoRA
+
+The scales stay separate from B (they are applied in rank space, see layers.py) so the stored matrices are exactly
+PEFT's, whether the experts are frozen or trained.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import AdapterError, ShapeMismatchError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ExpertModule", "LoraExpert", "StackedLoRA", "linear_features", "read_adapter", "stack_experts"]
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+
+# adapter_config.json options that change what a LoRA module computes: mixing them would silently give wrong outputs.
+_UNSUPPORTED_OPTIONS: dict[str, str] = {
+    "use_dora": "DoRA (weight-decomposed LoRA) is not a plain low-rank update",
+    "lora_bias": "a trained bias on lora_B is not supported",
+    "modules_to_save": "fully trained modules cannot be mixed per token",
+    "layer_replication": "layer replication changes the base model's structure",
+    "target_parameters": "adapters on raw parameters (nn.Parameter targets) are not supported",
+    "trainable_token_indices": "trainable token embeddings are not supported",
+    "alora_invocation_tokens": "activated LoRA (aLoRA) is not supported",
+    "use_qalora": "QA-LoRA is not supported",
+    "megatron_config": "Megatron parallel LoRA layers are not supported",
+    "velora_config": "VeLoRA is not supported",
+    "monteclora_config": "MonteCLoRA is not supported",
+}
+
+
+@dataclass
+class ExpertModule:
+    """One expert's update of one module: delta(x) = scale * B (A x)."""
+
+    lora_A: torch.Tensor  # [r, d_in]
+    lora_B: torch.Tensor  # [d_out, r]
+    scale: float
+
+
+@dataclass
+class LoraExpert:
+    """A LoRA adapter read from disk (or from a live model), keyed by module path inside the base model."""
+
+    name: str
+    source: str
+    adapter_config: dict[str, Any]
+    modules: dict[str, ExpertModule] = field(default_factory=dict)
+
+
+@dataclass
+class StackedLoRA:
+    """All experts of one adapted module, stacked along the rank dimension (see the module docstring)."""
+
+    lora_A: torch.Tensor  # [R, d_in]
+    lora_B: torch.Tensor  # [d_out, R]
+    ranks: list[int]
+    scales: list[float]
+
+
+def linear_features(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of an `nn.Linear` or a GPT-2 style `Conv1D`; None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nx") and hasattr(module, "nf"):
+        return int(module.nx), int(module.nf)
+    return None
+
+
+def _pattern_match(patterns: Mapping[str, Any], module_path: str) -> Any | None:
+    """PEFT's rank/alpha pattern rule: a key matches a module path that equals it or ends with '.' + it (regex)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return value
+    return None
+
+
+def _read_weights(directory: Path, name: str) -> dict[str, torch.Tensor]:
+    st_path = directory / SAFETENSORS_NAME
+    if st_path.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(st_path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise AdapterError(
+                f"expert '{name}': {st_path} is not a readable safetensors file ({str(exc).splitlines()[0]})"
+            ) from None
+    bin_path = directory / PICKLE_NAME
+    if bin_path.is_file():
+        # Old PEFT format. Read with weights_only=True: tensors only, no arbitrary objects are unpickled.
+        logger.warning("expert '%s': reading legacy %s with torch.load(weights_only=True)", name, bin_path)
+        try:
+            data = torch.load(str(bin_path), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise AdapterError(
+                f"expert '{name}': {bin_path} is not a plain tensor file (refused to unpickle it: "
+                f"{str(exc).splitlines()[0][:200]}); re-save the adapter as safetensors"
+            ) from None
+        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+            raise AdapterError(f"expert '{name}': {bin_path} does not hold a name -> tensor mapping")
+        return data
+    raise AdapterError(
+        f"expert '{name}': no {SAFETENSORS_NAME} in {directory} (expected a PEFT LoRA adapter directory)"
+    )
+
+
+def _read_config(directory: Path, name: str) -> dict[str, Any]:
+    config_path = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise AdapterError(f"expert '{name}': {directory} is not a directory (expected a PEFT LoRA adapter directory)")
+    if not config_path.is_file():
+        raise AdapterError(f"expert '{name}': {config_path} is missing (expected a PEFT LoRA adapter directory)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"expert '{name}': {config_path} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"expert '{name}': {config_path} must hold a JSON object")
+    return config
+
+
+def check_adapter_config(config: Mapping[str, Any], name: str, where: str) -> None:
+    """Refuse adapter kinds and options that a per-token mixture of plain LoRA updates cannot represent."""
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise AdapterError(f"expert '{name}': {where} has peft_type={peft_type}; loramix mixes LoRA adapters only")
+    for option, why in _UNSUPPORTED_OPTIONS.items():
+        if config.get(option):
+            raise AdapterError(f"expert '{name}': {where} sets {option}={config[option]!r}: {why}")
+    bias = config.get("bias", "none")
+    if bias not in (None, "none"):
+        raise AdapterError(f"expert '{name}': {where} sets bias={bias!r}: trained biases are not supported; use 'none'")
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise AdapterError(f"expert '{name}': {where} field '{key}'={value!r} must be a positive number")
+
+
+def read_adapter(name: str, path: str | Path) -> LoraExpert:
+    """Read one PEFT LoRA adapter directory into a `LoraExpert` (tensors on CPU, as stored)."""
+    directory = Path(path).expanduser()
+    config = _read_config(directory, name)
+    where = str(directory / CONFIG_NAME)
+    check_adapter_config(config, name, where)
+    weights = _read_weights(directory, name)
+    return expert_from_state_dict(name, str(directory), config, weights)
+
+
+def _strip_prefix(key: str) -> str:
+    for prefix in ("base_model.model.",):
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+def expert_from_state_dict(
+    name: str, source: str, config: Mapping[str, Any], weights: Mapping[str, torch.Tensor]
+) -> LoraExpert:
+    """Group PEFT adapter tensors (`...<module>.lora_A.weight` / `.lora_B.weight`) by module and compute scales."""
+    for key in weights:
+        if ".lora_embedding_" in key:
+            raise AdapterError(f"expert '{name}' ({source}): embedding targets are not supported (tensor '{key}')")
+        if ".lora_magnitude_vector" in key:
+            raise AdapterError(f"expert '{name}' ({source}): DoRA tensors are not supported (tensor '{key}')")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.items():
+        match = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
+        if match is None:
+            raise AdapterError(
+                f"expert '{name}' ({source}): unexpected tensor '{key}'; a LoRA adapter holds only "
+                "'<module>.lora_A.weight' and '<module>.lora_B.weight'"
+            )
+        module = _strip_prefix(match.group(1))
+        pairs.setdefault(module, {})[match.group(2)] = tensor
+    if not pairs:
+        raise AdapterError(f"expert '{name}' ({source}): the adapter holds no LoRA tensors")
+
+    alpha = float(config["lora_alpha"])
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora", False))
+    expert = LoraExpert(name=name, source=source, adapter_config=dict(config))
+    for module, pair in pairs.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            missing = ({"lora_A", "lora_B"} - set(pair)).pop()
+            raise AdapterError(f"expert '{name}' ({source}): module '{module}' has no {missing} tensor")
+        a, b = pair["lora_A"], pair["lora_B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ShapeMismatchError(
+                f"expert '{name}' ({source}): module '{module}' has lora_A {tuple(a.shape)} and lora_B "
+                f"{tuple(b.shape)}; expected [r, d_in] and [d_out, r] with the same r"
+            )
+        rank = a.shape[0]
+        expected_rank = _pattern_match(rank_pattern, module) or config["r"]
+        if rank != expected_rank:
+            raise ShapeMismatchError(
+                f"expert '{name}' ({source}): module '{module}' has rank {rank} but adapter_config.json says "
+                f"r={expected_rank}"
+            )
+        module_alpha = float(_pattern_match(alpha_pattern, module) or alpha)
+        scale = module_alpha / math.sqrt(rank) if rslora else module_alpha / rank
+        expert.modules[module] = ExpertModule(lora_A=a, lora_B=b, scale=scale)
+    return expert
+
+
+def _resolve_module_path(path: str, modules: Mapping[str, nn.Module], prefix: str) -> str | None:
+    if path in modules:
+        return path
+    if prefix and f"{prefix}.{path}" in modules:  # adapter trained on the bare backbone (AutoModel)
+        return f"{prefix}.{path}"
+    return None
+
+
+def stack_experts(experts: Sequence[LoraExpert], model: nn.Module) -> dict[str, StackedLoRA]:
+    """Stack the experts per module of `model`, in `named_modules()` order (the layer index of the gate).
+
+    Checks that every adapted module exists, is a Linear/Conv1D, and that each expert's tensors fit it.
+    Tensors are cast to the base layer's dtype and moved to its device.
+    """
+    modules = dict(model.named_modules())
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    per_expert: list[dict[str, ExpertModule]] = []
+    for expert in experts:
+        resolved: dict[str, ExpertModule] = {}
+        for path, update in expert.modules.items():
+            target = _resolve_module_path(path, modules, prefix)
+            if target is None:
+                raise AdapterError(
+                    f"expert '{expert.name}' ({expert.source}): adapts module '{path}', which the base model "
+                    f"({type(model).__name__}) does not have; was the adapter trained on another architecture?"
+                )
+            resolved[target] = update
+        per_expert.append(resolved)
+
+    union = set().union(*(set(r) for r in per_expert)) if per_expert else set()
+    stacked: dict[str, StackedLoRA] = {}
+    for path, module in modules.items():
+        if path not in union:
+            continue
+        features = linear_features(module)
+        if features is None:
+            raise AdapterError(
+                f"module '{path}' is a {type(module).__name__}; loramix mixes experts on nn.Linear and Conv1D only"
+            )
+        d_in, d_out = features
+        weight = module.weight
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        a_parts, b_parts, ranks, scales = [], [], [], []
+        for expert, resolved in zip(experts, per_expert):
+            update = resolved.get(path)
+            if update is None:
+                ranks.append(0)
+                scales.append(0.0)
+                continue
+            a, b = update.lora_A, update.lora_B
+            if a.shape[1] != d_in or b.shape[0] != d_out:
+                raise ShapeMismatchError(
+                    f"expert '{expert.name}': module '{path}' has lora_A {tuple(a.shape)} and lora_B "
+                    f"{tuple(b.shape)}, but the base layer maps {d_in} -> {d_out} (expected lora_A "
+                    f"[{a.shape[0]}, {d_in}] and lora_B [{d_out}, {a.shape[0]}])"
+                )
+            a_parts.append(a.to(device=weight.device, dtype=dtype))
+            b_parts.append(b.to(device=weight.device, dtype=dtype))
+            ranks.append(int(a.shape[0]))
+            scales.append(float(update.scale))
+        stacked[path] = StackedLoRA(
+            lora_A=torch.cat(a_parts, dim=0).contiguous(),
+            lora_B=torch.cat(b_parts, dim=1).contiguous(),
+            ranks=ranks,
+            scales=scales,
+        )
+    return stacked

@@ -1,0 +1,108 @@
+"""The mixing math, in one place.
+
+For an adapted linear y = W x with experts e = 1..N, rank r_e and scale c_e = alpha_e / r_e, a token whose gate
+gave scalings s = (s_1..s_N) for this layer gets
+
+    y = W x + g * sum_e  s_e * c_e * B_e (A_e x)                      g = global_scaling_weight
+      = W x + B_cat ( (A_cat x) * (g * s[expert(j)] * c[expert(j)])_j )
+
+    A_cat = [A_1; ...; A_N]   [R, d_in]        R = sum_e r_e
+    B_cat = [B_1 ... B_N]     [d_out, R]
+    expert(j): which expert owns rank row j    [R]  (`rank_expert`)
+
+Two matmuls and one broadcast multiply in rank space, whatever N is; no Python loop over experts. The per-token
+scalings come from an explicit `MixState` that the model sets for the duration of a pass (no hooks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .experts import StackedLoRA, linear_features
+
+__all__ = ["MixState", "MixedLoRALinear"]
+
+
+class MixState:
+    """What every mixed layer of one model reads during a pass. Owned by `LoraMixModel`, set with `use()`.
+
+    scalings: None -> experts off (plain base layer, no expert matmuls);
+              a float c -> every expert at scaling c (the scaling pass's dummy value);
+              a tensor [B, T, L, N] -> per token, per adapted layer, per expert.
+    """
+
+    def __init__(self, global_scaling_weight: float = 1.0) -> None:
+        self.scalings: torch.Tensor | float | None = None
+        self.global_scaling_weight = float(global_scaling_weight)
+
+    @contextmanager
+    def use(self, scalings: torch.Tensor | float | None) -> Iterator[None]:
+        previous = self.scalings
+        self.scalings = scalings
+        try:
+            yield
+        finally:
+            self.scalings = previous
+
+
+class MixedLoRALinear(nn.Module):
+    """A frozen base `nn.Linear` / GPT-2 `Conv1D` plus N stacked LoRA experts mixed by per-token scalings.
+
+    Holds the base layer (composition, not inheritance). `lora_A` [R, d_in] and `lora_B` [d_out, R] are PEFT's
+    matrices concatenated over experts; `rank_scale` [R] is c_e repeated r_e times; `rank_expert` [R] maps each
+    rank row to its expert. dtype and device follow the base layer.
+    """
+
+    def __init__(self, base_layer: nn.Module, stacked: StackedLoRA, layer_index: int, state: MixState) -> None:
+        super().__init__()
+        features = linear_features(base_layer)
+        if features is None:
+            raise TypeError(f"MixedLoRALinear wraps nn.Linear or Conv1D, got {type(base_layer).__name__}")
+        self.in_features, self.out_features = features
+        self.base_layer = base_layer
+        self.layer_index = layer_index
+        self.n_experts = len(stacked.ranks)
+        self.ranks = list(stacked.ranks)
+        self.scales = list(stacked.scales)  # per expert c_e, 0.0 where the expert does not adapt this module
+        self.state = state
+        self.lora_A = nn.Parameter(stacked.lora_A, requires_grad=False)
+        self.lora_B = nn.Parameter(stacked.lora_B, requires_grad=False)
+        device = stacked.lora_A.device
+        counts = torch.tensor(self.ranks, dtype=torch.long)
+        rank_expert = torch.repeat_interleave(torch.arange(self.n_experts), counts)
+        rank_scale = torch.repeat_interleave(torch.tensor(stacked.scales, dtype=torch.float64), counts)
+        self.register_buffer("rank_expert", rank_expert.to(device), persistent=False)
+        self.register_buffer("rank_scale", rank_scale.to(device=device, dtype=stacked.lora_A.dtype), persistent=False)
+
+    def stacked(self) -> StackedLoRA:
+        """The stacked experts as stored (detached), e.g. for saving."""
+        return StackedLoRA(self.lora_A.detach(), self.lora_B.detach(), list(self.ranks), list(self.scales))
+
+    def rank_multiplier(self, scalings: torch.Tensor | float) -> torch.Tensor:
+        """g * s[expert(j)] * c[expert(j)] for each rank row j: [..., R] for tensor scalings, [R] for a constant."""
+        g = self.state.global_scaling_weight
+        if isinstance(scalings, torch.Tensor):
+            s = scalings[..., self.layer_index, :]  # [B, T, N]
+            if s.device != self.rank_scale.device:
+                s = s.to(self.rank_scale.device)
+            return s.index_select(-1, self.rank_expert).to(self.rank_scale.dtype) * (self.rank_scale * g)
+        return self.rank_scale * (float(scalings) * g)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)  # [..., d_out]
+        scalings = self.state.scalings
+        if scalings is None or self.lora_A.shape[0] == 0:
+            return out  # experts off: the plain base layer, no expert matmul at all
+        z = F.linear(x.to(self.lora_A.dtype), self.lora_A)  # [..., R]
+        mult = self.rank_multiplier(scalings)
+        if mult.dim() > 1 and mult.shape[:-1] != z.shape[:-1]:
+            mult = mult.reshape(*z.shape[:-1], mult.shape[-1])  # e.g. tokens flattened to [B*T, d] by the model
+        return out + F.linear(z * mult, self.lora_B).to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, layer={self.layer_index}, ranks={self.ranks}"

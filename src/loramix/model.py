@@ -1,0 +1,499 @@
+"""`LoraMixModel`: a frozen HF causal LM, N frozen LoRA experts and a learned gate, with the dual-pass forward.
+
+    input_ids -> 1. scaling pass: the backbone only (no LM head), experts at the dummy scaling
+                    (0 by default: `MixState.scalings = None`, the mixed layers skip the expert matmuls)
+                    -> hidden states h [B, T, H]  (after all blocks, or after `scaling_layer` blocks)
+              -> 2. gate: ScalingHead(h) -> scalings s [B, T, L, N]
+              -> 3. mixed pass: the whole model, every MixedLoRALinear l reads s[:, :, l, :] from `MixState`
+              -> logits [B, T, V], scalings [B, T, L, N]
+
+Both passes call the unmodified transformers model; the only thing that changes between them is the value held
+by `self.state`, set through a context manager for the duration of the pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import ModelOutput
+
+from .config import MixConfig
+from .errors import ConfigError, LoramixError
+from .experts import StackedLoRA, linear_features, read_adapter, stack_experts
+from .gate import ScalingHead
+from .layers import MixedLoRALinear, MixState
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ExpertInfo", "LoraMixCache", "LoraMixModel", "LoraMixOutput", "from_pretrained"]
+
+
+@dataclass
+class ExpertInfo:
+    """What is kept about an expert besides its tensors: its name, original adapter config, and where it came from."""
+
+    name: str
+    adapter_config: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+@dataclass
+class LoraMixCache:
+    """The two KV caches of generation: one per pass (they see different hidden states, so one cache is wrong)."""
+
+    scaling: Any  # transformers Cache of the scaling pass
+    mixed: Any  # transformers Cache of the mixed pass
+
+
+@dataclass
+class LoraMixOutput(ModelOutput):
+    """Output of `LoraMixModel.forward`. `scalings` [B, T, L, N] are what the mixed pass used."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    scalings: torch.Tensor | None = None
+    past_key_values: LoraMixCache | None = None
+
+
+def _text_config(model: nn.Module) -> Any:
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)
+
+
+def find_blocks(backbone: nn.Module, n_blocks: int | None) -> tuple[str, nn.ModuleList] | None:
+    """The backbone's list of decoder blocks: its ModuleList child with `num_hidden_layers` entries."""
+    candidates = [(n, m) for n, m in backbone.named_children() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if n_blocks is not None:
+        exact = [(n, m) for n, m in candidates if len(m) == n_blocks]
+        if exact:
+            return exact[0]
+    return candidates[0] if len(candidates) == 1 else None
+
+
+class LoraMixModel(nn.Module):
+    """A mixture of frozen LoRA experts inside a frozen causal LM, mixed per token and per layer by a gate.
+
+    Build one with `loramix.from_pretrained`, `loramix.load` or `loramix.from_peft`. Attributes:
+        model:       the transformers model, its adapted linears replaced by `MixedLoRALinear`
+        gate:        the `ScalingHead` (the only trainable part by default)
+        state:       the `MixState` every mixed layer reads
+        config:      the `MixConfig`
+        experts:     list of `ExpertInfo` (index = expert index in the scalings)
+        layer_names: adapted module paths (index = layer index in the scalings)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stacked: Mapping[str, StackedLoRA],
+        experts: Sequence[ExpertInfo],
+        config: MixConfig | None = None,
+        *,
+        tokenizer: Any = None,
+        base_reference: str | None = None,
+    ) -> None:
+        super().__init__()
+        config = config if config is not None else MixConfig()
+        names = [e.name for e in experts]
+        if not names:
+            raise ConfigError("experts: at least one expert is needed")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"experts: names must be unique, got {names}")
+        if not stacked:
+            raise ConfigError("the experts adapt no module of the base model")
+        text_config = _text_config(model)
+        hidden_size = getattr(text_config, "hidden_size", None)
+        if not isinstance(hidden_size, int):
+            raise ConfigError(f"cannot infer the hidden size of {type(model).__name__}: its config has no hidden_size")
+        backbone = getattr(model, "base_model", model)
+        n_blocks_config = getattr(text_config, "num_hidden_layers", None)
+        blocks = find_blocks(backbone, n_blocks_config)
+        self._blocks_attr = blocks[0] if blocks else None
+        self.n_blocks = len(blocks[1]) if blocks else n_blocks_config
+        config.validate_for(hidden_size=hidden_size, n_experts=len(names), n_blocks=self.n_blocks)
+        if config.scaling_layer is not None and self._blocks_attr is None:
+            raise ConfigError(
+                f"scaling_layer={config.scaling_layer}: cannot find the decoder blocks of {type(backbone).__name__}"
+            )
+
+        self.config = config
+        self.experts = list(experts)
+        self.tokenizer = tokenizer
+        self.base_reference = base_reference
+        self.state = MixState(config.global_scaling_weight)
+        self.model = model
+        self.layer_names = list(stacked)
+        for index, (path, st) in enumerate(stacked.items()):
+            base_layer = model.get_submodule(path)
+            if isinstance(base_layer, MixedLoRALinear):
+                raise ConfigError(f"module '{path}' is already a mixed layer; build the mixture on a plain base model")
+            check_stacked(path, st, base_layer, len(names))
+            _set_submodule(model, path, MixedLoRALinear(base_layer, st, index, self.state))
+        weight = next(iter(self.mixed_layers())).base_layer.weight
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        self.gate = ScalingHead(config.gate, hidden_size, len(self.layer_names), len(names)).to(weight.device, dtype)
+        self.freeze()
+        self.eval()  # like transformers' from_pretrained: call .train() to train the gate
+
+    # ------------------------------------------------------------------ structure
+
+    @property
+    def expert_names(self) -> list[str]:
+        return [e.name for e in self.experts]
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.experts)
+
+    @property
+    def n_layers(self) -> int:
+        """Number of adapted layers L (the scalings' third dimension)."""
+        return len(self.layer_names)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.gate.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.gate.last.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.gate.last.weight.dtype
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The transformer body without the LM head (`model.base_model`: `.model` in Llama, `.transformer` in GPT-2)."""
+        return getattr(self.model, "base_model", self.model)
+
+    @property
+    def global_scaling_weight(self) -> float:
+        return self.config.global_scaling_weight
+
+    @global_scaling_weight.setter
+    def global_scaling_weight(self, value: float) -> None:
+        self.config.global_scaling_weight = float(value)
+        self.state.global_scaling_weight = float(value)
+
+    def mixed_layers(self) -> Iterator[MixedLoRALinear]:
+        """The mixed layers in layer-index order."""
+        for path in self.layer_names:
+            yield self.model.get_submodule(path)
+
+    def freeze(self) -> None:
+        """Base frozen; experts frozen unless `config.trainable_experts`; the gate trainable."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        if self.config.trainable_experts:
+            for layer in self.mixed_layers():
+                layer.lora_A.requires_grad_(True)
+                layer.lora_B.requires_grad_(True)
+        for p in self.gate.parameters():
+            p.requires_grad_(True)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ the two passes
+
+    def _dummy_scalings(self) -> float | None:
+        value = self.config.resolved_scaling_pass_value(self.n_experts)
+        return None if value == 0.0 else value
+
+    @contextlib.contextmanager
+    def _truncated(self) -> Iterator[None]:
+        """Run only the first `scaling_layer` decoder blocks (the backbone's own forward, with a shorter block list)."""
+        k = self.config.scaling_layer
+        if k is None or k == self.n_blocks:
+            yield
+            return
+        if self._blocks_attr is None or self.n_blocks is None or k > self.n_blocks:
+            raise ConfigError(f"scaling_layer={k} is out of range for {self.n_blocks} decoder blocks")
+        backbone = self.backbone
+        full = getattr(backbone, self._blocks_attr)
+        setattr(backbone, self._blocks_attr, nn.ModuleList(list(full)[:k]))
+        try:
+            yield
+        finally:
+            setattr(backbone, self._blocks_attr, full)
+
+    def scaling_pass(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+    ) -> torch.Tensor:
+        """Pass 1, without gradients: the backbone at the dummy scaling -> hidden states [B, T, H]."""
+        kwargs = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        with torch.no_grad(), self.state.use(self._dummy_scalings()), self._truncated():
+            backbone = self.backbone
+            if backbone is not self.model:
+                return backbone(**kwargs, return_dict=True).last_hidden_state
+            # No separate body: fall back to the full model's last hidden state.
+            return self.model(**kwargs, output_hidden_states=True, return_dict=True).hidden_states[-1]
+
+    def compute_scalings(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+    ) -> torch.Tensor:
+        """Scaling pass + gate: scalings [B, T, L, N] (with gradients to the gate only)."""
+        hidden = self.scaling_pass(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values, use_cache)
+        return self.gate(hidden)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        past_key_values: LoraMixCache | None = None,
+        use_cache: bool | None = None,
+        scalings: torch.Tensor | float | None = None,
+        **kwargs: Any,
+    ) -> LoraMixOutput:
+        """Dual-pass forward. input_ids [B, T] -> logits [B, T, V], scalings [B, T, L, N].
+
+        `scalings`: skip the scaling pass and mix with these instead (a [B, T, L, N] tensor, or one float for every
+        expert). `labels` [B, T]: next-token loss of the mixed pass (transformers' shift and -100 convention).
+        `past_key_values`: a `LoraMixCache` (see generate.py); `use_cache` defaults to True when one is given.
+        """
+        if use_cache is None:
+            use_cache = past_key_values is not None
+        if use_cache and past_key_values is None:
+            past_key_values = self.new_cache()
+        if scalings is None:
+            scalings = self.compute_scalings(
+                input_ids,
+                attention_mask,
+                position_ids,
+                inputs_embeds,
+                past_key_values.scaling if past_key_values is not None else None,
+                use_cache,
+            )
+        elif isinstance(scalings, torch.Tensor):
+            check_scalings(scalings, self.n_layers, self.n_experts)
+        with self.state.use(scalings):
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                past_key_values=past_key_values.mixed if past_key_values is not None else None,
+                use_cache=use_cache,
+                return_dict=True,
+                **kwargs,
+            )
+        return LoraMixOutput(
+            loss=out.loss,
+            logits=out.logits,
+            scalings=scalings if isinstance(scalings, torch.Tensor) else None,
+            past_key_values=past_key_values if use_cache else None,
+        )
+
+    def new_cache(self) -> LoraMixCache:
+        """Two empty transformers `DynamicCache`s, one per pass."""
+        from transformers import DynamicCache
+
+        return LoraMixCache(scaling=DynamicCache(), mixed=DynamicCache())
+
+    @contextlib.contextmanager
+    def experts_disabled(self) -> Iterator[None]:
+        """Inside this context the model is the plain base model (every mixed layer skips its experts)."""
+        with self.state.use(None):
+            yield
+
+    def base_forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The base model's own forward, experts off."""
+        with self.experts_disabled():
+            return self.model(*args, **kwargs)
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, path: str | Path, *, include_base: bool = False, overwrite: bool = True) -> Path:
+        """Write a self-contained checkpoint directory (atomically). See docs/checkpoint-format.md."""
+        from .checkpoint import save_checkpoint
+
+        return save_checkpoint(self, path, include_base=include_base, overwrite=overwrite)
+
+    @contextlib.contextmanager
+    def plain_model(self) -> Iterator[nn.Module]:
+        """The transformers model with its original base layers back in place, for the duration of the context
+        (e.g. to `save_pretrained` the base). The mixed layers return on exit."""
+        mixed = list(self.mixed_layers())
+        for path, layer in zip(self.layer_names, mixed):
+            _set_submodule(self.model, path, layer.base_layer)
+        try:
+            yield self.model
+        finally:
+            for path, layer in zip(self.layer_names, mixed):
+                _set_submodule(self.model, path, layer)
+
+    def unload(self) -> nn.Module:
+        """Put the original base layers back and return the plain transformers model (this object is then unusable)."""
+        for path in self.layer_names:
+            _set_submodule(self.model, path, self.model.get_submodule(path).base_layer)
+        model = self.model
+        self.layer_names = []
+        return model
+
+    def extra_repr(self) -> str:
+        return f"experts={self.expert_names}, adapted_layers={self.n_layers}"
+
+
+def check_scalings(scalings: torch.Tensor, n_layers: int, n_experts: int) -> None:
+    if scalings.dim() != 4 or scalings.shape[-2:] != (n_layers, n_experts):
+        raise ConfigError(
+            f"scalings have shape {tuple(scalings.shape)}; expected [batch, tokens, {n_layers}, {n_experts}] "
+            "(adapted layers x experts)"
+        )
+
+
+def check_stacked(path: str, st: StackedLoRA, module: nn.Module, n_experts: int) -> None:
+    """Check stacked expert tensors against the base module they are for; raise naming the module and both shapes."""
+    from .errors import ShapeMismatchError
+
+    features = linear_features(module)
+    if features is None:
+        raise LoramixError(f"module '{path}' is a {type(module).__name__}; loramix mixes nn.Linear and Conv1D only")
+    d_in, d_out = features
+    if len(st.ranks) != n_experts or len(st.scales) != n_experts:
+        raise ShapeMismatchError(f"module '{path}': {len(st.ranks)} ranks for {n_experts} experts")
+    total = sum(st.ranks)
+    if tuple(st.lora_A.shape) != (total, d_in) or tuple(st.lora_B.shape) != (d_out, total):
+        raise ShapeMismatchError(
+            f"module '{path}': stacked lora_A {tuple(st.lora_A.shape)} and lora_B {tuple(st.lora_B.shape)} do not "
+            f"fit the base layer {d_in} -> {d_out} (expected [{total}, {d_in}] and [{d_out}, {total}])"
+        )
+
+
+# ---------------------------------------------------------------------- building
+
+
+def _hf_dtype_kwargs(dtype: torch.dtype | str | None) -> dict[str, Any]:
+    if dtype is None:
+        return {}
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
+
+
+def load_base_model(
+    base: Any, *, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None, **model_kwargs: Any
+) -> tuple[nn.Module, str | None]:
+    """A transformers causal LM from an id/path (or as given), and the reference to record in checkpoints."""
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    if isinstance(base, PreTrainedModel):
+        model = base
+        if dtype is not None:
+            model = model.to(dtype)
+        reference = getattr(model.config, "_name_or_path", None) or None
+    elif isinstance(base, (str, Path)):
+        reference = str(base)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(reference, **_hf_dtype_kwargs(dtype), **model_kwargs)
+        except (OSError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise LoramixError(f"cannot load base model '{reference}': {first}") from None
+        if Path(reference).expanduser().is_dir():
+            reference = str(Path(reference).expanduser().resolve())
+    else:
+        raise ConfigError(
+            f"base must be a model id, a directory or a transformers PreTrainedModel, got {type(base).__name__}"
+        )
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model, reference
+
+
+def load_tokenizer(source: Any) -> Any:
+    """The tokenizer stored at `source` (an id or directory), or None if there is none."""
+    if source is None:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(source))
+    except Exception as exc:  # tokenizers are optional for the library: tensors in, tensors out
+        logger.info("no tokenizer loaded from %s: %s", source, str(exc).splitlines()[0] if str(exc) else exc)
+        return None
+
+
+def _expert_items(experts: Mapping[str, Any] | Sequence[Any]) -> list[tuple[str, Any]]:
+    if isinstance(experts, Mapping):
+        items = [(str(k), v) for k, v in experts.items()]
+    elif isinstance(experts, (list, tuple)):
+        items = [(Path(str(p)).name, p) for p in experts]
+    else:
+        raise ConfigError("experts must be a {name: adapter_dir} mapping or a list of adapter dirs")
+    if not items:
+        raise ConfigError("experts: at least one expert is needed")
+    for name, _ in items:
+        if not name.strip():
+            raise ConfigError("experts: names must be non-empty strings")
+    names = [n for n, _ in items]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"experts: names must be unique, got {names}")
+    return items
+
+
+def from_pretrained(
+    base: Any,
+    experts: Mapping[str, str | Path] | Sequence[str | Path],
+    config: MixConfig | None = None,
+    *,
+    tokenizer: Any = None,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    **model_kwargs: Any,
+) -> LoraMixModel:
+    """Build a mixture from a base model and PEFT LoRA adapter directories (the gate is freshly initialised).
+
+    base:     a model id or directory (loaded with `AutoModelForCausalLM`), or a loaded `PreTrainedModel`
+              (used in place: its adapted linears are replaced by mixed layers).
+    experts:  {name: adapter_dir}, any names; or a list of dirs (named after the dir).
+    config:   `MixConfig`; sizes are inferred from the model.
+    tokenizer: kept with the model (and saved in checkpoints); loaded from `base` when it is an id/path.
+    """
+    items = _expert_items(experts)
+    model, reference = load_base_model(base, dtype=dtype, device=device, **model_kwargs)
+    if tokenizer is None and isinstance(base, (str, Path)):
+        tokenizer = load_tokenizer(base)
+    loaded = [read_adapter(name, path) for name, path in items]
+    stacked = stack_experts(loaded, model)
+    infos = [ExpertInfo(e.name, e.adapter_config, e.source) for e in loaded]
+    logger.info("mixing %d experts over %d adapted layers", len(infos), len(stacked))
+    return LoraMixModel(model, stacked, infos, config, tokenizer=tokenizer, base_reference=reference)
