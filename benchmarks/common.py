@@ -67,7 +67,13 @@ def build_experts(base_dir: Path, workdir: Path, n: int = 4, rank: int = 8, targ
 
 
 def workdir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="loramix-bench-"))
+    """A scratch directory for models and experts, removed when the benchmark exits."""
+    import atexit
+    import shutil
+
+    path = Path(tempfile.mkdtemp(prefix="loramix-bench-"))
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:

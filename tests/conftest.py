@@ -141,3 +141,26 @@ def gpt2_experts(gpt2_dir, tmp_path_factory) -> dict[str, Path]:
 def input_ids() -> torch.Tensor:
     g = torch.Generator().manual_seed(123)
     return torch.randint(3, 96, (2, 7), generator=g)
+
+
+def char_tokenizer(add_bos: bool = True):
+    """A character-level transformers tokenizer with 96 ids: <pad>=0, <s>=1, </s>=2, then newline and 92 printable
+    characters. It adds <s> in front, as Llama tokenizers do (unless add_bos=False, as GPT-2's does not)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["\n"] + [chr(c) for c in range(32, 124)]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
+    )
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return char_tokenizer()

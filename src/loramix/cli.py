@@ -79,6 +79,394 @@ def info(checkpoint: Path = typer.Argument(..., help="A loramix checkpoint direc
     console.print("mix: " + json.dumps(rest))
 
 
+def _load(checkpoint: Path, device: str | None, dtype: str | None) -> Any:
+    from .checkpoint import load
+
+    with err_console.status(f"loading {checkpoint}"):
+        return load(checkpoint, device=device, dtype=_dtype(dtype))
+
+
+def _dtype(name: str | None) -> Any:
+    if name is None:
+        return None
+    import torch
+
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if name not in table:
+        raise typer.BadParameter(f"unknown dtype {name!r}; expected one of {', '.join(table)}", param_hint="--dtype")
+    return table[name]
+
+
+def _read_prompts(prompts: list[str] | None, file: Path | None) -> list[str]:
+    out = list(prompts or [])
+    if file is not None:
+        from .errors import ConfigError
+
+        if not file.is_file():
+            raise ConfigError(f"{file}: no such file (expected one prompt per line, or JSONL with a 'prompt' field)")
+        for number, line in enumerate(file.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            if file.suffix == ".jsonl":
+                try:
+                    record = json.loads(line)
+                    out.append(str(record["prompt"]))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ConfigError(f"{file}:{number}: expected a JSON object with a 'prompt' field") from None
+            else:
+                out.append(line)
+    if not out:
+        raise typer.BadParameter("give at least one --prompt or a --file", param_hint="--prompt")
+    return out
+
+
+EXPERT_COLOURS = ["cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta"]
+
+
+def _show_scalings(tokenizer: Any, tokens: list[int], scalings: Any, names: list[str]) -> None:
+    """One row per generated token: the token, the dominant expert (mean over layers) and every expert's share."""
+    from .generate import dominant_experts
+
+    index, share = dominant_experts(scalings)
+    mean = scalings.float().mean(-2)
+    table = Table("#", "token", "dominant expert", *names, title="scalings per generated token (mean over layers)")
+    for i, token in enumerate(tokens):
+        e = int(index[i])
+        colour = EXPERT_COLOURS[e % len(EXPERT_COLOURS)]
+        table.add_row(
+            str(i),
+            repr(tokenizer.decode([token])),
+            f"[{colour}]{names[e]}[/{colour}] {float(share[i]):.2f}",
+            *[f"{float(v):.2f}" for v in mean[i]],
+        )
+    console.print(table)
+
+
+@app.command()
+def generate(
+    checkpoint: Path = typer.Argument(..., help="A loramix checkpoint directory (with its tokenizer)."),
+    prompt: list[str] = typer.Option(None, "--prompt", "-p", help="A prompt; repeat for several."),
+    file: Path | None = typer.Option(None, "--file", "-f", help="Prompts, one per line (or .jsonl with 'prompt')."),
+    mode: str = typer.Option("granular", help="Speed mode: granular, prompt or truncated."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens to generate per prompt."),
+    temperature: float = typer.Option(0.0, help="0 is greedy; > 0 samples."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0: off)."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages repeats."),
+    seed: int | None = typer.Option(None, help="Seed for sampling."),
+    stop: list[str] = typer.Option(None, "--stop", help="Stop when this string is generated; repeat for several."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap each prompt as a user message in the chat template."),
+    stream_: bool = typer.Option(False, "--stream", help="Print tokens as they are generated."),
+    show_scalings: bool = typer.Option(False, "--show-scalings", help="Per token: the dominant expert and shares."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Prompts generated together (left padding)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per line and prompt."),
+    device: str | None = typer.Option(None, help="e.g. cpu, cuda, cuda:1 (default: where the base loads)."),
+    dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16 (default: the base's)."),
+) -> None:
+    """Generate text from prompts with a checkpoint, optionally streaming and showing the dominant expert per token."""
+    from .generate import MODES, encode_prompts, render_chat
+    from .generate import stream as stream_text
+
+    if mode not in MODES:
+        raise typer.BadParameter(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}", param_hint="--mode")
+    prompts = _read_prompts(prompt, file)
+    model = _load(checkpoint, device, dtype)
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        from .errors import CheckpointError
+
+        raise CheckpointError(f"{checkpoint}: the checkpoint has no tokenizer and its base provides none")
+    texts = [render_chat(tokenizer, [{"role": "user", "content": p}]) for p in prompts] if chat else prompts
+    sampling = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature or 1.0,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop_strings=stop or None,
+        mode=mode,
+    )
+    names = model.expert_names
+    if stream_:
+        for original, text in zip(prompts, texts):
+            ids, _ = encode_prompts(tokenizer, [text], templated=chat)
+            console.print(f"[bold]{original}[/bold]", end="")
+            for piece in stream_text(model, ids, **sampling):
+                console.print(piece, end="", highlight=False, markup=False)
+            console.print()
+        return
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        ids, mask = encode_prompts(tokenizer, chunk, templated=chat)
+        out = model.generate(ids, mask, return_scalings=show_scalings, **sampling)
+        seconds = out.timings["seconds"]
+        for row in range(len(chunk)):
+            keep = out.new_tokens[row, : out.lengths[row]].tolist()
+            completion = tokenizer.decode(keep, skip_special_tokens=True)
+            original = prompts[start + row]
+            if as_json:
+                record = {
+                    "prompt": original,
+                    "completion": completion,
+                    "mode": out.mode,
+                    "finish_reason": out.finish_reasons[row],
+                    "new_tokens": len(keep),
+                    "tokens_per_s": round(out.new_tokens.numel() / seconds, 2) if seconds else None,
+                }
+                print(json.dumps(record), flush=True)  # JSON lines: one object per prompt
+            else:
+                console.print(f"[bold]{original}[/bold][green]{completion}[/green]", highlight=False)
+            if show_scalings and out.scalings is not None:
+                _show_scalings(tokenizer, keep, out.scalings[row, : len(keep)], names)
+        if not as_json:
+            err_console.print(
+                f"[dim]{out.new_tokens.numel()} tokens in {seconds:.2f}s "
+                f"({out.new_tokens.numel() / max(seconds, 1e-9):.1f} tokens/s), mode {out.mode}[/dim]"
+            )
+
+
+def _train_config(**kwargs: Any) -> Any:
+    from .train import TrainConfig
+
+    return TrainConfig(**kwargs)
+
+
+def _parse_experts(values: list[str]) -> dict[str, str]:
+    experts: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise typer.BadParameter(f"{value!r}: expected NAME=ADAPTER_DIR", param_hint="--expert")
+        experts[name] = path
+    return experts
+
+
+# Options shared by train-expert and train-gate (Typer reads defaults from these).
+_LR = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW).")
+_SCHEDULE = typer.Option("cosine", help="linear, cosine, constant or constant_with_warmup.")
+_WARMUP = typer.Option(0, "--warmup-steps", help="Linear warm-up steps.")
+_EPOCHS = typer.Option(1.0, help="Passes over the data (ignored with --max-steps).")
+_MAX_STEPS = typer.Option(None, "--max-steps", help="Optimizer steps (overrides --epochs).")
+_BATCH = typer.Option(8, "--batch-size", help="Examples per process per micro-batch.")
+_ACCUM = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step.")
+_CLIP = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping norm.")
+_WD = typer.Option(0.0, "--weight-decay", help="AdamW weight decay.")
+_SEED = typer.Option(0, help="Seed (initialisation, data order, dropout).")
+_MAXLEN = typer.Option(512, "--max-length", help="Truncate examples to this many tokens.")
+_EVAL = typer.Option(None, "--eval-data", help="Held-out JSONL (default: --eval-fraction of --data).")
+_EVAL_FRACTION = typer.Option(0.0, "--eval-fraction", help="Share of --data held out for evaluation.")
+_EVAL_EVERY = typer.Option(None, "--eval-every", help="Evaluate every N steps (default: at the end).")
+_SAVE_EVERY = typer.Option(None, "--save-every", help="Resumable checkpoint every N steps.")
+_RUN_DIR = typer.Option(None, "--run-dir", help="Metrics and resumable checkpoints (default: OUT.run).")
+_RESUME = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in the run dir.")
+_REPORT = typer.Option(None, "--report-to", help="Accelerate tracker: tensorboard or wandb (repeatable).")
+_LOG_EVERY = typer.Option(10, "--log-every", help="Log metrics every N steps.")
+
+
+@app.command("train-expert")
+def train_expert_cmd(
+    base: str = typer.Option(..., help="Base model id or directory."),
+    data: str = typer.Option(..., help="Training data: JSONL ({text} | {prompt, completion} | {messages})."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the PEFT adapter directory."),
+    rank: int = typer.Option(8, "--rank", "-r", help="LoRA rank."),
+    alpha: float = typer.Option(16.0, help="LoRA alpha."),
+    dropout: float = typer.Option(0.05, help="LoRA dropout."),
+    target: list[str] = typer.Option(None, "--target", help="Target module name (repeatable); default: projections."),
+    rslora: bool = typer.Option(False, "--rslora", help="rsLoRA scaling alpha/sqrt(r)."),
+    lr: float = _LR,
+    schedule: str = _SCHEDULE,
+    warmup_steps: int = _WARMUP,
+    epochs: float = _EPOCHS,
+    max_steps: int | None = _MAX_STEPS,
+    batch_size: int = _BATCH,
+    grad_accum: int = _ACCUM,
+    max_grad_norm: float = _CLIP,
+    weight_decay: float = _WD,
+    seed: int = _SEED,
+    max_length: int = _MAXLEN,
+    eval_data: str | None = _EVAL,
+    eval_fraction: float = _EVAL_FRACTION,
+    eval_every: int | None = _EVAL_EVERY,
+    save_every: int | None = _SAVE_EVERY,
+    run_dir: Path | None = _RUN_DIR,
+    resume: bool = _RESUME,
+    report_to: list[str] = _REPORT,
+    log_every: int = _LOG_EVERY,
+) -> None:
+    """Train one LoRA expert with PEFT; the output is a plain PEFT adapter directory."""
+    from .train import train_expert
+
+    config = _train_config(
+        learning_rate=lr,
+        schedule=schedule,
+        warmup_steps=warmup_steps,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_grad_norm=max_grad_norm,
+        weight_decay=weight_decay,
+        seed=seed,
+        max_length=max_length,
+        eval_every=eval_every,
+        save_every=save_every,
+        report_to=list(report_to or []),
+        log_every=log_every,
+    )
+    metrics = train_expert(
+        base,
+        data,
+        out,
+        rank=rank,
+        alpha=alpha,
+        dropout=dropout,
+        target_modules=target or None,
+        use_rslora=rslora,
+        train=config,
+        eval_data=eval_data,
+        eval_fraction=eval_fraction,
+        run_dir=run_dir,
+        resume=resume,
+    )
+    _print_metrics(metrics, out)
+
+
+@app.command("train-gate")
+def train_gate_cmd(
+    data: str = typer.Option(..., help="Training data: JSONL ({text} | {prompt, completion} | {messages})."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the loramix checkpoint."),
+    base: str | None = typer.Option(None, help="Base model id or directory (with --expert)."),
+    expert: list[str] = typer.Option(None, "--expert", "-e", help="NAME=ADAPTER_DIR (repeatable)."),
+    init: Path | None = typer.Option(None, help="Start from this loramix checkpoint instead of --base/--expert."),
+    depth: int = typer.Option(1, help="Gate depth (linear layers)."),
+    width: int | None = typer.Option(None, help="Gate width (default: the model's hidden size)."),
+    gate_dropout: float = typer.Option(0.2, "--gate-dropout", help="Dropout between gate layers."),
+    layerwise: bool = typer.Option(False, "--layerwise/--shared", help="One row of scalings per layer, or shared."),
+    softmax: bool = typer.Option(True, "--softmax/--no-softmax", help="Softmax over experts."),
+    temperature: float = typer.Option(1.0, help="Softmax temperature."),
+    top_k: int | None = typer.Option(None, "--top-k", help="Keep only the k largest scalings."),
+    scaling_layer: int | None = typer.Option(None, "--scaling-layer", help="Truncated scaling pass: k blocks."),
+    trainable_experts: bool = typer.Option(False, "--trainable-experts", help="Train the experts with the gate."),
+    entropy_weight: float = typer.Option(0.0, "--entropy-weight", help="Auxiliary entropy term (docs/training.md)."),
+    balance_weight: float = typer.Option(0.0, "--balance-weight", help="Auxiliary load-balance term."),
+    include_base: bool = typer.Option(False, "--include-base", help="Copy the base model into the checkpoint."),
+    lr: float = _LR,
+    schedule: str = _SCHEDULE,
+    warmup_steps: int = _WARMUP,
+    epochs: float = _EPOCHS,
+    max_steps: int | None = _MAX_STEPS,
+    batch_size: int = _BATCH,
+    grad_accum: int = _ACCUM,
+    max_grad_norm: float = _CLIP,
+    weight_decay: float = _WD,
+    seed: int = _SEED,
+    max_length: int = _MAXLEN,
+    eval_data: str | None = _EVAL,
+    eval_fraction: float = _EVAL_FRACTION,
+    eval_every: int | None = _EVAL_EVERY,
+    save_every: int | None = _SAVE_EVERY,
+    run_dir: Path | None = _RUN_DIR,
+    resume: bool = _RESUME,
+    report_to: list[str] = _REPORT,
+    log_every: int = _LOG_EVERY,
+) -> None:
+    """Train the gate of a mixture (base + experts frozen); the output is a self-contained loramix checkpoint."""
+    from .config import GateConfig, MixConfig
+    from .train import train_gate
+
+    config = _train_config(
+        learning_rate=lr,
+        schedule=schedule,
+        warmup_steps=warmup_steps,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_grad_norm=max_grad_norm,
+        weight_decay=weight_decay,
+        seed=seed,
+        max_length=max_length,
+        eval_every=eval_every,
+        save_every=save_every,
+        report_to=list(report_to or []),
+        log_every=log_every,
+    )
+    if init is not None:
+        if base or expert:
+            raise typer.BadParameter("use either --init or --base/--expert", param_hint="--init")
+        model = _load(init, None, None)
+        if scaling_layer is not None:
+            model.config.scaling_layer = scaling_layer
+            model.config.validate_for(hidden_size=model.hidden_size, n_experts=model.n_experts, n_blocks=model.n_blocks)
+        metrics = train_gate(
+            model,
+            data,
+            out,
+            train=config,
+            eval_data=eval_data,
+            eval_fraction=eval_fraction,
+            entropy_weight=entropy_weight,
+            balance_weight=balance_weight,
+            run_dir=run_dir,
+            resume=resume,
+            include_base=include_base,
+        )
+    else:
+        if not base or not expert:
+            raise typer.BadParameter(
+                "give --base and at least one --expert NAME=DIR (or --init CKPT)", param_hint="--base"
+            )
+        mix = MixConfig(
+            gate=GateConfig(
+                depth=depth,
+                width=width,
+                dropout=gate_dropout,
+                softmax=softmax,
+                temperature=temperature,
+                top_k=top_k,
+                layerwise=layerwise,
+            ),
+            scaling_layer=scaling_layer,
+            trainable_experts=trainable_experts,
+        )
+        metrics = train_gate(
+            None,
+            data,
+            out,
+            base=base,
+            experts=_parse_experts(expert),
+            config=mix,
+            train=config,
+            eval_data=eval_data,
+            eval_fraction=eval_fraction,
+            entropy_weight=entropy_weight,
+            balance_weight=balance_weight,
+            run_dir=run_dir,
+            resume=resume,
+            include_base=include_base,
+        )
+    _print_metrics(metrics, out)
+
+
+def _print_metrics(metrics: dict[str, Any], out: Path) -> None:
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+    console.print(f"[green]saved[/green] {out}")
+    console.print(json.dumps(shown))
+
+
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
     try:

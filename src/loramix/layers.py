@@ -25,7 +25,7 @@ from torch import nn
 
 from .experts import StackedLoRA, linear_features
 
-__all__ = ["MixState", "MixedLoRALinear"]
+__all__ = ["MixState", "MixedLoRALinear", "PreparedScalings"]
 
 
 class MixState:
@@ -33,7 +33,8 @@ class MixState:
 
     scalings: None -> experts off (plain base layer, no expert matmuls);
               a float c -> every expert at scaling c (the scaling pass's dummy value);
-              a tensor [B, T, L, N] -> per token, per adapted layer, per expert.
+              a tensor [B, T, L, N] -> per token, per adapted layer, per expert;
+              a `PreparedScalings` -> the same, with every layer's rank multiplier computed in advance.
     """
 
     def __init__(self, global_scaling_weight: float = 1.0) -> None:
@@ -48,6 +49,22 @@ class MixState:
             yield
         finally:
             self.scalings = previous
+
+
+class PreparedScalings:
+    """Scalings [B, T, L, N] turned into each layer's rank multiplier g * s[expert(j)] * c[expert(j)] ([B, T, R_l])
+    in one gather for all layers (`LoraMixModel.prepare_scalings`). Reusable across passes, e.g. when a mixture is
+    held fixed during decoding."""
+
+    def __init__(
+        self,
+        scalings: torch.Tensor,
+        multipliers: list[torch.Tensor],
+        used_experts: list[tuple[int, ...]] | None = None,
+    ) -> None:
+        self.scalings = scalings
+        self.multipliers = multipliers
+        self.used_experts = used_experts  # per layer, with sparse top-k: the experts any token of the pass uses
 
 
 class MixedLoRALinear(nn.Module):
@@ -70,6 +87,8 @@ class MixedLoRALinear(nn.Module):
         self.ranks = list(stacked.ranks)
         self.scales = list(stacked.scales)  # per expert c_e, 0.0 where the expert does not adapt this module
         self.state = state
+        self._rows_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self.n_rank_rows = int(stacked.lora_A.shape[0])
         self.lora_A = nn.Parameter(stacked.lora_A, requires_grad=False)
         self.lora_B = nn.Parameter(stacked.lora_B, requires_grad=False)
         device = stacked.lora_A.device
@@ -96,13 +115,47 @@ class MixedLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)  # [..., d_out]
         scalings = self.state.scalings
-        if scalings is None or self.lora_A.shape[0] == 0:
+        if scalings is None or self.n_rank_rows == 0:
             return out  # experts off: the plain base layer, no expert matmul at all
-        z = F.linear(x.to(self.lora_A.dtype), self.lora_A)  # [..., R]
-        mult = self.rank_multiplier(scalings)
-        if mult.dim() > 1 and mult.shape[:-1] != z.shape[:-1]:
-            mult = mult.reshape(*z.shape[:-1], mult.shape[-1])  # e.g. tokens flattened to [B*T, d] by the model
-        return out + F.linear(z * mult, self.lora_B).to(out.dtype)
+        lora_A = self.lora_A
+        if x.dtype != lora_A.dtype:
+            x = x.to(lora_A.dtype)
+        if isinstance(scalings, PreparedScalings):
+            mult = scalings.multipliers[self.layer_index]
+            if scalings.used_experts is not None and not torch.is_grad_enabled():
+                return self._sparse_forward(x, out, mult, scalings.used_experts[self.layer_index])
+        else:
+            mult = self.rank_multiplier(scalings)
+        z = F.linear(x, lora_A)  # [..., R]
+        if mult.dim() > 1 and mult.dim() != z.dim():  # tokens flattened to [B*T, d] by the model
+            mult = mult.expand(mult.shape[0], z.shape[0] // mult.shape[0], mult.shape[-1]).reshape(z.shape)
+        if torch.is_grad_enabled() and (z.requires_grad or mult.requires_grad):
+            return out + F.linear(z * mult, self.lora_B).to(out.dtype)
+        # inference: the same sum in place, without temporaries (decode steps are dominated by op count)
+        z.mul_(mult)
+        if out.dtype == z.dtype and out.is_contiguous():
+            out.view(-1, out.shape[-1]).addmm_(z.view(-1, z.shape[-1]), self.lora_B.t())
+            return out
+        return out + F.linear(z, self.lora_B).to(out.dtype)
+
+    def _sparse_forward(
+        self, x: torch.Tensor, out: torch.Tensor, mult: torch.Tensor, used: tuple[int, ...]
+    ) -> torch.Tensor:
+        """Top-k inference: only the rank rows of the experts some token uses (gathered), instead of all R rows."""
+        rows = self._rows_cache.get(used)
+        if rows is None:
+            offsets = [0, *torch.tensor(self.ranks).cumsum(0).tolist()]
+            rows = torch.tensor(
+                [j for e in used for j in range(offsets[e], offsets[e + 1])], dtype=torch.long, device=x.device
+            )
+            if len(self._rows_cache) < 256:
+                self._rows_cache[used] = rows
+        if rows.numel() == 0:
+            return out
+        z = F.linear(x, self.lora_A.index_select(0, rows))
+        z.mul_(mult.index_select(-1, rows) if mult.dim() > 1 else mult[rows])
+        delta = F.linear(z, self.lora_B.index_select(1, rows))
+        return out.add_(delta.to(out.dtype)) if delta.shape == out.shape else out + delta.to(out.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, layer={self.layer_index}, ranks={self.ranks}"

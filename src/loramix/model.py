@@ -18,7 +18,7 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -28,7 +28,10 @@ from .config import MixConfig
 from .errors import ConfigError, LoramixError
 from .experts import StackedLoRA, linear_features, read_adapter, stack_experts
 from .gate import ScalingHead
-from .layers import MixedLoRALinear, MixState
+from .layers import MixedLoRALinear, MixState, PreparedScalings
+
+if TYPE_CHECKING:
+    from .generate import GenerationOutput
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +148,14 @@ class LoraMixModel(nn.Module):
         weight = next(iter(self.mixed_layers())).base_layer.weight
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
         self.gate = ScalingHead(config.gate, hidden_size, len(self.layer_names), len(names)).to(weight.device, dtype)
+        # One gather turns scalings [B, T, L, N] into every layer's rank multipliers (see prepare_scalings).
+        layers = list(self.mixed_layers())
+        self._rank_sizes = [layer.lora_A.shape[0] for layer in layers]
+        index = [layer.rank_expert + i * len(names) for i, layer in enumerate(layers)]
+        self.register_buffer("_rank_index", torch.cat(index).to(weight.device), persistent=False)
+        self.register_buffer("_rank_scale", torch.cat([layer.rank_scale for layer in layers]), persistent=False)
+        self._mean_expert_elements = sum(layer.lora_A.numel() + layer.lora_B.numel() for layer in layers) / len(layers)
+        self.sparse_top_k: bool | str = "auto"
         self.freeze()
         self.eval()  # like transformers' from_pretrained: call .train() to train the gate
 
@@ -283,8 +294,9 @@ class LoraMixModel(nn.Module):
     ) -> LoraMixOutput:
         """Dual-pass forward. input_ids [B, T] -> logits [B, T, V], scalings [B, T, L, N].
 
-        `scalings`: skip the scaling pass and mix with these instead (a [B, T, L, N] tensor, or one float for every
-        expert). `labels` [B, T]: next-token loss of the mixed pass (transformers' shift and -100 convention).
+        `scalings`: skip the scaling pass and mix with these instead (a [B, T, L, N] tensor, a `PreparedScalings`,
+        or one float for every expert).
+        `labels` [B, T]: next-token loss of the mixed pass (transformers' shift and -100 convention).
         `past_key_values`: a `LoraMixCache` (see generate.py); `use_cache` defaults to True when one is given.
         """
         if use_cache is None:
@@ -300,9 +312,8 @@ class LoraMixModel(nn.Module):
                 past_key_values.scaling if past_key_values is not None else None,
                 use_cache,
             )
-        elif isinstance(scalings, torch.Tensor):
-            check_scalings(scalings, self.n_layers, self.n_experts)
-        with self.state.use(scalings):
+        prepared = self.prepare_scalings(scalings) if isinstance(scalings, torch.Tensor) else scalings
+        with self.state.use(prepared):
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -317,15 +328,60 @@ class LoraMixModel(nn.Module):
         return LoraMixOutput(
             loss=out.loss,
             logits=out.logits,
-            scalings=scalings if isinstance(scalings, torch.Tensor) else None,
+            scalings=prepared.scalings if isinstance(prepared, PreparedScalings) else None,
             past_key_values=past_key_values if use_cache else None,
         )
 
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> GenerationOutput:
+        """Generate with two KV caches; see `loramix.generate.generate` for the arguments and speed modes."""
+        from .generate import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    def stream(self, prompt: str | torch.Tensor, **kwargs: Any) -> Iterator[str]:
+        """Yield generated text piece by piece; see `loramix.generate.stream`."""
+        from .generate import stream
+
+        return stream(self, prompt, **kwargs)
+
+    def prepare_scalings(self, scalings: torch.Tensor) -> PreparedScalings:
+        """Scalings [B, T, L, N] -> every mixed layer's rank multipliers, in one gather and one multiply.
+
+        With a top-k gate and `sparse_top_k` allowing it, also the experts each layer actually needs (see
+        `use_sparse_top_k`), so that the mixed layers compute only those.
+        """
+        check_scalings(scalings, self.n_layers, self.n_experts)
+        flat = scalings.reshape(*scalings.shape[:2], self.n_layers * self.n_experts)
+        mult = flat.index_select(-1, self._rank_index).to(self._rank_scale.dtype)
+        mult = mult * (self._rank_scale * self.state.global_scaling_weight)
+        used = None
+        if self.use_sparse_top_k(scalings.shape[0] * scalings.shape[1]):
+            mask = (scalings != 0).flatten(0, 1).any(0).cpu()  # [L, N]
+            used = [tuple(row.nonzero().flatten().tolist()) for row in mask]
+        return PreparedScalings(scalings, list(mult.split(self._rank_sizes, dim=-1)), used)
+
+    def use_sparse_top_k(self, tokens: int) -> bool:
+        """Whether a pass over `tokens` tokens computes only the chosen experts (top-k gates, inference only).
+
+        `sparse_top_k`: True / False force it; "auto" (default) uses it where benchmarks/sparse_topk.py measured it
+        faster on CPU: one or two tokens per pass (decoding), k <= N/4, and expert matrices of at least ~1M elements
+        per layer. Elsewhere the dense stacked matmul wins: gathering rows costs more than computing them.
+        """
+        k = self.config.gate.top_k
+        if k is None or self.sparse_top_k is False or torch.is_grad_enabled():
+            return False
+        if self.sparse_top_k is True:
+            return True
+        return tokens <= 2 and 4 * k <= self.n_experts and self._mean_expert_elements >= 1_000_000
+
     def new_cache(self) -> LoraMixCache:
         """Two empty transformers `DynamicCache`s, one per pass."""
-        from transformers import DynamicCache
+        from .generate import _new_dynamic_cache
 
-        return LoraMixCache(scaling=DynamicCache(), mixed=DynamicCache())
+        config = _text_config(self.model)
+        return LoraMixCache(scaling=_new_dynamic_cache(config), mixed=_new_dynamic_cache(config))
 
     @contextlib.contextmanager
     def experts_disabled(self) -> Iterator[None]:

@@ -1,0 +1,87 @@
+"""The command line: real subprocesses for exit codes and error lines, Typer's runner for output."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import loramix
+from loramix.cli import app
+
+
+@pytest.fixture(scope="session")
+def checkpoint(llama_dir, llama_experts, tmp_path_factory):
+    from conftest import char_tokenizer
+
+    mix = loramix.from_pretrained(
+        llama_dir, llama_experts, loramix.MixConfig(gate=loramix.GateConfig(layerwise=True)), tokenizer=char_tokenizer()
+    )
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in mix.gate.parameters():
+            p.normal_()
+    return mix.save(tmp_path_factory.mktemp("cli") / "ckpt")
+
+
+def _cli(*args):
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "loramix", *map(str, args)], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+runner = CliRunner()
+
+
+def test_generate_json_and_file(checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("GRAVY ACDE\n\nLength of KKLL\nxyz\n")
+    result = runner.invoke(
+        app, ["generate", str(checkpoint), "--file", str(prompts), "-n", "6", "--json", "--mode", "prompt"]
+    )
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["prompt"] for r in records] == ["GRAVY ACDE", "Length of KKLL", "xyz"]
+    assert all(r["mode"] == "prompt" and r["new_tokens"] == 6 and r["finish_reason"] == "length" for r in records)
+    # the same completions as the library gives, one prompt at a time
+    model = loramix.load(checkpoint)
+    ids = model.tokenizer(["xyz"], return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=6, mode="prompt")
+    assert records[2]["completion"] == model.tokenizer.decode(out.new_tokens[0], skip_special_tokens=True)
+
+
+def test_stream_and_show_scalings(checkpoint):
+    result = runner.invoke(app, ["generate", str(checkpoint), "-p", "GRAVY ACDE", "-n", "5", "--stream"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("GRAVY ACDE")
+    result = runner.invoke(
+        app, ["generate", str(checkpoint), "-p", "GRAVY ACDE", "-n", "5", "--show-scalings"], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 0, result.output
+    assert "dominant expert" in result.stdout and "protein" in result.stdout and "qa" in result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith("│ ") and line[2].isdigit()]
+    assert len(rows) == 5
+
+
+def test_info(checkpoint):
+    result = runner.invoke(app, ["info", str(checkpoint)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "protein" in result.stdout and "adapted layers: 12" in result.stdout
+
+
+def test_errors_are_one_line_without_traceback(checkpoint, tmp_path):
+    missing = _cli("generate", tmp_path / "nowhere", "-p", "x")
+    assert missing.returncode == 1
+    assert "Traceback" not in missing.stderr and missing.stderr.strip().count("\n") == 0
+    assert "nowhere is not a directory (expected a loramix checkpoint)" in missing.stderr
+    bad_mode = _cli("generate", checkpoint, "-p", "x", "--mode", "turbo")
+    assert bad_mode.returncode == 2 and "unknown mode 'turbo'" in bad_mode.stderr
+    negative = _cli("generate", checkpoint, "-p", "x", "-n", "-1")
+    assert negative.returncode == 1 and "max_new_tokens=-1 must be an integer >= 0" in negative.stderr
+    assert "Traceback" not in negative.stderr
+    debug = _cli("--debug", "generate", tmp_path / "nowhere", "-p", "x")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr

@@ -1,0 +1,301 @@
+"""Training: experts with PEFT, the gate, exact resume after SIGKILL, two processes, and a gate that learns to route."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import loramix
+from loramix.train import TrainConfig, train_expert, train_gate
+
+from conftest import char_tokenizer, tiny_llama
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+DIGITS = "0123456789"
+
+
+def _run(alphabet: str, step: int, rng: random.Random, length: int, noise: float = 0.3) -> str:
+    """Each character is the previous one moved by `step` along the alphabet, except that with probability `noise` it
+    is any character of the alphabet: every next character keeps some entropy that no model can remove."""
+    i = rng.randrange(len(alphabet))
+    out = []
+    for _ in range(length):
+        out.append(alphabet[i % len(alphabet)])
+        i = rng.randrange(len(alphabet)) if rng.random() < noise else i + step
+    return "".join(out)
+
+
+def domain_records(n: int, seed: int) -> list[dict]:
+    """Two distinguishable synthetic domains: letters going up, digits going down (with noise). The prompt (3
+    characters) tells the domain; the loss is on the completion."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        letters = i % 2 == 0
+        run = _run(LETTERS, 1, rng, 16) if letters else _run(DIGITS, -1, rng, 16)
+        out.append({"prompt": run[:3], "completion": run[3:], "domain": "letters" if letters else "digits"})
+    return out
+
+
+def _jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def pretrain(model, tokenizer, steps: int = 300, seed: int = 0):
+    """A few hundred steps of full training on random strings of one alphabet each (no sequential structure): the
+    base learns the characters, not the tasks, so that the experts carry the skills (as in the demo)."""
+    from loramix.data import collate, tokenize_records
+
+    rng = random.Random(seed)
+    generic = [{"text": "".join(rng.choice(LETTERS if i % 2 else DIGITS) for _ in range(16))} for i in range(2000)]
+    examples = tokenize_records(generic, tokenizer, 64)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(steps):
+        chunk = examples[step * 16 % 2000 : step * 16 % 2000 + 16]
+        batch = collate([{"input_ids": e.input_ids, "labels": e.labels, "domain": -1} for e in chunk], 0)
+        model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny Llama pretrained on generic strings, a character tokenizer, and data files for the two domains.
+
+    The tokenizer adds no BOS: a BOS token is the same for every domain, so no gate can route it, and its keys and
+    values (which every later token attends to) would then differ from those of the expert alone.
+    """
+    root = tmp_path_factory.mktemp("train")
+    tokenizer = char_tokenizer(add_bos=False)
+    pretrain(tiny_llama(seed=5, initializer_range=0.5), tokenizer).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    records = domain_records(4000, seed=0)
+    _jsonl(root / "letters.jsonl", [r for r in records if r["domain"] == "letters"])
+    _jsonl(root / "digits.jsonl", [r for r in records if r["domain"] == "digits"])
+    _jsonl(root / "mixed.jsonl", records)
+    _jsonl(root / "heldout.jsonl", domain_records(40, seed=1))
+    return root
+
+
+@pytest.fixture(scope="module")
+def experts(world):
+    config = TrainConfig(learning_rate=1e-2, max_steps=250, batch_size=16, warmup_steps=10, seed=0, progress=False)
+    out = {}
+    for name in ("letters", "digits"):
+        metrics = train_expert(
+            world / "base",
+            world / f"{name}.jsonl",
+            world / f"expert-{name}",
+            rank=8,
+            alpha=16,
+            dropout=0.0,
+            train=config,
+        )
+        out[name] = (world / f"expert-{name}", metrics)
+    return out
+
+
+def test_train_expert_writes_a_peft_adapter_and_the_loss_falls(world, experts):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    path, _ = experts["letters"]
+    lines = [json.loads(x) for x in (world / "expert-letters.run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in lines if "loss" in x]
+    assert losses[-1] < 0.7 * losses[0]
+    assert {"tokens_per_s", "lr", "steps_per_s"} <= set(lines[0])
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world / "base"), str(path))
+    assert peft_model.peft_config["default"].r == 8
+    assert (path / "adapter_model.safetensors").is_file() and not list(world.glob(".expert-letters.tmp-*"))
+
+
+def test_train_gate_only_changes_the_gate(world, experts, tmp_path):
+    config = TrainConfig(learning_rate=1e-2, max_steps=10, batch_size=8, seed=0, progress=False)
+    mix = loramix.from_pretrained(world / "base", {n: p for n, (p, _) in experts.items()})
+    before = {n: p.detach().clone() for n, p in mix.named_parameters()}
+    metrics = train_gate(mix, world / "mixed.jsonl", tmp_path / "ckpt", train=config, eval_data=world / "heldout.jsonl")
+    assert {"eval_loss", "eval_loss/letters", "eval_loss/digits"} <= set(metrics)
+    changed = {n for n, p in mix.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {n for n, _ in mix.gate.named_parameters(prefix="gate")}
+    again = loramix.load(tmp_path / "ckpt")
+    assert torch.equal(again.gate.last.weight, mix.gate.last.weight)
+    assert again.tokenizer is not None
+
+
+def test_gate_learns_to_route(world, experts, tmp_path):
+    """On held-out prompts of each domain the right expert dominates >= 90% of tokens, and the mixture's loss is
+    within 5% of that domain's expert alone."""
+    config = TrainConfig(learning_rate=5e-2, max_steps=400, batch_size=16, warmup_steps=10, seed=0, progress=False)
+    gate = loramix.MixConfig(gate=loramix.GateConfig(depth=2, layerwise=True))
+    train_gate(
+        None,
+        world / "mixed.jsonl",
+        tmp_path / "routed",
+        base=world / "base",
+        experts={n: p for n, (p, _) in experts.items()},
+        config=gate,
+        train=config,
+    )
+    mix = loramix.load(tmp_path / "routed")
+    tok = mix.tokenizer
+    held = domain_records(60, seed=7)
+    names = mix.expert_names
+    for domain in ("letters", "digits"):
+        records = [r for r in held if r["domain"] == domain]
+        ids = tok([r["prompt"] + r["completion"] for r in records], return_tensors="pt").input_ids  # no padding
+        right = names.index(domain)
+        with torch.no_grad():
+            out = mix(ids)
+            share = (out.scalings.mean(2).argmax(-1) == right).float().mean()
+            alone = torch.zeros(*ids.shape, mix.n_layers, mix.n_experts)
+            alone[..., right] = 1.0
+            expert = mix(ids, scalings=alone)
+        start = len(records[0]["prompt"]) - 1  # the loss of the completion tokens, as in training
+        mixture_loss = _completion_loss(out.logits, ids, start)
+        expert_loss = _completion_loss(expert.logits, ids, start)
+        assert share >= 0.9, f"{domain}: right expert dominant on {share:.0%} of tokens"
+        assert mixture_loss <= 1.05 * expert_loss, f"{domain}: mixture {mixture_loss:.4f} vs expert {expert_loss:.4f}"
+        base_loss = _completion_loss(mix.base_forward(ids).logits, ids, start)
+        assert expert_loss < 0.8 * base_loss  # the experts really carry the skill
+
+
+def _completion_loss(logits: torch.Tensor, ids: torch.Tensor, start: int) -> float:
+    predicted = logits[:, start:-1].transpose(1, 2)
+    return float(torch.nn.functional.cross_entropy(predicted, ids[:, start + 1 :]))
+
+
+def _gate_cmd(world, experts, out: Path, steps: int, save_every: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "loramix",
+        "train-gate",
+        "--data",
+        str(world / "mixed.jsonl"),
+        "--out",
+        str(out),
+        "--base",
+        str(world / "base"),
+        "--expert",
+        f"letters={experts['letters'][0]}",
+        "--expert",
+        f"digits={experts['digits'][0]}",
+        "--depth",
+        "2",
+        "--layerwise",
+        "--gate-dropout",
+        "0.3",
+        "--max-steps",
+        str(steps),
+        "--batch-size",
+        "4",
+        "--lr",
+        "5e-3",
+        "--warmup-steps",
+        "5",
+        "--save-every",
+        str(save_every),
+        "--log-every",
+        "5",
+        "--seed",
+        "3",
+    ]
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(world, experts, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    steps = 400
+    subprocess.run(
+        _gate_cmd(world, experts, tmp_path / "straight", steps, 1000),
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=600,
+    )
+    cmd = _gate_cmd(world, experts, tmp_path / "killed", steps, 20)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "killed.run" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (checkpoints / "step-60").exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed").exists(), "the run finished before it could be killed"
+    done = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("step-*"))
+    assert done and max(done) < steps
+    # a half-written checkpoint (no trainer_state.json) from a later step must be ignored
+    fake = checkpoints / f"step-{steps - 1}"
+    shutil.copytree(checkpoints / f"step-{max(done)}", fake)
+    (fake / "trainer_state.json").unlink()
+    (checkpoints / f".step-{steps - 2}.tmp").mkdir()
+    subprocess.run([*cmd, "--resume"], check=True, env=env, capture_output=True, timeout=600)
+    a = load_file(str(tmp_path / "straight" / "gate.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "gate.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+    log = [json.loads(x) for x in (tmp_path / "killed.run" / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == steps
+
+
+def test_two_processes_with_accelerate_launch(world, experts, tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--cpu",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "loramix",
+        "train-gate",
+        "--data",
+        str(world / "mixed.jsonl"),
+        "--out",
+        str(tmp_path / "ddp"),
+        "--base",
+        str(world / "base"),
+        "--expert",
+        f"letters={experts['letters'][0]}",
+        "--expert",
+        f"digits={experts['digits'][0]}",
+        "--layerwise",
+        "--max-steps",
+        "30",
+        "--batch-size",
+        "8",
+        "--lr",
+        "2e-2",
+        "--log-every",
+        "5",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = [json.loads(x) for x in (tmp_path / "ddp.run" / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 30 and log[-1]["loss"] < log[0]["loss"]
+    hparams = json.loads((tmp_path / "ddp.run" / "hparams.json").read_text())
+    assert hparams["train"]["batch_size"] == 8
+    mix = loramix.load(tmp_path / "ddp")
+    assert mix.expert_names == ["letters", "digits"]
