@@ -69,6 +69,7 @@ def main() -> None:
         used = [tuple(sorted(set(top.indices.flatten().tolist())))]
         dense = PreparedScalings(s, [mult])
         sparse = PreparedScalings(s, [mult], used)
+
         def call(layer=layer, x=x):
             layer(x)
 

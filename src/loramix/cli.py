@@ -457,6 +457,100 @@ def train_gate_cmd(
     _print_metrics(metrics, out)
 
 
+@app.command()
+def analyze(
+    checkpoint: Path = typer.Argument(..., help="A loramix checkpoint directory (with its tokenizer)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: table, summary.json, figures/."),
+    prompt: list[str] = typer.Option(None, "--prompt", "-p", help="A prompt to analyse; repeat for several."),
+    data: str | None = typer.Option(
+        None, "--data", help="JSONL records (text / prompt+completion / messages, domain)."
+    ),
+    max_new_tokens: int = typer.Option(0, "--max-new-tokens", "-n", help="Also generate this many tokens per prompt."),
+    limit: int | None = typer.Option(None, help="Analyse at most this many data records."),
+    table_format: str = typer.Option("parquet", "--format", help="Table format: parquet or csv."),
+    per_domain: int = typer.Option(1, "--per-domain", help="Heatmaps for this many examples per domain."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Records per forward pass."),
+    device: str | None = typer.Option(None, help="e.g. cpu, cuda."),
+    dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16."),
+) -> None:
+    """Record the scalings of prompts and/or a dataset: tidy table, statistics (usage, entropy, dominance, layer
+    correlation) and figures (heatmaps, usage by domain)."""
+    from .analysis import analyze as run_analysis
+    from .data import load_records
+
+    if not prompt and not data:
+        raise typer.BadParameter("give at least one --prompt or --data", param_hint="--prompt")
+    records = load_records(data) if data else None
+    if records is not None and limit is not None:
+        records = records[:limit]
+    model = _load(checkpoint, device, dtype)
+    summary = run_analysis(
+        model,
+        out,
+        prompts=prompt or [],
+        records=records,
+        max_new_tokens=max_new_tokens,
+        fmt=table_format,
+        batch_size=batch_size,
+        per_domain_figures=per_domain,
+    )
+    table = Table("group", "tokens", *model.expert_names, "entropy", title="mean scaling per expert")
+    for name, group in summary["groups"].items():
+        table.add_row(
+            name,
+            str(group["tokens"]),
+            *[f"{group['usage'][e]:.3f}" for e in model.expert_names],
+            f"{group['mean_token_entropy']:.3f}",
+        )
+    console.print(table)
+    console.print(
+        f"[green]wrote[/green] {out}/{summary['table']}, {out}/summary.json and "
+        f"{len(summary['figures'])} figure files under {out}/figures"
+    )
+
+
+@app.command()
+def converse(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint of agent A (and of B unless --checkpoint-b)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: transcript, scalings, trajectory figure."),
+    checkpoint_b: Path | None = typer.Option(None, "--checkpoint-b", help="A second checkpoint for agent B."),
+    persona_a: str = typer.Option("You are agent A. Argue for your position.", "--persona-a", help="System prompt A."),
+    persona_b: str = typer.Option("You are agent B. Challenge every claim.", "--persona-b", help="System prompt B."),
+    opening: str = typer.Option(..., "--opening", help="The first message, given to agent A."),
+    turns: int = typer.Option(6, help="Turns in all (A speaks first)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens per turn at most."),
+    summary: str | None = typer.Option(None, "--summary", help="After the turns, ask agent A this (a summary)."),
+    temperature: float = typer.Option(0.0, help="0 is greedy."),
+    seed: int | None = typer.Option(None, help="Seed for sampling."),
+    table_format: str = typer.Option("parquet", "--format", help="Table format: parquet or csv."),
+    device: str | None = typer.Option(None, help="e.g. cpu, cuda."),
+) -> None:
+    """Two agents talk for a fixed number of turns; save the transcript and plot each agent's expert trajectory."""
+    from .analysis.converse import converse as run_conversation
+
+    model_a = _load(checkpoint, device, None)
+    model_b = _load(checkpoint_b, device, None) if checkpoint_b else None
+    record = run_conversation(
+        model_a,
+        out,
+        model_b=model_b,
+        persona_a=persona_a,
+        persona_b=persona_b,
+        opening=opening,
+        turns=turns,
+        max_new_tokens=max_new_tokens,
+        summary_prompt=summary,
+        fmt=table_format,
+        do_sample=temperature > 0,
+        temperature=temperature or 1.0,
+        seed=seed,
+    )
+    for t in record["turns"]:
+        dominant = max(t["mean_scalings"], key=t["mean_scalings"].get) if t["mean_scalings"] else "-"
+        console.print(f"[bold]{t['turn']} {t['agent']}[/bold] [dim]({dominant})[/dim] {t['text']}", highlight=False)
+    console.print(f"[green]wrote[/green] {out}/transcript.json, transcript.md and {out}/figures/trajectory.png")
+
+
 def _print_metrics(metrics: dict[str, Any], out: Path) -> None:
     from accelerate import PartialState
 
