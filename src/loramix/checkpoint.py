@@ -355,6 +355,11 @@ def load(
             a, b = tensors.pop(f"{module}.lora_A"), tensors.pop(f"{module}.lora_B")
         except KeyError as exc:
             raise CheckpointError(f"{root / EXPERTS_NAME}: tensor {exc} is missing") from None
+        for name, tensor in ((f"{module}.lora_A", a), (f"{module}.lora_B", b)):
+            if not tensor.is_floating_point():
+                raise CheckpointError(
+                    f"{root / EXPERTS_NAME}: tensor '{name}' has dtype {tensor.dtype}; expected floating point"
+                )
         weight = modules[module].weight
         dtype_ = weight.dtype if weight.is_floating_point() else torch.float32
         stacked[module] = StackedLoRA(a.to(weight.device, dtype_), b.to(weight.device, dtype_), ranks, scales)

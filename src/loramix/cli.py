@@ -551,6 +551,101 @@ def converse(
     console.print(f"[green]wrote[/green] {out}/transcript.json, transcript.md and {out}/figures/trajectory.png")
 
 
+@app.command()
+def serve(
+    checkpoint: Path = typer.Argument(..., help="A loramix checkpoint directory (with its tokenizer)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (default: loopback only)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    model_id: str | None = typer.Option(None, "--model-id", help="Model name clients use (default: the folder name)."),
+    api_key: str | None = typer.Option(
+        None,
+        "--api-key",
+        envvar="LORAMIX_API_KEY",
+        help="Require 'Authorization: Bearer KEY' (or set LORAMIX_API_KEY).",
+    ),
+    max_prompt_tokens: int | None = typer.Option(None, "--max-prompt-tokens", help="Longest prompt accepted."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", help="Largest max_tokens a request may ask for."),
+    batching: bool = typer.Option(True, "--batching/--no-batching", help="Batch waiting requests with equal settings."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Largest batch."),
+    device: str | None = typer.Option(None, help="e.g. cpu, cuda."),
+    dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16."),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+) -> None:
+    """Serve a checkpoint behind an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models)."""
+    import uvicorn
+
+    from .serve import create_app
+
+    model = _load(checkpoint, device, dtype)
+    name = model_id or Path(checkpoint).resolve().name
+    server_app = create_app(
+        model,
+        model_id=name,
+        api_key=api_key,
+        max_prompt_tokens=max_prompt_tokens,
+        max_tokens_limit=max_tokens,
+        batching=batching,
+        max_batch=max_batch,
+    )
+    err_console.print(
+        f"serving [bold]{name}[/bold] on http://{host}:{port}/v1" + (" (API key required)" if api_key else "")
+    )
+    uvicorn.run(server_app, host=host, port=port, log_level=log_level)
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="A loramix checkpoint directory."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (written atomically)."),
+    format_: str = typer.Option(..., "--format", help="mistralrs (X-LoRA for mistral.rs) or static (one PEFT LoRA)."),
+    base_model_id: str | None = typer.Option(
+        None,
+        "--base-model-id",
+        help="mistralrs: the base id/path mistral.rs loads (default: --with-base, or the checkpoint's base).",
+    ),
+    with_base: Path | None = typer.Option(
+        None,
+        "--with-base",
+        help="mistralrs: also write a base directory mistral.rs can load (rope_theta, explicit lm_head) here.",
+    ),
+    scalings: Path | None = typer.Option(None, "--scalings", help="static: JSON [L][N] or [N], or safetensors."),
+    prompt: str | None = typer.Option(None, "--prompt", help="static: use the gate's mean scalings on this prompt."),
+    rank: int | None = typer.Option(None, "--rank", help="static: truncated-SVD rank (default: exact, rank sum r)."),
+) -> None:
+    """Export a checkpoint: to mistral.rs's X-LoRA layout, or bake one fixed mixture into a plain PEFT LoRA."""
+    if format_ == "static":
+        from .interop.static import export_static, fixed_scalings_from_prompt, read_scalings_file
+
+        if (scalings is None) == (prompt is None):
+            raise typer.BadParameter("give exactly one of --scalings FILE or --prompt TEXT", param_hint="--scalings")
+        model = _load(checkpoint, None, None)
+        fixed = (
+            read_scalings_file(scalings, model.n_layers, model.n_experts)
+            if scalings is not None
+            else fixed_scalings_from_prompt(model, prompt)
+        )
+        report = export_static(model, fixed, out, rank=rank)
+        error = (
+            "exact"
+            if rank is None
+            else f"relative error max {report['max_relative_error']:.3g}, mean {report['mean_relative_error']:.3g}"
+        )
+        console.print(f"[green]wrote[/green] {out}: a PEFT LoRA adapter of rank {report['max_rank']} ({error})")
+    elif format_ == "mistralrs":
+        from .interop.mistralrs import export_mistralrs
+
+        model = _load(checkpoint, None, None)
+        base_id = base_model_id or (str(with_base.resolve()) if with_base else model.base_reference)
+        if not base_id:
+            raise typer.BadParameter(
+                "the checkpoint records no base: give --base-model-id or --with-base", param_hint="--base-model-id"
+            )
+        export_mistralrs(model, out, base_model_id=base_id, with_base=with_base)
+        console.print(f"[green]wrote[/green] {out} (order file {out}/ordering.json, base_model_id {base_id})")
+    else:
+        raise typer.BadParameter(f"unknown format {format_!r}; expected mistralrs or static", param_hint="--format")
+
+
 def _print_metrics(metrics: dict[str, Any], out: Path) -> None:
     from accelerate import PartialState
 
@@ -561,8 +656,25 @@ def _print_metrics(metrics: dict[str, Any], out: Path) -> None:
     console.print(json.dumps(shown))
 
 
+def _quiet_libraries() -> None:
+    """Keep the terminal for loramix's own output: no per-file loading bars or deprecation notes from libraries."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
+    _quiet_libraries()
     try:
         app()
     except (LoramixError, OSError) as exc:

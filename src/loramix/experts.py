@@ -210,6 +210,11 @@ def expert_from_state_dict(
             missing = ({"lora_A", "lora_B"} - set(pair)).pop()
             raise AdapterError(f"expert '{name}' ({source}): module '{module}' has no {missing} tensor")
         a, b = pair["lora_A"], pair["lora_B"]
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise AdapterError(
+                f"expert '{name}' ({source}): module '{module}' has lora_A of dtype {a.dtype} and lora_B of dtype "
+                f"{b.dtype}; expected floating point"
+            )
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise ShapeMismatchError(
                 f"expert '{name}' ({source}): module '{module}' has lora_A {tuple(a.shape)} and lora_B "

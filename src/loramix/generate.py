@@ -181,6 +181,8 @@ def _fixed_scalings(scalings: torch.Tensor, batch: int, n_layers: int, n_experts
             f"scalings of shape {tuple(scalings.shape)}: expected [{n_layers}, {n_experts}], "
             f"[batch, {n_layers}, {n_experts}] or [batch, 1, {n_layers}, {n_experts}]"
         )
+    if not bool(torch.isfinite(s).all()):
+        raise ConfigError("scalings contain NaN or infinite values")
     return s.expand(batch, 1, n_layers, n_experts)
 
 

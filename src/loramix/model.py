@@ -277,6 +277,8 @@ class LoraMixModel(nn.Module):
         use_cache: bool = False,
     ) -> torch.Tensor:
         """Scaling pass + gate: scalings [B, T, L, N] (with gradients to the gate only)."""
+        if inputs_embeds is not None and not bool(torch.isfinite(inputs_embeds).all()):
+            raise ConfigError("inputs_embeds contain NaN or infinite values; they would reach the gate")
         hidden = self.scaling_pass(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values, use_cache)
         return self.gate(hidden)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,7 +15,7 @@ from ..errors import ConfigError
 from ..experts import StackedLoRA
 from ..model import ExpertInfo, LoraMixModel
 
-__all__ = ["from_peft"]
+__all__ = ["clone_sharing_weights", "from_peft", "to_peft"]
 
 
 def _xlora_parts(peft_model: nn.Module) -> Any:
@@ -30,39 +33,44 @@ def _xlora_parts(peft_model: nn.Module) -> Any:
     )
 
 
-def _plain_base(inner: nn.Module) -> nn.Module:
-    """A new transformers model with the base weights of a LoRA-injected one (sharing their storage)."""
-    from peft.tuners.lora import LoraLayer
+def clone_sharing_weights(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """A new model of the same class and config whose parameters are the tensors of `state` (default: `model`'s own),
+    shared, not copied. Non-persistent buffers (e.g. rotary tables) are taken from `model`."""
+    import copy
 
+    state = state if state is not None else dict(model.state_dict(keep_vars=True))
+    with torch.device("meta"):
+        clone = type(model)(copy.deepcopy(model.config))
+    _, unexpected = clone.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise ConfigError(f"cannot rebuild {type(model).__name__}: unexpected tensors {unexpected[:5]}")
+    if hasattr(clone, "tie_weights"):
+        clone.tie_weights()
+    live = dict(model.named_buffers())
+    for name, buffer in list(clone.named_buffers()):
+        if buffer.device.type != "meta":
+            continue
+        key = name if name in live else name.replace(".", ".base_layer.", 1)
+        if key not in live:
+            raise ConfigError(f"cannot rebuild {type(model).__name__}: buffer '{name}' is missing")
+        parent, _, attr = name.rpartition(".")
+        (clone.get_submodule(parent) if parent else clone)._buffers[attr] = live[key]
+    missing = [n for n, p in clone.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise ConfigError(f"cannot rebuild {type(model).__name__}: parameters {missing[:5]} are missing")
+    if hasattr(model, "generation_config"):
+        clone.generation_config = copy.deepcopy(model.generation_config)
+    return clone.eval()
+
+
+def _plain_base(inner: nn.Module) -> nn.Module:
+    """The base model inside a LoRA-injected one, as a new model sharing its weights."""
     state = {}
     for key, tensor in inner.state_dict(keep_vars=True).items():
         if ".lora_" in key or "internal_xlora_classifier" in key:
             continue
         state[key.replace(".base_layer.", ".")] = tensor
-    lora_modules = [m for m in inner.modules() if isinstance(m, LoraLayer)]
-    with torch.device("meta"):
-        base = type(inner)(inner.config)
-    missing, unexpected = base.load_state_dict(state, strict=False, assign=True)
-    if unexpected:
-        raise ConfigError(f"from_peft: unexpected base tensors {unexpected[:5]} (lora layers: {len(lora_modules)})")
-    if hasattr(base, "tie_weights"):
-        base.tie_weights()
-    still_meta = [n for n, p in base.named_parameters() if p.device.type == "meta"]
-    still_meta += [n for n, b in base.named_buffers() if b.device.type == "meta"]
-    if still_meta:
-        # non-persistent buffers (rotary tables) are not in the state dict: take them from the live model
-        live = dict(inner.named_buffers())
-        for name in still_meta:
-            key = name if name in live else name.replace(".", ".base_layer.", 1)
-            if key not in live:
-                raise ConfigError(f"from_peft: cannot recover base tensor '{name}' (missing: {missing[:5]})")
-            parent, _, attr = name.rpartition(".")
-            module = base.get_submodule(parent) if parent else base
-            module._buffers[attr] = live[key]
-    if hasattr(inner, "generation_config"):
-        base.generation_config = inner.generation_config
-    base.eval()
-    return base
+    return clone_sharing_weights(inner, state)
 
 
 def from_peft(peft_model: nn.Module, *, tokenizer: Any = None) -> LoraMixModel:
@@ -161,3 +169,103 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
+
+
+def to_peft(model: LoraMixModel, adapter_dir: str | Path | None = None) -> nn.Module:
+    """A live PEFT `XLoraModel` (inside a `PeftModel`) equal to `model`: the same base weights (shared), experts and
+    gate; its logits match loramix's (tested within 1e-4 in float32).
+
+    PEFT's XLoRA loads experts from adapter directories and needs them named "0".."n-1": the experts are written
+    there (to `adapter_dir`, or a temporary directory) in loramix's expert order. What PEFT cannot represent is
+    refused: a base without a `.model` backbone (GPT-2), and experts with different target modules per expert are
+    fine (PEFT injects the union).
+    """
+    import tempfile
+
+    from peft import XLoraConfig, get_peft_model
+
+    if getattr(model.model, "base_model_prefix", None) != "model":
+        raise ConfigError(
+            f"PEFT's XLoraModel only loads bases whose backbone is '.model' ({type(model.model).__name__} has "
+            f"'.{model.model.base_model_prefix}'); export to a static LoRA or to mistral.rs instead"
+        )
+    folder = Path(adapter_dir) if adapter_dir is not None else Path(tempfile.mkdtemp(prefix="loramix-peft-"))
+    write_peft_experts(model, folder)
+    with model.plain_model() as plain:
+        base = clone_sharing_weights(plain)
+    base.config.use_cache = False
+    g = model.config.gate
+    config = XLoraConfig(
+        task_type="CAUSAL_LM",
+        hidden_size=model.hidden_size,
+        adapters={str(i): str(folder / str(i)) for i in range(model.n_experts)},
+        enable_softmax=g.softmax,
+        enable_softmax_topk=g.topk_softmax,
+        layerwise_scalings=g.layerwise,
+        xlora_depth=g.depth,
+        xlora_size=g.width or model.hidden_size,
+        xlora_dropout_p=g.dropout,
+        use_trainable_adapters=model.config.trainable_experts,
+        softmax_temperature=g.temperature,
+        top_k_lora=g.top_k,
+        scaling_pass_value=model.config.resolved_scaling_pass_value(model.n_experts),
+        global_scaling_weight=model.config.global_scaling_weight,
+    )
+    peft_model = get_peft_model(base, config).eval()
+    classifier = peft_model.base_model.internal_xlora_classifier
+    linears = [m for m in classifier.layers if isinstance(m, nn.Linear)]
+    ours = [*model.gate.inner, model.gate.last]
+    with torch.no_grad():
+        for theirs, mine in zip(linears, ours, strict=True):
+            theirs.weight.copy_(mine.weight)
+            if mine.bias is not None:
+                theirs.bias.copy_(mine.bias)
+            else:
+                theirs.bias.zero_()
+    return peft_model
+
+
+def write_peft_experts(model: LoraMixModel, folder: str | Path, names: list[str] | None = None) -> list[Path]:
+    """Write each expert as a plain PEFT LoRA adapter directory folder/<name> (default names "0".."n-1")."""
+    from ..checkpoint import save_tensors
+
+    folder = Path(folder)
+    names = names or [str(i) for i in range(model.n_experts)]
+    per_expert: list[dict[str, torch.Tensor]] = [{} for _ in range(model.n_experts)]
+    targets: list[set[str]] = [set() for _ in range(model.n_experts)]
+    ranks: list[dict[str, int]] = [{} for _ in range(model.n_experts)]
+    alphas: list[dict[str, float]] = [{} for _ in range(model.n_experts)]
+    for path, layer in zip(model.layer_names, model.mixed_layers()):
+        st = layer.stacked()
+        offset = 0
+        for e, (r, c) in enumerate(zip(st.ranks, st.scales)):
+            if r:
+                per_expert[e][f"base_model.model.{path}.lora_A.weight"] = st.lora_A[offset : offset + r]
+                per_expert[e][f"base_model.model.{path}.lora_B.weight"] = st.lora_B[:, offset : offset + r]
+                targets[e].add(path)
+                ranks[e][path] = r
+                alphas[e][path] = c * r  # plain LoRA scale alpha / r
+            offset += r
+    written = []
+    for e, name in enumerate(names):
+        out = folder / name
+        out.mkdir(parents=True, exist_ok=True)
+        r = max(ranks[e].values())
+        alpha = max(alphas[e].values(), key=list(alphas[e].values()).count)
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": r,
+            "lora_alpha": alpha,
+            "rank_pattern": {re.escape(p): v for p, v in ranks[e].items() if v != r},
+            "alpha_pattern": {re.escape(p): v for p, v in alphas[e].items() if v != alpha},
+            "target_modules": sorted(targets[e]),
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "use_rslora": False,
+            "init_lora_weights": True,
+        }
+        save_tensors(per_expert[e], out / "adapter_model.safetensors", {"format": "pt"})
+        (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        written.append(out)
+    return written
