@@ -204,7 +204,8 @@ def test_gate_tensor_of_wrong_shape(llama_dir, llama_experts, tmp_path):
     gate = load_file(str(path / "gate.safetensors"))
     gate["last.weight"] = torch.zeros(5, 32)
     save_file(gate, str(path / "gate.safetensors"))
-    with pytest.raises(CheckpointError, match=r"'last\.weight' has shape \(5, 32\), the gate expects \(3, 32\)"):
+    message = r"'last\.weight' has shape \(5, 32\), the gate for 3 experts and 12 adapted modules expects \(3, 32\)"
+    with pytest.raises(CheckpointError, match=message):
         loramix.load(path)
 
 

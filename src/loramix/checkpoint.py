@@ -13,14 +13,8 @@ The base weights are referenced (hub id or absolute path), not copied. docs/chec
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +25,7 @@ from . import __version__
 from .config import MixConfig
 from .errors import BaseModelMismatchError, CheckpointError, ConfigError, LoramixError
 from .experts import StackedLoRA
+from .io import atomic_directory, read_json, read_tensors, save_tensors, write_json
 from .model import ExpertInfo, LoraMixModel, load_base_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -44,84 +39,6 @@ EXPERTS_NAME = "experts.safetensors"
 TOKENIZER_DIR = "tokenizer"
 BASE_DIR = "base"
 _SAMPLE = 64
-
-
-# ---------------------------------------------------------------------- atomic writes
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | Path, *, overwrite: bool = True, marker: str | None = None) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `path` in one rename, on failure it is removed.
-
-    An existing `path` is replaced only if `overwrite` and (when `marker` is given) it contains that file, so a
-    directory that is not ours is never deleted. Readers never see a half-written directory at `path`.
-    """
-    target = Path(path).expanduser().absolute()
-    if target.exists():
-        if not target.is_dir():
-            raise CheckpointError(f"{target} exists and is not a directory")
-        if any(target.iterdir()):
-            if not overwrite:
-                raise CheckpointError(f"{target} already exists; pass overwrite=True to replace it")
-            if marker is not None and not (target / marker).exists():
-                raise CheckpointError(f"{target} is a non-empty directory without {marker}; refusing to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors file with contiguous CPU copies (shared or strided tensors are fine)."""
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(path), metadata)
-
-
-def read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing ({what})")
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
-
-
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing ({what})")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return data
 
 
 # ---------------------------------------------------------------------- base fingerprint
@@ -324,6 +241,8 @@ def load(
         reference = base_meta.get("name_or_path")
         if base_meta.get("bundled"):
             base = root / BASE_DIR
+        elif reference and not Path(reference).is_absolute() and (root / reference).is_dir():
+            base = (root / reference).resolve()  # a base next to the checkpoint, referenced relatively
         elif reference:
             base = reference
         else:
@@ -382,18 +301,22 @@ def load(
             raise BaseModelMismatchError(
                 f"{config_path}: gate.{key}={gate_meta[key]} but the model gives {actual}; wrong base model?"
             )
-    gate_state = read_tensors(root / GATE_NAME, "the gate weights")
+    load_gate_state(mix, read_tensors(root / GATE_NAME, "the gate weights"), root / GATE_NAME)
+    return mix
+
+
+def load_gate_state(mix: LoraMixModel, state: dict[str, torch.Tensor], where: Path | str) -> None:
+    """Check gate tensors read from `where` against `mix.gate` (names, shapes, float dtype) and load them."""
     expected = mix.gate.state_dict()
-    missing, unexpected = sorted(set(expected) - set(gate_state)), sorted(set(gate_state) - set(expected))
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{root / GATE_NAME}: missing tensors {missing}, unexpected tensors {unexpected}")
-    for key, value in gate_state.items():
+        raise CheckpointError(f"{where}: missing tensors {missing}, unexpected tensors {unexpected}")
+    for key, value in state.items():
         if tuple(value.shape) != tuple(expected[key].shape):
             raise CheckpointError(
-                f"{root / GATE_NAME}: tensor '{key}' has shape {tuple(value.shape)}, the gate expects "
-                f"{tuple(expected[key].shape)}"
+                f"{where}: tensor '{key}' has shape {tuple(value.shape)}, the gate for {mix.n_experts} experts and "
+                f"{mix.n_layers} adapted modules expects {tuple(expected[key].shape)}"
             )
         if not value.is_floating_point():
-            raise CheckpointError(f"{root / GATE_NAME}: tensor '{key}' has dtype {value.dtype}; expected floats")
-    mix.gate.load_state_dict({k: v.to(mix.dtype) for k, v in gate_state.items()})
-    return mix
+            raise CheckpointError(f"{where}: tensor '{key}' has dtype {value.dtype}; expected floats")
+    mix.gate.load_state_dict({k: v.to(mix.dtype) for k, v in state.items()})

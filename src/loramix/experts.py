@@ -14,7 +14,6 @@ PEFT's, whether the experts are frozen or trained.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterError, ShapeMismatchError
+from .io import read_json, read_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -101,15 +101,7 @@ def _pattern_match(patterns: Mapping[str, Any], module_path: str) -> Any | None:
 def _read_weights(directory: Path, name: str) -> dict[str, torch.Tensor]:
     st_path = directory / SAFETENSORS_NAME
     if st_path.is_file():
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(st_path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise AdapterError(
-                f"expert '{name}': {st_path} is not a readable safetensors file ({str(exc).splitlines()[0]})"
-            ) from None
+        return read_tensors(st_path, "the adapter's weights", error=AdapterError, prefix=f"expert '{name}': ")
     bin_path = directory / PICKLE_NAME
     if bin_path.is_file():
         # Old PEFT format. Read with weights_only=True: tensors only, no arbitrary objects are unpickled.
@@ -130,18 +122,10 @@ def _read_weights(directory: Path, name: str) -> dict[str, torch.Tensor]:
 
 
 def _read_config(directory: Path, name: str) -> dict[str, Any]:
-    config_path = directory / CONFIG_NAME
     if not directory.is_dir():
         raise AdapterError(f"expert '{name}': {directory} is not a directory (expected a PEFT LoRA adapter directory)")
-    if not config_path.is_file():
-        raise AdapterError(f"expert '{name}': {config_path} is missing (expected a PEFT LoRA adapter directory)")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"expert '{name}': {config_path} is not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"expert '{name}': {config_path} must hold a JSON object")
-    return config
+    return read_json(directory / CONFIG_NAME, "expected a PEFT LoRA adapter directory", error=AdapterError,
+                     prefix=f"expert '{name}': ")
 
 
 def check_adapter_config(config: Mapping[str, Any], name: str, where: str) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import atomic_directory, read_json, read_tensors, save_tensors, write_json
+from ..checkpoint import atomic_directory, load_gate_state, read_json, read_tensors, save_tensors, write_json
 from ..config import GateConfig, MixConfig
 from ..errors import AdapterError, CheckpointError, LoramixError
 from ..experts import check_adapter_config, expert_from_state_dict, linear_features, stack_experts
@@ -578,21 +578,7 @@ def import_xlora(
                 f"{ordering_path}: field 'layers' does not give the adapted modules in the base model's "
                 f"named_modules() order 0..{len(expected) - 1} (first difference at '{wrong}')"
             )
-    _load_gate(mix, gate_state, classifier_path)
+    load_gate_state(mix, gate_state, classifier_path)
     return mix
 
 
-def _load_gate(mix: LoraMixModel, state: Mapping[str, torch.Tensor], where: Path) -> None:
-    expected = mix.gate.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{where}: missing tensors {missing}, unexpected tensors {unexpected}")
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise CheckpointError(
-                f"{where}: tensor '{key}' has shape {tuple(value.shape)}, the gate for {mix.n_experts} experts and "
-                f"{mix.n_layers} adapted modules expects {tuple(expected[key].shape)}"
-            )
-        if not value.is_floating_point():
-            raise CheckpointError(f"{where}: tensor '{key}' has dtype {value.dtype}; expected floats")
-    mix.gate.load_state_dict({k: v.to(mix.dtype) for k, v in state.items()})
