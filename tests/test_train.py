@@ -299,3 +299,38 @@ def test_two_processes_with_accelerate_launch(world, experts, tmp_path):
     assert hparams["train"]["batch_size"] == 8
     mix = loramix.load(tmp_path / "ddp")
     assert mix.expert_names == ["letters", "digits"]
+
+
+def test_gate_objective_terms_have_their_documented_values(llama_dir, llama_experts):
+    from loramix.train.gate import GateObjective, example_mean_loss, gate_loss
+
+    mix = loramix.from_pretrained(llama_dir, llama_experts, loramix.MixConfig(gate=loramix.GateConfig(layerwise=True)))
+    p = torch.tensor([0.7, 0.2, 0.1])
+    with torch.no_grad():  # every token, every layer: scalings p
+        mix.gate.last.weight.zero_()
+        mix.gate.last.bias.copy_(p.log().repeat(mix.n_layers))
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0]])
+    labels = torch.tensor([[-100, -100, 7, 8, 9], [-100, 11, 12, -100, -100]])
+    batch = {"input_ids": ids, "attention_mask": (labels != -100).long() | torch.tensor([[1] * 5, [1, 1, 1, 0, 0]]),
+             "labels": labels, "domain": torch.tensor([0, 1])}
+    logits = mix(ids, attention_mask=batch["attention_mask"]).logits
+    per_token = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none",
+                                                  ignore_index=-100)
+    want_example = (per_token[0, 1:4].mean() + per_token[1, 0:2].mean()) / 2
+    torch.testing.assert_close(example_mean_loss(logits, labels), want_example)
+    objective = GateObjective(loss_weighting="example", entropy_weight=0.5, balance_weight=0.25, route_weight=2.0)
+    loss, parts = gate_loss(mix, batch, objective, expert_of_domain=torch.tensor([0, 2]))
+    entropy = float(-(p * p.log()).sum())
+    balance = 3 * float((p**2).sum())
+    route = float(-(torch.log(p[0]) * 5 + torch.log(p[2]) * 3) / 8)  # domain 0 -> expert 0, domain 1 -> expert 2
+    assert parts["entropy"] == pytest.approx(entropy, rel=1e-5)
+    assert parts["balance"] == pytest.approx(balance, rel=1e-5)
+    assert parts["route"] == pytest.approx(route, rel=1e-5)
+    assert float(loss) == pytest.approx(float(want_example) + 0.5 * entropy + 0.25 * balance + 2.0 * route, rel=1e-5)
+    # only the positions that predict a trained token: 3 in record 0 (positions 1-3), 2 in record 1 (0-1)
+    _, parts = gate_loss(mix, batch, GateObjective(route_weight=1.0, route_tokens="answer"), torch.tensor([0, 2]))
+    assert parts["route"] == pytest.approx(float(-(torch.log(p[0]) * 3 + torch.log(p[2]) * 2) / 5), rel=1e-5)
+    with pytest.raises(loramix.ConfigError, match="route_tokens='prompt'"):
+        GateObjective(route_tokens="prompt")
+    with pytest.raises(loramix.ConfigError, match="loss_weighting='tokens'"):
+        GateObjective(loss_weighting="tokens")

@@ -1,7 +1,7 @@
 """Training: LoRA experts (PEFT) and the gate, on Accelerate. See docs/training.md."""
 
 from .expert import train_expert
-from .gate import train_gate
+from .gate import GateObjective, train_gate
 from .loop import TrainConfig, Trainer
 
-__all__ = ["TrainConfig", "Trainer", "train_expert", "train_gate"]
+__all__ = ["GateObjective", "TrainConfig", "Trainer", "train_expert", "train_gate"]

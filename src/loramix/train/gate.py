@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,36 +19,106 @@ from .loop import TrainConfig, Trainer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["gate_loss", "train_gate"]
+__all__ = ["GateObjective", "example_mean_loss", "gate_loss", "train_gate"]
+
+
+def example_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy averaged within each example, then over examples: every example weighs the same,
+    however long its answer (the token mean lets long answers dominate a mixture of domains)."""
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    losses = torch.nn.functional.cross_entropy(
+        shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none"
+    )
+    valid = (shift_labels != -100).to(losses.dtype)
+    per_example = (losses * valid).sum(-1) / valid.sum(-1).clamp_min(1)
+    has_tokens = valid.sum(-1) > 0
+    return per_example[has_tokens].mean()
+
+
+@dataclass
+class GateObjective:
+    """What the gate is trained on: the mixed pass's next-token loss, plus optional auxiliary terms (all off by
+    default; docs/training.md says when each helps).
+
+    loss_weighting:  "token" (mean over all trained tokens, as transformers does) or "example" (mean within each
+                     example, then over examples: every example weighs the same however long its answer).
+    entropy_weight:  * H, the mean entropy of each (token, layer) scaling distribution. Positive weights push the
+                     gate towards decisive routing (one expert per token), negative ones towards mixing.
+    balance_weight:  * N * sum_e u_e^2 with u_e the mean scaling of expert e over the batch's real tokens and layers:
+                     1 when usage is uniform, N when one expert takes everything (Switch-style balance).
+    route_weight:    * the cross-entropy between each token's layer-averaged scalings and the expert that its record's
+                     "domain" names (records whose domain names no expert are left out): domain supervision of the
+                     router, for training data that carries domain labels.
+    route_tokens:    which tokens the routing term covers: "all" real tokens of the record, or "answer" only, the
+                     positions that predict a trained token (the last prompt token and the completion): prompts whose
+                     text looks like another domain's (a peptide quoted in a question) then carry no label there.
+    """
+
+    loss_weighting: str = "token"
+    entropy_weight: float = 0.0
+    balance_weight: float = 0.0
+    route_weight: float = 0.0
+    route_tokens: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.loss_weighting not in ("token", "example"):
+            raise ConfigError(f"loss_weighting={self.loss_weighting!r}; expected 'token' or 'example'")
+        for name in ("entropy_weight", "balance_weight", "route_weight"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name}={getattr(self, name)} must be a finite number")
+        if self.route_weight < 0:
+            raise ConfigError(f"route_weight={self.route_weight} must be >= 0")
+        if self.route_tokens not in ("all", "answer"):
+            raise ConfigError(f"route_tokens={self.route_tokens!r}; expected 'all' or 'answer'")
 
 
 def gate_loss(
-    model: Any, batch: dict[str, torch.Tensor], entropy_weight: float = 0.0, balance_weight: float = 0.0
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    objective: GateObjective | None = None,
+    expert_of_domain: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Next-token loss of the mixed pass, plus the optional auxiliary terms:
+    """The training loss of the gate for one batch (see `GateObjective`), and the logged parts.
 
-    entropy_weight * H:  the mean entropy of each (token, layer) scaling distribution. Positive weights push the gate
-                         towards decisive routing (one expert per token), negative ones towards mixing.
-    balance_weight * B:  N * sum_e u_e^2 with u_e the mean scaling of expert e over the batch's real tokens (and
-                         layers): 1 when usage is uniform, N when one expert takes everything (Switch-style balance).
+    expert_of_domain: [number of domains] expert index of each domain id of the batch ("domain"), -1 for none;
+    needed by route_weight.
     """
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-    loss = out.loss
-    extras = {"lm_loss": float(out.loss.detach())}
-    if entropy_weight or balance_weight:
-        s = out.scalings  # [B, T, L, N]
-        mask = batch["attention_mask"].to(s.dtype)[:, :, None]
-        p = s.clamp_min(1e-9) / s.sum(-1, keepdim=True).clamp_min(1e-9)
-        if entropy_weight:
-            entropy = -(p * p.log()).sum(-1)  # [B, T, L]
-            h = (entropy * mask).sum() / (mask.sum() * s.shape[2]).clamp_min(1)
-            loss = loss + entropy_weight * h
-            extras["entropy"] = float(h.detach())
-        if balance_weight:
-            usage = (p * mask[..., None]).sum((0, 1, 2)) / (mask.sum() * s.shape[2]).clamp_min(1)  # [N]
-            b = s.shape[-1] * (usage**2).sum()
-            loss = loss + balance_weight * b
-            extras["balance"] = float(b.detach())
+    objective = objective or GateObjective()
+    if objective.loss_weighting == "example":
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss = example_mean_loss(out.logits, batch["labels"])
+    else:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        loss = out.loss
+    extras = {"lm_loss": float(loss.detach())}
+    s = out.scalings  # [B, T, L, N]
+    mask = batch["attention_mask"].to(s.dtype)[:, :, None]
+    p = s.clamp_min(1e-9) / s.sum(-1, keepdim=True).clamp_min(1e-9)
+    if objective.entropy_weight:
+        entropy = -(p * p.log()).sum(-1)  # [B, T, L]
+        h = (entropy * mask).sum() / (mask.sum() * s.shape[2]).clamp_min(1)
+        loss = loss + objective.entropy_weight * h
+        extras["entropy"] = float(h.detach())
+    if objective.balance_weight:
+        usage = (p * mask[..., None]).sum((0, 1, 2)) / (mask.sum() * s.shape[2]).clamp_min(1)  # [N]
+        b = s.shape[-1] * (usage**2).sum()
+        loss = loss + objective.balance_weight * b
+        extras["balance"] = float(b.detach())
+    if objective.route_weight:
+        if expert_of_domain is None:
+            raise ConfigError("route_weight needs the experts of the domains (train_gate provides them)")
+        domain = batch["domain"].to(expert_of_domain.device)
+        target = torch.where(domain >= 0, expert_of_domain[domain.clamp_min(0)], torch.full_like(domain, -1))
+        keep = (target >= 0).to(s.dtype)[:, None] * batch["attention_mask"].to(s.dtype)  # [B, T]
+        if objective.route_tokens == "answer":  # positions whose next token is trained
+            predicts = torch.zeros_like(keep)
+            predicts[:, :-1] = (batch["labels"][:, 1:] != -100).to(s.dtype)
+            keep = keep * predicts
+        log_p = p.mean(2).clamp_min(1e-9).log()  # [B, T, N]
+        nll = -log_p.gather(-1, target.clamp_min(0)[:, None, None].expand(-1, s.shape[1], 1)).squeeze(-1)
+        r = (nll * keep).sum() / keep.sum().clamp_min(1)
+        loss = loss + objective.route_weight * r
+        extras["route"] = float(r.detach())
     return loss, extras
 
 
@@ -61,8 +133,7 @@ def train_gate(
     train: TrainConfig | None = None,
     eval_data: Any = None,
     eval_fraction: float = 0.0,
-    entropy_weight: float = 0.0,
-    balance_weight: float = 0.0,
+    objective: GateObjective | None = None,
     run_dir: str | Path | None = None,
     resume: bool | str | Path = False,
     include_base: bool = False,
@@ -74,6 +145,7 @@ def train_gate(
     a gate for the truncated scaling pass. Saves a loramix checkpoint to `output_dir`; returns the last metrics.
     """
     train = train or TrainConfig()
+    objective = objective or GateObjective()
     if model is None:
         if base is None or not experts:
             raise ConfigError("train_gate needs a LoraMixModel, or a base and experts to build one")
@@ -86,16 +158,19 @@ def train_gate(
     model.freeze()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
+    names = model.expert_names
+    expert_of_domain = torch.tensor([names.index(d) if d in names else -1 for d in train_set.domains] or [-1],
+                                    device=model.device)
+    if objective.route_weight and not (expert_of_domain >= 0).any():
+        raise ConfigError(
+            f"route_weight needs records whose 'domain' names an expert (experts {names}, domains {train_set.domains})"
+        )
+
     def loss_fn(m, batch):
-        return gate_loss(m, batch, entropy_weight, balance_weight)
+        return gate_loss(m, batch, objective, expert_of_domain)
 
     out_dir = as_path(output_dir)
-    hparams = {
-        "mix_config": model.config.to_dict(),
-        "experts": model.expert_names,
-        "entropy_weight": entropy_weight,
-        "balance_weight": balance_weight,
-    }
+    hparams = {"mix_config": model.config.to_dict(), "experts": model.expert_names, "objective": asdict(objective)}
     trainer = Trainer(
         model,
         trainable,
