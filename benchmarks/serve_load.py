@@ -22,15 +22,15 @@ import httpx
 
 from common import machine
 
-PROMPTS = [
-    "CalculateGRAVY<GLWSKIKEVGKEAAKAAAKAAGKAALGAVSEAV>=",
-    "CalculateCharge<YVPLPNVPQPGRRPFPTFPGQGPFNPKIKWPQGY>=",
-    "GenerateGRAVY<0.30,24>=",
+PROMPTS = [  # the demo's formats (docs/demo.md)
+    "GRAVY<GLWSKIKEVGKEAAKAAAKAAGKAALGAVSEAV>=",
+    "GRAVY<YVPLPNVPQPGRRPFPTFPGQGPFNPKIKWPQGY>=",
+    "DESIGN<0.30,24>=",
     "What is the one-letter code of lysine?",
-    "12.5+3.25=",
-    "CalculatePI<NLCERASLTWTGNCGNTGHCDTQCRNWESAKHGACHKRGNWKCFCYFDC>=",
-    "Mass of W?",
-    "4.75-1.5=",
+    "1.25+0.33=",
+    "DESIGN<-1.10,16>=",
+    "What is the mass of W?",
+    "-0.75+0.50=",
 ]
 
 

@@ -85,3 +85,11 @@ def test_errors_are_one_line_without_traceback(checkpoint, tmp_path):
     assert "Traceback" not in negative.stderr
     debug = _cli("--debug", "generate", tmp_path / "nowhere", "-p", "x")
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_quickstart_example_runs(tmp_path):
+    """examples/quickstart.py, the README's short tour of the API, runs offline as written."""
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "quickstart.py")
+    proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "identical logits" in proc.stdout and "scalings [B,T,L,N]" in proc.stdout

@@ -234,10 +234,16 @@ def generate(
             )
 
 
-def _train_config(**kwargs: Any) -> Any:
+_TRAIN_OPTIONS = ("schedule", "warmup_steps", "epochs", "max_steps", "batch_size", "grad_accum", "max_grad_norm",
+                  "weight_decay", "seed", "max_length", "eval_every", "save_every", "log_every")
+
+
+def _train_config(options: dict[str, Any]) -> Any:
+    """The TrainConfig of the optimisation options shared by train-expert and train-gate (the _LR... below)."""
     from .train import TrainConfig
 
-    return TrainConfig(**kwargs)
+    return TrainConfig(learning_rate=options["lr"], report_to=list(options["report_to"] or []),
+                       **{k: options[k] for k in _TRAIN_OPTIONS})
 
 
 def _parse_experts(values: list[str]) -> dict[str, str]:
@@ -305,23 +311,7 @@ def train_expert_cmd(
     """Train one LoRA expert with PEFT; the output is a plain PEFT adapter directory."""
     from .train import train_expert
 
-    config = _train_config(
-        learning_rate=lr,
-        schedule=schedule,
-        warmup_steps=warmup_steps,
-        epochs=epochs,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        max_grad_norm=max_grad_norm,
-        weight_decay=weight_decay,
-        seed=seed,
-        max_length=max_length,
-        eval_every=eval_every,
-        save_every=save_every,
-        report_to=list(report_to or []),
-        log_every=log_every,
-    )
+    config = _train_config(locals())
     metrics = train_expert(
         base,
         data,
@@ -358,6 +348,12 @@ def train_gate_cmd(
     trainable_experts: bool = typer.Option(False, "--trainable-experts", help="Train the experts with the gate."),
     entropy_weight: float = typer.Option(0.0, "--entropy-weight", help="Auxiliary entropy term (docs/training.md)."),
     balance_weight: float = typer.Option(0.0, "--balance-weight", help="Auxiliary load-balance term."),
+    loss_weighting: str = typer.Option("token", "--loss-weighting", help="token (mean over tokens) or example "
+                                       "(each example weighs the same: for mixtures of short and long answers)."),
+    route_weight: float = typer.Option(0.0, "--route-weight", help="Auxiliary domain-supervision term (records' "
+                                       "'domain' naming an expert); docs/training.md."),
+    route_tokens: str = typer.Option("all", "--route-tokens", help="Tokens the routing term covers: all, or answer "
+                                     "(the positions that predict the completion)."),
     include_base: bool = typer.Option(False, "--include-base", help="Copy the base model into the checkpoint."),
     lr: float = _LR,
     schedule: str = _SCHEDULE,
@@ -381,25 +377,12 @@ def train_gate_cmd(
 ) -> None:
     """Train the gate of a mixture (base + experts frozen); the output is a self-contained loramix checkpoint."""
     from .config import GateConfig, MixConfig
-    from .train import train_gate
+    from .train import GateObjective, train_gate
 
-    config = _train_config(
-        learning_rate=lr,
-        schedule=schedule,
-        warmup_steps=warmup_steps,
-        epochs=epochs,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        max_grad_norm=max_grad_norm,
-        weight_decay=weight_decay,
-        seed=seed,
-        max_length=max_length,
-        eval_every=eval_every,
-        save_every=save_every,
-        report_to=list(report_to or []),
-        log_every=log_every,
-    )
+    objective = GateObjective(loss_weighting=loss_weighting, entropy_weight=entropy_weight,
+                              balance_weight=balance_weight, route_weight=route_weight, route_tokens=route_tokens)
+
+    config = _train_config(locals())
     if init is not None:
         if base or expert:
             raise typer.BadParameter("use either --init or --base/--expert", param_hint="--init")
@@ -414,8 +397,7 @@ def train_gate_cmd(
             train=config,
             eval_data=eval_data,
             eval_fraction=eval_fraction,
-            entropy_weight=entropy_weight,
-            balance_weight=balance_weight,
+            objective=objective,
             run_dir=run_dir,
             resume=resume,
             include_base=include_base,
@@ -448,8 +430,7 @@ def train_gate_cmd(
             train=config,
             eval_data=eval_data,
             eval_fraction=eval_fraction,
-            entropy_weight=entropy_weight,
-            balance_weight=balance_weight,
+            objective=objective,
             run_dir=run_dir,
             resume=resume,
             include_base=include_base,
@@ -644,6 +625,79 @@ def export(
         console.print(f"[green]wrote[/green] {out} (order file {out}/ordering.json, base_model_id {base_id})")
     else:
         raise typer.BadParameter(f"unknown format {format_!r}; expected mistralrs or static", param_hint="--format")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("loramix-demo"), "--out", "-o", help="Where to write results and figures."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Re-create every weight from scratch first (~30 min)."),
+    threads: int = typer.Option(2, help="torch threads."),
+) -> None:
+    """The protein mini-world: four LoRA experts and a gate on a tiny Llama, evaluated against the baselines."""
+    from .demo import run_demo
+
+    if rebuild:
+        from .demo.rebuild import rebuild_and_compare
+
+        rebuild_and_compare(out, threads=threads, console=console)
+    else:
+        run_demo(out, threads=threads, console=console)
+
+
+@app.command("eval")
+def eval_cmd(
+    checkpoint: Path = typer.Argument(..., help="A loramix checkpoint directory (with its tokenizer)."),
+    data: str = typer.Option(..., "--data", help="JSONL: prompt, completion, domain (+ answer/target/then)."),
+    truncated: Path | None = typer.Option(None, "--truncated", help="A second checkpoint with a truncated gate."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write results.json and results.md here."),
+    systems: list[str] = typer.Option(None, "--system", help="Rows to run (default: all); repeatable."),
+    limit: int | None = typer.Option(None, help="At most this many records."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Prompts per generate call."),
+) -> None:
+    """Score a checkpoint against the baselines (base, each expert, uniform merge, oracle, per-prompt router,
+    loramix granular / prompt / truncated) per domain; see docs/demo.md for the record format."""
+    from .data import load_records
+    from .evaluate import SYSTEMS, evaluate, primary_metric
+
+    unknown = sorted(set(systems or []) - set(SYSTEMS))
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown system(s) {unknown}; expected some of {', '.join(SYSTEMS)}", param_hint="--system"
+        )
+    records = load_records(data)
+    records = records[:limit] if limit else records
+    model = _load(checkpoint, None, None)
+    trunc = None
+    if truncated is not None:
+        from .checkpoint import load
+
+        trunc = load(truncated)
+    result = evaluate(model, records, truncated=trunc, systems=systems or SYSTEMS, batch_size=batch_size)
+    domains = list(result.kinds)
+    table = Table(
+        "system",
+        *[f"{d} {primary_metric(result.kinds[d])}" for d in domains],
+        "tokens/s",
+        title="primary metric per domain",
+    )
+    for system in result.metrics:
+        table.add_row(system, *[f"{result.primary(system, d):.3f}" for d in domains], f"{result.speed[system]:.0f}")
+    console.print(table)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2))
+        lines = [
+            "| system | " + " | ".join(f"{d} {primary_metric(result.kinds[d])}" for d in domains) + " | tokens/s |",
+            "|---|" + "---|" * (len(domains) + 1),
+        ]
+        for system in result.metrics:
+            lines.append(
+                f"| {system} | "
+                + " | ".join(f"{result.primary(system, d):.3f}" for d in domains)
+                + f" | {result.speed[system]:.0f} |"
+            )
+        (out / "results.md").write_text("\n".join(lines) + "\n")
+        console.print(f"[green]wrote[/green] {out}/results.json and {out}/results.md")
 
 
 def _print_metrics(metrics: dict[str, Any], out: Path) -> None:

@@ -1,0 +1,240 @@
+"""Build every weight of the demo from scratch, through loramix's public training API, with fixed seeds.
+
+1. a character-level tokenizer for the world (the `tokenizers` library, saved as a transformers tokenizer);
+2. a tiny LlamaForCausalLM pretrained on generic text of the world (raw peptides, numbers, words; no task);
+3. one LoRA expert per domain (`loramix.train.train_expert`);
+4. the gate on the mixture of the four domains, not the composite prompts (`loramix.train.train_gate`), and a
+   second gate for the truncated scaling pass (k = L/2).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .world import DOMAINS, World
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BuildConfig", "build", "char_tokenizer"]
+
+ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 .,-+=<>?:;()'/*"
+
+
+@dataclass
+class BuildConfig:
+    """Sizes and budgets of the demo build (defaults: what the shipped weights were built with)."""
+
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 384
+    context: int = 96
+    pretrain_steps: int = 3000
+    pretrain_batch: int = 32
+    pretrain_lr: float = 3e-3
+    expert_steps: int = 1500
+    qa_expert_steps: int = 800
+    expert_batch: int = 32
+    expert_lr: float = 3e-3
+    expert_rank: int = 8
+    expert_alpha: int = 16
+    gate_steps: int = 1500
+    gate_batch: int = 32
+    gate_lr: float = 1e-2
+    gate_depth: int = 2
+    gate_width: int = 64
+    route_weight: float = 3.0
+    seed: int = 0
+    threads: int = 2
+
+
+def char_tokenizer() -> Any:
+    """One token per character of the world's alphabet, plus <pad> (0), <s> (1), </s> (2); no BOS is added."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(ALPHABET)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        padding_side="left",
+        model_max_length=10_000,
+    )
+
+
+def _train_config(cfg: BuildConfig, lr: float, steps: int, batch: int, warmup: int, progress: bool) -> Any:
+    from ..train import TrainConfig
+
+    return TrainConfig(
+        learning_rate=lr,
+        max_steps=steps,
+        batch_size=batch,
+        warmup_steps=warmup,
+        seed=cfg.seed,
+        max_length=cfg.context,
+        progress=progress,
+        log_every=50,
+    )
+
+
+def _pretrain(base_dir: Path, world: World, cfg: BuildConfig, progress: bool) -> dict[str, Any]:
+    """Full training of a fresh tiny Llama on the generic corpus, with the same Trainer as expert/gate training."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ..data import TokenizedDataset, tokenize_records
+    from ..train import Trainer
+    from ..train.common import batch_logits
+
+    tokenizer = char_tokenizer()
+    torch.manual_seed(cfg.seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=cfg.context,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        rope_theta=10000.0,
+    )
+    model = LlamaForCausalLM(config)
+    n_records = cfg.pretrain_steps * cfg.pretrain_batch
+    data = TokenizedDataset(tokenize_records(world.generic_corpus(n_records, seed=cfg.seed), tokenizer, cfg.context))
+    train = _train_config(cfg, cfg.pretrain_lr, cfg.pretrain_steps, cfg.pretrain_batch, 50, progress)
+
+    def loss_fn(m, batch):
+        out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        return out.loss, {}
+
+    trainable = dict(model.named_parameters())
+    trainer = Trainer(
+        model,
+        trainable,
+        data,
+        None,
+        train,
+        base_dir.with_name("base.run"),
+        loss_fn=loss_fn,
+        logits_fn=batch_logits,
+        pad_token_id=0,
+        description="base (pretraining)",
+    )
+    metrics = trainer.train()
+    model = trainer.model.eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = 2
+    model.generation_config.bos_token_id = None
+    model.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    return metrics
+
+
+def domain_training_data(world: World, domain: str, n: int) -> list[dict[str, Any]]:
+    records = world.domain_records(domain, "train", n=None if domain != "compare" else n)
+    rng = random.Random(f"{world.seed}-repeat-{domain}")
+    out = list(records)
+    while len(out) < n:  # small domains (QA) are repeated
+        out.extend(rng.sample(records, len(records)))
+    return out[:n]
+
+
+def build(out_dir: str | Path, cfg: BuildConfig | None = None, *, progress: bool = True) -> dict[str, Any]:
+    """Build base, experts and gates into out_dir (base/, experts/<domain>/, checkpoint/, checkpoint-truncated/).
+    Returns a record of the configuration, the metrics of every stage, and the time taken."""
+    from ..config import GateConfig, MixConfig
+    from ..model import from_pretrained
+    from ..train import GateObjective, train_expert, train_gate
+
+    cfg = cfg or BuildConfig()
+    torch.set_num_threads(cfg.threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    world = World(seed=cfg.seed)
+    record: dict[str, Any] = {"config": asdict(cfg), "stages": {}}
+    start = time.perf_counter()
+
+    base_dir = out / "base"
+    stage = time.perf_counter()
+    record["stages"]["base"] = {"metrics": _pretrain(base_dir, world, cfg, progress)}
+    record["stages"]["base"]["seconds"] = time.perf_counter() - stage
+
+    experts = {}
+    for domain in DOMAINS:
+        stage = time.perf_counter()
+        steps = cfg.qa_expert_steps if domain == "qa" else cfg.expert_steps
+        n_expert = steps * cfg.expert_batch
+        train = _train_config(cfg, cfg.expert_lr, steps, cfg.expert_batch, 30, progress)
+        metrics = train_expert(
+            base_dir,
+            domain_training_data(world, domain, n_expert),
+            out / "experts" / domain,
+            rank=cfg.expert_rank,
+            alpha=cfg.expert_alpha,
+            dropout=0.0,
+            train=train,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        )
+        experts[domain] = out / "experts" / domain
+        record["stages"][f"expert {domain}"] = {"metrics": metrics, "seconds": time.perf_counter() - stage}
+
+    per_domain = cfg.gate_steps * cfg.gate_batch // len(DOMAINS) + 1
+    mixture = [r for d in DOMAINS for r in domain_training_data(world, d, per_domain)]
+    random.Random(cfg.seed).shuffle(mixture)
+    for name, k in (("checkpoint", None), ("checkpoint-truncated", max(1, cfg.layers // 2))):
+        stage = time.perf_counter()
+        torch.manual_seed(cfg.seed)
+        config = MixConfig(
+            gate=GateConfig(depth=cfg.gate_depth, width=cfg.gate_width, layerwise=True, dropout=0.0), scaling_layer=k
+        )
+        model = from_pretrained(base_dir, experts, config)
+        train = _train_config(cfg, cfg.gate_lr, cfg.gate_steps, cfg.gate_batch, 20, progress)
+        # every example weighs the same (design answers are 5x longer than the others), and the records' domains
+        # supervise the router (docs/training.md, docs/demo.md)
+        objective = GateObjective(loss_weighting="example", route_weight=cfg.route_weight)
+        metrics = train_gate(model, mixture, out / name, train=train, objective=objective, include_base=k is None)
+        record["stages"][f"gate {name}"] = {"metrics": metrics, "seconds": time.perf_counter() - stage}
+    record["seconds"] = time.perf_counter() - start
+    (out / "build.json").write_text(json.dumps(record, indent=2, default=str))
+    shutil.rmtree(out / "base.run", ignore_errors=True)
+    return record
+
+
+def ship(build_dir: str | Path, weights: str | Path) -> None:
+    """Copy a build's two checkpoints into the package's weights folder: `checkpoint/` (with its base and tokenizer)
+    and `checkpoint-truncated/`, whose base is referenced relatively as ../checkpoint/base."""
+    build_dir, weights = Path(build_dir), Path(weights)
+    if weights.exists():
+        shutil.rmtree(weights)
+    weights.mkdir(parents=True)
+    shutil.copytree(build_dir / "checkpoint", weights / "checkpoint")
+    shutil.copytree(build_dir / "checkpoint-truncated", weights / "checkpoint-truncated")
+    config_path = weights / "checkpoint-truncated" / "loramix_config.json"
+    meta = json.loads(config_path.read_text())
+    meta["base"]["name_or_path"] = "../checkpoint/base"
+    for expert in meta["experts"]:
+        expert["source"] = f"experts/{expert['name']}"
+    config_path.write_text(json.dumps(meta, indent=2) + "\n")
+    main_config = weights / "checkpoint" / "loramix_config.json"
+    meta = json.loads(main_config.read_text())
+    for expert in meta["experts"]:
+        expert["source"] = f"experts/{expert['name']}"
+    main_config.write_text(json.dumps(meta, indent=2) + "\n")
+    (weights / "build.json").write_text((build_dir / "build.json").read_text())

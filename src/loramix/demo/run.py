@@ -1,0 +1,224 @@
+"""`loramix demo`: the embedded default. Loads the shipped mini-world (or rebuilds it), shows example answers, runs
+the baseline table on a fixed test subset, and writes results.json, results.md and the analysis figures."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .world import DOMAINS, World
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EVAL_SIZES", "run_demo", "shipped_checkpoint", "test_records"]
+
+# the fixed test subset: records per domain (the first ones of the shuffled test split)
+EVAL_SIZES = {"forward": 60, "inverse": 40, "compare": 60, "qa": 60, "composite": 40}
+SYSTEM_LABELS = {
+    "base": "base model",
+    "uniform": "uniform merge (1/N each)",
+    "oracle": "oracle (own domain's expert)",
+    "router": "per-prompt router (mean scalings of the prompt)",
+    "granular": "loramix granular",
+    "prompt": "loramix prompt mode",
+    "truncated": "loramix truncated scaling pass",
+}
+SHORT_LABELS = {"uniform": "uniform 1/N", "router": "router (per prompt)", "granular": "loramix granular",
+                "prompt": "loramix prompt mode", "truncated": "loramix truncated"}
+COLUMNS = [  # (domain, metric, header, format)
+    ("forward", "r2", "forward R²", "{:.2f}"),
+    ("forward", "mae", "forward MAE", "{:.2f}"),
+    ("inverse", "within_tolerance", "design ±0.25", "{:.0%}"),
+    ("inverse", "mae", "design MAE", "{:.2f}"),
+    ("inverse", "validity", "valid", "{:.0%}"),
+    ("inverse", "novelty", "novel", "{:.0%}"),
+    ("compare", "exact_match", "compare EM", "{:.0%}"),
+    ("qa", "exact_match", "Q&A EM", "{:.0%}"),
+    ("composite", "solved", "composite solved", "{:.0%}"),
+]
+
+
+def weights_dir() -> Path:
+    return Path(str(resources.files("loramix.demo").joinpath("weights")))
+
+
+def shipped_checkpoint() -> Path:
+    """The demo's main loramix checkpoint (its base and tokenizer are bundled)."""
+    return weights_dir() / "checkpoint"
+
+
+def test_records(world: World, sizes: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    return [r for d, n in (sizes or EVAL_SIZES).items() for r in world.domain_records(d, "test", n)]
+
+
+def _label(system: str) -> str:
+    if system.startswith("expert:"):
+        return f"expert '{system.split(':', 1)[1]}' alone"
+    return SYSTEM_LABELS.get(system, system)
+
+
+def _summary(result: Any) -> dict[str, Any]:
+    """Mean of the primary metrics over the four domains, and the targets of the demo."""
+    mean = {s: sum(result.primary(s, d) for d in DOMAINS) / len(DOMAINS) for s in result.metrics}
+    experts = [s for s in result.metrics if s.startswith("expert:")]
+    best_expert = max(experts, key=lambda s: mean[s])
+    ratio = {
+        d: result.primary("granular", d) / result.primary("oracle", d)
+        if result.primary("oracle", d) > 0
+        else float("nan")
+        for d in DOMAINS
+    }
+    targets = {
+        "granular >= 95% of oracle on every domain": all(r >= 0.95 for r in ratio.values()),
+        "granular mean above the uniform merge": mean["granular"] > mean["uniform"],
+        "granular mean above the best single expert": mean["granular"] > mean[best_expert],
+        "granular beats the per-prompt oracle on composite prompts": result.primary("granular", "composite")
+        > result.primary("oracle", "composite"),
+    }
+    return {"mean_primary": mean, "best_single_expert": best_expert, "granular_over_oracle": ratio, "targets": targets}
+
+
+def _markdown(
+    result: Any, summary: dict[str, Any], examples: list[dict[str, str]], seconds: float, sizes: dict[str, int]
+) -> str:
+    lines = [
+        "# loramix demo: the protein mini-world",
+        "",
+        f"Evaluation on a fixed test subset ({', '.join(f'{d} {n}' for d, n in sizes.items())}), greedy.",
+        "",
+        "| system | " + " | ".join(c[2] for c in COLUMNS) + " | mean | tokens/s |",
+        "|---|" + "---|" * (len(COLUMNS) + 2),
+    ]
+    for system in result.metrics:
+        cells = [c[3].format(result.metrics[system][c[0]][c[1]]) for c in COLUMNS]
+        lines.append(
+            f"| {_label(system)} | "
+            + " | ".join(cells)
+            + f" | {summary['mean_primary'][system]:.2f} | {result.speed[system]:.0f} |"
+        )
+    lines += [
+        "",
+        "mean = mean over forward (R²), design (share within ±0.25), compare and Q&A (exact match).",
+        "",
+        "## Targets",
+        "",
+    ]
+    lines += [f"- {'met' if ok else 'NOT met'}: {name}" for name, ok in summary["targets"].items()]
+    lines += [
+        "",
+        "granular / oracle per domain: "
+        + ", ".join(f"{d} {v:.2f}" for d, v in summary["granular_over_oracle"].items()),
+        "",
+        "## Examples (loramix granular)",
+        "",
+    ]
+    lines += [f"- `{e['prompt']}` -> `{e['answer']}` (reference `{e['reference']}`)" for e in examples]
+    lines += ["", f"Run time: {seconds:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def run_demo(
+    out_dir: str | Path = "loramix-demo",
+    *,
+    checkpoint: str | Path | None = None,
+    truncated: str | Path | None = None,
+    threads: int = 2,
+    progress: bool = True,
+    console: Any = None,
+    sizes: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """Run the demo with the shipped weights (or the given checkpoints); returns what results.json holds.
+    sizes: records per domain of the test subset (default EVAL_SIZES)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..analysis import analyze
+    from ..checkpoint import load
+    from ..evaluate import evaluate
+
+    console = console or Console()
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    main_dir = Path(checkpoint) if checkpoint else shipped_checkpoint()
+    trunc_dir = Path(truncated) if truncated else main_dir.parent / "checkpoint-truncated"
+    with console.status("loading the mini-world"):
+        model = load(main_dir)
+        base = main_dir / "base" if (main_dir / "base").is_dir() else None
+        trunc = load(trunc_dir, base=base or model.base_reference) if trunc_dir.is_dir() else None
+        world = World()
+    console.print(
+        f"[bold]loramix demo[/bold]: a {sum(p.numel() for p in model.model.parameters()) / 1e6:.1f}M-"
+        f"parameter Llama, experts {model.expert_names}, {model.n_layers} adapted layers, "
+        f"{model.config.gate.depth}-layer gate"
+        + (f"; truncated gate at k={trunc.config.scaling_layer}" if trunc else "")
+    )
+
+    examples = []
+    for domain in (*DOMAINS, "composite"):
+        for record in world.domain_records(domain, "test", 2):
+            ids = model.tokenizer([record["prompt"]], return_tensors="pt").input_ids
+            gen = model.generate(ids, max_new_tokens=44 if domain == "inverse" else 12)
+            answer = model.tokenizer.decode(gen.new_tokens[0, : gen.lengths[0]], skip_special_tokens=True)
+            if "then" in record:
+                ids2 = model.tokenizer([record["prompt"] + answer + record["then"]], return_tensors="pt").input_ids
+                gen2 = model.generate(ids2, max_new_tokens=12)
+                answer += record["then"] + model.tokenizer.decode(
+                    gen2.new_tokens[0, : gen2.lengths[0]], skip_special_tokens=True
+                )
+            examples.append(
+                {"domain": domain, "prompt": record["prompt"], "answer": answer, "reference": record["completion"]}
+            )
+    table = Table("domain", "prompt", "loramix answer", "reference", title="examples (loramix granular, greedy)")
+    for e in examples:
+        table.add_row(e["domain"], e["prompt"], e["answer"], e["reference"])
+    console.print(table)
+
+    sizes = sizes or EVAL_SIZES
+    records = test_records(world, sizes)
+    result = evaluate(model, records, truncated=trunc, train_peptides=set(world.splits["train"]), progress=progress)
+    summary = _summary(result)
+    # the console shows the primary metric of each domain (results.md has every column)
+    primary = [c for c in COLUMNS if c[1] == result.to_dict()["primary_metric"].get(c[0])]
+    table = Table("system", *[c[2] for c in primary], "mean", "tok/s", title="baselines on the test subset")
+    for system in result.metrics:
+        style = "bold green" if system == "granular" else None
+        table.add_row(
+            SHORT_LABELS.get(system, system.replace("expert:", "expert ")),
+            *[c[3].format(result.metrics[system][c[0]][c[1]]) for c in primary],
+            f"{summary['mean_primary'][system]:.2f}",
+            f"{result.speed[system]:.0f}",
+            style=style,
+        )
+    console.print(table)
+    for name, ok in summary["targets"].items():
+        console.print(f"  {'[green]met[/green]' if ok else '[red]not met[/red]'}: {name}")
+
+    with console.status("drawing the scalings"):
+        analysis_records = [r for d in (*DOMAINS, "composite") for r in world.domain_records(d, "test", 8)]
+        analysis = analyze(
+            model, out / "analysis", records=analysis_records, progress=False, fmt="csv", per_domain_figures=1
+        )
+    seconds = time.perf_counter() - start
+    payload = {
+        "results": result.to_dict(),
+        "summary": summary,
+        "examples": examples,
+        "seconds": seconds,
+        "eval_sizes": sizes,
+        "analysis": {"figures": analysis["figures"], "usage": {g: v["usage"] for g, v in analysis["groups"].items()}},
+    }
+    (out / "results.json").write_text(json.dumps(payload, indent=2))
+    (out / "results.md").write_text(_markdown(result, summary, examples, seconds, sizes))
+    console.print(
+        f"[green]wrote[/green] {out}/results.json, {out}/results.md and {len(analysis['figures'])} figure "
+        f"files in {out}/analysis/figures ({seconds:.0f} s)"
+    )
+    return payload

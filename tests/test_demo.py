@@ -1,0 +1,155 @@
+"""The demo mini-world: data and labels, scoring, the build pipeline at a tiny size, and `loramix demo`."""
+
+import json
+
+import pytest
+
+from loramix.demo.world import AMINO_ACIDS, World, fmt, gravy, load_peptides, parse_number
+from loramix.evaluate import _score
+
+
+@pytest.fixture(scope="module")
+def world():
+    return World()
+
+
+def test_peptides_and_splits_are_reproducible_and_disjoint(world):
+    peptides = load_peptides()
+    assert len(peptides) == 3418 and all(8 <= len(p) <= 40 and set(p) <= set(AMINO_ACIDS) for p in peptides)
+    sizes = {k: len(v) for k, v in world.splits.items()}
+    assert sizes == {"train": 2776, "val": 312, "test": 330}
+    assert not (set(world.splits["train"]) & set(world.splits["test"]))
+    assert World().domain_records("forward", "test", 5) == world.domain_records("forward", "test", 5)
+
+
+def test_labels_are_biopython_protparam(world):
+    from Bio.SeqUtils.ProtParam import ProteinAnalysis
+
+    record = world.domain_records("forward", "test", 1)[0]
+    seq = record["prompt"][len("GRAVY<") : -2]
+    assert record["completion"] == fmt(ProteinAnalysis(seq).gravy())
+    kd = {"A": 1.8, "K": -3.9}
+    assert gravy("AK") == pytest.approx((kd["A"] + kd["K"]) / 2)
+    design = world.domain_records("inverse", "test", 1)[0]
+    assert design["prompt"] == f"DESIGN<{fmt(design['target'])},{len(design['completion'])}>="
+    lysine = next(f for f in world.facts if f["code"] == "K")
+    assert lysine["charge"] == "positive" and lysine["class"] == "hydrophilic" and lysine["three"] == "Lys"
+    assert fmt(-0.001) == "0.00" and parse_number(" -1.25") == -1.25 and parse_number("x") is None
+
+
+def test_qa_is_the_closed_table_and_compare_is_balanced(world):
+    questions = world.qa_records()
+    assert len(questions) == 20 * 6 * 3 and len({r["prompt"] for r in questions}) == len(questions)
+    assert {r["prompt"] for r in world.domain_records("qa", "test")} == {r["prompt"] for r in questions}
+    compare = world.domain_records("compare", "train", 400)
+    assert 0.4 < sum(r["completion"] == "yes" for r in compare) / 400 < 0.6
+    for r in compare:
+        a, b = (float(x) for x in r["prompt"].rsplit("=", 1)[-1].split()[-1].rstrip("?").split(">"))
+        assert r["completion"] == ("yes" if a > b else "no")
+    composite = world.domain_records("composite", "test", 3)
+    for r in composite:
+        seq = r["prompt"][len("GRAVY<") : -2]
+        assert r["first"] == round(gravy(seq), 2) and r["completion"] == f"{fmt(r['first'])}{r['then']}" + (
+            "yes" if r["first"] > float(r["then"][1:-1]) else "no"
+        )
+
+
+def test_scoring(world):
+    fwd = [{"answer": 1.0, "completion": "1.00"}, {"answer": -1.0, "completion": "-1.00"}]
+    s = _score("numeric", fwd, ["1.00", "-0.50"], set())
+    assert s["r2"] == pytest.approx(1 - 0.25 / 2) and s["mae"] == pytest.approx(0.25) and s["exact_match"] == 0.5
+    assert _score("numeric", fwd, ["nonsense", "-1.00"], set())["r2"] == pytest.approx(1 - 1 / 2)  # unparsed -> 0
+    design = [{"target": gravy("AAAA"), "length": 4}, {"target": 0.0, "length": 4}]
+    d = _score("design", design, ["AAAA", "AXZ1"], {"AAAA"})
+    assert d == {"within_tolerance": 0.5, "mae": 0.0, "validity": 0.5, "novelty": 0.0, "length_mae": 0.0}
+    comp = [{"then": ">0.50?", "first": 0.62, "completion": "0.62>0.50?yes"}]
+    assert _score("two_segment", comp, ["0.62>0.50?yes"], set())["solved"] == 1.0
+    too_far = _score("two_segment", comp, ["1.00>0.50?yes"], set())  # right verdict, GRAVY off by 0.38
+    assert too_far["solved"] == 0.0 and too_far["exact_match"] == 1.0 and too_far["first_mae"] == pytest.approx(0.38)
+    own = _score("two_segment", comp, ["0.40>0.50?no"], set())  # wrong verdict for the truth, right for its own GRAVY
+    assert own["solved"] == 1.0 and own["exact_match"] == 0.0
+    assert _score("two_segment", comp, ["0.62>0.50?no"], set())["solved"] == 0.0
+    unparsed = _score("two_segment", comp, ["nonsense"], set())
+    assert unparsed["solved"] == 0.0 and unparsed["first_parsed"] == 0.0
+    plus = [{"then": "+0.50=", "first": -0.21, "completion": "-0.21+0.50=0.29"}]
+    assert _score("two_segment", plus, ["-0.30+0.50=0.20"], set())["solved"] == 1.0
+    assert _score("exact", [{"completion": "K"}], [" K "], set())["exact_match"] == 1.0
+
+
+def test_build_and_run_at_a_tiny_size(tmp_path):
+    """The whole rebuild pipeline (pretraining, 4 experts, 2 gates) and the demo run, with a tiny model and budget."""
+    from rich.console import Console
+
+    from loramix.demo.build import BuildConfig, build
+    from loramix.demo.run import run_demo
+
+    cfg = BuildConfig(hidden=32, layers=2, heads=2, intermediate=64, pretrain_steps=4, pretrain_batch=4,
+                      expert_steps=3, expert_batch=4, gate_steps=3, gate_batch=4, gate_width=16)
+    record = build(tmp_path / "build", cfg, progress=False)
+    assert set(record["stages"]) == {"base", "expert forward", "expert inverse", "expert compare", "expert qa",
+                                     "gate checkpoint", "gate checkpoint-truncated"}
+    sizes = {"forward": 3, "inverse": 2, "compare": 3, "qa": 3, "composite": 2}
+    console = Console(record=True, width=200)
+    payload = run_demo(tmp_path / "out", checkpoint=tmp_path / "build" / "checkpoint",
+                       truncated=tmp_path / "build" / "checkpoint-truncated", progress=False, console=console,
+                       sizes=sizes)
+    systems = list(payload["results"]["metrics"])
+    assert systems == ["base", "expert:forward", "expert:inverse", "expert:compare", "expert:qa", "uniform",
+                       "oracle", "router", "granular", "prompt", "truncated"]
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["summary"]["targets"].keys() == payload["summary"]["targets"].keys()
+    assert "| loramix granular |" in (tmp_path / "out" / "results.md").read_text()
+    figures = saved["analysis"]["figures"]
+    assert "figures/usage-by-domain.png" in figures and any("domain-composite" in f for f in figures)
+    assert "baselines on the test subset" in console.export_text()
+
+
+def test_shipped_weights_load_and_reproduce_their_examples(world):
+    """The weights in the package: both checkpoints load offline (the truncated one through its relative base
+    reference), and greedy answers are the ones recorded in the shipped results.json."""
+    from loramix import load
+    from loramix.demo.run import shipped_checkpoint, weights_dir
+
+    model = load(shipped_checkpoint())
+    assert model.expert_names == ["forward", "inverse", "compare", "qa"] and model.tokenizer is not None
+    truncated = load(weights_dir() / "checkpoint-truncated")
+    assert truncated.config.scaling_layer == model.n_blocks // 2 and truncated.expert_names == model.expert_names
+    shipped = json.loads((weights_dir() / "results.json").read_text())
+    for example in [e for e in shipped["examples"] if e["domain"] != "composite"][:6]:
+        ids = model.tokenizer([example["prompt"]], return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=44 if example["domain"] == "inverse" else 12)
+        answer = model.tokenizer.decode(out.new_tokens[0, : out.lengths[0]], skip_special_tokens=True)
+        assert answer == example["answer"], example
+
+
+def test_eval_command_on_user_records(world, tmp_path):
+    """`loramix eval` on a JSONL of the documented formats gives the library's numbers; bad records fail in one line."""
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from loramix import load
+    from loramix.cli import app
+    from loramix.demo.run import shipped_checkpoint
+    from loramix.evaluate import evaluate
+
+    records = [r for d in ("forward", "compare", "composite") for r in world.domain_records(d, "test", 4)]
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = CliRunner().invoke(app, ["eval", str(shipped_checkpoint()), "--data", str(data), "--system", "oracle",
+                                      "--system", "granular", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(saved["metrics"]) == ["oracle", "granular"]
+    assert saved["primary_metric"] == {"forward": "r2", "compare": "exact_match", "composite": "solved"}
+    expected = evaluate(load(shipped_checkpoint()), records, systems=["granular"], progress=False)
+    for domain, metrics in expected.metrics["granular"].items():
+        assert saved["metrics"]["granular"][domain] == pytest.approx(metrics, nan_ok=True)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "GRAVY<AK>=", "completion": "-1.05>0.20?no", "then": ">0.20?"}) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "loramix", "eval", str(shipped_checkpoint()), "--data", str(bad)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert 'needs "first"' in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
