@@ -154,9 +154,11 @@ def run_demo(
         base = main_dir / "base" if (main_dir / "base").is_dir() else None
         trunc = load(trunc_dir, base=base or model.base_reference) if trunc_dir.is_dir() else None
         world = World()
+    expert_params = sum(p.numel() for n, p in model.model.named_parameters() if n.endswith(("lora_A", "lora_B")))
+    base_params = sum(p.numel() for p in model.model.parameters()) - expert_params
     console.print(
-        f"[bold]loramix demo[/bold]: a {sum(p.numel() for p in model.model.parameters()) / 1e6:.1f}M-"
-        f"parameter Llama, experts {model.expert_names}, {model.n_layers} adapted layers, "
+        f"[bold]loramix demo[/bold]: a {base_params / 1e6:.2f}M-parameter Llama, experts {model.expert_names} "
+        f"({expert_params / 1e6:.2f}M), {model.n_layers} adapted layers, "
         f"{model.config.gate.depth}-layer gate"
         + (f"; truncated gate at k={trunc.config.scaling_layer}" if trunc else "")
     )
