@@ -16,7 +16,9 @@ __all__ = ["rebuild_and_compare"]
 
 
 def rebuild_and_compare(out_dir: str | Path, *, threads: int = 2, console: Any = None,
-                        config: BuildConfig | None = None) -> dict[str, Any]:
+                        config: BuildConfig | None = None, sizes: dict[str, int] | None = None) -> dict[str, Any]:
+    """Build every weight into OUT/build (BuildConfig defaults: the shipped weights' recipe), run the demo on them,
+    and compare each system's primary metrics with the shipped results.json; writes OUT/rebuild.json."""
     from rich.console import Console
     from rich.table import Table
 
@@ -28,7 +30,7 @@ def rebuild_and_compare(out_dir: str | Path, *, threads: int = 2, console: Any =
     record = build(out / "build", config, progress=True)
     console.print(f"built in {record['seconds'] / 60:.1f} min")
     payload = run_demo(out, checkpoint=out / "build" / "checkpoint", truncated=out / "build" / "checkpoint-truncated",
-                       threads=threads, console=console)
+                       threads=threads, console=console, sizes=sizes)
     shipped_path = weights_dir() / "results.json"
     comparison: dict[str, Any] = {"build_seconds": record["seconds"], "total_seconds": time.perf_counter() - start}
     if shipped_path.is_file():
