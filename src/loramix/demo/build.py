@@ -97,7 +97,7 @@ def _pretrain(base_dir: Path, world: World, cfg: BuildConfig, progress: bool) ->
 
     from ..data import TokenizedDataset, tokenize_records
     from ..train import Trainer
-    from ..train.common import batch_logits
+    from ..train.common import batch_logits, causal_lm_loss, run_dir_for
 
     tokenizer = char_tokenizer()
     torch.manual_seed(cfg.seed)
@@ -120,10 +120,6 @@ def _pretrain(base_dir: Path, world: World, cfg: BuildConfig, progress: bool) ->
     data = TokenizedDataset(tokenize_records(world.generic_corpus(n_records, seed=cfg.seed), tokenizer, cfg.context))
     train = _train_config(cfg, cfg.pretrain_lr, cfg.pretrain_steps, cfg.pretrain_batch, 50, progress)
 
-    def loss_fn(m, batch):
-        out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        return out.loss, {}
-
     trainable = dict(model.named_parameters())
     trainer = Trainer(
         model,
@@ -131,8 +127,8 @@ def _pretrain(base_dir: Path, world: World, cfg: BuildConfig, progress: bool) ->
         data,
         None,
         train,
-        base_dir.with_name("base.run"),
-        loss_fn=loss_fn,
+        run_dir_for(base_dir),
+        loss_fn=causal_lm_loss,
         logits_fn=batch_logits,
         pad_token_id=0,
         description="base (pretraining)",
@@ -162,6 +158,7 @@ def build(out_dir: str | Path, cfg: BuildConfig | None = None, *, progress: bool
     from ..config import GateConfig, MixConfig
     from ..model import from_pretrained
     from ..train import GateObjective, train_expert, train_gate
+    from ..train.common import run_dir_for
 
     cfg = cfg or BuildConfig()
     torch.set_num_threads(cfg.threads)
@@ -213,7 +210,7 @@ def build(out_dir: str | Path, cfg: BuildConfig | None = None, *, progress: bool
         record["stages"][f"gate {name}"] = {"metrics": metrics, "seconds": time.perf_counter() - stage}
     record["seconds"] = time.perf_counter() - start
     (out / "build.json").write_text(json.dumps(record, indent=2, default=str))
-    shutil.rmtree(out / "base.run", ignore_errors=True)
+    shutil.rmtree(run_dir_for(base_dir), ignore_errors=True)  # the pretraining run: not part of the demo
     return record
 
 

@@ -48,6 +48,12 @@ def batch_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
+def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """transformers' own next-token loss of a batch (mean over trained tokens), with no extra logged parts."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    return out.loss, {}
+
+
 def pad_id(tokenizer: Any) -> int:
     if tokenizer.pad_token_id is not None:
         return int(tokenizer.pad_token_id)
@@ -56,3 +62,8 @@ def pad_id(tokenizer: Any) -> int:
 
 def as_path(value: str | Path) -> Path:
     return Path(value).expanduser()
+
+
+def run_dir_for(output_dir: Path, run_dir: str | Path | None = None) -> Path:
+    """Where a run keeps metrics, hparams and resumable checkpoints: run_dir, or output_dir + ".run" beside it."""
+    return as_path(run_dir) if run_dir else output_dir.with_name(output_dir.name + ".run")

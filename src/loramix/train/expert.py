@@ -10,7 +10,7 @@ import torch
 
 from ..checkpoint import atomic_directory
 from ..model import load_base_model, load_tokenizer
-from .common import as_path, batch_logits, pad_id, prepare_data
+from .common import as_path, batch_logits, causal_lm_loss, pad_id, prepare_data, run_dir_for
 from .loop import TrainConfig, Trainer
 
 logger = logging.getLogger(__name__)
@@ -70,10 +70,6 @@ def train_expert(
     peft_model = get_peft_model(model, lora)
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
 
-    def loss_fn(m, batch):
-        out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        return out.loss, {}
-
     out_dir = as_path(output_dir)
     trainer = Trainer(
         peft_model,
@@ -81,8 +77,8 @@ def train_expert(
         train_set,
         eval_set,
         train,
-        as_path(run_dir) if run_dir else out_dir.with_name(out_dir.name + ".run"),
-        loss_fn=loss_fn,
+        run_dir_for(out_dir, run_dir),
+        loss_fn=causal_lm_loss,
         logits_fn=batch_logits,
         pad_token_id=pad_id(tokenizer),
         domains=train_set.domains,

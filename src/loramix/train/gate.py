@@ -14,7 +14,7 @@ import torch
 from ..config import MixConfig
 from ..errors import ConfigError
 from ..model import LoraMixModel, from_pretrained
-from .common import as_path, batch_logits, pad_id, prepare_data
+from .common import as_path, batch_logits, pad_id, prepare_data, run_dir_for
 from .loop import TrainConfig, Trainer
 
 logger = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ def train_gate(
         train_set,
         eval_set,
         train,
-        as_path(run_dir) if run_dir else out_dir.with_name(out_dir.name + ".run"),
+        run_dir_for(out_dir, run_dir),
         loss_fn=loss_fn,
         logits_fn=batch_logits,
         pad_token_id=pad_id(tokenizer),
