@@ -30,6 +30,23 @@ def sequence_scalings(model: Any, ids: torch.Tensor) -> torch.Tensor:
     return model.compute_scalings(ids[None].to(model.device))[0].float().cpu()
 
 
+def _example_figures(
+    model: Any, scalings: torch.Tensor, labels: list[str], stem: Path, layers_title: str, tokens_title: str
+) -> list[Path]:
+    """The two maps of one sequence: STEM-layers-tokens (a panel per expert) and STEM-tokens-experts."""
+    written = plot_layer_token_heatmaps(
+        scalings,
+        labels,
+        model.expert_names,
+        model.layer_names,
+        stem.with_name(stem.name + "-layers-tokens"),
+        title=layers_title,
+    )
+    return written + plot_token_expert_heatmap(
+        scalings, labels, model.expert_names, stem.with_name(stem.name + "-tokens-experts"), title=tokens_title
+    )
+
+
 def analyze(
     model: Any,
     out_dir: str | Path,
@@ -74,21 +91,8 @@ def analyze(
         if i < max_prompt_figures:
             labels = token_labels(tokenizer, ids.tolist())
             header = repr(prompt if len(prompt) < 60 else prompt[:57] + "...")
-            written += plot_layer_token_heatmaps(
-                s,
-                labels,
-                model.expert_names,
-                model.layer_names,
-                figures / f"prompt-{i}-layers-tokens",
-                title=f"Scalings: {header}",
-            )
-            written += plot_token_expert_heatmap(
-                s,
-                labels,
-                model.expert_names,
-                figures / f"prompt-{i}-tokens-experts",
-                title=f"Dominant experts per token: {header}",
-            )
+            titles = (f"Scalings: {header}", f"Dominant experts per token: {header}")
+            written += _example_figures(model, s, labels, figures / f"prompt-{i}", *titles)
     if records:
         examples = collect_records(
             model, records, recorder, batch_size=batch_size, progress=progress, keep=per_domain_figures
@@ -96,21 +100,13 @@ def analyze(
         for k, ex in enumerate(examples):
             labels = token_labels(tokenizer, ex["ids"])
             name = _slug(ex["domain"] if ex["domain"] is not None else "no-domain")
-            stem = f"domain-{name}-{k}"
-            written += plot_layer_token_heatmaps(
+            written += _example_figures(
+                model,
                 ex["scalings"],
                 labels,
-                model.expert_names,
-                model.layer_names,
-                figures / f"{stem}-layers-tokens",
-                title=f"Scalings on a '{ex['domain']}' example",
-            )
-            written += plot_token_expert_heatmap(
-                ex["scalings"],
-                labels,
-                model.expert_names,
-                figures / f"{stem}-tokens-experts",
-                title=f"Experts per token on a '{ex['domain']}' example",
+                figures / f"domain-{name}-{k}",
+                f"Scalings on a '{ex['domain']}' example",
+                f"Experts per token on a '{ex['domain']}' example",
             )
     summary = recorder.close({"texts": texts})
     written += plot_usage_by_domain(summary, figures / "usage-by-domain")
