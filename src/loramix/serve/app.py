@@ -232,6 +232,17 @@ def create_app(
                 break
         yield b"data: [DONE]\n\n"
 
+    def envelope(
+        rid: str, kind: str, created: int, choices: list[dict[str, Any]], ids: list[int], job: Any = None,
+        result: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """One OpenAI response object (or stream chunk); the last one carries usage and the loramix extension."""
+        body: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": model_id, "choices": choices}
+        if result is not None:
+            body["usage"] = _usage(len(ids), result["completion_tokens"])
+            body["loramix"] = _extension(job, result)
+        return body
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Any:
         _check_model(body.model)
@@ -247,53 +258,25 @@ def create_app(
         engine.submit(job)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echo = prompt if body.echo else ""
+
+        def choice(text: str, finish_reason: str | None) -> list[dict[str, Any]]:
+            return [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]
+
         if body.stream:
 
             def chunk(text: str | None) -> dict[str, Any] | None:
-                if text is None:
-                    return (
-                        None
-                        if not echo
-                        else {
-                            "id": rid,
-                            "object": "text_completion",
-                            "created": now,
-                            "model": model_id,
-                            "choices": [{"index": 0, "text": echo, "finish_reason": None, "logprobs": None}],
-                        }
-                    )
-                return {
-                    "id": rid,
-                    "object": "text_completion",
-                    "created": now,
-                    "model": model_id,
-                    "choices": [{"index": 0, "text": text, "finish_reason": None, "logprobs": None}],
-                }
+                if text is None:  # the opening chunk: the echoed prompt, if any
+                    return envelope(rid, "text_completion", now, choice(echo, None), ids) if echo else None
+                return envelope(rid, "text_completion", now, choice(text, None), ids)
 
             def final(result: dict[str, Any]) -> dict[str, Any]:
-                return {
-                    "id": rid,
-                    "object": "text_completion",
-                    "created": now,
-                    "model": model_id,
-                    "choices": [{"index": 0, "text": "", "finish_reason": result["finish_reason"], "logprobs": None}],
-                    "usage": _usage(len(ids), result["completion_tokens"]),
-                    "loramix": _extension(job, result),
-                }
+                return envelope(rid, "text_completion", now, choice("", result["finish_reason"]), ids, job, result)
 
             return StreamingResponse(_sse(sink, job, chunk, final), media_type="text/event-stream")
         result = await _result(sink)
-        return {
-            "id": rid,
-            "object": "text_completion",
-            "created": now,
-            "model": model_id,
-            "choices": [
-                {"index": 0, "text": echo + result["text"], "finish_reason": result["finish_reason"], "logprobs": None}
-            ],
-            "usage": _usage(len(ids), result["completion_tokens"]),
-            "loramix": _extension(job, result),
-        }
+        return envelope(
+            rid, "text_completion", now, choice(echo + result["text"], result["finish_reason"]), ids, job, result
+        )
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest) -> Any:
@@ -313,41 +296,17 @@ def create_app(
 
             def chunk(piece: str | None) -> dict[str, Any]:
                 delta = {"role": "assistant", "content": ""} if piece is None else {"content": piece}
-                return {
-                    "id": rid,
-                    "object": "chat.completion.chunk",
-                    "created": now,
-                    "model": model_id,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
-                }
+                choices = [{"index": 0, "delta": delta, "finish_reason": None}]
+                return envelope(rid, "chat.completion.chunk", now, choices, ids)
 
             def final(result: dict[str, Any]) -> dict[str, Any]:
-                return {
-                    "id": rid,
-                    "object": "chat.completion.chunk",
-                    "created": now,
-                    "model": model_id,
-                    "choices": [{"index": 0, "delta": {}, "finish_reason": result["finish_reason"]}],
-                    "usage": _usage(len(ids), result["completion_tokens"]),
-                    "loramix": _extension(job, result),
-                }
+                choices = [{"index": 0, "delta": {}, "finish_reason": result["finish_reason"]}]
+                return envelope(rid, "chat.completion.chunk", now, choices, ids, job, result)
 
             return StreamingResponse(_sse(sink, job, chunk, final), media_type="text/event-stream")
         result = await _result(sink)
-        return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": now,
-            "model": model_id,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": result["text"]},
-                    "finish_reason": result["finish_reason"],
-                }
-            ],
-            "usage": _usage(len(ids), result["completion_tokens"]),
-            "loramix": _extension(job, result),
-        }
+        message = {"role": "assistant", "content": result["text"]}
+        choices = [{"index": 0, "message": message, "finish_reason": result["finish_reason"]}]
+        return envelope(rid, "chat.completion", now, choices, ids, job, result)
 
     return app
