@@ -38,7 +38,7 @@ from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SYSTEMS", "EvalResult", "evaluate", "primary_metric"]
+__all__ = ["SYSTEMS", "EvalResult", "evaluate", "generate_answers", "primary_metric"]
 
 SYSTEMS = ("base", "experts", "uniform", "oracle", "router", "granular", "prompt", "truncated")
 DESIGN_TOLERANCE = 0.25
@@ -214,6 +214,26 @@ class _Runner:
         return out, tokens
 
 
+def _max_new(max_new_tokens: dict[str, int] | None) -> dict[str, int]:
+    """New-token budgets per domain ("default" for the others): design answers are peptides of up to 40 residues."""
+    return {"default": 12, "inverse": 44, **(max_new_tokens or {})}
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any,
+    records: Sequence[dict[str, Any]],
+    domain: str,
+    *,
+    mode: str = "granular",
+    max_new_tokens: dict[str, int] | None = None,
+    batch_size: int = 64,
+) -> list[str]:
+    """Greedy answers of loramix in one mode ("granular" or "prompt") to records of one domain, as `evaluate`
+    produces them (two-segment records get the harness's continuation)."""
+    return _Runner(model, None, _max_new(max_new_tokens), batch_size).answers(mode, list(records), domain, None)[0]
+
+
 @torch.no_grad()
 def evaluate(
     model: Any,
@@ -254,8 +274,7 @@ def evaluate(
                         f"(got {r.get('first')!r})"
                     )
                 _second_segment(r["then"], 0.0)
-    max_new = {"default": 12, "inverse": 44, **(max_new_tokens or {})}
-    runner = _Runner(model, truncated, max_new, batch_size)
+    runner = _Runner(model, truncated, _max_new(max_new_tokens), batch_size)
     rows: list[tuple[str, str | None]] = []
     for system in systems:
         if system == "experts":

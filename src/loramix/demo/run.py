@@ -140,7 +140,7 @@ def run_demo(
 
     from ..analysis import analyze
     from ..checkpoint import load
-    from ..evaluate import evaluate
+    from ..evaluate import evaluate, generate_answers, primary_metric
 
     console = console or Console()
     torch.set_num_threads(threads)
@@ -165,19 +165,12 @@ def run_demo(
 
     examples = []
     for domain in (*DOMAINS, "composite"):
-        for record in world.domain_records(domain, "test", 2):
-            ids = model.tokenizer([record["prompt"]], return_tensors="pt").input_ids
-            gen = model.generate(ids, max_new_tokens=44 if domain == "inverse" else 12)
-            answer = model.tokenizer.decode(gen.new_tokens[0, : gen.lengths[0]], skip_special_tokens=True)
-            if "then" in record:
-                ids2 = model.tokenizer([record["prompt"] + answer + record["then"]], return_tensors="pt").input_ids
-                gen2 = model.generate(ids2, max_new_tokens=12)
-                answer += record["then"] + model.tokenizer.decode(
-                    gen2.new_tokens[0, : gen2.lengths[0]], skip_special_tokens=True
-                )
-            examples.append(
-                {"domain": domain, "prompt": record["prompt"], "answer": answer, "reference": record["completion"]}
-            )
+        records = world.domain_records(domain, "test", 2)
+        answers = generate_answers(model, records, domain, batch_size=1)  # one prompt at a time: no padding
+        examples += [
+            {"domain": domain, "prompt": r["prompt"], "answer": a, "reference": r["completion"]}
+            for r, a in zip(records, answers)
+        ]
     table = Table("domain", "prompt", "loramix answer", "reference", title="examples (loramix granular, greedy)")
     for e in examples:
         table.add_row(e["domain"], e["prompt"], e["answer"], e["reference"])
@@ -188,7 +181,7 @@ def run_demo(
     result = evaluate(model, records, truncated=trunc, train_peptides=set(world.splits["train"]), progress=progress)
     summary = _summary(result)
     # the console shows the primary metric of each domain (results.md has every column)
-    primary = [c for c in COLUMNS if c[1] == result.to_dict()["primary_metric"].get(c[0])]
+    primary = [c for c in COLUMNS if c[0] in result.kinds and c[1] == primary_metric(result.kinds[c[0]])]
     table = Table("system", *[c[2] for c in primary], "mean", "tok/s", title="baselines on the test subset")
     for system in result.metrics:
         style = "bold green" if system == "granular" else None
