@@ -93,3 +93,19 @@ def test_quickstart_example_runs(tmp_path):
     proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "identical logits" in proc.stdout and "scalings [B,T,L,N]" in proc.stdout
+
+
+def test_train_gate_continues_from_a_checkpoint(checkpoint, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"ab{i}", "completion": "cd"}) + "\n" for i in range(8)))
+    out = tmp_path / "continued"
+    result = runner.invoke(app, ["train-gate", "--init", str(checkpoint), "--data", str(data), "--out", str(out),
+                                 "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2", "--eval-fraction", "0"])
+    assert result.exit_code == 0, result.output
+    before, after = loramix.load(checkpoint), loramix.load(out)
+    assert after.expert_names == before.expert_names and after.config.to_dict() == before.config.to_dict()
+    moved = (after.gate.last.weight - before.gate.last.weight).abs().max()
+    assert 0 < moved < 0.2  # 3 AdamW steps from the checkpoint's N(0, 1) gate, not a fresh one
+    clash = runner.invoke(app, ["train-gate", "--init", str(checkpoint), "--base", "x", "--data", str(data),
+                                "--out", str(tmp_path / "never")])
+    assert clash.exit_code == 2 and not (tmp_path / "never").exists()

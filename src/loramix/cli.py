@@ -390,18 +390,7 @@ def train_gate_cmd(
         if scaling_layer is not None:
             model.config.scaling_layer = scaling_layer
             model.config.validate_for(hidden_size=model.hidden_size, n_experts=model.n_experts, n_blocks=model.n_blocks)
-        metrics = train_gate(
-            model,
-            data,
-            out,
-            train=config,
-            eval_data=eval_data,
-            eval_fraction=eval_fraction,
-            objective=objective,
-            run_dir=run_dir,
-            resume=resume,
-            include_base=include_base,
-        )
+        new_mixture: dict[str, Any] = {}
     else:
         if not base or not expert:
             raise typer.BadParameter(
@@ -420,21 +409,20 @@ def train_gate_cmd(
             scaling_layer=scaling_layer,
             trainable_experts=trainable_experts,
         )
-        metrics = train_gate(
-            None,
-            data,
-            out,
-            base=base,
-            experts=_parse_experts(expert),
-            config=mix,
-            train=config,
-            eval_data=eval_data,
-            eval_fraction=eval_fraction,
-            objective=objective,
-            run_dir=run_dir,
-            resume=resume,
-            include_base=include_base,
-        )
+        model, new_mixture = None, {"base": base, "experts": _parse_experts(expert), "config": mix}
+    metrics = train_gate(
+        model,
+        data,
+        out,
+        **new_mixture,
+        train=config,
+        eval_data=eval_data,
+        eval_fraction=eval_fraction,
+        objective=objective,
+        run_dir=run_dir,
+        resume=resume,
+        include_base=include_base,
+    )
     _print_metrics(metrics, out)
 
 
