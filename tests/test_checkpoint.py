@@ -52,7 +52,9 @@ def test_layout_and_format_version(llama_dir, llama_experts, tmp_path):
     mix = loramix.from_pretrained(llama_dir, llama_experts)
     mix.save(tmp_path / "ckpt")
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
-    assert files == ["experts.safetensors", "gate.safetensors", "loramix_config.json"]
+    assert files == [".loramix-written.json", "experts.safetensors", "gate.safetensors", "loramix_config.json"]
+    manifest = json.loads((tmp_path / "ckpt" / ".loramix-written.json").read_text())
+    assert manifest["files"] == files[1:]  # what the save wrote: the files it may replace next time
     meta = json.loads((tmp_path / "ckpt" / "loramix_config.json").read_text())
     assert meta["format_version"] == 1
     assert [e["name"] for e in meta["experts"]] == ["protein", "math", "qa"]
@@ -141,7 +143,7 @@ def test_refuses_to_overwrite_a_directory_that_is_not_a_checkpoint(llama_dir, ll
     mix = loramix.from_pretrained(llama_dir, llama_experts)
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "thesis.tex").write_text("years of work")
-    with pytest.raises(CheckpointError, match=r"without loramix_config\.json; refusing"):
+    with pytest.raises(CheckpointError, match=r"without loramix_config\.json, so loramix did not write it; refusing"):
         mix.save(tmp_path / "precious")
     assert (tmp_path / "precious" / "thesis.tex").read_text() == "years of work"
     mix.save(tmp_path / "c")

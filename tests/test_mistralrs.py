@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import string
-import time
 from pathlib import Path
 
 import pytest
@@ -62,7 +61,7 @@ def test_round_trip_gives_identical_logits(llama_dir, named_experts, input_ids, 
     mix = _mix(llama_dir, named_experts, ROUND_TRIP_CASES[case])
     out = export_mistralrs(mix, tmp_path / "xlora", base_model_id="tiny-llama")
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["xlora_config.json", "xlora_classifier.safetensors", "ordering.json"]
+        ["xlora_config.json", "xlora_classifier.safetensors", "ordering.json", ".loramix-written.json"]
         + [f"{n}.adapter_{kind}" for n in NAMES for kind in ("config.json", "model.safetensors")]
     )
     back = import_xlora(out, llama_dir)
@@ -367,6 +366,8 @@ def test_mistralrs_generates_the_same_tokens(byte_tokenizer, tmp_path, monkeypat
     mix = _mix(base_dir, adapters, config)
     mistralrs_base = tmp_path / "base"
     out = export_mistralrs(mix, tmp_path / "xlora", base_model_id=str(mistralrs_base), with_base=mistralrs_base)
+    # a second export replaces both directories: they are the export's own (their manifests say so)
+    out = export_mistralrs(mix, tmp_path / "xlora", base_model_id=str(mistralrs_base), with_base=mistralrs_base)
     config_json = json.loads((mistralrs_base / "config.json").read_text())
     assert config_json["rope_theta"] == 10000.0
     assert "lm_head.weight" in load_file(str(mistralrs_base / "model.safetensors"))
@@ -379,7 +380,6 @@ def test_mistralrs_generates_the_same_tokens(byte_tokenizer, tmp_path, monkeypat
         plain = mix.model.generate(prompt_ids, max_new_tokens=n, do_sample=False, eos_token_id=None)[0, 1:].tolist()
     assert plain != want  # the experts and the gate decide the tokens, not the base alone
 
-    start = time.perf_counter()
     runner = Runner(
         which=Which.XLora(
             model_id=str(mistralrs_base),
@@ -393,10 +393,8 @@ def test_mistralrs_generates_the_same_tokens(byte_tokenizer, tmp_path, monkeypat
     response = runner.send_completion_request(
         CompletionRequest(prompt=prompt, model="loramix", max_tokens=n, temperature=0.0, ignore_eos=True)
     )
-    elapsed = time.perf_counter() - start
     text = response.choices[0].text
     got = tok.encode(text).ids
     assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (1, n)
     assert got == want, f"mistral.rs {got} != loramix {want}"
     assert text == tok.decode(want)
-    assert elapsed < 20

@@ -251,6 +251,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(world, experts, tmp_p
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
     log = [json.loads(x) for x in (tmp_path / "killed.run" / "metrics.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == steps
+    logged = [r["step"] for r in log if "loss" in r]
+    assert logged == sorted(set(logged)), "the resumed run logged steps twice"
 
 
 def test_two_processes_with_accelerate_launch(world, experts, tmp_path):

@@ -22,15 +22,15 @@ import torch
 from torch import nn
 
 from . import __version__
-from .config import MixConfig
+from .config import MixConfig, is_number
 from .errors import BaseModelMismatchError, CheckpointError, ConfigError, LoramixError
 from .experts import StackedLoRA
-from .io import atomic_directory, read_json, read_tensors, save_tensors, write_json
+from .io import atomic_directory, check_finite, read_json, read_tensors, save_tensors, write_json
 from .model import ExpertInfo, LoraMixModel, load_base_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["atomic_directory", "base_fingerprint", "load", "save_checkpoint"]
+__all__ = ["base_fingerprint", "expert_infos", "load", "save_checkpoint"]
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "loramix_config.json"
@@ -39,6 +39,7 @@ EXPERTS_NAME = "experts.safetensors"
 TOKENIZER_DIR = "tokenizer"
 BASE_DIR = "base"
 _SAMPLE = 64
+CHECKPOINT_FILES = (CONFIG_NAME, GATE_NAME, EXPERTS_NAME, TOKENIZER_DIR, BASE_DIR)  # what save_checkpoint may write
 
 
 # ---------------------------------------------------------------------- base fingerprint
@@ -147,11 +148,14 @@ def save_checkpoint(
         "layers": layers,
         "base": base_info,
     }
+    check_finite(dict(model.gate.state_dict()), "the gate", prefix="refusing to save: ")
+    check_finite(expert_tensors, "the experts", prefix="refusing to save: ")
     try:
         json.dumps(meta)
     except TypeError as exc:
         raise CheckpointError(f"cannot serialise the checkpoint config: {exc}") from None
-    with atomic_directory(path, overwrite=overwrite, marker=CONFIG_NAME) as tmp:
+    written = atomic_directory(path, overwrite=overwrite, marker=CONFIG_NAME, owned=CHECKPOINT_FILES, what="checkpoint")
+    with written as tmp:
         save_tensors(dict(model.gate.state_dict()), tmp / GATE_NAME, {"format": "pt"})
         save_tensors(expert_tensors, tmp / EXPERTS_NAME, {"format": "pt"})
         if model.tokenizer is not None and hasattr(model.tokenizer, "save_pretrained"):
@@ -165,6 +169,26 @@ def save_checkpoint(
 
 
 # ---------------------------------------------------------------------- load
+
+
+def expert_infos(meta: dict[str, Any], where: Path | str) -> list[ExpertInfo]:
+    """The checked 'experts' list of a checkpoint config: unique non-empty string names, object adapter configs."""
+    experts = meta.get("experts")
+    if not isinstance(experts, list) or not experts:
+        raise CheckpointError(f"{where}: field 'experts' must be a non-empty list")
+    infos = []
+    for i, e in enumerate(experts):
+        name = e.get("name") if isinstance(e, dict) else None
+        config = e.get("adapter_config") or {} if isinstance(e, dict) else None
+        if not isinstance(name, str) or not name.strip() or not isinstance(config, dict):
+            raise CheckpointError(
+                f"{where}: experts[{i}] needs a non-empty string 'name' (got {name!r}) and an 'adapter_config' object"
+            )
+        infos.append(ExpertInfo(name, dict(config), str(e.get("source", ""))))
+    names = [info.name for info in infos]
+    if len(set(names)) != len(names):
+        raise CheckpointError(f"{where}: expert names must be unique, got {names}")
+    return infos
 
 
 def _layer_table(meta: dict[str, Any], where: Path, n_experts: int) -> list[tuple[str, list[int], list[float]]]:
@@ -184,11 +208,11 @@ def _layer_table(meta: dict[str, Any], where: Path, n_experts: int) -> list[tupl
             or len(ranks) != n_experts
             or len(scales) != n_experts
             or not all(isinstance(r, int) and r >= 0 for r in ranks)
-            or not all(isinstance(s, (int, float)) for s in scales)
+            or not all(is_number(s) for s in scales)
         ):
             raise CheckpointError(
                 f"{where}: layers[{i}] ('{module}') needs a module path and {n_experts} non-negative integer ranks "
-                f"and {n_experts} numeric scales"
+                f"and {n_experts} finite numeric scales"
             )
         out.append((module, ranks, [float(s) for s in scales]))
     return out
@@ -227,13 +251,7 @@ def load(
         config = MixConfig.from_dict(meta.get("mix_config", {}), where="mix_config")
     except ConfigError as exc:
         raise CheckpointError(f"{config_path}: {exc}") from None
-    experts_meta = meta.get("experts")
-    if not isinstance(experts_meta, list) or not experts_meta:
-        raise CheckpointError(f"{config_path}: field 'experts' must be a non-empty list")
-    try:
-        infos = [ExpertInfo(e["name"], dict(e.get("adapter_config") or {}), e.get("source", "")) for e in experts_meta]
-    except (KeyError, TypeError):
-        raise CheckpointError(f"{config_path}: every entry of 'experts' needs a 'name'") from None
+    infos = expert_infos(meta, config_path)
     table = _layer_table(meta, config_path, len(infos))
     base_meta = meta.get("base") or {}
 
@@ -255,9 +273,9 @@ def load(
                 f"{config_path}: the base model directory {base} no longer exists; pass the base with "
                 "load(path, base=...)"
             )
+    # The reference is where the base was read from (a bundled base: its absolute path), so that a re-save elsewhere
+    # or an export names a base that exists, never the bare "base" relative to the current directory.
     model, reference = load_base_model(base, dtype=dtype, device=device, **model_kwargs)
-    if base_meta.get("bundled") and not isinstance(base, nn.Module):
-        reference = base_meta.get("name_or_path")
     if check_base and base_meta.get("fingerprint"):
         check_fingerprint(base_meta["fingerprint"], model, [m for m, _, _ in table], str(config_path))
 

@@ -15,6 +15,8 @@ from rich.table import Table
 from . import __version__
 from .errors import LoramixError
 
+SEED_MAX = 2**63 - 1
+
 app = typer.Typer(
     help="Mix frozen LoRA experts per token and per layer inside a frozen causal LM (X-LoRA).",
     no_args_is_help=True,
@@ -48,9 +50,17 @@ def _read_checkpoint_meta(path: Path) -> dict[str, Any]:
 @app.command()
 def info(checkpoint: Path = typer.Argument(..., help="A loramix checkpoint directory.")) -> None:
     """Summarise a checkpoint: base, experts, adapted layers and gate (reads the JSON only)."""
+    from .checkpoint import CONFIG_NAME, expert_infos
+    from .errors import CheckpointError
+
     meta = _read_checkpoint_meta(checkpoint)
-    base = meta.get("base", {})
-    gate = meta.get("mix_config", {}).get("gate", {})
+    infos = expert_infos(meta, checkpoint / CONFIG_NAME)
+    base, mix, layers = meta.get("base", {}), meta.get("mix_config", {}), meta.get("layers", [])
+    if not isinstance(base, dict) or not isinstance(mix, dict) or not isinstance(mix.get("gate", {}), dict):
+        raise CheckpointError(f"{checkpoint / CONFIG_NAME}: 'base', 'mix_config' and 'mix_config.gate' must be objects")
+    if not isinstance(layers, list) or not all(isinstance(x, dict) for x in layers):
+        raise CheckpointError(f"{checkpoint / CONFIG_NAME}: 'layers' must be a list of objects")
+    gate = mix.get("gate", {})
     console.print(
         f"[bold]{checkpoint}[/bold]  format {meta.get('format_version')}, loramix {meta.get('loramix_version')}"
     )
@@ -59,31 +69,30 @@ def info(checkpoint: Path = typer.Argument(..., help="A loramix checkpoint direc
         f"{base.get('dtype')})" + ("  [bundled]" if base.get("bundled") else "")
     )
     table = Table("expert", "rank", "alpha", "rsLoRA", "targets", "source")
-    for e in meta.get("experts", []):
-        c = e.get("adapter_config", {})
+    for e in infos:
+        c = e.adapter_config
         targets = c.get("target_modules")
-        targets = ", ".join(sorted(targets)) if isinstance(targets, list) else str(targets)
+        targets = ", ".join(sorted(map(str, targets))) if isinstance(targets, list) else str(targets)
         table.add_row(
-            e["name"],
-            str(c.get("r")),
-            str(c.get("lora_alpha")),
-            str(bool(c.get("use_rslora"))),
-            targets,
-            e.get("source", ""),
+            e.name, str(c.get("r")), str(c.get("lora_alpha")), str(bool(c.get("use_rslora"))), targets, e.source
         )
-    console.print(table)
-    layers = meta.get("layers", [])
-    console.print(f"adapted layers: {len(layers)}  (first {layers[0]['module'] if layers else '-'})")
-    console.print("gate: " + json.dumps(gate))
-    rest = {k: v for k, v in meta.get("mix_config", {}).items() if k != "gate"}
+    console.print(table, highlight=False, markup=False)
+    console.print(f"adapted layers: {len(layers)}  (first {layers[0].get('module') if layers else '-'})")
+    console.print("gate: " + json.dumps(gate), highlight=False, markup=False)
+    rest = {k: v for k, v in mix.items() if k != "gate"}
     console.print("mix: " + json.dumps(rest))
 
 
-def _load(checkpoint: Path, device: str | None, dtype: str | None) -> Any:
+def _load(checkpoint: Path, device: str | None, dtype: str | None, base: str | None = None) -> Any:
     from .checkpoint import load
 
     with err_console.status(f"loading {checkpoint}"):
-        return load(checkpoint, device=device, dtype=_dtype(dtype))
+        return load(checkpoint, base, device=device, dtype=_dtype(dtype))
+
+
+_BASE = typer.Option(
+    None, "--base", help="Base model directory to use instead of the one the checkpoint records (checked against it)."
+)
 
 
 def _dtype(name: str | None) -> Any:
@@ -155,20 +164,21 @@ def generate(
     prompt: list[str] = typer.Option(None, "--prompt", "-p", help="A prompt; repeat for several."),
     file: Path | None = typer.Option(None, "--file", "-f", help="Prompts, one per line (or .jsonl with 'prompt')."),
     mode: str = typer.Option("granular", help="Speed mode: granular, prompt or truncated."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens to generate per prompt."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="Tokens to generate per prompt."),
     temperature: float = typer.Option(0.0, help="0 is greedy; > 0 samples."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
     top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0: off)."),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages repeats."),
-    seed: int | None = typer.Option(None, help="Seed for sampling."),
+    seed: int | None = typer.Option(None, min=0, max=SEED_MAX, help="Seed for sampling."),
     stop: list[str] = typer.Option(None, "--stop", help="Stop when this string is generated; repeat for several."),
     chat: bool = typer.Option(False, "--chat", help="Wrap each prompt as a user message in the chat template."),
     stream_: bool = typer.Option(False, "--stream", help="Print tokens as they are generated."),
     show_scalings: bool = typer.Option(False, "--show-scalings", help="Per token: the dominant expert and shares."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Prompts generated together (left padding)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts generated together (left padding)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per line and prompt."),
     device: str | None = typer.Option(None, help="e.g. cpu, cuda, cuda:1 (default: where the base loads)."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16 (default: the base's)."),
+    base: str | None = _BASE,
 ) -> None:
     """Generate text from prompts with a checkpoint, optionally streaming and showing the dominant expert per token."""
     from .generate import MODES, encode_prompts, render_chat
@@ -177,7 +187,7 @@ def generate(
     if mode not in MODES:
         raise typer.BadParameter(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}", param_hint="--mode")
     prompts = _read_prompts(prompt, file)
-    model = _load(checkpoint, device, dtype)
+    model = _load(checkpoint, device, dtype, base)
     tokenizer = model.tokenizer
     if tokenizer is None:
         from .errors import CheckpointError
@@ -266,7 +276,7 @@ _BATCH = typer.Option(8, "--batch-size", help="Examples per process per micro-ba
 _ACCUM = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step.")
 _CLIP = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping norm.")
 _WD = typer.Option(0.0, "--weight-decay", help="AdamW weight decay.")
-_SEED = typer.Option(0, help="Seed (initialisation, data order, dropout).")
+_SEED = typer.Option(0, min=0, max=SEED_MAX, help="Seed (initialisation, data order, dropout).")
 _MAXLEN = typer.Option(512, "--max-length", help="Truncate examples to this many tokens.")
 _EVAL = typer.Option(None, "--eval-data", help="Held-out JSONL (default: --eval-fraction of --data).")
 _EVAL_FRACTION = typer.Option(0.0, "--eval-fraction", help="Share of --data held out for evaluation.")
@@ -274,6 +284,8 @@ _EVAL_EVERY = typer.Option(None, "--eval-every", help="Evaluate every N steps (d
 _SAVE_EVERY = typer.Option(None, "--save-every", help="Resumable checkpoint every N steps.")
 _RUN_DIR = typer.Option(None, "--run-dir", help="Metrics and resumable checkpoints (default: OUT.run).")
 _RESUME = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in the run dir.")
+_FORCE = typer.Option(False, "--force", help="With --resume: continue although the settings differ from the "
+                      "checkpoint's (refused otherwise).")
 _REPORT = typer.Option(None, "--report-to", help="Accelerate tracker: tensorboard or wandb (repeatable).")
 _LOG_EVERY = typer.Option(10, "--log-every", help="Log metrics every N steps.")
 
@@ -305,6 +317,7 @@ def train_expert_cmd(
     save_every: int | None = _SAVE_EVERY,
     run_dir: Path | None = _RUN_DIR,
     resume: bool = _RESUME,
+    force: bool = _FORCE,
     report_to: list[str] = _REPORT,
     log_every: int = _LOG_EVERY,
 ) -> None:
@@ -326,6 +339,7 @@ def train_expert_cmd(
         eval_fraction=eval_fraction,
         run_dir=run_dir,
         resume=resume,
+        force_resume=force,
     )
     _print_metrics(metrics, out)
 
@@ -372,6 +386,7 @@ def train_gate_cmd(
     save_every: int | None = _SAVE_EVERY,
     run_dir: Path | None = _RUN_DIR,
     resume: bool = _RESUME,
+    force: bool = _FORCE,
     report_to: list[str] = _REPORT,
     log_every: int = _LOG_EVERY,
 ) -> None:
@@ -421,6 +436,7 @@ def train_gate_cmd(
         objective=objective,
         run_dir=run_dir,
         resume=resume,
+        force_resume=force,
         include_base=include_base,
     )
     _print_metrics(metrics, out)
@@ -434,13 +450,16 @@ def analyze(
     data: str | None = typer.Option(
         None, "--data", help="JSONL records (text / prompt+completion / messages, domain)."
     ),
-    max_new_tokens: int = typer.Option(0, "--max-new-tokens", "-n", help="Also generate this many tokens per prompt."),
-    limit: int | None = typer.Option(None, help="Analyse at most this many data records."),
+    max_new_tokens: int = typer.Option(
+        0, "--max-new-tokens", "-n", min=0, help="Also generate this many tokens per prompt."
+    ),
+    limit: int | None = typer.Option(None, min=1, help="Analyse at most this many data records."),
     table_format: str = typer.Option("parquet", "--format", help="Table format: parquet or csv."),
-    per_domain: int = typer.Option(1, "--per-domain", help="Heatmaps for this many examples per domain."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Records per forward pass."),
+    per_domain: int = typer.Option(1, "--per-domain", min=0, help="Heatmaps for this many examples per domain."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Records per forward pass."),
     device: str | None = typer.Option(None, help="e.g. cpu, cuda."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16."),
+    base: str | None = _BASE,
 ) -> None:
     """Record the scalings of prompts and/or a dataset: tidy table, statistics (usage, entropy, dominance, layer
     correlation) and figures (heatmaps, usage by domain)."""
@@ -452,7 +471,7 @@ def analyze(
     records = load_records(data) if data else None
     if records is not None and limit is not None:
         records = records[:limit]
-    model = _load(checkpoint, device, dtype)
+    model = _load(checkpoint, device, dtype, base)
     summary = run_analysis(
         model,
         out,
@@ -486,19 +505,20 @@ def converse(
     persona_a: str = typer.Option("You are agent A. Argue for your position.", "--persona-a", help="System prompt A."),
     persona_b: str = typer.Option("You are agent B. Challenge every claim.", "--persona-b", help="System prompt B."),
     opening: str = typer.Option(..., "--opening", help="The first message, given to agent A."),
-    turns: int = typer.Option(6, help="Turns in all (A speaks first)."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens per turn at most."),
+    turns: int = typer.Option(6, min=1, help="Turns in all (A speaks first)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="Tokens per turn at most."),
     summary: str | None = typer.Option(None, "--summary", help="After the turns, ask agent A this (a summary)."),
     temperature: float = typer.Option(0.0, help="0 is greedy."),
-    seed: int | None = typer.Option(None, help="Seed for sampling."),
+    seed: int | None = typer.Option(None, min=0, max=SEED_MAX, help="Seed for sampling."),
     table_format: str = typer.Option("parquet", "--format", help="Table format: parquet or csv."),
     device: str | None = typer.Option(None, help="e.g. cpu, cuda."),
+    base: str | None = _BASE,
 ) -> None:
     """Two agents talk for a fixed number of turns; save the transcript and plot each agent's expert trajectory."""
     from .analysis.converse import converse as run_conversation
 
-    model_a = _load(checkpoint, device, None)
-    model_b = _load(checkpoint_b, device, None) if checkpoint_b else None
+    model_a = _load(checkpoint, device, None, base)
+    model_b = _load(checkpoint_b, device, None, base) if checkpoint_b else None
     record = run_conversation(
         model_a,
         out,
@@ -520,24 +540,37 @@ def converse(
     console.print(f"[green]wrote[/green] {out}/transcript.json, transcript.md and {out}/figures/trajectory.png")
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 @app.command()
 def serve(
     checkpoint: Path = typer.Argument(..., help="A loramix checkpoint directory (with its tokenizer)."),
     host: str = typer.Option("127.0.0.1", help="Interface to bind (default: loopback only)."),
-    port: int = typer.Option(8000, help="TCP port."),
+    port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
     model_id: str | None = typer.Option(None, "--model-id", help="Model name clients use (default: the folder name)."),
     api_key: str | None = typer.Option(
         None,
         "--api-key",
         envvar="LORAMIX_API_KEY",
-        help="Require 'Authorization: Bearer KEY' (or set LORAMIX_API_KEY).",
+        help="Require 'Authorization: Bearer KEY'. A key on the command line is visible in the process list: "
+        "prefer the LORAMIX_API_KEY environment variable.",
     ),
-    max_prompt_tokens: int | None = typer.Option(None, "--max-prompt-tokens", help="Longest prompt accepted."),
-    max_tokens: int = typer.Option(1024, "--max-tokens", help="Largest max_tokens a request may ask for."),
+    max_prompt_tokens: int | None = typer.Option(None, "--max-prompt-tokens", min=1, help="Longest prompt accepted."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", min=1, help="Largest max_tokens a request may ask for."),
     batching: bool = typer.Option(True, "--batching/--no-batching", help="Batch waiting requests with equal settings."),
-    max_batch: int = typer.Option(8, "--max-batch", help="Largest batch."),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, help="Largest batch."),
     device: str | None = typer.Option(None, help="e.g. cpu, cuda."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16."),
+    base: str | None = _BASE,
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
 ) -> None:
     """Serve a checkpoint behind an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models)."""
@@ -545,7 +578,17 @@ def serve(
 
     from .serve import create_app
 
-    model = _load(checkpoint, device, dtype)
+    if api_key is not None and not api_key.strip():
+        raise typer.BadParameter(
+            "the API key is empty, which would turn authentication off; give a key or leave both unset",
+            param_hint="--api-key / LORAMIX_API_KEY",
+        )
+    if api_key is None and not _is_loopback(host):
+        err_console.print(
+            f"[yellow]warning:[/yellow] serving on {host} without an API key: anyone who can reach this host can use "
+            "the model (set LORAMIX_API_KEY)"
+        )
+    model = _load(checkpoint, device, dtype, base)
     name = model_id or Path(checkpoint).resolve().name
     server_app = create_app(
         model,
@@ -579,7 +622,10 @@ def export(
     ),
     scalings: Path | None = typer.Option(None, "--scalings", help="static: JSON [L][N] or [N], or safetensors."),
     prompt: str | None = typer.Option(None, "--prompt", help="static: use the gate's mean scalings on this prompt."),
-    rank: int | None = typer.Option(None, "--rank", help="static: truncated-SVD rank (default: exact, rank sum r)."),
+    rank: int | None = typer.Option(
+        None, "--rank", min=1, help="static: truncated-SVD rank (default: exact, rank sum r)."
+    ),
+    base: str | None = _BASE,
 ) -> None:
     """Export a checkpoint: to mistral.rs's X-LoRA layout, or bake one fixed mixture into a plain PEFT LoRA."""
     if format_ == "static":
@@ -587,7 +633,7 @@ def export(
 
         if (scalings is None) == (prompt is None):
             raise typer.BadParameter("give exactly one of --scalings FILE or --prompt TEXT", param_hint="--scalings")
-        model = _load(checkpoint, None, None)
+        model = _load(checkpoint, None, None, base)
         fixed = (
             read_scalings_file(scalings, model.n_layers, model.n_experts)
             if scalings is not None
@@ -603,7 +649,7 @@ def export(
     elif format_ == "mistralrs":
         from .interop.mistralrs import export_mistralrs
 
-        model = _load(checkpoint, None, None)
+        model = _load(checkpoint, None, None, base)
         base_id = base_model_id or (str(with_base.resolve()) if with_base else model.base_reference)
         if not base_id:
             raise typer.BadParameter(
@@ -619,7 +665,7 @@ def export(
 def demo(
     out: Path = typer.Option(Path("loramix-demo"), "--out", "-o", help="Where to write results and figures."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Re-create every weight from scratch first (~30 min)."),
-    threads: int = typer.Option(2, help="torch threads."),
+    threads: int = typer.Option(2, min=1, help="torch threads."),
 ) -> None:
     """The protein mini-world: four LoRA experts and a gate on a tiny Llama, evaluated against the baselines."""
     from .demo import run_demo
@@ -639,27 +685,31 @@ def eval_cmd(
     truncated: Path | None = typer.Option(None, "--truncated", help="A second checkpoint with a truncated gate."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write results.json and results.md here."),
     systems: list[str] = typer.Option(None, "--system", help="Rows to run (default: all); repeatable."),
-    limit: int | None = typer.Option(None, help="At most this many records."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Prompts per generate call."),
+    limit: int | None = typer.Option(None, min=1, help="At most this many records."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Prompts per generate call."),
+    base: str | None = _BASE,
 ) -> None:
     """Score a checkpoint against the baselines (base, each expert, uniform merge, oracle, per-prompt router,
     loramix granular / prompt / truncated) per domain; see docs/demo.md for the record format."""
     from .data import load_records
     from .evaluate import SYSTEMS, evaluate, primary_metric
+    from .io import check_owned_files, write_owned_files
 
     unknown = sorted(set(systems or []) - set(SYSTEMS))
     if unknown:
         raise typer.BadParameter(
             f"unknown system(s) {unknown}; expected some of {', '.join(SYSTEMS)}", param_hint="--system"
         )
+    if out is not None:
+        check_owned_files(out, ("results.json", "results.md"), what="--out")  # before the run, not after it
     records = load_records(data)
     records = records[:limit] if limit else records
-    model = _load(checkpoint, None, None)
+    model = _load(checkpoint, None, None, base)
     trunc = None
     if truncated is not None:
         from .checkpoint import load
 
-        trunc = load(truncated)
+        trunc = load(truncated, base)
     result = evaluate(model, records, truncated=trunc, systems=systems or SYSTEMS, batch_size=batch_size)
     domains = list(result.kinds)
     table = Table(
@@ -672,8 +722,6 @@ def eval_cmd(
         table.add_row(system, *[f"{result.primary(system, d):.3f}" for d in domains], f"{result.speed[system]:.0f}")
     console.print(table)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2))
         lines = [
             "| system | " + " | ".join(f"{d} {primary_metric(result.kinds[d])}" for d in domains) + " | tokens/s |",
             "|---|" + "---|" * (len(domains) + 1),
@@ -684,7 +732,8 @@ def eval_cmd(
                 + " | ".join(f"{result.primary(system, d):.3f}" for d in domains)
                 + f" | {result.speed[system]:.0f} |"
             )
-        (out / "results.md").write_text("\n".join(lines) + "\n")
+        results = {"results.json": json.dumps(result.to_dict(), indent=2), "results.md": "\n".join(lines) + "\n"}
+        write_owned_files(out, results, what="--out")
         console.print(f"[green]wrote[/green] {out}/results.json and {out}/results.md")
 
 
@@ -715,10 +764,29 @@ def _quiet_libraries() -> None:
 
 
 def main() -> None:
+    try:  # typer >= 0.2x vendors click; older ones use click itself
+        from typer._click.exceptions import NoArgsIsHelpError, UsageError
+    except ImportError:  # pragma: no cover
+        from click.exceptions import NoArgsIsHelpError, UsageError
+
     debug = "--debug" in sys.argv[1:]
     _quiet_libraries()
     try:
-        app()
+        code = typer.main.get_command(app).main(args=sys.argv[1:], prog_name="loramix", standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except NoArgsIsHelpError as exc:
+        exc.show()  # bare `loramix` or `loramix COMMAND` without arguments: the help
+        sys.exit(exc.exit_code)
+    except UsageError as exc:  # bad options: one line, exit code 2 (click's code, without typer's box)
+        if debug:
+            raise
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        err_console.print(f"[red]error:[/red] {exc.format_message()}{hint}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err_console.print("[red]interrupted[/red]")
+        sys.exit(130)
     except (LoramixError, OSError) as exc:
         if debug:
             raise

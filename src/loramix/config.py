@@ -8,6 +8,7 @@ mixture is built, never defaulted: a value given by hand is checked against the 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,9 @@ from typing import Any
 from .errors import ConfigError
 
 __all__ = ["GateConfig", "MixConfig"]
+
+MAX_GATE_DEPTH = 64
+MAX_GATE_WIDTH = 1 << 17
 
 
 def _check(condition: bool, message: str) -> None:
@@ -35,11 +39,11 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -80,22 +84,26 @@ class GateConfig:
     """Input size of the gate. Leave unset: it is inferred from the base model; a value given is checked."""
 
     def __post_init__(self) -> None:
-        _check(_is_int(self.depth) and self.depth >= 1, f"gate.depth={self.depth!r} must be an integer >= 1")
         _check(
-            self.width is None or (_is_int(self.width) and self.width >= 1),
-            f"gate.width={self.width!r} must be an integer >= 1, or unset to use the model's hidden size",
+            is_int(self.depth) and 1 <= self.depth <= MAX_GATE_DEPTH,
+            f"gate.depth={self.depth!r} must be an integer from 1 to {MAX_GATE_DEPTH}",
         )
         _check(
-            _is_number(self.dropout) and 0.0 <= self.dropout < 1.0,
+            self.width is None or (is_int(self.width) and 1 <= self.width <= MAX_GATE_WIDTH),
+            f"gate.width={self.width!r} must be an integer from 1 to {MAX_GATE_WIDTH}, or unset to use the model's "
+            "hidden size",
+        )
+        _check(
+            is_number(self.dropout) and 0.0 <= self.dropout < 1.0,
             f"gate.dropout={self.dropout!r} must be a number in [0, 1)",
         )
         _check(isinstance(self.softmax, bool), f"gate.softmax={self.softmax!r} must be true or false")
         _check(
-            _is_number(self.temperature) and self.temperature > 0,
+            is_number(self.temperature) and self.temperature > 0,
             f"gate.temperature={self.temperature!r} must be a number > 0",
         )
         _check(
-            self.top_k is None or (_is_int(self.top_k) and self.top_k >= 1),
+            self.top_k is None or (is_int(self.top_k) and self.top_k >= 1),
             f"gate.top_k={self.top_k!r} must be an integer >= 1, or unset for dense mixing",
         )
         _check(isinstance(self.topk_softmax, bool), f"gate.topk_softmax={self.topk_softmax!r} must be true or false")
@@ -106,9 +114,15 @@ class GateConfig:
         _check(isinstance(self.layerwise, bool), f"gate.layerwise={self.layerwise!r} must be true or false")
         _check(isinstance(self.bias, bool), f"gate.bias={self.bias!r} must be true or false")
         _check(
-            self.hidden_size is None or (_is_int(self.hidden_size) and self.hidden_size >= 1),
+            self.hidden_size is None or (is_int(self.hidden_size) and self.hidden_size >= 1),
             f"gate.hidden_size={self.hidden_size!r} must be an integer >= 1; leave it unset to infer it",
         )
+
+    def parameter_count(self, hidden_size: int, n_layers: int, n_experts: int) -> int:
+        """Number of gate parameters for a model of these sizes (computed before anything is allocated)."""
+        width = self.width or hidden_size
+        sizes = [hidden_size] + [width] * (self.depth - 1) + [n_layers * n_experts if self.layerwise else n_experts]
+        return sum(a * b + (b if self.bias else 0) for a, b in itertools.pairwise(sizes))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -148,11 +162,11 @@ class MixConfig:
             isinstance(self.gate, GateConfig), f"gate must be a GateConfig or a dict, got {type(self.gate).__name__}"
         )
         _check(
-            self.scaling_pass_value is None or _is_number(self.scaling_pass_value),
+            self.scaling_pass_value is None or is_number(self.scaling_pass_value),
             f"scaling_pass_value={self.scaling_pass_value!r} must be a finite number, or null for 1/N",
         )
         _check(
-            _is_number(self.global_scaling_weight),
+            is_number(self.global_scaling_weight),
             f"global_scaling_weight={self.global_scaling_weight!r} must be a finite number",
         )
         _check(
@@ -160,14 +174,33 @@ class MixConfig:
             f"trainable_experts={self.trainable_experts!r} must be true or false",
         )
         _check(
-            self.scaling_layer is None or (_is_int(self.scaling_layer) and self.scaling_layer >= 1),
+            self.scaling_layer is None or (is_int(self.scaling_layer) and self.scaling_layer >= 1),
             f"scaling_layer={self.scaling_layer!r} must be an integer >= 1 (number of decoder blocks the scaling "
             "pass runs), or unset for all of them",
         )
 
-    def validate_for(self, *, hidden_size: int, n_experts: int, n_blocks: int | None) -> None:
-        """Check the config against the sizes of a concrete model; raise `ConfigError` naming the field."""
+    def validate_for(
+        self,
+        *,
+        hidden_size: int,
+        n_experts: int,
+        n_blocks: int | None,
+        n_layers: int | None = None,
+        base_parameters: int | None = None,
+    ) -> None:
+        """Check the config against the sizes of a concrete model; raise `ConfigError` naming the field.
+
+        n_layers, base_parameters: the number of adapted layers and of base-model parameters; when given, a gate
+        with more parameters than the base model itself is refused before it is allocated.
+        """
         g = self.gate
+        if n_layers is not None and base_parameters is not None:
+            count = g.parameter_count(hidden_size, n_layers, n_experts)
+            if count > max(base_parameters, 1 << 20):
+                raise ConfigError(
+                    f"gate.depth={g.depth} and gate.width={g.width} give a gate of {count:,} parameters, more than "
+                    f"the base model's {base_parameters:,}; choose a smaller width or depth"
+                )
         if g.hidden_size is not None and g.hidden_size != hidden_size:
             raise ConfigError(
                 f"gate.hidden_size={g.hidden_size} does not match the base model's hidden size {hidden_size}; "

@@ -77,7 +77,11 @@ def load_records(source: str | Path | Sequence[dict[str, Any]], *, split: str = 
         if not path.is_file():
             raise DataError(f"{path}: no such file")
         records = []
-        with path.open(encoding="utf-8") as f:
+        try:
+            f = path.open(encoding="utf-8")
+        except PermissionError:
+            raise DataError(f"{path}: permission denied") from None
+        with f:
             for number, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -85,6 +89,8 @@ def load_records(source: str | Path | Sequence[dict[str, Any]], *, split: str = 
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+                except RecursionError:
+                    raise DataError(f"{path}:{number}: the JSON is nested too deeply for a record") from None
                 records.append(_check_record(record, f"{path}:{number}"))
         if not records:
             raise DataError(f"{path}: no records")

@@ -23,5 +23,9 @@ class CheckpointError(LoramixError):
     """A loramix checkpoint cannot be written or read."""
 
 
+class TrainingError(LoramixError):
+    """Training cannot go on (the loss became NaN or Inf); the message says which step and what was kept."""
+
+
 class BaseModelMismatchError(CheckpointError):
     """A checkpoint is loaded on a base model other than the one it was made for."""

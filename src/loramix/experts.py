@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import is_number
 from .errors import AdapterError, ShapeMismatchError
-from .io import read_json, read_tensors
+from .io import check_finite, read_json, read_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ __all__ = ["ExpertModule", "LoraExpert", "StackedLoRA", "linear_features", "read
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
+# What loramix writes into an adapter directory (PEFT's save_pretrained adds its README.md; static exports a report).
+PEFT_ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_NAME, "README.md", "loramix_static.json")
 
 # adapter_config.json options that change what a LoRA module computes: mixing them would silently give wrong outputs.
 _UNSUPPORTED_OPTIONS: dict[str, str] = {
@@ -141,8 +144,24 @@ def check_adapter_config(config: Mapping[str, Any], name: str, where: str) -> No
         raise AdapterError(f"expert '{name}': {where} sets bias={bias!r}: trained biases are not supported; use 'none'")
     for key in ("r", "lora_alpha"):
         value = config.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise AdapterError(f"expert '{name}': {where} field '{key}'={value!r} must be a positive number")
+        if not is_number(value) or value <= 0:
+            raise AdapterError(f"expert '{name}': {where} field '{key}'={value!r} must be a finite number > 0")
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, Mapping):
+            raise AdapterError(f"expert '{name}': {where} field '{key}' must be an object of pattern -> number")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise AdapterError(
+                    f"expert '{name}': {where} field '{key}' has the pattern {pattern!r}, which is not a valid regular "
+                    f"expression ({exc})"
+                ) from None
+            if not is_number(value) or value <= 0:
+                raise AdapterError(
+                    f"expert '{name}': {where} field '{key}'[{pattern!r}]={value!r} must be a finite number > 0"
+                )
 
 
 def read_adapter(name: str, path: str | Path) -> LoraExpert:
@@ -166,6 +185,7 @@ def expert_from_state_dict(
     name: str, source: str, config: Mapping[str, Any], weights: Mapping[str, torch.Tensor]
 ) -> LoraExpert:
     """Group PEFT adapter tensors (`...<module>.lora_A.weight` / `.lora_B.weight`) by module and compute scales."""
+    check_finite(dict(weights), source, error=AdapterError, prefix=f"expert '{name}': ")
     for key in weights:
         if ".lora_embedding_" in key:
             raise AdapterError(f"expert '{name}' ({source}): embedding targets are not supported (tensor '{key}')")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +127,13 @@ class LoraMixModel(nn.Module):
         blocks = find_blocks(backbone, n_blocks_config)
         self._blocks_attr = blocks[0] if blocks else None
         self.n_blocks = len(blocks[1]) if blocks else n_blocks_config
-        config.validate_for(hidden_size=hidden_size, n_experts=len(names), n_blocks=self.n_blocks)
+        config.validate_for(
+            hidden_size=hidden_size,
+            n_experts=len(names),
+            n_blocks=self.n_blocks,
+            n_layers=len(stacked),
+            base_parameters=sum(p.numel() for p in model.parameters()),
+        )
         if config.scaling_layer is not None and self._blocks_attr is None:
             raise ConfigError(
                 f"scaling_layer={config.scaling_layer}: cannot find the decoder blocks of {type(backbone).__name__}"
@@ -473,6 +480,7 @@ def load_base_model(
     """A transformers causal LM from an id/path (or as given), and the reference to record in checkpoints."""
     from transformers import AutoModelForCausalLM, PreTrainedModel
 
+    device = check_device(device)
     if isinstance(base, PreTrainedModel):
         model = base
         if dtype is not None:
@@ -480,13 +488,25 @@ def load_base_model(
         reference = getattr(model.config, "_name_or_path", None) or None
     elif isinstance(base, (str, Path)):
         reference = str(base)
+        local = _local_base_dir(reference)
+        offline = local is None and _hub_offline()
+        if offline:
+            model_kwargs = {"local_files_only": True, **model_kwargs}
         try:
-            model = AutoModelForCausalLM.from_pretrained(reference, **_hf_dtype_kwargs(dtype), **model_kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(local or reference), **_hf_dtype_kwargs(dtype), **model_kwargs
+            )
         except (OSError, ValueError, KeyError) as exc:
+            if offline:
+                raise LoramixError(
+                    f"base model '{reference}' is a hub id that is not in the local Hugging Face cache, and "
+                    "HF_HUB_OFFLINE is set; pass a local directory of the base instead (--base DIR, or "
+                    "load(..., base=DIR))"
+                ) from None
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise LoramixError(f"cannot load base model '{reference}': {first}") from None
-        if Path(reference).expanduser().is_dir():
-            reference = str(Path(reference).expanduser().resolve())
+        if local is not None:
+            reference = str(local.resolve())
     else:
         raise ConfigError(
             f"base must be a model id, a directory or a transformers PreTrainedModel, got {type(base).__name__}"
@@ -495,6 +515,56 @@ def load_base_model(
         model = model.to(device)
     model.eval()
     return model, reference
+
+
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """`device` as a torch.device, or a `ConfigError` saying why this machine cannot use it (before any loading)."""
+    if device is None:
+        return None
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device={device!r} is not a device name; expected e.g. cpu, cuda or cuda:1") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device={device!r}: this machine has no CUDA device (or torch was built without CUDA)")
+        if resolved.index is not None and resolved.index >= count:
+            raise ConfigError(f"device={device!r}: this machine has {count} CUDA device(s), numbered from 0")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={device!r}: MPS is not available on this machine")
+    return resolved
+
+
+def _hub_offline() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:  # pragma: no cover
+        return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _local_base_dir(reference: str) -> Path | None:
+    """The directory `reference` names, None when it reads as a hub id ("name" or "org/name" that is not on disk).
+
+    Raises `ConfigError` for a path that cannot be a base: a file, or a missing directory written as a path.
+    """
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ConfigError(f"base model {reference}: is a file; expected a model directory (config.json + weights)")
+    looks_like_path = (
+        path.is_absolute()
+        or reference.startswith((".", "~"))
+        or reference.count("/") > 1
+        or "\\" in reference
+        or (path.parent != Path(".") and path.parent.is_dir())
+    )
+    if looks_like_path:
+        raise ConfigError(f"base model {reference}: no such directory; expected a model directory or a hub id")
+    return None
 
 
 def load_tokenizer(source: Any) -> Any:

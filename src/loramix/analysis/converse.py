@@ -8,7 +8,6 @@ its scalings are recorded; the trajectory is the mean scaling of each expert per
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +15,14 @@ import torch
 
 from ..errors import ConfigError
 from ..generate import encode_prompts, render_chat
+from ..io import atomic_directory, write_json
 from .collect import ScalingsRecorder
 from .plots import plot_trajectory
 from .report import sequence_scalings
 
-__all__ = ["converse"]
+__all__ = ["CONVERSE_FILES", "converse"]
+
+CONVERSE_FILES = ("transcript.json", "transcript.md", "agent-*", "figures")  # what converse writes
 
 
 def _fit(tokenizer: Any, messages: list[dict[str, str]], budget: int) -> str:
@@ -58,95 +60,97 @@ def converse(
     for name, (model, _) in agents.items():
         if model.tokenizer is None:
             raise ConfigError(f"agent {name}'s model has no tokenizer")
-    out = Path(out_dir)
-    recorders = {
-        name: ScalingsRecorder(out / f"agent-{name}", m.expert_names, m.layer_names, tokenizer=m.tokenizer, fmt=fmt)
-        for name, (m, _) in agents.items()
-    }
-    history: list[tuple[str, str]] = []  # (agent, text)
-    transcript: list[dict[str, Any]] = []
-    trajectory: dict[str, list[tuple[int, torch.Tensor]]] = {"A": [], "B": []}
+    with atomic_directory(out_dir, marker="transcript.json", owned=CONVERSE_FILES, what="--out") as out:
+        recorders = {
+            name: ScalingsRecorder(out / f"agent-{name}", m.expert_names, m.layer_names, tokenizer=m.tokenizer, fmt=fmt)
+            for name, (m, _) in agents.items()
+        }
+        history: list[tuple[str, str]] = []  # (agent, text)
+        transcript: list[dict[str, Any]] = []
+        trajectory: dict[str, list[tuple[int, torch.Tensor]]] = {"A": [], "B": []}
 
-    def speak(agent: str, turn: int, extra_user: str | None = None) -> str:
-        model, persona = agents[agent]
-        messages = [{"role": "system", "content": persona}]
-        if agent == "A":
-            messages.append({"role": "user", "content": opening})
-        for speaker, text in history:
-            role = "assistant" if speaker == agent else "user"
-            if agent == "B" and not any(m["role"] == "user" for m in messages[1:]) and role == "user":
-                text = f"{opening}\n\n{text}"  # B hears the opening together with A's first turn
-            messages.append({"role": role, "content": text})
-        if extra_user is not None:
-            messages.append({"role": "user", "content": extra_user})
-        context = getattr(model.model.config, "max_position_embeddings", 2048)
-        prompt = _fit(model.tokenizer, messages, max(16, context - max_new_tokens))
-        templated = bool(getattr(model.tokenizer, "chat_template", None))
-        ids, mask = encode_prompts(model.tokenizer, [prompt], templated=templated)
-        gen = model.generate(ids, mask, max_new_tokens=max_new_tokens, **generate_kwargs)
-        new = gen.new_tokens[0, : gen.lengths[0]].cpu()
-        text = model.tokenizer.decode(new, skip_special_tokens=True).strip()
-        full = torch.cat([ids[0], new])
-        s = sequence_scalings(model, full)[ids.shape[1] :]  # the turn's own tokens
-        if len(new):
-            recorders[agent].add(
-                s, new.tolist(), sequence=f"turn-{turn}", domain=f"agent-{agent}", sources="generated", turn=turn
+        def speak(agent: str, turn: int, extra_user: str | None = None) -> str:
+            model, persona = agents[agent]
+            messages = [{"role": "system", "content": persona}]
+            if agent == "A":
+                messages.append({"role": "user", "content": opening})
+            for speaker, text in history:
+                role = "assistant" if speaker == agent else "user"
+                if agent == "B" and not any(m["role"] == "user" for m in messages[1:]) and role == "user":
+                    text = f"{opening}\n\n{text}"  # B hears the opening together with A's first turn
+                messages.append({"role": role, "content": text})
+            if extra_user is not None:
+                messages.append({"role": "user", "content": extra_user})
+            context = getattr(model.model.config, "max_position_embeddings", 2048)
+            prompt = _fit(model.tokenizer, messages, max(16, context - max_new_tokens))
+            templated = bool(getattr(model.tokenizer, "chat_template", None))
+            ids, mask = encode_prompts(model.tokenizer, [prompt], templated=templated)
+            gen = model.generate(ids, mask, max_new_tokens=max_new_tokens, **generate_kwargs)
+            new = gen.new_tokens[0, : gen.lengths[0]].cpu()
+            text = model.tokenizer.decode(new, skip_special_tokens=True).strip()
+            full = torch.cat([ids[0], new])
+            s = sequence_scalings(model, full)[ids.shape[1] :]  # the turn's own tokens
+            if len(new):
+                recorders[agent].add(
+                    s, new.tolist(), sequence=f"turn-{turn}", domain=f"agent-{agent}", sources="generated", turn=turn
+                )
+                trajectory[agent].append((turn, s.mean((0, 1))))
+            transcript.append(
+                {
+                    "turn": turn,
+                    "agent": agent,
+                    "text": text,
+                    "tokens": len(new),
+                    "mean_scalings": dict(zip(model.expert_names, s.mean((0, 1)).tolist())) if len(new) else {},
+                }
             )
-            trajectory[agent].append((turn, s.mean((0, 1))))
-        transcript.append(
-            {
-                "turn": turn,
-                "agent": agent,
-                "text": text,
-                "tokens": len(new),
-                "mean_scalings": dict(zip(model.expert_names, s.mean((0, 1)).tolist())) if len(new) else {},
-            }
+            return text
+
+        for turn in range(1, turns + 1):
+            agent = "A" if turn % 2 == 1 else "B"
+            history.append((agent, speak(agent, turn)))
+        if summary_prompt:
+            speak("A", turns + 1, extra_user=summary_prompt)
+            transcript[-1]["summary"] = True
+
+        summaries = {name: r.close() for name, r in recorders.items()}
+        per_agent = {
+            name: ([t for t, _ in points], torch.stack([v for _, v in points]), agents[name][0].expert_names)
+            for name, points in trajectory.items()
+            if points
+        }
+        figures = (
+            plot_trajectory(
+                per_agent, out / "figures" / "trajectory", title="Expert trajectories over the conversation"
+            )
+            if per_agent
+            else []
         )
-        return text
-
-    for turn in range(1, turns + 1):
-        agent = "A" if turn % 2 == 1 else "B"
-        history.append((agent, speak(agent, turn)))
-    if summary_prompt:
-        speak("A", turns + 1, extra_user=summary_prompt)
-        transcript[-1]["summary"] = True
-
-    summaries = {name: r.close() for name, r in recorders.items()}
-    per_agent = {
-        name: ([t for t, _ in points], torch.stack([v for _, v in points]), agents[name][0].expert_names)
-        for name, points in trajectory.items()
-        if points
-    }
-    figures = (
-        plot_trajectory(per_agent, out / "figures" / "trajectory", title="Expert trajectories over the conversation")
-        if per_agent
-        else []
-    )
-    record = {
-        "personas": {"A": persona_a, "B": persona_b},
-        "opening": opening,
-        "turns": transcript,
-        "figures": [str(p.relative_to(out)) for p in figures],
-        "usage": {name: s["groups"]["all"]["usage"] for name, s in summaries.items() if "all" in s["groups"]},
-    }
-    (out / "transcript.json").write_text(json.dumps(record, indent=2))
-    lines = [
-        "# Conversation",
-        "",
-        f"**Opening:** {opening}",
-        "",
-        f"**Agent A:** {persona_a}",
-        f"**Agent B:** {persona_b}",
-        "",
-    ]
-    for t in transcript:
-        dominant = max(t["mean_scalings"], key=t["mean_scalings"].get) if t["mean_scalings"] else "-"
-        tag = " (summary)" if t.get("summary") else ""
-        lines += [
-            f"### Turn {t['turn']}: agent {t['agent']}{tag} (dominant expert: {dominant})",
+        record = {
+            "personas": {"A": persona_a, "B": persona_b},
+            "opening": opening,
+            "turns": transcript,
+            "figures": [str(p.relative_to(out)) for p in figures],
+            "usage": {name: s["groups"]["all"]["usage"] for name, s in summaries.items() if "all" in s["groups"]},
+        }
+        write_json(out / "transcript.json", record)
+        lines = [
+            "# Conversation",
             "",
-            t["text"] or "∅",
+            f"**Opening:** {opening}",
+            "",
+            f"**Agent A:** {persona_a}",
+            f"**Agent B:** {persona_b}",
             "",
         ]
-    (out / "transcript.md").write_text("\n".join(lines))
-    return record
+        for t in transcript:
+            dominant = max(t["mean_scalings"], key=t["mean_scalings"].get) if t["mean_scalings"] else "-"
+            tag = " (summary)" if t.get("summary") else ""
+            lines += [
+                f"### Turn {t['turn']}: agent {t['agent']}{tag} (dominant expert: {dominant})",
+                "",
+                t["text"] or "∅",
+                "",
+            ]
+        (out / "transcript.md").write_text("\n".join(lines))
+        return record

@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..io import check_owned_files, write_owned_files
 from .build import BuildConfig, build
-from .run import run_demo, weights_dir
+from .run import RESULT_FILES, run_demo, weights_dir
 from .world import DOMAINS
 
 __all__ = ["rebuild_and_compare"]
@@ -23,7 +24,7 @@ def rebuild_and_compare(out_dir: str | Path, *, threads: int = 2, console: Any =
     from rich.table import Table
 
     console = console or Console()
-    out = Path(out_dir)
+    out = check_owned_files(out_dir, ("rebuild.json", *RESULT_FILES), what="--out")
     config = config or BuildConfig(threads=threads)
     start = time.perf_counter()
     console.print(f"[bold]rebuilding the mini-world[/bold] in {out / 'build'} (base, 4 experts, 2 gates)")
@@ -55,5 +56,5 @@ def rebuild_and_compare(out_dir: str | Path, *, threads: int = 2, console: Any =
         console.print(f"largest difference {comparison['max_abs_difference']:.3f}, mean "
                       f"{comparison['mean_abs_difference']:.3f} (same seeds; float summation order and thread "
                       f"count can still move a tiny model's greedy answers)")
-    (out / "rebuild.json").write_text(json.dumps(comparison, indent=2))
+    write_owned_files(out, {"rebuild.json": json.dumps(comparison, indent=2)}, what="--out")
     return comparison

@@ -12,12 +12,14 @@ from typing import Any
 
 import torch
 
+from ..io import check_owned_files, check_replaceable, write_owned_files
 from .world import DOMAINS, World
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["EVAL_SIZES", "run_demo", "shipped_checkpoint", "test_records"]
 
+RESULT_FILES = ("results.json", "results.md")
 # the fixed test subset: records per domain (the first ones of the shuffled test split)
 EVAL_SIZES = {"forward": 60, "inverse": 40, "compare": 60, "qa": 60, "composite": 40}
 SYSTEM_LABELS = {
@@ -139,14 +141,15 @@ def run_demo(
     from rich.table import Table
 
     from ..analysis import analyze
+    from ..analysis.report import ANALYSIS_FILES
     from ..checkpoint import load
     from ..evaluate import evaluate, generate_answers, primary_metric
 
     console = console or Console()
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_owned_files(out_dir, RESULT_FILES, what="--out")  # before the run: never overwrite a user's file
+    check_replaceable(out / "analysis", marker="summary.json", owned=ANALYSIS_FILES, what="--out")
     main_dir = Path(checkpoint) if checkpoint else shipped_checkpoint()
     trunc_dir = Path(truncated) if truncated else main_dir.parent / "checkpoint-truncated"
     with console.status("loading the mini-world"):
@@ -210,8 +213,8 @@ def run_demo(
         "eval_sizes": sizes,
         "analysis": {"figures": analysis["figures"], "usage": {g: v["usage"] for g, v in analysis["groups"].items()}},
     }
-    (out / "results.json").write_text(json.dumps(payload, indent=2))
-    (out / "results.md").write_text(_markdown(result, summary, examples, seconds, sizes))
+    markdown = _markdown(result, summary, examples, seconds, sizes)
+    write_owned_files(out, {"results.json": json.dumps(payload, indent=2), "results.md": markdown}, what="--out")
     console.print(
         f"[green]wrote[/green] {out}/results.json, {out}/results.md and {len(analysis['figures'])} figure "
         f"files in {out}/analysis/figures ({seconds:.0f} s)"

@@ -27,10 +27,11 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import atomic_directory, load_gate_state, read_json, read_tensors, save_tensors, write_json
+from ..checkpoint import load_gate_state
 from ..config import GateConfig, MixConfig
 from ..errors import AdapterError, CheckpointError, LoramixError
 from ..experts import check_adapter_config, expert_from_state_dict, linear_features, stack_experts
+from ..io import atomic_directory, check_replaceable, read_json, read_tensors, save_tensors, write_json
 from ..model import ExpertInfo, LoraMixModel, load_base_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ XLORA_CONFIG = "xlora_config.json"
 CLASSIFIER = "xlora_classifier.safetensors"
 ORDERING = "ordering.json"
 ADAPTER_CONFIG_SUFFIX = ".adapter_config.json"
+_XLORA_FILES = ("xlora_config.json", "xlora_classifier.safetensors", "ordering.json", "*.adapter_config.json",
+                "*.adapter_model.safetensors")  # written by older loramix versions, before manifests
 ADAPTER_WEIGHTS_SUFFIX = ".adapter_model.safetensors"
 BASE_WEIGHTS = "model.safetensors"
 
@@ -253,14 +256,6 @@ def export_mistralrs(
     """
     if not isinstance(base_model_id, str) or not base_model_id.strip():
         raise ExportError(f"base_model_id={base_model_id!r} must be a non-empty string (a hub id or a directory)")
-    names = model.expert_names
-    _check_names(names)
-    _check_lm_head(model)
-    _check_architecture(model)
-    _check_gate(model)
-    tables = _expert_tables(model)
-    adapted = set(tables[0]["modules"])
-    targets = _target_names(model, adapted)
     out = Path(out_dir).expanduser()
     if with_base is not None:
         base_path = Path(with_base).expanduser().absolute()
@@ -270,7 +265,18 @@ def export_mistralrs(
             raise ExportError(
                 f"with_base={with_base} is the directory the base model was loaded from; write the copy elsewhere"
             )
-
+    # both output directories before any other work: never replace what loramix did not write
+    check_replaceable(out, marker=XLORA_CONFIG, owned=_XLORA_FILES, what="--out")
+    if with_base is not None:
+        check_replaceable(with_base, marker="config.json", what="--with-base")
+    names = model.expert_names
+    _check_names(names)
+    _check_lm_head(model)
+    _check_architecture(model)
+    _check_gate(model)
+    tables = _expert_tables(model)
+    adapted = set(tables[0]["modules"])
+    targets = _target_names(model, adapted)
     if with_base is not None:
         write_base(model, with_base)
     ordering = {
@@ -278,7 +284,7 @@ def export_mistralrs(
         "order": names,
         "layers": {path: i for i, path in enumerate(model.layer_names)},
     }
-    with atomic_directory(out, overwrite=True, marker=XLORA_CONFIG) as tmp:
+    with atomic_directory(out, marker=XLORA_CONFIG, owned=_XLORA_FILES, what="--out") as tmp:
         for e, (info, table) in enumerate(zip(model.experts, tables)):
             config_name, weights_name = _expert_files(info.name)
             tensors: dict[str, torch.Tensor] = {}
@@ -312,7 +318,8 @@ def write_base(model: LoraMixModel, path: str | Path) -> Path:
     """A copy of the base model that mistral.rs loads: config.json (+ top-level rope_theta), model.safetensors with
     lm_head.weight stored even when tied, generation_config.json and the tokenizer files (tokenizer.json needed)."""
     target = Path(path).expanduser()
-    with atomic_directory(target, overwrite=True, marker="config.json") as tmp, model.plain_model() as base:
+    # No legacy names: a directory with a config.json but no manifest is some model the user keeps, never ours.
+    with atomic_directory(target, marker="config.json", what="--with-base") as tmp, model.plain_model() as base:
         state = base.state_dict()
         if "lm_head.weight" not in state:
             output = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import atomic_directory, save_tensors
 from ..errors import ConfigError
+from ..experts import PEFT_ADAPTER_FILES
+from ..io import atomic_directory, read_json, read_tensors, save_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -30,26 +31,18 @@ def read_scalings_file(path: str | Path, n_layers: int, n_experts: int) -> torch
     """Scalings [L, N] from JSON (a list of L lists of N numbers, or one list of N for every layer) or safetensors
     (one tensor named "scalings")."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such scalings file")
+    what = f"scalings: {n_layers} lists of {n_experts} numbers, or one list of {n_experts}"
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError) as exc:
-            raise ConfigError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+        tensors = read_tensors(path, what, error=ConfigError)
         if "scalings" not in tensors:
             raise ConfigError(f"{path}: expected a tensor named 'scalings', found {sorted(tensors)}")
         s = tensors["scalings"].double()
     else:
+        data = read_json(path, what, error=ConfigError, kind=list)
         try:
-            s = torch.tensor(json.loads(path.read_text()), dtype=torch.float64)
-        except (json.JSONDecodeError, TypeError, ValueError) as exc:
-            raise ConfigError(
-                f"{path}: expected a JSON list of {n_layers} lists of {n_experts} numbers ({exc})"
-            ) from None
+            s = torch.tensor(data, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ConfigError(f"{path}: expected {what} ({exc})") from None
     return check_fixed_scalings(s, n_layers, n_experts, str(path))
 
 
@@ -151,7 +144,7 @@ def export_static(
         "scalings": s.tolist(),
         "experts": model.expert_names,
     }
-    with atomic_directory(out_dir, marker="adapter_config.json") as tmp:
+    with atomic_directory(out_dir, marker="adapter_config.json", owned=PEFT_ADAPTER_FILES, what="--out") as tmp:
         save_tensors(tensors, tmp / "adapter_model.safetensors", {"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
         (tmp / "loramix_static.json").write_text(json.dumps(report, indent=2))

@@ -28,7 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import LoramixError
+from ..errors import ConfigError, LoramixError
 from ..generate import render_chat
 from .engine import Engine, Job
 from .schemas import ChatRequest, CompletionRequest
@@ -72,6 +72,10 @@ def create_app(
     """The FastAPI app serving `model` (a LoraMixModel with a tokenizer). One worker thread runs the model."""
     if model.tokenizer is None:
         raise LoramixError("serving needs a tokenizer: the checkpoint has none and its base provides none")
+    if api_key is not None and not api_key.strip():
+        raise ConfigError(
+            "api_key is empty, which would turn authentication off; give a non-empty key, or none to serve without one"
+        )
     tokenizer = model.tokenizer
     context = getattr(model.model.config, "max_position_embeddings", None)
     prompt_limit = max_prompt_tokens or (context - 1 if context else 4096)

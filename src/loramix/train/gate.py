@@ -11,8 +11,10 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import CHECKPOINT_FILES, CONFIG_NAME
 from ..config import MixConfig
 from ..errors import ConfigError
+from ..io import check_replaceable
 from ..model import LoraMixModel, from_pretrained
 from .common import as_path, batch_logits, pad_id, prepare_data, run_dir_for
 from .loop import TrainConfig, Trainer
@@ -136,16 +138,21 @@ def train_gate(
     objective: GateObjective | None = None,
     run_dir: str | Path | None = None,
     resume: bool | str | Path = False,
+    force_resume: bool = False,
     include_base: bool = False,
 ) -> dict[str, Any]:
     """Train the gate of `model` (or of a new mixture of `base` + `experts` with `config`) on `data`.
 
     Base and experts stay frozen unless `config.trainable_experts`. The scaling pass runs without gradients; the loss
     is the mixed pass's next-token loss (+ optional auxiliary terms, see `gate_loss`). `config.scaling_layer` trains
-    a gate for the truncated scaling pass. Saves a loramix checkpoint to `output_dir`; returns the last metrics.
+    a gate for the truncated scaling pass. Saves a loramix checkpoint to `output_dir` (checked before training: a
+    directory holding files loramix did not write is refused); returns the last metrics. `resume` with changed
+    optimisation settings is refused unless `force_resume`.
     """
     train = train or TrainConfig()
     objective = objective or GateObjective()
+    out_dir = as_path(output_dir)
+    check_replaceable(out_dir, marker=CONFIG_NAME, owned=CHECKPOINT_FILES, what="--out")  # before any training step
     if model is None:
         if base is None or not experts:
             raise ConfigError("train_gate needs a LoraMixModel, or a base and experts to build one")
@@ -169,7 +176,6 @@ def train_gate(
     def loss_fn(m, batch):
         return gate_loss(m, batch, objective, expert_of_domain)
 
-    out_dir = as_path(output_dir)
     hparams = {"mix_config": model.config.to_dict(), "experts": model.expert_names, "objective": asdict(objective)}
     trainer = Trainer(
         model,
@@ -185,7 +191,7 @@ def train_gate(
         description=f"gate {out_dir.name}",
         hparams=hparams,
     )
-    metrics = trainer.train(resume=resume)
+    metrics = trainer.train(resume=resume, force=force_resume)
     if trainer.accelerator.is_main_process:
         trainer.model.save(out_dir, include_base=include_base)
         logger.info("saved the mixture to %s", out_dir)

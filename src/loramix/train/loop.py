@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
+from ..io import check_finite, write_text_atomic
 from .state import load_optimizer, load_rng, save_optimizer, save_rng
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,9 @@ __all__ = ["TrainConfig", "Trainer"]
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
 STATE_NAME = "trainer_state.json"
 CHECKPOINT_RE = re.compile(r"step-(\d+)$")
+# Settings that shape the optimisation trajectory: a resume that changes one does not continue the same run.
+RESUME_KEYS = ("learning_rate", "weight_decay", "schedule", "warmup_steps", "epochs", "max_steps", "batch_size",
+               "grad_accum", "max_grad_norm", "seed", "max_length", "mixed_precision")
 
 
 @dataclass
@@ -92,6 +96,19 @@ class TrainConfig:
         check(self.save_every is None or self.save_every >= 1, f"save_every={self.save_every} must be >= 1")
         check(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
         check(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
+        check(0 <= self.seed < 2**63, f"seed={self.seed} must be an integer from 0 to 2**63 - 1")
+        check(isinstance(self.report_to, list), f"report_to={self.report_to!r} must be a list of tracker names")
+        if self.report_to:
+            from accelerate.tracking import get_available_trackers
+            from accelerate.utils import LoggerType
+
+            known = [t.value for t in LoggerType]
+            for name in self.report_to:
+                check(name in known, f"report_to={name!r} is not a tracker Accelerate knows; expected one of {known}")
+                check(
+                    name == "all" or name in get_available_trackers(),
+                    f"report_to={name!r}: the {name} package is not installed (pip install {name})",
+                )
 
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
@@ -204,6 +221,11 @@ class Trainer:
         if acc.is_main_process:
             from safetensors.torch import save_file
 
+            try:
+                check_finite(dict(self.trainable), f"step {self.global_step}", error=TrainingError)
+            except TrainingError as exc:
+                raise TrainingError(f"{exc}; not saved, training stopped") from None
+
             save_file(
                 {n: p.detach().cpu().contiguous() for n, p in self.trainable.items()},
                 str(tmp / "trainable.safetensors"),
@@ -238,10 +260,58 @@ class Trainer:
             if path.name != f".step-{self.global_step}.tmp":
                 shutil.rmtree(path, ignore_errors=True)
 
-    def _resume(self, path: Path, optimizer: torch.optim.Optimizer) -> None:
+    def _diverged(self, value: float) -> TrainingError:
+        """The error for a non-finite loss: which step, and what is kept (nothing of this run is saved as output)."""
+        step = self.global_step + 1
+        last = self.latest_checkpoint()
+        kept = (
+            f"the last good training checkpoint is {last} (--resume continues from it)"
+            if last is not None
+            else "no output was written (use --save-every to keep resumable checkpoints)"
+        )
+        return TrainingError(
+            f"the loss became {value} at step {step}; training stopped: {kept}. Check the data, the experts' "
+            "weights and alphas, and lower --lr"
+        )
+
+    def _check_resume_config(self, saved: dict[str, Any], path: Path, force: bool) -> None:
+        """Refuse a resume whose optimisation settings differ from the checkpoint's (it would not continue the same
+        run) unless `force`."""
+        current = asdict(self.config)
+        changed = [
+            f"{key} {saved[key]!r} -> {current[key]!r}"
+            for key in RESUME_KEYS
+            if key in saved and key in current and saved[key] != current[key]
+        ]
+        if not changed:
+            return
+        if not force:
+            raise ConfigError(
+                f"{path}: --resume with changed settings ({', '.join(changed)}); use the checkpoint's settings to "
+                "continue the same run, or --force to continue with the new ones"
+            )
+        logger.warning("resuming %s with changed settings: %s", path, ", ".join(changed))
+
+    def _truncate_metrics(self) -> None:
+        """Drop the records logged after the resumed step, so that metrics.jsonl has each step once."""
+        path = self.run_dir / "metrics.jsonl"
+        if not self.accelerator.is_main_process or not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                step = json.loads(line).get("step")
+            except (json.JSONDecodeError, AttributeError):
+                continue  # a line cut by a kill
+            if isinstance(step, int) and step <= self.global_step:
+                kept.append(line)
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+    def _resume(self, path: Path, optimizer: torch.optim.Optimizer, force: bool = False) -> None:
         from safetensors.torch import load_file
 
         state = json.loads((path / STATE_NAME).read_text())
+        self._check_resume_config(state.get("config") or {}, path, force)
         if state.get("world_size") != self.world:
             raise ConfigError(
                 f"{path}: the checkpoint was written by {state.get('world_size')} process(es); resume with the same "
@@ -259,6 +329,7 @@ class Trainer:
         self.epoch = state["epoch"]
         self.micro_done_in_epoch = state["micro_done_in_epoch"]
         load_rng(path / f"rng_{self.accelerator.process_index}.safetensors")
+        self._truncate_metrics()
         logger.info("resumed from %s (step %d)", path, self.global_step)
 
     # ------------------------------------------------------------------ evaluation
@@ -311,8 +382,13 @@ class Trainer:
         if self.config.report_to:
             self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
 
-    def train(self, resume: bool | str | Path = False) -> dict[str, Any]:
-        """Run to `total_steps`; return the last logged training and evaluation metrics."""
+    def train(self, resume: bool | str | Path = False, *, force: bool = False) -> dict[str, Any]:
+        """Run to `total_steps`; return the last logged training and evaluation metrics.
+
+        resume: True (the newest complete checkpoint of the run dir) or a checkpoint path. A checkpoint written with
+        other optimisation settings (`RESUME_KEYS`) is refused unless `force`. Raises `TrainingError` when the loss
+        becomes NaN or Inf (the periodic checkpoints written before stay).
+        """
         from transformers import get_scheduler
 
         acc = self.accelerator
@@ -333,7 +409,7 @@ class Trainer:
             if resume_from is None:
                 logger.warning("no complete checkpoint under %s: starting from scratch", self.checkpoints_dir)
             else:
-                self._resume(resume_from, optimizer)
+                self._resume(resume_from, optimizer, force)
         scheduler = get_scheduler(
             config.schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=self.total_steps
         )
@@ -369,7 +445,10 @@ class Trainer:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 self.micro_done_in_epoch += 1
-                window_loss += float(loss.detach())
+                value = float(loss.detach())  # the one host sync per micro-batch, shared with the logging
+                if not math.isfinite(value):
+                    raise self._diverged(value)
+                window_loss += value
                 window_n += 1
                 window_tokens += int(batch["attention_mask"].sum()) * self.world
                 for key, value in extras.items():
