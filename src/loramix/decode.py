@@ -220,9 +220,10 @@ def advance(buffers: DecodeBuffers, token: torch.Tensor, live: torch.Tensor) -> 
 _COMPILED: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], Callable[..., Any]]] = weakref.WeakKeyDictionary()
 
 
-def compiled_step(model: LoraMixModel, batch: int, slots: int, held: bool, backend: str | None = None):
+def compiled_step(model: LoraMixModel, batch: int, slots: int, held: bool, backend: Any = None) -> Callable[..., Any]:
     """`decode_step` compiled with `fullgraph=True` (and `mode="reduce-overhead"` on CUDA) for this model, batch
-    size, cache slots and kind (held or not). Compiled once per key; a new batch size or bucket compiles anew
+    size, cache slots and kind (held or not); `backend` is a torch.compile backend (default "inductor"). Compiled
+    once per key; a new batch size or bucket compiles anew
     (shapes are static), so a larger batch is never run through a step traced for a smaller one."""
     backend = backend or "inductor"
     key = (batch, slots, held, backend)
