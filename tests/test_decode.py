@@ -182,6 +182,6 @@ def test_tokenizer_without_pad_keeps_its_settings():
     tokenizer = char_tokenizer()
     tokenizer.pad_token = None
     tokenizer.padding_side = "right"
-    ids, mask = encode_prompts(tokenizer, ["GRAVY", "AC"])
+    ids, _ = encode_prompts(tokenizer, ["GRAVY", "AC"])
     assert tokenizer.pad_token is None and tokenizer.padding_side == "right"
     assert ids[1, :3].tolist() == [tokenizer.eos_token_id] * 3  # padded with eos, on the left

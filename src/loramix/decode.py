@@ -186,25 +186,44 @@ def decode_step(
     if not held:
         with model.state.use(model.dummy_scalings()):
             out = model.scaling_backbone()(
-                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache.scaling,
-                use_cache=True, return_dict=True,
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache.scaling,
+                use_cache=True,
+                return_dict=True,
             )
         s = model.gate(out.last_hidden_state)  # [B, 1, L, N]
         scalings.copy_(s)
         multipliers.copy_(model.rank_multipliers(s))
     with model.state.use(prepared):
         out = model.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache.mixed, use_cache=True,
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache.mixed,
+            use_cache=True,
             return_dict=True,
         )
     return out.logits[:, -1], scalings[:, 0]
 
 
-def run_step(step: Callable[..., Any], model: LoraMixModel, buffers: DecodeBuffers) -> tuple[torch.Tensor, torch.Tensor]:
+def run_step(
+    step: Callable[..., Any], model: LoraMixModel, buffers: DecodeBuffers
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Call `step` (decode_step, compiled or not) on the buffers."""
     b = buffers
     return step(
-        model, b.ids, b.positions, b.cache_position, b.live, b.mask, b.scalings, b.multipliers, b.cache, b.prepared,
+        model,
+        b.ids,
+        b.positions,
+        b.cache_position,
+        b.live,
+        b.mask,
+        b.scalings,
+        b.multipliers,
+        b.cache,
+        b.prepared,
         b.held,
     )
 
@@ -233,7 +252,9 @@ def compiled_step(model: LoraMixModel, batch: int, slots: int, held: bool, backe
         options: dict[str, Any] = dict(fullgraph=True, dynamic=False, backend=backend)
         if backend == "inductor" and model.device.type == "cuda":
             options["mode"] = "reduce-overhead"
-        logger.info("compiling the decode step: batch %d, %d cache slots, %s", batch, slots, "held" if held else "granular")
+        logger.info(
+            "compiling the decode step: batch %d, %d cache slots, %s", batch, slots, "held" if held else "granular"
+        )
         step = torch.compile(decode_step, **options)
         per_model[key] = step
     return step

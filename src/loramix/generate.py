@@ -350,7 +350,9 @@ class Generation:
         self.stops = StoppingCriteriaList()
         if stop_strings:
             if tokenizer is None:
-                raise ConfigError("stop_strings need a tokenizer (pass tokenizer=... or load a checkpoint that has one)")
+                raise ConfigError(
+                    "stop_strings need a tokenizer (pass tokenizer=... or load a checkpoint that has one)"
+                )
             strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
             self.stops.append(StopStringCriteria(tokenizer, strings))
         if generator is None and seed is not None:
@@ -367,7 +369,9 @@ class Generation:
             raise ConfigError("a row of attention_mask is all zeros: every prompt needs at least one token")
         self.fixed = None
         if scalings is not None:
-            self.fixed = _fixed_scalings(scalings.to(device, model.dtype), ids.shape[0], model.n_layers, model.n_experts)
+            self.fixed = _fixed_scalings(
+                scalings.to(device, model.dtype), ids.shape[0], model.n_layers, model.n_experts
+            )
         self.mode = "fixed" if self.fixed is not None else mode
         self.use_cache = use_cache
         self.backend = _compile_backend(model, compile, use_cache)
