@@ -158,6 +158,11 @@ def _show_scalings(tokenizer: Any, tokens: list[int], scalings: Any, names: list
     console.print(table)
 
 
+_COMPILE_HELP = (
+    "Decode with the compiled step (torch.compile over static caches; the first batch of each size compiles; "
+    "see docs/generation.md)."
+)
+
 @app.command()
 def generate(
     checkpoint: Path = typer.Argument(..., help="A loramix checkpoint directory (with its tokenizer)."),
@@ -179,6 +184,7 @@ def generate(
     device: str | None = typer.Option(None, help="e.g. cpu, cuda, cuda:1 (default: where the base loads)."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16 (default: the base's)."),
     base: str | None = _BASE,
+    compile_: bool = typer.Option(False, "--compile", help=_COMPILE_HELP),
 ) -> None:
     """Generate text from prompts with a checkpoint, optionally streaming and showing the dominant expert per token."""
     from .generate import MODES, encode_prompts, render_chat
@@ -204,6 +210,7 @@ def generate(
         seed=seed,
         stop_strings=stop or None,
         mode=mode,
+        compile=compile_,
     )
     names = model.expert_names
     if stream_:
@@ -460,6 +467,7 @@ def analyze(
     device: str | None = typer.Option(None, help="e.g. cpu, cuda."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16."),
     base: str | None = _BASE,
+    compile_: bool = typer.Option(False, "--compile", help=_COMPILE_HELP),
 ) -> None:
     """Record the scalings of prompts and/or a dataset: tidy table, statistics (usage, entropy, dominance, layer
     correlation) and figures (heatmaps, usage by domain)."""
@@ -481,6 +489,7 @@ def analyze(
         fmt=table_format,
         batch_size=batch_size,
         per_domain_figures=per_domain,
+        **({"compile": True} if compile_ else {}),
     )
     table = Table("group", "tokens", *model.expert_names, "entropy", title="mean scaling per expert")
     for name, group in summary["groups"].items():
@@ -572,6 +581,7 @@ def serve(
     dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16."),
     base: str | None = _BASE,
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+    compile_: bool = typer.Option(False, "--compile", help=_COMPILE_HELP),
 ) -> None:
     """Serve a checkpoint behind an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models)."""
     import uvicorn
@@ -598,6 +608,7 @@ def serve(
         max_tokens_limit=max_tokens,
         batching=batching,
         max_batch=max_batch,
+        compile=compile_,
     )
     err_console.print(
         f"serving [bold]{name}[/bold] on http://{host}:{port}/v1" + (" (API key required)" if api_key else "")

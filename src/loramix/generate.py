@@ -28,13 +28,27 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import ConfigError
+from .model import LoraMixCache, new_dynamic_cache
 
 if TYPE_CHECKING:
     from .model import LoraMixModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MODES", "GenerationOutput", "IncrementalDecoder", "encode_prompts", "generate", "render_chat", "stream"]
+__all__ = [
+    "MODES",
+    "DecodeState",
+    "Generation",
+    "GenerationDefaults",
+    "GenerationOutput",
+    "IncrementalDecoder",
+    "Step",
+    "encode_prompts",
+    "generate",
+    "render_chat",
+    "resolve_defaults",
+    "stream",
+]
 
 MODES = ("granular", "prompt", "truncated")
 
@@ -70,15 +84,6 @@ class GenerationOutput:
 def _text_config(model: LoraMixModel) -> Any:
     config = model.model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def _new_dynamic_cache(config: Any) -> Any:
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=config)  # sliding-window / hybrid layouts where the model has them
-    except TypeError:
-        return DynamicCache()
 
 
 def _ids_list(value: int | Sequence[int] | None) -> list[int]:
@@ -186,62 +191,287 @@ def _fixed_scalings(scalings: torch.Tensor, batch: int, n_layers: int, n_experts
     return s.expand(batch, 1, n_layers, n_experts)
 
 
-class _Run:
-    """One generation: the decode loop as an iterator of steps (so that `stream` can yield between steps)."""
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """The generation settings that come from the model when the caller leaves them out (`resolve_defaults`).
 
-    def __init__(self, model: LoraMixModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **kw: Any):
+    eos_token_ids: the ids that end a row ([] when the model names none: rows run to max_new_tokens).
+    pad_token_id:  what fills a row after it stopped, and the left padding of batched prompts.
+    context:       the model's maximum number of positions, or None if its config does not say.
+    """
+
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    context: int | None
+
+
+def resolve_defaults(
+    model: LoraMixModel,
+    *,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    tokenizer: Any = None,
+) -> GenerationDefaults:
+    """The one resolution of eos, pad and context, used by `generate`, the server, the CLI and the analysis.
+
+    eos: the argument; else the model's generation config, else its config. `[]` disables stopping on EOS.
+    pad: the argument; else the generation config, the config, the tokenizer's pad token, the first eos id, 0.
+    Nothing is written to the tokenizer or the model.
+    """
+    config = _text_config(model)
+    gen_config = getattr(model.model, "generation_config", None)
+    eos = _ids_list(eos_token_id)
+    if eos_token_id is None:
+        eos = _ids_list(getattr(gen_config, "eos_token_id", None) or getattr(config, "eos_token_id", None))
+    if pad_token_id is None:
+        for candidate in (
+            getattr(gen_config, "pad_token_id", None),
+            getattr(config, "pad_token_id", None),
+            getattr(tokenizer, "pad_token_id", None),
+            eos[0] if eos else None,
+            0,
+        ):
+            if isinstance(candidate, int):
+                pad_token_id = candidate
+                break
+    context = getattr(config, "max_position_embeddings", None)
+    return GenerationDefaults(tuple(eos), int(pad_token_id), context if isinstance(context, int) else None)
+
+
+@dataclass
+class Step:
+    """One generated token for every row of the batch (what a `Generation` yields).
+
+    token:    [B] the chosen tokens (`pad_token_id` for rows that had already stopped)
+    logits:   [B, V] the raw logits they were chosen from
+    scalings: [B, L, N] the scalings of the forward step that produced them
+    finished: [B] bool, rows stopped by this token or before
+    """
+
+    index: int
+    token: torch.Tensor
+    logits: torch.Tensor
+    scalings: torch.Tensor
+    finished: torch.Tensor
+
+
+@dataclass
+class DecodeState:
+    """The growing batch of one generation, preallocated for its C = prompt + new tokens (or cache slots) columns.
+
+    sequences [B, C], mask [B, C], positions [B, C]: filled up to `length` (a host int: slicing by it never syncs).
+    finished [B] bool, stopped [B] bool (ended by eos or a stop string), lengths [B] long (tokens generated up to
+    and including the one that ended the row): kept on the device, read back every `check_every` steps.
+    """
+
+    sequences: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    length: int
+    finished: torch.Tensor
+    stopped: torch.Tensor
+    lengths: torch.Tensor
+
+    @classmethod
+    def start(cls, input_ids: torch.Tensor, mask: torch.Tensor, columns: int, pad_token_id: int) -> DecodeState:
+        batch, prompt = input_ids.shape
+        device = input_ids.device
+        sequences = torch.full((batch, columns), pad_token_id, dtype=input_ids.dtype, device=device)
+        sequences[:, :prompt] = input_ids
+        full_mask = torch.zeros(batch, columns, dtype=torch.long, device=device)
+        full_mask[:, :prompt] = mask
+        positions = torch.zeros(batch, columns, dtype=torch.long, device=device)
+        positions[:, :prompt] = (mask.cumsum(-1) - 1).clamp_min(0)
+        no = torch.zeros(batch, dtype=torch.bool, device=device)
+        return cls(sequences, full_mask, positions, prompt, no, no.clone(), torch.zeros_like(no, dtype=torch.long))
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """[B, length] the prompt and the tokens generated so far."""
+        return self.sequences[:, : self.length]
+
+    def append(self, token: torch.Tensor) -> None:
+        """Add one token per row [B] (rows already finished get it masked out, as transformers does)."""
+        at = self.length
+        self.sequences[:, at] = token
+        self.mask[:, at] = (~self.finished).long()
+        self.positions[:, at] = self.positions[:, at - 1] + 1
+        self.lengths += (~self.finished).long()
+        self.length = at + 1
+
+
+STOP_CHECK_EVERY = 8
+"""With compile=True, how many steps run between two reads of the stop flags (the only host sync of the loop)."""
+
+
+class Generation:
+    """A generation in progress: iterate it for one `Step` per generated token; then `output()` gives the result.
+
+    Takes the arguments of `generate` (except return_scalings / output_logits, which `generate` collects). The
+    arguments are checked and the defaults resolved when it is made (`defaults` holds them), before any forward.
+    """
+
+    def __init__(
+        self,
+        model: LoraMixModel,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        stop_strings: str | Sequence[str] | None = None,
+        tokenizer: Any = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+        mode: str = "granular",
+        scalings: torch.Tensor | None = None,
+        scaling_layer: int | None = None,
+        streamer: Any = None,
+        compile: Any = False,
+    ) -> None:
+        from transformers import StoppingCriteriaList
+        from transformers.generation.stopping_criteria import StopStringCriteria
+
         self.model = model
-        self.kw = kw
+        self.max_new_tokens = _check_args(
+            model, input_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, mode, scaling_layer
+        )
+        tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+        self.defaults = resolve_defaults(model, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        self.do_sample = do_sample and temperature != 0  # temperature 0 means greedy, as in the OpenAI API
+        self.processors = _logits_processors(self.do_sample, temperature, top_k, top_p, repetition_penalty)
+        self.stops = StoppingCriteriaList()
+        if stop_strings:
+            if tokenizer is None:
+                raise ConfigError(
+                    "stop_strings need a tokenizer (pass tokenizer=... or load a checkpoint that has one)"
+                )
+            strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+            self.stops.append(StopStringCriteria(tokenizer, strings))
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=model.device).manual_seed(int(seed))
+        self.generator = generator
+        self.streamer = streamer
         device = model.device
-        self.input_ids = input_ids.to(device)
+        ids = input_ids.to(device)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        self.mask = mask.to(device=device, dtype=torch.long)
-        if self.mask.shape != self.input_ids.shape:
-            raise ConfigError(
-                f"attention_mask has shape {tuple(self.mask.shape)}; expected {tuple(self.input_ids.shape)}"
-            )
-        if bool((self.mask.sum(-1) == 0).any()):
+        mask = mask.to(device=device, dtype=torch.long)
+        if mask.shape != ids.shape:
+            raise ConfigError(f"attention_mask has shape {tuple(mask.shape)}; expected {tuple(ids.shape)}")
+        if bool((mask.sum(-1) == 0).any()):
             raise ConfigError("a row of attention_mask is all zeros: every prompt needs at least one token")
+        self.fixed = None
+        if scalings is not None:
+            self.fixed = _fixed_scalings(
+                scalings.to(device, model.dtype), ids.shape[0], model.n_layers, model.n_experts
+            )
+        self.mode = "fixed" if self.fixed is not None else mode
+        self.use_cache = use_cache
+        self.backend = _compile_backend(model, compile, use_cache)
+        self.prompt_length = ids.shape[1]
+        columns = self.prompt_length + self.max_new_tokens
+        if self.backend is not None:
+            from .decode import cache_slots
 
-    def steps(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (logits [B, V], scalings [B, L, N]) for each position to predict from; the caller appends the
-        chosen token to `full_ids` (and mask, positions) between steps."""
-        kw = self.kw
-        model = self.model
-        mode, fixed, use_cache = kw["mode"], kw["fixed"], kw["use_cache"]
-        ids, mask = self.input_ids, self.mask
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        if use_cache:
-            cache_s = _new_dynamic_cache(_text_config(model)) if fixed is None and mode != "prompt" else None
-            cache_m = _new_dynamic_cache(_text_config(model))
-        hold: torch.Tensor | None = fixed  # scalings held for every later token (prompt / fixed modes)
-        held = None
-        step_input, step_pos = ids, positions
-        while True:
-            if not use_cache:  # reference path: recompute the whole prefix through both passes
-                ids_now, pos_now = self.full_ids, self.full_positions
+            columns = cache_slots(columns, self.defaults.context)
+        self.state = DecodeState.start(ids, mask, columns, self.defaults.pad_token_id)
+        self.eos = torch.tensor(self.defaults.eos_token_ids, device=device) if self.defaults.eos_token_ids else None
+        self._done = False
+
+    # ------------------------------------------------------------------ the loop
+
+    def __iter__(self) -> Iterator[Step]:
+        if self._done:
+            return
+        st = self.state
+        if self.streamer is not None:
+            self.streamer.put(st.ids.cpu())
+        compiled = self.backend is not None
+        check_every = STOP_CHECK_EVERY if compiled and self.streamer is None else 1
+        forwards = self._engine_forwards() if compiled else self._eager_forwards()
+        try:
+            for index in range(self.max_new_tokens):
+                logits, step_scalings = next(forwards)
+                scores = self.processors(st.ids, logits.float())
+                token = self._choose(scores, sync_free=compiled)
+                token = torch.where(st.finished, torch.full_like(token, self.defaults.pad_token_id), token)
+                st.append(token)
+                if self.streamer is not None:
+                    self.streamer.put(token.cpu())
+                newly = torch.zeros_like(st.finished)
+                if self.eos is not None:
+                    newly |= torch.isin(token, self.eos)
+                if len(self.stops):
+                    newly |= self.stops(st.ids, scores).to(newly.device)
+                st.stopped |= newly & ~st.finished
+                st.finished = st.finished | newly
+                yield Step(index, token, logits, step_scalings, st.finished)
+                if (index + 1) % check_every == 0 and bool(st.finished.all()):
+                    break
+        finally:
+            forwards.close()
+            self._done = True
+            if self.streamer is not None:
+                self.streamer.end()
+
+    def _choose(self, scores: torch.Tensor, sync_free: bool) -> torch.Tensor:
+        """Greedy argmax, or a sample: `multinomial` (eager, the reference) or, without a host sync, the argmax of
+        probs / Exponential(1) noise (the same distribution; other draws for the same seed)."""
+        if not self.do_sample:
+            return scores.argmax(-1)
+        probs = torch.softmax(scores, dim=-1)
+        if sync_free:
+            noise = torch.empty_like(probs).exponential_(1.0, generator=self.generator)
+            return (probs / noise).argmax(-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+
+    def _eager_forwards(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The reference path: (logits [B, V], scalings [B, L, N]) per position to predict from, with two growing
+        `DynamicCache`s (or, with use_cache=False, recomputing the whole prefix through both passes)."""
+        model, st, mode = self.model, self.state, self.mode
+        hold: torch.Tensor | None = self.fixed  # scalings held for every later token (prompt / fixed modes)
+        if not self.use_cache:
+            prompt_scalings = None
+            while True:
+                ids_now, mask_now, pos_now = st.ids, st.mask[:, : st.length], st.positions[:, : st.length]
                 if hold is not None and mode == "prompt":
-                    prompt_s = self.prompt_scalings
-                    extra = ids_now.shape[1] - prompt_s.shape[1]
-                    s = torch.cat([prompt_s, hold.expand(-1, extra, -1, -1)], 1) if extra else prompt_s
+                    extra = ids_now.shape[1] - prompt_scalings.shape[1]
+                    s = torch.cat([prompt_scalings, hold.expand(-1, extra, -1, -1)], 1) if extra else prompt_scalings
                 elif hold is not None:
                     s = hold.expand(-1, ids_now.shape[1], -1, -1)
                 else:
-                    s = model.compute_scalings(ids_now, self.full_mask, pos_now)
+                    s = model.compute_scalings(ids_now, mask_now, pos_now)
                     if mode == "prompt":
-                        self.prompt_scalings = s
-                        hold = s[:, -1:]
+                        prompt_scalings, hold = s, s[:, -1:]
                 with torch.no_grad():
-                    out = model(ids_now, attention_mask=self.full_mask, position_ids=pos_now, scalings=s)
+                    out = model(ids_now, attention_mask=mask_now, position_ids=pos_now, scalings=s)
                 yield out.logits[:, -1], s[:, -1]
-                continue
+        config = _text_config(model)
+        cache = LoraMixCache(
+            scaling=new_dynamic_cache(config) if self.fixed is None and mode != "prompt" else None,
+            mixed=new_dynamic_cache(config),
+        )
+        held = None
+        step_input, step_pos = st.ids, st.positions[:, : st.length]
+        while True:
             if hold is not None:
                 if held is None:  # rank multipliers of the held mixture, computed once for every later step
                     held = model.prepare_scalings(hold)
                 s, mix_with = hold, held
             else:
                 s = model.compute_scalings(
-                    step_input, self.full_mask, step_pos, past_key_values=cache_s, use_cache=cache_s is not None
+                    step_input,
+                    st.mask[:, : st.length],
+                    step_pos,
+                    past_key_values=cache.scaling,
+                    use_cache=cache.scaling is not None,
                 )
                 mix_with = s
                 if mode == "prompt":
@@ -249,136 +479,75 @@ class _Run:
             with torch.no_grad():
                 out = model(
                     step_input,
-                    attention_mask=self.full_mask,
+                    attention_mask=st.mask[:, : st.length],
                     position_ids=step_pos,
                     scalings=mix_with,
-                    past_key_values=_Pair(cache_s, cache_m),
+                    past_key_values=cache,
                     use_cache=True,
                 )
             yield out.logits[:, -1], s[:, -1]
-            step_input = self.full_ids[:, -1:]
-            step_pos = self.full_positions[:, -1:]
+            step_input = st.sequences[:, st.length - 1 : st.length]
+            step_pos = st.positions[:, st.length - 1 : st.length]
 
-    # the growing sequence, updated by the caller between steps
-    full_ids: torch.Tensor
-    full_mask: torch.Tensor
-    full_positions: torch.Tensor
+    def _engine_forwards(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The decode engine (decode.py): the prompt eagerly into two static caches, then one compiled step per
+        token over preallocated buffers. No host sync per step."""
+        from .decode import advance, compiled_step, new_buffers, prefill, run_step
 
+        model, st = self.model, self.state
+        batch, slots = st.sequences.shape
+        held = self.mode in ("prompt", "fixed")
+        buffers = new_buffers(model, batch, slots, held=held, text_config=_text_config(model))
+        buffers.mask.copy_(st.mask)
+        st.mask = buffers.mask  # one mask: the loop appends to it, the step reads it
+        T = self.prompt_length
+        logits, s = prefill(model, buffers, st.ids, st.positions[:, :T], mode=self.mode, fixed=self.fixed)
+        yield logits, s
+        step = compiled_step(model, batch, slots, held, self.backend)
+        while True:
+            at = st.length - 1
+            advance(buffers, st.sequences[:, at], st.mask[:, at])
+            logits, s = run_step(step, model, buffers)
+            yield logits.clone(), s.clone()  # the step's outputs are overwritten by the next one (CUDA graphs)
 
-class _Pair:
-    """A LoraMixCache look-alike that lets one of the two caches be absent."""
+    # ------------------------------------------------------------------ the result
 
-    def __init__(self, scaling: Any, mixed: Any) -> None:
-        self.scaling, self.mixed = scaling, mixed
-
-
-def _iterate(
-    model: LoraMixModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    *,
-    max_new_tokens: int = 32,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    repetition_penalty: float = 1.0,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    stop_strings: str | Sequence[str] | None = None,
-    tokenizer: Any = None,
-    seed: int | None = None,
-    generator: torch.Generator | None = None,
-    use_cache: bool = True,
-    mode: str = "granular",
-    scalings: torch.Tensor | None = None,
-    scaling_layer: int | None = None,
-    streamer: Any = None,
-) -> Iterator[dict[str, Any]]:
-    """The decode loop. Yields one dict per generated token, then a final dict with `done=True`."""
-    from transformers import StoppingCriteriaList
-    from transformers.generation.stopping_criteria import StopStringCriteria
-
-    max_new_tokens = _check_args(
-        model, input_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, mode, scaling_layer
-    )
-    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-    config = _text_config(model)
-    gen_config = getattr(model.model, "generation_config", None)
-    eos = _ids_list(eos_token_id)
-    if eos_token_id is None:
-        eos = _ids_list(getattr(gen_config, "eos_token_id", None) or getattr(config, "eos_token_id", None))
-    if pad_token_id is None:
-        pad_token_id = getattr(gen_config, "pad_token_id", None)
-        if pad_token_id is None:
-            pad_token_id = getattr(config, "pad_token_id", None)
-        if pad_token_id is None:
-            pad_token_id = eos[0] if eos else 0
-    if do_sample and temperature == 0:
-        do_sample = False  # temperature 0 means greedy, as in the OpenAI API
-    processors = _logits_processors(do_sample, temperature, top_k, top_p, repetition_penalty)
-    stops = StoppingCriteriaList()
-    if stop_strings:
-        if tokenizer is None:
-            raise ConfigError("stop_strings need a tokenizer (pass tokenizer=... or load a checkpoint that has one)")
-        stops.append(StopStringCriteria(tokenizer, [stop_strings] if isinstance(stop_strings, str) else stop_strings))
-    if generator is None and seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(int(seed))
-
-    fixed = None
-    if scalings is not None:
-        fixed = _fixed_scalings(
-            scalings.to(model.device, model.dtype), input_ids.shape[0], model.n_layers, model.n_experts
+    def output(
+        self, scalings: torch.Tensor | None = None, logits: torch.Tensor | None = None, timings: dict | None = None
+    ) -> GenerationOutput:
+        """The `GenerationOutput` once the iteration ended (or was left early). Rows that ran past the last
+        stop check are trimmed: `sequences` ends with the last row's last token, as in eager generation."""
+        st = self.state
+        n = int(st.lengths.max()) if st.length > self.prompt_length else 0
+        stopped = st.stopped.tolist()
+        return GenerationOutput(
+            sequences=st.sequences[:, : self.prompt_length + n].contiguous(),
+            prompt_length=self.prompt_length,
+            mode=self.mode,
+            scaling_layer=self.model.config.scaling_layer,
+            finish_reasons=["stop" if row else "length" for row in stopped],
+            lengths=st.lengths.tolist(),
+            scalings=scalings[:, :n] if scalings is not None else None,
+            logits=logits[:, :n] if logits is not None else None,
+            timings=timings or {},
         )
-    run = _Run(
-        model, input_ids, attention_mask, mode=mode if fixed is None else "fixed", fixed=fixed, use_cache=use_cache
-    )
-    run.full_ids, run.full_mask = run.input_ids, run.mask
-    run.full_positions = (run.mask.cumsum(-1) - 1).clamp_min(0)
-    batch = run.input_ids.shape[0]
-    finished = torch.zeros(batch, dtype=torch.bool, device=model.device)
-    reasons = ["length"] * batch
-    lengths = torch.zeros(batch, dtype=torch.long, device=model.device)
-    eos_tensor = torch.tensor(eos, device=model.device) if eos else None
-    if streamer is not None:
-        streamer.put(run.input_ids.cpu())
 
-    steps = run.steps() if max_new_tokens > 0 else iter(())
-    for index, (logits, step_scalings) in enumerate(steps):
-        scores = processors(run.full_ids, logits.float())
-        if do_sample:
-            probs = torch.softmax(scores, dim=-1)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        else:
-            token = scores.argmax(-1)
-        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-        lengths += (~finished).long()
-        run.full_ids = torch.cat([run.full_ids, token[:, None]], 1)
-        run.full_mask = torch.cat([run.full_mask, (~finished).long()[:, None]], 1)
-        run.full_positions = torch.cat([run.full_positions, run.full_positions[:, -1:] + 1], 1)
-        if streamer is not None:
-            streamer.put(token.cpu())
-        newly = torch.zeros_like(finished)
-        if eos_tensor is not None:
-            newly |= torch.isin(token, eos_tensor)
-        if len(stops):
-            newly |= stops(run.full_ids, scores).to(finished.device)
-        for row in (newly & ~finished).nonzero().flatten().tolist():
-            reasons[row] = "stop"
-        finished |= newly
-        yield {"token": token, "logits": logits, "scalings": step_scalings, "finished": finished.clone(), "done": False}
-        if bool(finished.all()) or index + 1 >= max_new_tokens:
-            break
-    if streamer is not None:
-        streamer.end()
-    yield {
-        "done": True,
-        "sequences": run.full_ids,
-        "prompt_length": input_ids.shape[1],
-        "mode": "fixed" if fixed is not None else mode,
-        "finish_reasons": reasons,
-        "lengths": lengths.tolist(),
-    }
+
+def _compile_backend(model: LoraMixModel, compile: Any, use_cache: bool) -> Any:
+    """The torch.compile backend for the decode engine, or None for the eager path (with a warning where
+    compile was asked for but cannot apply)."""
+    if compile is False or compile is None:
+        return None
+    if not use_cache:
+        raise ConfigError("compile=True needs use_cache=True: the compiled step decodes over static KV caches")
+    backend = "inductor" if compile is True else compile
+    from .decode import compile_support
+
+    reason = compile_support(model)
+    if reason is not None:
+        logger.warning("compile=True ignored, generating eagerly: %s", reason)
+        return None
+    return backend
 
 
 @torch.no_grad()
@@ -396,41 +565,33 @@ def generate(
     max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty, eos_token_id, pad_token_id,
     stop_strings (+ tokenizer), seed or generator, use_cache (default True), streamer (a transformers streamer),
     plus `mode` ("granular", "prompt", "truncated"), `scalings` (fixed mixture, see module docstring),
-    `scaling_layer` (checked against the gate's), `return_scalings` and `output_logits`.
+    `scaling_layer` (checked against the gate's), `return_scalings`, `output_logits`, and `compile` (True, or a
+    torch.compile backend name: decode with the compiled engine of decode.py; see docs/generation.md).
     """
     import time
 
     start = time.perf_counter()
     step_scalings, step_logits = [], []
     first_token_at = None
-    final: dict[str, Any] = {}
-    for item in _iterate(model, input_ids, attention_mask, **kwargs):
-        if item["done"]:
-            final = item
-            break
+    run = Generation(model, input_ids, attention_mask, **kwargs)
+    for step in run:
         if first_token_at is None:
             first_token_at = time.perf_counter()
         if return_scalings:
-            step_scalings.append(item["scalings"])
+            step_scalings.append(step.scalings)
         if output_logits:
-            step_logits.append(item["logits"])
-    elapsed = time.perf_counter() - start
-    n_new = final["sequences"].shape[1] - final["prompt_length"]
-    return GenerationOutput(
-        sequences=final["sequences"],
-        prompt_length=final["prompt_length"],
-        mode=final["mode"],
-        scaling_layer=model.config.scaling_layer,
-        finish_reasons=final["finish_reasons"],
-        lengths=final["lengths"],
+            step_logits.append(step.logits)
+    result = run.output(
         scalings=torch.stack(step_scalings, 1) if step_scalings else None,
         logits=torch.stack(step_logits, 1) if step_logits else None,
-        timings={
-            "seconds": elapsed,
-            "time_to_first_token": (first_token_at - start) if first_token_at else elapsed,
-            "new_tokens": n_new,
-        },
     )
+    elapsed = time.perf_counter() - start
+    result.timings = {
+        "seconds": elapsed,
+        "time_to_first_token": (first_token_at - start) if first_token_at else elapsed,
+        "new_tokens": result.new_tokens.shape[1],
+    }
+    return result
 
 
 class IncrementalDecoder:
@@ -487,24 +648,18 @@ def stream(
     if input_ids.shape[0] != 1:
         raise ConfigError("stream() takes one prompt; use generate() for batches")
     decoder = IncrementalDecoder(tokenizer, skip_special_tokens=skip_special_tokens)
-    for item in _iterate(model, input_ids, tokenizer=tokenizer, **kwargs):
-        if item["done"]:
-            break
-        if bool(item["finished"][0]) and int(item["token"][0]) in _eos_of(model, kwargs):
+    run = Generation(model, input_ids, tokenizer=tokenizer, **kwargs)
+    eos = set(run.defaults.eos_token_ids)
+    for step in run:  # one host sync per token: the text is shown as it comes
+        token = int(step.token[0])
+        if bool(step.finished[0]) and token in eos:
             continue  # the end-of-sequence token itself is not text
-        piece = decoder.push(int(item["token"][0]))
+        piece = decoder.push(token)
         if piece:
             yield piece
     rest = decoder.flush()
     if rest:
         yield rest
-
-
-def _eos_of(model: LoraMixModel, kwargs: dict[str, Any]) -> list[int]:
-    if kwargs.get("eos_token_id") is not None:
-        return _ids_list(kwargs["eos_token_id"])
-    gen_config = getattr(model.model, "generation_config", None)
-    return _ids_list(getattr(gen_config, "eos_token_id", None) or getattr(_text_config(model), "eos_token_id", None))
 
 
 # ---------------------------------------------------------------------- text helpers (CLI, server)
@@ -527,20 +682,19 @@ def encode_prompts(
     """Tokenize prompts into a left-padded batch: (input_ids [B, T], attention_mask [B, T]).
 
     templated: the texts come from a chat template that already holds the special tokens (no BOS added again).
+    Padding uses the tokenizer's pad token, else its eos token, else 0 (masked out either way); the tokenizer is
+    not changed, and one with neither token works.
     """
     if tokenizer is None:
         raise ConfigError("this model has no tokenizer: pass token ids, or a checkpoint saved with its tokenizer")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=not templated)
-    finally:
-        tokenizer.padding_side = side
-    if enc.input_ids.shape[1] == 0 or bool((enc.attention_mask.sum(-1) == 0).any()):
+    rows = tokenizer(list(prompts), add_special_tokens=not templated)["input_ids"]
+    if not rows or any(len(row) == 0 for row in rows):
         raise ConfigError("a prompt is empty after tokenization")
-    return enc.input_ids, enc.attention_mask
+    pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([[pad] * (width - len(row)) + list(row) for row in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], dtype=torch.long)
+    return ids, mask
 
 
 def dominant_experts(scalings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

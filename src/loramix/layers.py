@@ -54,17 +54,47 @@ class MixState:
 class PreparedScalings:
     """Scalings [B, T, L, N] turned into each layer's rank multiplier g * s[expert(j)] * c[expert(j)] ([B, T, R_l])
     in one gather for all layers (`LoraMixModel.prepare_scalings`). Reusable across passes, e.g. when a mixture is
-    held fixed during decoding."""
+    held fixed during decoding.
+
+    multipliers: one tensor per layer (a list), or one tensor [B, T, sum_l R_l] with `sizes` (R_l per layer) that
+    each layer reads its slice of. The second form is what the decode engine uses: a preallocated buffer filled in
+    place with `copy_` every step, so that a compiled step reads one fixed tensor.
+    """
 
     def __init__(
         self,
         scalings: torch.Tensor,
-        multipliers: list[torch.Tensor],
+        multipliers: list[torch.Tensor] | torch.Tensor,
         used_experts: list[tuple[int, ...]] | None = None,
+        sizes: list[int] | None = None,
     ) -> None:
         self.scalings = scalings
-        self.multipliers = multipliers
         self.used_experts = used_experts  # per layer, with sparse top-k: the experts any token of the pass uses
+        if isinstance(multipliers, torch.Tensor):
+            if sizes is None:
+                raise ValueError("PreparedScalings: one multiplier tensor needs the per-layer sizes")
+            starts = [0]
+            for size in sizes:
+                starts.append(starts[-1] + size)
+            self._layers: list[torch.Tensor] | None = None
+            self._flat: torch.Tensor | None = multipliers
+            self._spans = [(starts[i], size) for i, size in enumerate(sizes)]
+        else:
+            self._layers, self._flat, self._spans = list(multipliers), None, []
+
+    @property
+    def multipliers(self) -> list[torch.Tensor]:
+        """Every layer's rank multipliers [B, T, R_l]."""
+        if self._layers is not None:
+            return self._layers
+        return [self.layer_multiplier(i) for i in range(len(self._spans))]
+
+    def layer_multiplier(self, index: int) -> torch.Tensor:
+        """Layer `index`'s rank multipliers [B, T, R_l] (a view; no copy)."""
+        if self._flat is None:
+            return self._layers[index]
+        start, size = self._spans[index]
+        return self._flat.narrow(-1, start, size)
 
 
 class MixedLoRALinear(nn.Module):
@@ -121,7 +151,7 @@ class MixedLoRALinear(nn.Module):
         if x.dtype != lora_A.dtype:
             x = x.to(lora_A.dtype)
         if isinstance(scalings, PreparedScalings):
-            mult = scalings.multipliers[self.layer_index]
+            mult = scalings.layer_multiplier(self.layer_index)
             if scalings.used_experts is not None and not torch.is_grad_enabled():
                 return self._sparse_forward(x, out, mult, scalings.used_experts[self.layer_index])
         else:

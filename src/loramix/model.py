@@ -50,9 +50,13 @@ class ExpertInfo:
 
 @dataclass
 class LoraMixCache:
-    """The two KV caches of generation: one per pass (they see different hidden states, so one cache is wrong)."""
+    """The two KV caches of generation: one per pass (they see different hidden states, so one cache is wrong).
 
-    scaling: Any  # transformers Cache of the scaling pass
+    Either may be a transformers `DynamicCache` (eager generation) or `StaticCache` (the decode engine). `scaling` is
+    None where no scaling pass runs after the prompt (prompt and fixed modes).
+    """
+
+    scaling: Any | None  # transformers Cache of the scaling pass
     mixed: Any  # transformers Cache of the mixed pass
 
 
@@ -69,6 +73,16 @@ class LoraMixOutput(ModelOutput):
 def _text_config(model: nn.Module) -> Any:
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def new_dynamic_cache(config: Any) -> Any:
+    """An empty transformers `DynamicCache` for a model with this (text) config."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=config)  # sliding-window / hybrid layouts where the model has them
+    except TypeError:
+        return DynamicCache()
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -163,6 +177,7 @@ class LoraMixModel(nn.Module):
         self.register_buffer("_rank_scale", torch.cat([layer.rank_scale for layer in layers]), persistent=False)
         self._mean_expert_elements = sum(layer.lora_A.numel() + layer.lora_B.numel() for layer in layers) / len(layers)
         self.sparse_top_k: bool | str = "auto"
+        self._views: dict[int, nn.Module] = {}  # truncated views of the backbone (see scaling_backbone); not submodules
         self.freeze()
         self.eval()  # like transformers' from_pretrained: call .train() to train the gate
 
@@ -228,7 +243,8 @@ class LoraMixModel(nn.Module):
 
     # ------------------------------------------------------------------ the two passes
 
-    def _dummy_scalings(self) -> float | None:
+    def dummy_scalings(self) -> float | None:
+        """What the mixed layers use in the scaling pass: None (experts off) or one scaling for every expert."""
         value = self.config.resolved_scaling_pass_value(self.n_experts)
         return None if value == 0.0 else value
 
@@ -267,7 +283,7 @@ class LoraMixModel(nn.Module):
             past_key_values=past_key_values,
             use_cache=use_cache,
         )
-        with torch.no_grad(), self.state.use(self._dummy_scalings()), self._truncated():
+        with torch.no_grad(), self.state.use(self.dummy_scalings()), self._truncated():
             backbone = self.backbone
             if backbone is not self.model:
                 return backbone(**kwargs, return_dict=True).last_hidden_state
@@ -362,14 +378,48 @@ class LoraMixModel(nn.Module):
         `use_sparse_top_k`), so that the mixed layers compute only those.
         """
         check_scalings(scalings, self.n_layers, self.n_experts)
-        flat = scalings.reshape(*scalings.shape[:2], self.n_layers * self.n_experts)
-        mult = flat.index_select(-1, self._rank_index).to(self._rank_scale.dtype)
-        mult = mult * (self._rank_scale * self.state.global_scaling_weight)
+        mult = self.rank_multipliers(scalings)
         used = None
         if self.use_sparse_top_k(scalings.shape[0] * scalings.shape[1]):
             mask = (scalings != 0).flatten(0, 1).any(0).cpu()  # [L, N]
             used = [tuple(row.nonzero().flatten().tolist()) for row in mask]
         return PreparedScalings(scalings, list(mult.split(self._rank_sizes, dim=-1)), used)
+
+    @property
+    def multiplier_dtype(self) -> torch.dtype:
+        """The dtype of the rank multipliers (that of the experts)."""
+        return self._rank_scale.dtype
+
+    @property
+    def rank_sizes(self) -> list[int]:
+        """R_l, the number of rank rows (all experts) of each mixed layer, in layer-index order."""
+        return list(self._rank_sizes)
+
+    def rank_multipliers(self, scalings: torch.Tensor) -> torch.Tensor:
+        """Scalings [B, T, L, N] -> every layer's rank multipliers side by side, [B, T, sum_l R_l] (one gather)."""
+        flat = scalings.reshape(*scalings.shape[:2], self.n_layers * self.n_experts)
+        mult = flat.index_select(-1, self._rank_index).to(self._rank_scale.dtype)
+        return mult * (self._rank_scale * self.state.global_scaling_weight)
+
+    def scaling_backbone(self) -> nn.Module:
+        """The module the scaling pass runs: the backbone, or with `config.scaling_layer` = k < blocks a view of it
+        that holds only the first k blocks (same parameters, built once). Unlike `_truncated`, nothing is swapped
+        during a pass, so a compiled decode step can call it."""
+        k = self.config.scaling_layer
+        backbone = self.backbone
+        if k is None or k == self.n_blocks:
+            return backbone
+        if self._blocks_attr is None or self.n_blocks is None or k > self.n_blocks:
+            raise ConfigError(f"scaling_layer={k} is out of range for {self.n_blocks} decoder blocks")
+        view = self._views.get(k)
+        if view is None:
+            import copy
+
+            view = copy.copy(backbone)
+            view._modules = dict(backbone._modules)
+            view._modules[self._blocks_attr] = nn.ModuleList(list(getattr(backbone, self._blocks_attr))[:k])
+            self._views[k] = view
+        return view
 
     def use_sparse_top_k(self, tokens: int) -> bool:
         """Whether a pass over `tokens` tokens computes only the chosen experts (top-k gates, inference only).
@@ -387,10 +437,8 @@ class LoraMixModel(nn.Module):
 
     def new_cache(self) -> LoraMixCache:
         """Two empty transformers `DynamicCache`s, one per pass."""
-        from .generate import _new_dynamic_cache
-
         config = _text_config(self.model)
-        return LoraMixCache(scaling=_new_dynamic_cache(config), mixed=_new_dynamic_cache(config))
+        return LoraMixCache(scaling=new_dynamic_cache(config), mixed=new_dynamic_cache(config))
 
     @contextlib.contextmanager
     def experts_disabled(self) -> Iterator[None]:

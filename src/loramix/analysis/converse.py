@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..generate import encode_prompts, render_chat
+from ..generate import encode_prompts, render_chat, resolve_defaults
 from ..io import atomic_directory, write_json
 from .collect import ScalingsRecorder
 from .plots import plot_trajectory
@@ -25,11 +25,14 @@ __all__ = ["CONVERSE_FILES", "converse"]
 CONVERSE_FILES = ("transcript.json", "transcript.md", "agent-*", "figures")  # what converse writes
 
 
-def _fit(tokenizer: Any, messages: list[dict[str, str]], budget: int) -> str:
-    """Render the chat, dropping the oldest non-system turns while it is longer than `budget` tokens."""
+def _fit(tokenizer: Any, messages: list[dict[str, str]], budget: int | None) -> str:
+    """Render the chat, dropping the oldest non-system turns while it is longer than `budget` tokens (None: the
+    model's context is unknown, nothing is dropped)."""
     messages = list(messages)
     while True:
         text = render_chat(tokenizer, messages)
+        if budget is None:
+            return text
         n = len(tokenizer(text, add_special_tokens=False).input_ids)
         droppable = [i for i, m in enumerate(messages) if m["role"] != "system"]
         if n <= budget or len(droppable) <= 1:
@@ -81,8 +84,9 @@ def converse(
                 messages.append({"role": role, "content": text})
             if extra_user is not None:
                 messages.append({"role": "user", "content": extra_user})
-            context = getattr(model.model.config, "max_position_embeddings", 2048)
-            prompt = _fit(model.tokenizer, messages, max(16, context - max_new_tokens))
+            context = resolve_defaults(model).context
+            budget = max(16, context - max_new_tokens) if context is not None else None
+            prompt = _fit(model.tokenizer, messages, budget)
             templated = bool(getattr(model.tokenizer, "chat_template", None))
             ids, mask = encode_prompts(model.tokenizer, [prompt], templated=templated)
             gen = model.generate(ids, mask, max_new_tokens=max_new_tokens, **generate_kwargs)

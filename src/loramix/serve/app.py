@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ConfigError, LoramixError
-from ..generate import render_chat
+from ..generate import render_chat, resolve_defaults
 from .engine import Engine, Job
 from .schemas import ChatRequest, CompletionRequest
 
@@ -68,6 +68,7 @@ def create_app(
     default_max_tokens: int = 16,
     batching: bool = True,
     max_batch: int = 8,
+    compile: bool = False,
 ) -> FastAPI:
     """The FastAPI app serving `model` (a LoraMixModel with a tokenizer). One worker thread runs the model."""
     if model.tokenizer is None:
@@ -77,9 +78,9 @@ def create_app(
             "api_key is empty, which would turn authentication off; give a non-empty key, or none to serve without one"
         )
     tokenizer = model.tokenizer
-    context = getattr(model.model.config, "max_position_embeddings", None)
+    context = resolve_defaults(model).context
     prompt_limit = max_prompt_tokens or (context - 1 if context else 4096)
-    engine = Engine(model, batching=batching, max_batch=max_batch)
+    engine = Engine(model, batching=batching, max_batch=max_batch, compile=compile)
     created = int(time.time())
 
     @contextlib.asynccontextmanager

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..generate import IncrementalDecoder, _iterate
+from ..generate import Generation, IncrementalDecoder, resolve_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -118,11 +118,13 @@ class _Row:
 class Engine:
     """Owns the model in one worker thread. `submit` is thread-safe."""
 
-    def __init__(self, model: Any, *, max_batch: int = 8, batching: bool = True) -> None:
+    def __init__(self, model: Any, *, max_batch: int = 8, batching: bool = True, compile: bool = False) -> None:
         self.model = model
         self.tokenizer = model.tokenizer
         self.max_batch = max_batch if batching else 1
-        self.context = getattr(model.model.config, "max_position_embeddings", None)
+        self.compile = compile  # decode with the compiled step (one compile per batch size)
+        self.defaults = resolve_defaults(model, tokenizer=model.tokenizer)
+        self.context = self.defaults.context
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.batches = 0
         self.batched_requests = 0
@@ -173,17 +175,14 @@ class Engine:
         self.batches += 1
         self.batched_requests += len(batch)
         width = max(len(j.ids) for j in batch)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad = self.defaults.pad_token_id
         ids = torch.tensor([[pad] * (width - len(j.ids)) + j.ids for j in batch])
         mask = torch.tensor([[0] * (width - len(j.ids)) + [1] * len(j.ids) for j in batch])
         first = batch[0]
         rows = [_Row(j, self.tokenizer) for j in batch]
         max_new = max(j.max_tokens for j in batch)
-        eos = (
-            self.model.model.generation_config.eos_token_id if hasattr(self.model.model, "generation_config") else None
-        )
-        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        steps = _iterate(
+        eos_ids = set(self.defaults.eos_token_ids)
+        steps = Generation(
             self.model,
             ids,
             mask,
@@ -196,32 +195,29 @@ class Engine:
             seed=first.seed,
             mode=first.mode,
             pad_token_id=pad,
+            compile=self.compile,
         )
-        try:
-            for item in steps:
-                if item["done"]:
-                    break
-                for r, row in enumerate(rows):
-                    if row.done:
-                        continue
-                    token = int(item["token"][r])
-                    if token in eos_ids:
-                        row.finish("stop")
-                        row.flush(final=True)
-                        continue
-                    if row.job.return_scalings != "none":
-                        row.scalings.append(item["scalings"][r].detach().cpu())
-                    row.tokens += 1
-                    row.add_text(row.decoder.push(token))
-                    if not row.done and row.tokens >= row.job.max_tokens:
-                        row.add_text(row.decoder.flush())
-                        if not row.done:
-                            row.finish("length")
-                        row.flush(final=True)
-                if all(row.done for row in rows):
-                    break
-        finally:
-            steps.close()
+        for step in steps:
+            tokens = step.token.tolist()  # one host sync per step: every row's text is streamed as it comes
+            for r, row in enumerate(rows):
+                if row.done:
+                    continue
+                token = tokens[r]
+                if token in eos_ids:
+                    row.finish("stop")
+                    row.flush(final=True)
+                    continue
+                if row.job.return_scalings != "none":
+                    row.scalings.append(step.scalings[r].detach().cpu())
+                row.tokens += 1
+                row.add_text(row.decoder.push(token))
+                if not row.done and row.tokens >= row.job.max_tokens:
+                    row.add_text(row.decoder.flush())
+                    if not row.done:
+                        row.finish("length")
+                    row.flush(final=True)
+            if all(row.done for row in rows):
+                break
         for row in rows:
             if not row.done:  # the batch ended (context or max_new_tokens)
                 row.add_text(row.decoder.flush())

@@ -1,0 +1,187 @@
+"""The decode engine (decode.py) and generate(compile=...): compiled decoding equals the eager reference.
+
+Most checks compile with the cheap "aot_eager" backend (dynamo's full-graph trace plus AOT functionalization, the
+same graph inductor gets, without code generation); one test compiles with inductor itself. Step logits of the
+compiled path are compared with the eager ones within 1e-4 (float32), tokens exactly.
+"""
+
+import logging
+
+import pytest
+import torch
+
+import loramix
+from loramix import ConfigError, GateConfig, MixConfig
+from loramix.decode import compiled_step, decode_step, new_buffers, prefill, run_step
+from loramix.generate import encode_prompts
+
+from conftest import char_tokenizer
+
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+def _mix(base_dir, experts, **config):
+    gate = config.pop("gate", GateConfig(depth=2, layerwise=True))
+    mix = loramix.from_pretrained(base_dir, experts, MixConfig(gate=gate, **config))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a sharp, input-dependent gate: routing changes from token to token
+        for p in mix.gate.parameters():
+            p.normal_(0.0, 1.0)
+    return mix
+
+
+def _batch():
+    """Two prompts, left padded."""
+    prompts = [[5, 17, 33, 9, 60, 42, 11], [7, 8, 44]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+
+
+@pytest.mark.parametrize("mode", ["granular", "prompt", "truncated", "fixed"])
+def test_compiled_generation_equals_eager_in_every_mode(llama_dir, llama_experts, mode):
+    mix = _mix(llama_dir, llama_experts, **({"scaling_layer": 1} if mode == "truncated" else {}))
+    ids, mask = _batch()
+    kwargs = dict(max_new_tokens=10, output_logits=True, return_scalings=True, eos_token_id=[])
+    if mode == "fixed":
+        kwargs["scalings"] = torch.rand(2, mix.n_layers, mix.n_experts)
+    else:
+        kwargs["mode"] = mode
+    eager = mix.generate(ids, mask, **kwargs)
+    compiled = mix.generate(ids, mask, compile="aot_eager", **kwargs)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    torch.testing.assert_close(compiled.logits, eager.logits, **TOL)
+    torch.testing.assert_close(compiled.scalings, eager.scalings, **TOL)
+    assert compiled.mode == eager.mode and compiled.lengths == eager.lengths
+
+
+def test_compiled_gpt2_equals_eager(gpt2_dir, gpt2_experts):
+    mix = _mix(gpt2_dir, gpt2_experts)
+    ids, mask = _batch()
+    eager = mix.generate(ids, mask, max_new_tokens=8, output_logits=True, eos_token_id=[])
+    compiled = mix.generate(ids, mask, max_new_tokens=8, output_logits=True, eos_token_id=[], compile="aot_eager")
+    assert torch.equal(compiled.sequences, eager.sequences)
+    torch.testing.assert_close(compiled.logits, eager.logits, **TOL)
+
+
+def test_inductor_compiled_step_equals_eager(llama_dir, llama_experts):
+    mix = _mix(llama_dir, llama_experts)
+    ids, mask = _batch()
+    eager = mix.generate(ids, mask, max_new_tokens=6, output_logits=True, eos_token_id=[])
+    compiled = mix.generate(ids, mask, max_new_tokens=6, output_logits=True, eos_token_id=[], compile=True)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    torch.testing.assert_close(compiled.logits, eager.logits, **TOL)
+
+
+@pytest.mark.parametrize("held", [False, True])
+def test_decode_step_has_no_graph_break(llama_mix_truncated, held):
+    mix = llama_mix_truncated
+    ids, mask = _batch()
+    buffers = new_buffers(mix, 2, 64, held=held, text_config=mix.model.config)
+    buffers.mask[:, : ids.shape[1]] = mask
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        prefill(mix, buffers, ids, positions, mode="prompt" if held else "truncated", fixed=None)
+        b = buffers
+        args = (mix, b.ids, b.positions, b.cache_position, b.live, b.mask, b.scalings, b.multipliers, b.cache)
+        explanation = torch._dynamo.explain(decode_step)(*args, b.prepared, b.held)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+@pytest.fixture(scope="module")
+def llama_mix_truncated(llama_dir, llama_experts):
+    return _mix(llama_dir, llama_experts, scaling_layer=1)
+
+
+def test_one_compile_per_batch_size(llama_dir, llama_experts):
+    from torch._dynamo.testing import CompileCounter
+
+    mix = _mix(llama_dir, llama_experts)
+    counter = CompileCounter()
+    ids, mask = _batch()
+    kwargs = dict(max_new_tokens=6, eos_token_id=[], compile=counter)
+    first = mix.generate(ids, mask, **kwargs)
+    assert counter.frame_count == 1
+    again = mix.generate(ids.flip(0), mask.flip(0), **kwargs)  # other prompts, same batch size and bucket
+    assert counter.frame_count == 1, "a second call at the same batch size compiled again"
+    assert torch.equal(first.sequences, again.sequences.flip(0))
+    one = mix.generate(ids[1:], mask[1:], **kwargs)  # a new batch size: its own compiled step, never the old one
+    assert counter.frame_count == 2
+    assert torch.equal(one.sequences, mix.generate(ids[1:], mask[1:], max_new_tokens=6, eos_token_id=[]).sequences)
+
+
+def test_compiled_step_buffers_are_updated_in_place(llama_dir, llama_experts):
+    """The step writes the mask column and both caches in place: called directly it advances the same buffers."""
+    mix = _mix(llama_dir, llama_experts)
+    ids, mask = _batch()
+    buffers = new_buffers(mix, 2, 64, held=False, text_config=mix.model.config)
+    buffers.mask[:, : ids.shape[1]] = mask
+    with torch.no_grad():
+        logits, _ = prefill(mix, buffers, ids, (mask.cumsum(-1) - 1).clamp_min(0), mode="granular", fixed=None)
+        buffers.ids.copy_(logits.argmax(-1, keepdim=True))
+        buffers.positions.add_(1)
+        buffers.cache_position.add_(1)
+        step = compiled_step(mix, 2, 64, False, "aot_eager")
+        run_step(step, mix, buffers)
+    assert buffers.mask[:, ids.shape[1]].tolist() == [1, 1]
+    assert int(buffers.cache.mixed.layers[0].cumulative_length) == ids.shape[1] + 1
+    assert int(buffers.cache.scaling.layers[0].cumulative_length) == ids.shape[1] + 1
+
+
+def test_compiled_eos_and_sampling(llama_dir, llama_experts):
+    mix = _mix(llama_dir, llama_experts)
+    ids, mask = _batch()
+    greedy = mix.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
+    eos = int(greedy.new_tokens[0, 2])
+    eager = mix.generate(ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
+    compiled = mix.generate(ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0, compile="aot_eager")
+    assert torch.equal(compiled.sequences, eager.sequences)  # trimmed like eager, though stops are read every k steps
+    assert compiled.finish_reasons == eager.finish_reasons and compiled.lengths == eager.lengths
+    sample = dict(max_new_tokens=10, do_sample=True, temperature=1.3, eos_token_id=[], compile="aot_eager")
+    a = mix.generate(ids, mask, seed=5, **sample).sequences
+    assert torch.equal(a, mix.generate(ids, mask, seed=5, **sample).sequences)
+    assert not torch.equal(a, mix.generate(ids, mask, seed=6, **sample).sequences)
+    top1 = mix.generate(ids, mask, seed=5, **{**sample, "top_k": 1}).sequences
+    assert torch.equal(top1, greedy.sequences[:, : top1.shape[1]])
+
+
+def test_compile_where_it_cannot_apply(llama_dir, llama_experts, caplog):
+    mix = _mix(llama_dir, llama_experts, gate=GateConfig(depth=2, layerwise=True, top_k=1))
+    mix.sparse_top_k = True
+    with caplog.at_level(logging.WARNING, logger="loramix.generate"):
+        out = mix.generate(_batch()[0], _batch()[1], max_new_tokens=4, eos_token_id=[], compile="aot_eager")
+    assert "compile=True ignored, generating eagerly: model.sparse_top_k=True" in caplog.text
+    assert torch.equal(out.sequences, mix.generate(*_batch(), max_new_tokens=4, eos_token_id=[]).sequences)
+    with pytest.raises(ConfigError, match="compile=True needs use_cache=True"):
+        mix.generate(*_batch(), max_new_tokens=4, use_cache=False, compile=True)
+
+
+def test_tokenizer_without_pad_or_eos_token(llama_dir, llama_experts):
+    tokenizer = char_tokenizer()
+    tokenizer.pad_token = None
+    tokenizer.eos_token = None
+    assert tokenizer.pad_token_id is None and tokenizer.eos_token_id is None
+    ids, mask = encode_prompts(tokenizer, ["GRAVY", "AC"])
+    assert tokenizer.pad_token is None, "encode_prompts changed the caller's tokenizer"
+    assert mask.tolist()[1][:3] == [0, 0, 0] and ids.shape == (2, 6)
+    mix = _mix(llama_dir, llama_experts)
+    mix.tokenizer = tokenizer
+    out = mix.generate(ids, mask, max_new_tokens=3)
+    assert out.new_tokens.shape[0] == 2
+
+
+def test_tokenizer_without_pad_keeps_its_settings():
+    tokenizer = char_tokenizer()
+    tokenizer.pad_token = None
+    tokenizer.padding_side = "right"
+    ids, _ = encode_prompts(tokenizer, ["GRAVY", "AC"])
+    assert tokenizer.pad_token is None and tokenizer.padding_side == "right"
+    assert ids[1, :3].tolist() == [tokenizer.eos_token_id] * 3  # padded with eos, on the left
