@@ -13,7 +13,7 @@ import torch
 import loramix
 from loramix import ConfigError, GateConfig, MixConfig
 from loramix.decode import compiled_step, decode_step, new_buffers, prefill, run_step
-from loramix.generate import encode_prompts
+from loramix.text import encode_prompts
 
 from conftest import char_tokenizer
 

@@ -12,8 +12,8 @@ import torch
 import uvicorn
 
 import loramix
-from loramix.generate import render_chat
 from loramix.serve import create_app
+from loramix.text import render_chat
 
 from conftest import char_tokenizer
 

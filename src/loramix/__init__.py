@@ -7,9 +7,7 @@ out = model(input_ids, attention_mask=mask)   # out.logits [B,T,V], out.scalings
 model.save("ckpt/"); model = loramix.load("ckpt/")
 """
 
-__version__ = "0.1.0"
-
-from .checkpoint import load
+from .base import LoraMixCache
 from .config import GateConfig, MixConfig
 from .errors import (
     AdapterError,
@@ -19,11 +17,13 @@ from .errors import (
     LoramixError,
     ShapeMismatchError,
 )
-from .experts import read_adapter
+from .experts import ExpertInfo, read_adapter
 from .gate import ScalingHead
 from .interop.peft import from_peft
 from .layers import MixedLoRALinear, MixState
-from .model import ExpertInfo, LoraMixCache, LoraMixModel, LoraMixOutput, from_pretrained
+from .loading import load
+from .model import LoraMixModel, LoraMixOutput, from_pretrained
+from .version import __version__
 
 __all__ = [
     "AdapterError",

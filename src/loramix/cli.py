@@ -12,8 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__
 from .errors import LoramixError
+from .version import __version__
 
 SEED_MAX = 2**63 - 1
 
@@ -42,7 +42,8 @@ def _root(
 
 
 def _read_checkpoint_meta(path: Path) -> dict[str, Any]:
-    from .checkpoint import CONFIG_NAME, read_json
+    from .checkpoint import CONFIG_NAME
+    from .io import read_json
 
     return read_json(Path(path) / CONFIG_NAME, "the checkpoint's config")
 
@@ -84,7 +85,7 @@ def info(checkpoint: Path = typer.Argument(..., help="A loramix checkpoint direc
 
 
 def _load(checkpoint: Path, device: str | None, dtype: str | None, base: str | None = None) -> Any:
-    from .checkpoint import load
+    from .loading import load
 
     with err_console.status(f"loading {checkpoint}"):
         return load(checkpoint, base, device=device, dtype=_dtype(dtype))
@@ -187,8 +188,9 @@ def generate(
     compile_: bool = typer.Option(False, "--compile", help=_COMPILE_HELP),
 ) -> None:
     """Generate text from prompts with a checkpoint, optionally streaming and showing the dominant expert per token."""
-    from .generate import MODES, encode_prompts, render_chat
+    from .generate import MODES
     from .generate import stream as stream_text
+    from .text import encode_prompts, render_chat
 
     if mode not in MODES:
         raise typer.BadParameter(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}", param_hint="--mode")
@@ -718,7 +720,7 @@ def eval_cmd(
     model = _load(checkpoint, None, None, base)
     trunc = None
     if truncated is not None:
-        from .checkpoint import load
+        from .loading import load
 
         trunc = load(truncated, base)
     result = evaluate(model, records, truncated=trunc, systems=systems or SYSTEMS, batch_size=batch_size)

@@ -133,7 +133,7 @@ def _ids(tokenizer: Any, text: str, special: bool) -> list[int]:
 
 def _chat_pieces(tokenizer: Any, messages: list[dict[str, str]], where: str) -> list[tuple[str, bool]]:
     """The conversation as (text, is_assistant_content) pieces whose concatenation is the rendered conversation."""
-    from .generate import PLAIN_CHAT_FORMAT
+    from .text import PLAIN_CHAT_FORMAT
 
     if not getattr(tokenizer, "chat_template", None):
         pieces = []

@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .base import LoraMixCache
 from .layers import PreparedScalings
-from .model import LoraMixCache
 
 if TYPE_CHECKING:
     from .model import LoraMixModel

@@ -157,7 +157,7 @@ class _Runner:
         self.tokenizer = model.tokenizer
 
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        from .generate import encode_prompts
+        from .text import encode_prompts
 
         return encode_prompts(self.tokenizer, texts)
 

@@ -31,7 +31,16 @@ from .io import check_finite, read_json, read_tensors
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExpertModule", "LoraExpert", "StackedLoRA", "linear_features", "read_adapter", "stack_experts"]
+__all__ = [
+    "ExpertInfo",
+    "ExpertModule",
+    "LoraExpert",
+    "StackedLoRA",
+    "linear_features",
+    "read_adapter",
+    "stack_experts",
+    "unstack_experts",
+]
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -53,6 +62,15 @@ _UNSUPPORTED_OPTIONS: dict[str, str] = {
     "velora_config": "VeLoRA is not supported",
     "monteclora_config": "MonteCLoRA is not supported",
 }
+
+
+@dataclass
+class ExpertInfo:
+    """What is kept about an expert besides its tensors: its name, original adapter config, and where it came from."""
+
+    name: str
+    adapter_config: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
 
 
 @dataclass
@@ -243,6 +261,20 @@ def _resolve_module_path(path: str, modules: Mapping[str, nn.Module], prefix: st
     if prefix and f"{prefix}.{path}" in modules:  # adapter trained on the bare backbone (AutoModel)
         return f"{prefix}.{path}"
     return None
+
+
+def unstack_experts(stacked: Mapping[str, StackedLoRA], n_experts: int) -> list[dict[str, torch.Tensor]]:
+    """The inverse of stacking: per expert, its tensors under PEFT's names (`base_model.model.<module>.lora_A.weight`
+    [r_e, d_in] and `.lora_B.weight` [d_out, r_e]) for the modules it adapts (views of the stacked tensors)."""
+    out: list[dict[str, torch.Tensor]] = [{} for _ in range(n_experts)]
+    for path, st in stacked.items():
+        start = 0
+        for e, rank in enumerate(st.ranks):
+            if rank:
+                out[e][f"base_model.model.{path}.lora_A.weight"] = st.lora_A[start : start + rank]
+                out[e][f"base_model.model.{path}.lora_B.weight"] = st.lora_B[:, start : start + rank]
+            start += rank
+    return out
 
 
 def stack_experts(experts: Sequence[LoraExpert], model: nn.Module) -> dict[str, StackedLoRA]:

@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .base import LoraMixCache, new_dynamic_cache, text_config
 from .errors import ConfigError
-from .model import LoraMixCache, new_dynamic_cache
+from .text import IncrementalDecoder
 
 if TYPE_CHECKING:
     from .model import LoraMixModel
@@ -41,11 +42,8 @@ __all__ = [
     "Generation",
     "GenerationDefaults",
     "GenerationOutput",
-    "IncrementalDecoder",
     "Step",
-    "encode_prompts",
     "generate",
-    "render_chat",
     "resolve_defaults",
     "stream",
 ]
@@ -79,11 +77,6 @@ class GenerationOutput:
     def new_tokens(self) -> torch.Tensor:
         """[B, n] the generated tokens only."""
         return self.sequences[:, self.prompt_length :]
-
-
-def _text_config(model: LoraMixModel) -> Any:
-    config = model.model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _ids_list(value: int | Sequence[int] | None) -> list[int]:
@@ -158,7 +151,7 @@ def _check_args(
             "mode 'truncated' needs a gate trained on a truncated scaling pass (config.scaling_layer is unset); "
             "train one with `loramix train-gate --scaling-layer k`"
         )
-    context = getattr(_text_config(model), "max_position_embeddings", None)
+    context = getattr(text_config(model.model), "max_position_embeddings", None)
     prompt_length = input_ids.shape[1]
     if context is not None and prompt_length > context:
         raise ConfigError(f"the prompt has {prompt_length} tokens; the model's context is {context} tokens")
@@ -218,7 +211,7 @@ def resolve_defaults(
     pad: the argument; else the generation config, the config, the tokenizer's pad token, the first eos id, 0.
     Nothing is written to the tokenizer or the model.
     """
-    config = _text_config(model)
+    config = text_config(model.model)
     gen_config = getattr(model.model, "generation_config", None)
     eos = _ids_list(eos_token_id)
     if eos_token_id is None:
@@ -453,7 +446,7 @@ class Generation:
                 with torch.no_grad():
                     out = model(ids_now, attention_mask=mask_now, position_ids=pos_now, scalings=s)
                 yield out.logits[:, -1], s[:, -1]
-        config = _text_config(model)
+        config = text_config(model.model)
         cache = LoraMixCache(
             scaling=new_dynamic_cache(config) if self.fixed is None and mode != "prompt" else None,
             mixed=new_dynamic_cache(config),
@@ -497,7 +490,7 @@ class Generation:
         model, st = self.model, self.state
         batch, slots = st.sequences.shape
         held = self.mode in ("prompt", "fixed")
-        buffers = new_buffers(model, batch, slots, held=held, text_config=_text_config(model))
+        buffers = new_buffers(model, batch, slots, held=held, text_config=text_config(model.model))
         buffers.mask.copy_(st.mask)
         st.mask = buffers.mask  # one mask: the loop appends to it, the step reads it
         T = self.prompt_length
@@ -594,40 +587,6 @@ def generate(
     return result
 
 
-class IncrementalDecoder:
-    """Turn a growing list of token ids into text pieces as soon as they are stable (token by token).
-
-    Decodes a small window (from `prefix` to the end) and emits what it adds to the text of the window up to `read`,
-    unless it ends in an incomplete UTF-8 sequence. Works for byte-level BPE, SentencePiece and character tokenizers.
-    """
-
-    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
-        self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
-        self.ids: list[int] = []
-        self.prefix = 0
-        self.read = 0
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
-
-    def push(self, token: int) -> str:
-        self.ids.append(int(token))
-        before = self._decode(self.ids[self.prefix : self.read])
-        after = self._decode(self.ids[self.prefix :])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return after[len(before) :]
-        return ""
-
-    def flush(self) -> str:
-        """What is left at the end (an incomplete sequence decodes to replacement characters)."""
-        before = self._decode(self.ids[self.prefix : self.read])
-        after = self._decode(self.ids[self.prefix :])
-        self.prefix = self.read = len(self.ids)
-        return after[len(before) :]
-
-
 @torch.no_grad()
 def stream(
     model: LoraMixModel,
@@ -660,41 +619,6 @@ def stream(
     rest = decoder.flush()
     if rest:
         yield rest
-
-
-# ---------------------------------------------------------------------- text helpers (CLI, server)
-
-PLAIN_CHAT_FORMAT = "{role}: {content}\n"
-"""Used for chat messages when the tokenizer has no chat template: one line per message, then 'assistant:'."""
-
-
-def render_chat(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
-    """The prompt text for chat messages: the tokenizer's chat template, or the documented plain fallback."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-    text = "".join(PLAIN_CHAT_FORMAT.format(role=m["role"], content=m["content"]) for m in messages)
-    return text + "assistant:"
-
-
-def encode_prompts(
-    tokenizer: Any, prompts: Sequence[str], *, templated: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenize prompts into a left-padded batch: (input_ids [B, T], attention_mask [B, T]).
-
-    templated: the texts come from a chat template that already holds the special tokens (no BOS added again).
-    Padding uses the tokenizer's pad token, else its eos token, else 0 (masked out either way); the tokenizer is
-    not changed, and one with neither token works.
-    """
-    if tokenizer is None:
-        raise ConfigError("this model has no tokenizer: pass token ids, or a checkpoint saved with its tokenizer")
-    rows = tokenizer(list(prompts), add_special_tokens=not templated)["input_ids"]
-    if not rows or any(len(row) == 0 for row in rows):
-        raise ConfigError("a prompt is empty after tokenization")
-    pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-    width = max(len(row) for row in rows)
-    ids = torch.tensor([[pad] * (width - len(row)) + list(row) for row in rows], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], dtype=torch.long)
-    return ids, mask
 
 
 def dominant_experts(scalings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,6 +29,7 @@ __all__ = [
     "check_finite",
     "check_owned_files",
     "check_replaceable",
+    "fsync_tree",
     "read_json",
     "read_tensors",
     "save_tensors",
@@ -171,7 +172,7 @@ def atomic_directory(
     try:
         yield tmp
         write_json(tmp / MANIFEST, {"written_by": "loramix", "files": [f for f in _files_under(tmp) if f != MANIFEST]})
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if target.exists():
             check_replaceable(target, marker=marker, owned=owned, overwrite=overwrite, what=what)  # changed meanwhile?
             old = target.parent / f".{target.name}{_OLD_TAG}{uuid.uuid4().hex[:8]}"
@@ -185,7 +186,8 @@ def atomic_directory(
         raise
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
+    """fsync every file under `root` (before a rename publishes it)."""
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             with open(os.path.join(dirpath, name), "rb") as f:

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,9 +24,10 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from .base import LoraMixCache, load_base_model, load_tokenizer, new_dynamic_cache, text_config
 from .config import MixConfig
 from .errors import ConfigError, LoramixError
-from .experts import StackedLoRA, linear_features, read_adapter, stack_experts
+from .experts import ExpertInfo, StackedLoRA, linear_features, read_adapter, stack_experts
 from .gate import ScalingHead
 from .layers import MixedLoRALinear, MixState, PreparedScalings
 
@@ -36,28 +36,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExpertInfo", "LoraMixCache", "LoraMixModel", "LoraMixOutput", "from_pretrained"]
-
-
-@dataclass
-class ExpertInfo:
-    """What is kept about an expert besides its tensors: its name, original adapter config, and where it came from."""
-
-    name: str
-    adapter_config: dict[str, Any] = field(default_factory=dict)
-    source: str = ""
-
-
-@dataclass
-class LoraMixCache:
-    """The two KV caches of generation: one per pass (they see different hidden states, so one cache is wrong).
-
-    Either may be a transformers `DynamicCache` (eager generation) or `StaticCache` (the decode engine). `scaling` is
-    None where no scaling pass runs after the prompt (prompt and fixed modes).
-    """
-
-    scaling: Any | None  # transformers Cache of the scaling pass
-    mixed: Any  # transformers Cache of the mixed pass
+__all__ = ["LoraMixModel", "LoraMixOutput", "from_pretrained"]
 
 
 @dataclass
@@ -68,21 +47,6 @@ class LoraMixOutput(ModelOutput):
     logits: torch.Tensor | None = None
     scalings: torch.Tensor | None = None
     past_key_values: LoraMixCache | None = None
-
-
-def _text_config(model: nn.Module) -> Any:
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def new_dynamic_cache(config: Any) -> Any:
-    """An empty transformers `DynamicCache` for a model with this (text) config."""
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=config)  # sliding-window / hybrid layouts where the model has them
-    except TypeError:
-        return DynamicCache()
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -132,12 +96,12 @@ class LoraMixModel(nn.Module):
             raise ConfigError(f"experts: names must be unique, got {names}")
         if not stacked:
             raise ConfigError("the experts adapt no module of the base model")
-        text_config = _text_config(model)
-        hidden_size = getattr(text_config, "hidden_size", None)
+        text = text_config(model)
+        hidden_size = getattr(text, "hidden_size", None)
         if not isinstance(hidden_size, int):
             raise ConfigError(f"cannot infer the hidden size of {type(model).__name__}: its config has no hidden_size")
         backbone = getattr(model, "base_model", model)
-        n_blocks_config = getattr(text_config, "num_hidden_layers", None)
+        n_blocks_config = getattr(text, "num_hidden_layers", None)
         blocks = find_blocks(backbone, n_blocks_config)
         self._blocks_attr = blocks[0] if blocks else None
         self.n_blocks = len(blocks[1]) if blocks else n_blocks_config
@@ -437,7 +401,7 @@ class LoraMixModel(nn.Module):
 
     def new_cache(self) -> LoraMixCache:
         """Two empty transformers `DynamicCache`s, one per pass."""
-        config = _text_config(self.model)
+        config = text_config(self.model)
         return LoraMixCache(scaling=new_dynamic_cache(config), mixed=new_dynamic_cache(config))
 
     @contextlib.contextmanager
@@ -511,121 +475,6 @@ def check_stacked(path: str, st: StackedLoRA, module: nn.Module, n_experts: int)
 
 
 # ---------------------------------------------------------------------- building
-
-
-def _hf_dtype_kwargs(dtype: torch.dtype | str | None) -> dict[str, Any]:
-    if dtype is None:
-        return {}
-    import transformers
-
-    major = int(transformers.__version__.split(".")[0])
-    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
-
-
-def load_base_model(
-    base: Any, *, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None, **model_kwargs: Any
-) -> tuple[nn.Module, str | None]:
-    """A transformers causal LM from an id/path (or as given), and the reference to record in checkpoints."""
-    from transformers import AutoModelForCausalLM, PreTrainedModel
-
-    device = check_device(device)
-    if isinstance(base, PreTrainedModel):
-        model = base
-        if dtype is not None:
-            model = model.to(dtype)
-        reference = getattr(model.config, "_name_or_path", None) or None
-    elif isinstance(base, (str, Path)):
-        reference = str(base)
-        local = _local_base_dir(reference)
-        offline = local is None and _hub_offline()
-        if offline:
-            model_kwargs = {"local_files_only": True, **model_kwargs}
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(local or reference), **_hf_dtype_kwargs(dtype), **model_kwargs
-            )
-        except (OSError, ValueError, KeyError) as exc:
-            if offline:
-                raise LoramixError(
-                    f"base model '{reference}' is a hub id that is not in the local Hugging Face cache, and "
-                    "HF_HUB_OFFLINE is set; pass a local directory of the base instead (--base DIR, or "
-                    "load(..., base=DIR))"
-                ) from None
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise LoramixError(f"cannot load base model '{reference}': {first}") from None
-        if local is not None:
-            reference = str(local.resolve())
-    else:
-        raise ConfigError(
-            f"base must be a model id, a directory or a transformers PreTrainedModel, got {type(base).__name__}"
-        )
-    if device is not None:
-        model = model.to(device)
-    model.eval()
-    return model, reference
-
-
-def check_device(device: str | torch.device | None) -> torch.device | None:
-    """`device` as a torch.device, or a `ConfigError` saying why this machine cannot use it (before any loading)."""
-    if device is None:
-        return None
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ConfigError(f"device={device!r} is not a device name; expected e.g. cpu, cuda or cuda:1") from None
-    if resolved.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ConfigError(f"device={device!r}: this machine has no CUDA device (or torch was built without CUDA)")
-        if resolved.index is not None and resolved.index >= count:
-            raise ConfigError(f"device={device!r}: this machine has {count} CUDA device(s), numbered from 0")
-    elif resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device={device!r}: MPS is not available on this machine")
-    return resolved
-
-
-def _hub_offline() -> bool:
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except ImportError:  # pragma: no cover
-        return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _local_base_dir(reference: str) -> Path | None:
-    """The directory `reference` names, None when it reads as a hub id ("name" or "org/name" that is not on disk).
-
-    Raises `ConfigError` for a path that cannot be a base: a file, or a missing directory written as a path.
-    """
-    path = Path(reference).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ConfigError(f"base model {reference}: is a file; expected a model directory (config.json + weights)")
-    looks_like_path = (
-        path.is_absolute()
-        or reference.startswith((".", "~"))
-        or reference.count("/") > 1
-        or "\\" in reference
-        or (path.parent != Path(".") and path.parent.is_dir())
-    )
-    if looks_like_path:
-        raise ConfigError(f"base model {reference}: no such directory; expected a model directory or a hub id")
-    return None
-
-
-def load_tokenizer(source: Any) -> Any:
-    """The tokenizer stored at `source` (an id or directory), or None if there is none."""
-    if source is None:
-        return None
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(source))
-    except Exception as exc:  # tokenizers are optional for the library: tensors in, tensors out
-        logger.info("no tokenizer loaded from %s: %s", source, str(exc).splitlines()[0] if str(exc) else exc)
-        return None
 
 
 def _expert_items(experts: Mapping[str, Any] | Sequence[Any]) -> list[tuple[str, Any]]:

@@ -10,7 +10,6 @@ written as Parquet (pyarrow) or CSV in chunks, so memory stays bounded however l
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 
 from ..data import IGNORE, tokenize_record
 from ..errors import ConfigError
+from ..io import write_json
 from .stats import ScalingStats
 
 __all__ = ["ScalingsRecorder", "collect_records", "token_labels"]
@@ -147,7 +147,7 @@ class ScalingsRecorder:
         summary["sequences"] = self.sequences
         summary["table"] = self.path.name
         summary.update(extra or {})
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json(self.out_dir / "summary.json", summary)
         return summary
 
 

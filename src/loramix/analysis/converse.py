@@ -14,8 +14,9 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..generate import encode_prompts, render_chat, resolve_defaults
+from ..generate import resolve_defaults
 from ..io import atomic_directory, write_json
+from ..text import encode_prompts, render_chat
 from .collect import ScalingsRecorder
 from .plots import plot_trajectory
 from .report import sequence_scalings

@@ -142,8 +142,8 @@ def run_demo(
 
     from ..analysis import analyze
     from ..analysis.report import ANALYSIS_FILES
-    from ..checkpoint import load
     from ..evaluate import evaluate, generate_answers, primary_metric
+    from ..loading import load
 
     console = console or Console()
     torch.set_num_threads(threads)

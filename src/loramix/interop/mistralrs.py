@@ -27,12 +27,20 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_gate_state
+from ..base import load_base_model, load_tokenizer
 from ..config import GateConfig, MixConfig
 from ..errors import AdapterError, CheckpointError, LoramixError
-from ..experts import check_adapter_config, expert_from_state_dict, linear_features, stack_experts
+from ..experts import (
+    ExpertInfo,
+    check_adapter_config,
+    expert_from_state_dict,
+    linear_features,
+    stack_experts,
+    unstack_experts,
+)
 from ..io import atomic_directory, check_replaceable, read_json, read_tensors, save_tensors, write_json
-from ..model import ExpertInfo, LoraMixModel, load_base_model, load_tokenizer
+from ..loading import load_gate_state
+from ..model import LoraMixModel
 
 logger = logging.getLogger(__name__)
 
@@ -284,17 +292,11 @@ def export_mistralrs(
         "order": names,
         "layers": {path: i for i, path in enumerate(model.layer_names)},
     }
+    stacked = {path: layer.stacked() for path, layer in zip(model.layer_names, model.mixed_layers())}
+    per_expert = unstack_experts(stacked, model.n_experts)
     with atomic_directory(out, marker=XLORA_CONFIG, owned=_XLORA_FILES, what="--out") as tmp:
-        for e, (info, table) in enumerate(zip(model.experts, tables)):
+        for info, table, tensors in zip(model.experts, tables, per_expert):
             config_name, weights_name = _expert_files(info.name)
-            tensors: dict[str, torch.Tensor] = {}
-            for path, layer in zip(model.layer_names, model.mixed_layers()):
-                st = layer.stacked()
-                start = sum(st.ranks[:e])
-                stop = start + st.ranks[e]
-                if stop > start:
-                    tensors[f"base_model.model.{path}.lora_A.weight"] = st.lora_A[start:stop]
-                    tensors[f"base_model.model.{path}.lora_B.weight"] = st.lora_B[:, start:stop]
             save_tensors(tensors, tmp / weights_name, {"format": "pt"})
             write_json(tmp / config_name, _adapter_config(info, table, targets, base_model_id))
         save_tensors(dict(model.gate.state_dict()), tmp / CLASSIFIER, {"format": "pt"})
@@ -519,12 +521,7 @@ def _find_flat_file(root: Path, name: str, suffix: str, all_names: list[str]) ->
 
 
 def _read_expert(name: str, config_path: Path, weights_path: Path) -> Any:
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"expert '{name}': {config_path} is not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"expert '{name}': {config_path} must hold a JSON object")
+    config = read_json(config_path, f"the config of adapter '{name}'", error=AdapterError, prefix=f"expert '{name}': ")
     check_adapter_config(config, name, str(config_path))
     weights = read_tensors(weights_path, f"the weights of adapter '{name}'")
     return expert_from_state_dict(name, str(weights_path), config, weights)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -12,8 +11,9 @@ from torch import nn
 
 from ..config import GateConfig, MixConfig
 from ..errors import ConfigError
-from ..experts import StackedLoRA
-from ..model import ExpertInfo, LoraMixModel
+from ..experts import PEFT_ADAPTER_FILES, ExpertInfo, StackedLoRA, unstack_experts
+from ..io import atomic_directory, save_tensors, write_json
+from ..model import LoraMixModel
 
 __all__ = ["clone_sharing_weights", "from_peft", "to_peft"]
 
@@ -227,29 +227,22 @@ def to_peft(model: LoraMixModel, adapter_dir: str | Path | None = None) -> nn.Mo
 
 def write_peft_experts(model: LoraMixModel, folder: str | Path, names: list[str] | None = None) -> list[Path]:
     """Write each expert as a plain PEFT LoRA adapter directory folder/<name> (default names "0".."n-1")."""
-    from ..checkpoint import save_tensors
-
     folder = Path(folder)
     names = names or [str(i) for i in range(model.n_experts)]
-    per_expert: list[dict[str, torch.Tensor]] = [{} for _ in range(model.n_experts)]
+    stacked = {path: layer.stacked() for path, layer in zip(model.layer_names, model.mixed_layers())}
+    per_expert = unstack_experts(stacked, model.n_experts)
     targets: list[set[str]] = [set() for _ in range(model.n_experts)]
     ranks: list[dict[str, int]] = [{} for _ in range(model.n_experts)]
     alphas: list[dict[str, float]] = [{} for _ in range(model.n_experts)]
-    for path, layer in zip(model.layer_names, model.mixed_layers()):
-        st = layer.stacked()
-        offset = 0
+    for path, st in stacked.items():
         for e, (r, c) in enumerate(zip(st.ranks, st.scales)):
             if r:
-                per_expert[e][f"base_model.model.{path}.lora_A.weight"] = st.lora_A[offset : offset + r]
-                per_expert[e][f"base_model.model.{path}.lora_B.weight"] = st.lora_B[:, offset : offset + r]
                 targets[e].add(path)
                 ranks[e][path] = r
                 alphas[e][path] = c * r  # plain LoRA scale alpha / r
-            offset += r
     written = []
     for e, name in enumerate(names):
         out = folder / name
-        out.mkdir(parents=True, exist_ok=True)
         r = max(ranks[e].values())
         alpha = max(alphas[e].values(), key=list(alphas[e].values()).count)
         config = {
@@ -265,7 +258,8 @@ def write_peft_experts(model: LoraMixModel, folder: str | Path, names: list[str]
             "use_rslora": False,
             "init_lora_weights": True,
         }
-        save_tensors(per_expert[e], out / "adapter_model.safetensors", {"format": "pt"})
-        (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        with atomic_directory(out, marker="adapter_config.json", owned=PEFT_ADAPTER_FILES, what="adapter_dir") as tmp:
+            save_tensors(per_expert[e], tmp / "adapter_model.safetensors", {"format": "pt"})
+            write_json(tmp / "adapter_config.json", config)
         written.append(out)
     return written

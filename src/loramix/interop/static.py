@@ -10,7 +10,6 @@ factors without forming B'A') and reports the relative error it measured.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 from ..errors import ConfigError
 from ..experts import PEFT_ADAPTER_FILES
-from ..io import atomic_directory, read_json, read_tensors, save_tensors
+from ..io import atomic_directory, read_json, read_tensors, save_tensors, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +145,7 @@ def export_static(
     }
     with atomic_directory(out_dir, marker="adapter_config.json", owned=PEFT_ADAPTER_FILES, what="--out") as tmp:
         save_tensors(tensors, tmp / "adapter_model.safetensors", {"format": "pt"})
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        (tmp / "loramix_static.json").write_text(json.dumps(report, indent=2))
+        write_json(tmp / "adapter_config.json", config)
+        write_json(tmp / "loramix_static.json", report)
     logger.info("static export to %s: %s", out_dir, report)
     return report

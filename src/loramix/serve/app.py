@@ -29,7 +29,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ConfigError, LoramixError
-from ..generate import render_chat, resolve_defaults
+from ..generate import resolve_defaults
+from ..text import render_chat
 from .engine import Engine, Job
 from .schemas import ChatRequest, CompletionRequest
 

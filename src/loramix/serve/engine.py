@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from ..generate import Generation, IncrementalDecoder, resolve_defaults
+from ..generate import Generation, resolve_defaults
+from ..text import IncrementalDecoder
 
 logger = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
+from ..base import load_base_model, load_tokenizer
 from ..config import is_number
 from ..errors import ConfigError
 from ..experts import PEFT_ADAPTER_FILES
 from ..io import atomic_directory, check_replaceable
-from ..model import load_base_model, load_tokenizer
 from .common import as_path, batch_logits, causal_lm_loss, pad_id, prepare_data, run_dir_for
 from .loop import TrainConfig, Trainer
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, TrainingError
-from ..io import check_finite, write_text_atomic
+from ..io import check_finite, fsync_tree, read_json, write_json, write_text_atomic
 from .state import load_optimizer, load_rng, save_optimizer, save_rng
 
 logger = logging.getLogger(__name__)
@@ -238,10 +238,8 @@ class Trainer:
                 "world_size": self.world,
                 "config": asdict(self.config),
             }
-            for name in os.listdir(tmp):
-                with open(tmp / name, "rb") as f:
-                    os.fsync(f.fileno())
-            (tmp / STATE_NAME).write_text(json.dumps(state, indent=2))  # last file: marks the checkpoint complete
+            fsync_tree(tmp)
+            write_json(tmp / STATE_NAME, state)  # last file: marks the checkpoint complete
             if final.exists():
                 shutil.rmtree(final)
             os.rename(tmp, final)
@@ -310,7 +308,7 @@ class Trainer:
     def _resume(self, path: Path, optimizer: torch.optim.Optimizer, force: bool = False) -> None:
         from safetensors.torch import load_file
 
-        state = json.loads((path / STATE_NAME).read_text())
+        state = read_json(path / STATE_NAME, "the training state")
         self._check_resume_config(state.get("config") or {}, path, force)
         if state.get("world_size") != self.world:
             raise ConfigError(
@@ -420,9 +418,8 @@ class Trainer:
         if config.report_to:
             acc.init_trackers(self.description.replace(" ", "-"), config={**asdict(self.config), **self.hparams})
         if acc.is_main_process:
-            (self.run_dir / "hparams.json").write_text(
-                json.dumps({"train": asdict(self.config), **self.hparams}, indent=2, default=str)
-            )
+            hparams = {"train": asdict(self.config), **self.hparams}
+            write_text_atomic(self.run_dir / "hparams.json", json.dumps(hparams, indent=2, default=str))
 
         progress = None
         if config.progress and acc.is_main_process:

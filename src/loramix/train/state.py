@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
+from ..io import read_json, write_json
 
 __all__ = ["load_optimizer", "load_rng", "save_optimizer", "save_rng"]
 
@@ -29,11 +30,11 @@ def save_optimizer(optimizer: torch.optim.Optimizer, directory: Path, names: lis
                 scalars.setdefault(name, {})[key] = value
     save_file(tensors, str(directory / "optimizer.safetensors"))
     meta = {"param_groups": state["param_groups"], "scalars": scalars, "names": names}
-    (directory / "optimizer.json").write_text(json.dumps(meta))
+    write_json(directory / "optimizer.json", meta)
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path, names: list[str]) -> None:
-    meta = json.loads((directory / "optimizer.json").read_text())
+    meta = read_json(directory / "optimizer.json", "the optimizer state")
     if meta.get("names") != names:
         raise CheckpointError(f"{directory / 'optimizer.json'}: the optimizer was saved for other parameters")
     tensors = load_file(str(directory / "optimizer.safetensors"))

@@ -1,0 +1,151 @@
+"""`load`: a LoraMixModel from a checkpoint directory (checkpoint.py reads and checks the files; this module builds
+the model on the base they name, checked against its fingerprint)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .base import load_base_model, load_tokenizer
+from .checkpoint import (
+    BASE_DIR,
+    CONFIG_NAME,
+    EXPERTS_NAME,
+    FORMAT_VERSION,
+    GATE_NAME,
+    TOKENIZER_DIR,
+    check_fingerprint,
+    expert_infos,
+    layer_table,
+)
+from .config import MixConfig
+from .errors import BaseModelMismatchError, CheckpointError, ConfigError, LoramixError
+from .experts import StackedLoRA
+from .io import read_json, read_tensors
+from .model import LoraMixModel
+
+__all__ = ["load", "load_gate_state"]
+
+
+def load(
+    path: str | Path,
+    base: Any = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    tokenizer: Any = None,
+    check_base: bool = True,
+    **model_kwargs: Any,
+) -> LoraMixModel:
+    """Load a checkpoint written by `LoraMixModel.save`. The expert directories it was built from are not needed.
+
+    base: override the recorded base (id, directory or loaded PreTrainedModel). The base is checked against the
+    checkpoint's fingerprint; a different base raises `BaseModelMismatchError` (check_base=False skips that).
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise CheckpointError(f"{root} is not a directory (expected a loramix checkpoint)")
+    config_path = root / CONFIG_NAME
+    meta = read_json(config_path, "the checkpoint's config")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{config_path}: format_version={version!r}, this loramix reads format_version {FORMAT_VERSION}"
+        )
+    known = {"format_version", "loramix_version", "mix_config", "gate", "experts", "layers", "base"}
+    unknown = sorted(set(meta) - known)
+    if unknown:
+        raise CheckpointError(f"{config_path}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    try:
+        config = MixConfig.from_dict(meta.get("mix_config", {}), where="mix_config")
+    except ConfigError as exc:
+        raise CheckpointError(f"{config_path}: {exc}") from None
+    infos = expert_infos(meta, config_path)
+    table = layer_table(meta, config_path, len(infos))
+    base_meta = meta.get("base") or {}
+
+    if base is None:
+        reference = base_meta.get("name_or_path")
+        if base_meta.get("bundled"):
+            base = root / BASE_DIR
+        elif reference and not Path(reference).is_absolute() and (root / reference).is_dir():
+            base = (root / reference).resolve()  # a base next to the checkpoint, referenced relatively
+        elif reference:
+            base = reference
+        else:
+            raise CheckpointError(
+                f"{config_path}: the checkpoint records no base model (it was built on an in-memory model); "
+                "pass one with load(path, base=...)"
+            )
+        if isinstance(base, (str, Path)) and Path(str(base)).is_absolute() and not Path(str(base)).exists():
+            raise CheckpointError(
+                f"{config_path}: the base model directory {base} no longer exists; pass the base with "
+                "load(path, base=...)"
+            )
+    # The reference is where the base was read from (a bundled base: its absolute path), so that a re-save elsewhere
+    # or an export names a base that exists, never the bare "base" relative to the current directory.
+    model, reference = load_base_model(base, dtype=dtype, device=device, **model_kwargs)
+    if check_base and base_meta.get("fingerprint"):
+        check_fingerprint(base_meta["fingerprint"], model, [m for m, _, _ in table], str(config_path))
+
+    tensors = read_tensors(root / EXPERTS_NAME, "the stacked expert weights")
+    modules = dict(model.named_modules())
+    stacked: dict[str, StackedLoRA] = {}
+    for module, ranks, scales in table:
+        if module not in modules:
+            raise BaseModelMismatchError(
+                f"{config_path}: adapted module '{module}' does not exist in the base model "
+                f"({type(model).__name__}); pass the right base with load(path, base=...)"
+            )
+        try:
+            a, b = tensors.pop(f"{module}.lora_A"), tensors.pop(f"{module}.lora_B")
+        except KeyError as exc:
+            raise CheckpointError(f"{root / EXPERTS_NAME}: tensor {exc} is missing") from None
+        for name, tensor in ((f"{module}.lora_A", a), (f"{module}.lora_B", b)):
+            if not tensor.is_floating_point():
+                raise CheckpointError(
+                    f"{root / EXPERTS_NAME}: tensor '{name}' has dtype {tensor.dtype}; expected floating point"
+                )
+        weight = modules[module].weight
+        dtype_ = weight.dtype if weight.is_floating_point() else torch.float32
+        stacked[module] = StackedLoRA(a.to(weight.device, dtype_), b.to(weight.device, dtype_), ranks, scales)
+    if tensors:
+        raise CheckpointError(f"{root / EXPERTS_NAME}: unexpected tensor(s) {sorted(tensors)[:5]}")
+
+    if tokenizer is None:
+        tok_dir = root / TOKENIZER_DIR
+        tokenizer = load_tokenizer(tok_dir) if tok_dir.is_dir() else None
+        if tokenizer is None and isinstance(base, (str, Path)):
+            tokenizer = load_tokenizer(base)
+    try:
+        mix = LoraMixModel(model, stacked, infos, config, tokenizer=tokenizer, base_reference=reference)
+    except LoramixError as exc:
+        raise type(exc)(f"{config_path}: {exc}") from None
+
+    gate_meta = meta.get("gate") or {}
+    for key, actual in (("hidden_size", mix.hidden_size), ("n_layers", mix.n_layers), ("n_experts", mix.n_experts)):
+        if key in gate_meta and gate_meta[key] != actual:
+            raise BaseModelMismatchError(
+                f"{config_path}: gate.{key}={gate_meta[key]} but the model gives {actual}; wrong base model?"
+            )
+    load_gate_state(mix, read_tensors(root / GATE_NAME, "the gate weights"), root / GATE_NAME)
+    return mix
+
+
+def load_gate_state(mix: LoraMixModel, state: dict[str, torch.Tensor], where: Path | str) -> None:
+    """Check gate tensors read from `where` against `mix.gate` (names, shapes, float dtype) and load them."""
+    expected = mix.gate.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: missing tensors {missing}, unexpected tensors {unexpected}")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{where}: tensor '{key}' has shape {tuple(value.shape)}, the gate for {mix.n_experts} experts and "
+                f"{mix.n_layers} adapted modules expects {tuple(expected[key].shape)}"
+            )
+        if not value.is_floating_point():
+            raise CheckpointError(f"{where}: tensor '{key}' has dtype {value.dtype}; expected floats")
+    mix.gate.load_state_dict({k: v.to(mix.dtype) for k, v in state.items()})
