@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import loramix
-from loramix import AdapterError, BaseModelMismatchError, CheckpointError, ConfigError, LoramixError
+from loramix import AdapterError, BaseModelMismatchError, CheckpointError, ConfigError
 from loramix.experts import read_adapter
 
 from conftest import char_tokenizer, tiny_llama
@@ -346,9 +346,21 @@ def test_cli_reports_broken_inputs_in_one_line(good, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
-def test_every_loramix_error_is_a_loramix_error():
-    for error in (AdapterError, BaseModelMismatchError, CheckpointError, ConfigError, loramix.ShapeMismatchError):
-        assert issubclass(error, LoramixError)
+@pytest.mark.parametrize(
+    "error", [AdapterError, BaseModelMismatchError, CheckpointError, ConfigError, loramix.ShapeMismatchError, OSError]
+)
+def test_every_loramix_error_is_one_line_in_the_cli(error, tmp_path, monkeypatch, capsys):
+    from loramix import cli
+
+    def broken(path):
+        raise error(f"{path}: broken on purpose\nwith a second line the CLI must not print")
+
+    monkeypatch.setattr(cli, "_read_checkpoint_meta", broken)
+    code, lines = _main(monkeypatch, capsys, "info", tmp_path)
+    assert (code, lines) == (1, [f"error: {tmp_path}: broken on purpose"])
+    monkeypatch.setattr(sys, "argv", ["loramix", "--debug", "info", str(tmp_path)])
+    with pytest.raises(error, match="broken on purpose"):  # --debug: the exception itself, with its traceback
+        cli.main()
 
 
 # ---------------------------------------------------------------------- nothing lost: what a command may replace

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from loramix.demo.world import AMINO_ACIDS, World, fmt, gravy, load_peptides, parse_number
 from loramix.evaluate import _score
@@ -88,6 +89,26 @@ def test_build_and_run_at_a_tiny_size(tmp_path):
     record = build(tmp_path / "build", cfg, progress=False)
     assert set(record["stages"]) == {"base", "expert forward", "expert inverse", "expert compare", "expert qa",
                                      "gate checkpoint", "gate checkpoint-truncated"}
+    # every stage trained: PEFT starts lora_B at zero, and a gate starts where the same seed puts it
+    from safetensors.torch import load_file
+
+    import loramix
+    from loramix.config import GateConfig, MixConfig
+
+    for domain in ("forward", "inverse", "compare", "qa"):
+        tensors = load_file(str(tmp_path / "build" / "experts" / domain / "adapter_model.safetensors"))
+        assert all(t.abs().max() > 0 for k, t in tensors.items() if "lora_B" in k), domain
+    for name, k in (("checkpoint", None), ("checkpoint-truncated", 1)):
+        trained = load_file(str(tmp_path / "build" / name / "gate.safetensors"))
+        torch.manual_seed(cfg.seed)
+        fresh = loramix.from_pretrained(
+            tmp_path / "build" / "checkpoint" / "base",
+            {d: tmp_path / "build" / "experts" / d for d in ("forward", "inverse", "compare", "qa")},
+            MixConfig(gate=GateConfig(depth=cfg.gate_depth, width=cfg.gate_width, layerwise=True, dropout=0.0),
+                      scaling_layer=k),
+        ).gate.state_dict()
+        assert any(not torch.equal(trained[key], fresh[key]) for key in fresh), f"the {name} gate did not train"
+        assert record["stages"][f"gate {name}"]["metrics"]["loss"] > 0
     sizes = {"forward": 3, "inverse": 2, "compare": 3, "qa": 3, "composite": 2}
     console = Console(record=True, width=200)
     payload = run_demo(tmp_path / "out", checkpoint=tmp_path / "build" / "checkpoint",

@@ -228,8 +228,11 @@ def test_sparse_top_k_equals_dense(llama_dir, llama_experts, top_k):
     dense = mix.generate(PROMPT, max_new_tokens=10, output_logits=True, eos_token_id=[])
     mix.sparse_top_k = True
     with torch.no_grad():
-        prepared = mix.prepare_scalings(mix.compute_scalings(PROMPT))
-    assert prepared.used_experts is not None and all(len(u) <= 3 for u in prepared.used_experts)
+        s = mix.compute_scalings(PROMPT[:, :1])
+        prepared = mix.prepare_scalings(s)
+    # per layer, exactly the experts that the token's top-k kept: the others' rows are never computed
+    want = [tuple(int(e) for e in (s[0, 0, layer] != 0).nonzero().flatten()) for layer in range(mix.n_layers)]
+    assert prepared.used_experts == want and all(len(u) == top_k for u in want)
     sparse = mix.generate(PROMPT, max_new_tokens=10, output_logits=True, eos_token_id=[])
     assert torch.equal(dense.sequences, sparse.sequences)
     torch.testing.assert_close(dense.logits, sparse.logits, rtol=1e-5, atol=1e-5)
@@ -237,12 +240,25 @@ def test_sparse_top_k_equals_dense(llama_dir, llama_experts, top_k):
     assert ((one.scalings > 0).sum(-1) == top_k).all()  # one token per decode step: top-k experts per layer
 
 
-def test_sparse_top_k_auto_policy(llama_dir, llama_experts):
+def test_sparse_top_k_auto_policy(llama_dir, llama_experts, tmp_path):
+    from conftest import make_adapter
+
     mix = _mix(llama_dir, llama_experts, gate=GateConfig(top_k=1))
     with torch.no_grad():
         assert not mix.use_sparse_top_k(1)  # tiny experts: the dense stacked matmul is cheaper
         mix._mean_expert_elements = 2_000_000
         assert not mix.use_sparse_top_k(1)  # k=1 of 3 experts: not sparse enough (needs k <= N/4)
+        mix.sparse_top_k = True
+        assert mix.use_sparse_top_k(1) and mix.use_sparse_top_k(64)  # forced on
+        mix.sparse_top_k = False
+        assert not mix.use_sparse_top_k(1)  # forced off
+    four = _mix(llama_dir, {**llama_experts, "extra": make_adapter(llama_dir, tmp_path / "extra", seed=4)},
+                gate=GateConfig(top_k=1))
+    four._mean_expert_elements = 2_000_000  # large experts, k=1 of 4: where gathering pays off
+    with torch.no_grad():
+        assert four.use_sparse_top_k(1) and four.use_sparse_top_k(2)  # decoding: one or two tokens per pass
+        assert not four.use_sparse_top_k(3)  # a prompt: the dense matmul is cheaper
+    assert not four.use_sparse_top_k(1)  # with gradients (training): always dense
     dense_only = _mix(llama_dir, llama_experts)
     with torch.no_grad():
         assert not dense_only.use_sparse_top_k(1)  # no top-k gate

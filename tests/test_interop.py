@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import loramix
 from loramix import ConfigError, GateConfig, MixConfig
@@ -39,10 +40,13 @@ def test_to_peft_gives_a_live_xlora_model_with_equal_logits(llama_dir, llama_exp
         torch.testing.assert_close(back(input_ids).logits, want, rtol=1e-4, atol=1e-4)
 
 
-def test_to_peft_refuses_what_peft_cannot_load(gpt2_dir, gpt2_experts):
+def test_to_peft_refuses_what_peft_cannot_load(gpt2_dir, gpt2_experts, llama_dir, llama_experts):
     mix = _mix(gpt2_dir, gpt2_experts)
     with pytest.raises(ConfigError, match=r"backbone is '\.model' \(GPT2LMHeadModel has '\.transformer'\)"):
         to_peft(mix)
+    truncated = loramix.from_pretrained(llama_dir, llama_experts, MixConfig(scaling_layer=1))
+    with pytest.raises(ConfigError, match=r"scaling_layer=1: PEFT's XLoraModel always runs the full scaling pass"):
+        to_peft(truncated)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -92,8 +96,19 @@ def test_static_scalings_from_a_prompt_and_from_files(llama_dir, llama_experts, 
     with torch.no_grad():
         torch.testing.assert_close(s, mix.compute_scalings(ids)[0].mean(0).double())
     good = tmp_path / "s.json"
-    good.write_text(json.dumps([0.2, 0.3, 0.5]))
-    assert read_scalings_file(good, mix.n_layers, 3).shape == (mix.n_layers, 3)
+    good.write_text(json.dumps([0.2, 0.3, 0.5]))  # one row for every layer
+    want = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64).expand(mix.n_layers, 3)
+    torch.testing.assert_close(read_scalings_file(good, mix.n_layers, 3), want, rtol=0, atol=0)
+    per_layer = torch.rand(mix.n_layers, 3, dtype=torch.float64)
+    (tmp_path / "layers.json").write_text(json.dumps(per_layer.tolist()))
+    torch.testing.assert_close(read_scalings_file(tmp_path / "layers.json", mix.n_layers, 3), per_layer)
+    save_file({"scalings": per_layer.float()}, str(tmp_path / "s.safetensors"))
+    torch.testing.assert_close(
+        read_scalings_file(tmp_path / "s.safetensors", mix.n_layers, 3), per_layer.float().double(), rtol=0, atol=0
+    )
+    save_file({"other": per_layer.float()}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ConfigError, match=r"expected a tensor named 'scalings', found \['other'\]"):
+        read_scalings_file(tmp_path / "other.safetensors", mix.n_layers, 3)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([[1, 2]]))
     with pytest.raises(ConfigError, match=r"bad\.json: scalings of shape \(1, 2\); expected \[12, 3\]"):

@@ -68,15 +68,25 @@ def test_experts_off_skips_the_expert_matmuls():
 
 
 def test_dtype_and_device_follow_the_base_layer():
+    torch.manual_seed(0)
     base = nn.Linear(8, 6).to(torch.bfloat16)
     As, Bs, scales = _experts(8, 6, [2, 3])
     state = MixState()
     layer = MixedLoRALinear(base, _stack(As, Bs, [2, 3], scales, dtype=torch.bfloat16), 0, state)
     x = torch.randn(1, 4, 8, dtype=torch.bfloat16)
-    with state.use(torch.rand(1, 4, 1, 2, dtype=torch.bfloat16)):
+    s = torch.rand(1, 4, 1, 2, dtype=torch.bfloat16)
+    with state.use(s):
         y = layer(x)
     assert y.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.bfloat16
     assert layer.rank_scale.dtype == torch.bfloat16
+    assert y.device == base.weight.device == layer.lora_A.device == layer.rank_scale.device
+    # the values: the float32 reference of the same bf16 weights, within bf16 rounding
+    want = base.float()(x.float())
+    for e in range(2):
+        a, b = As[e].to(torch.bfloat16).float(), Bs[e].to(torch.bfloat16).float()
+        want = want + s[..., 0, e, None].float() * scales[e] * (x.float() @ a.T @ b.T)
+    scale = float(want.abs().max())  # bf16 keeps ~3 significant digits through the matmuls
+    torch.testing.assert_close(y.float(), want, rtol=0, atol=2e-2 * scale)
 
 
 def test_tokens_flattened_by_the_model_still_get_their_own_scalings():

@@ -1,6 +1,7 @@
 """Configuration dataclasses: the gate (`GateConfig`) and the whole mixture (`MixConfig`).
 
-Every option of PEFT's `XLoraConfig` has a field here (the table in docs/checkpoint-format.md maps the names).
+Every option of PEFT's `XLoraConfig` has a field here; `XLORA_NAMES` maps them to the X-LoRA names (PEFT's and
+mistral.rs's), shown with each format's exceptions in docs/checkpoint-format.md, "Names".
 Sizes that the model determines (hidden size, number of adapted layers, number of experts) are inferred when the
 mixture is built, never defaulted: a value given by hand is checked against the model instead.
 """
@@ -15,7 +16,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["GateConfig", "MixConfig"]
+__all__ = ["XLORA_NAMES", "GateConfig", "MixConfig", "from_xlora", "to_xlora"]
 
 MAX_GATE_DEPTH = 64
 MAX_GATE_WIDTH = 1 << 17
@@ -222,3 +223,48 @@ class MixConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "mix config") -> MixConfig:
         return _from_dict(cls, data, where)
+
+
+# ---------------------------------------------------------------------- X-LoRA names
+
+XLORA_NAMES: dict[str, str] = {
+    "gate.depth": "xlora_depth",
+    "gate.width": "xlora_size",
+    "gate.dropout": "xlora_dropout_p",
+    "gate.softmax": "enable_softmax",
+    "gate.temperature": "softmax_temperature",
+    "gate.top_k": "top_k_lora",
+    "gate.topk_softmax": "enable_softmax_topk",
+    "gate.layerwise": "layerwise_scalings",
+    "gate.hidden_size": "hidden_size",
+    "scaling_pass_value": "scaling_pass_value",
+    "global_scaling_weight": "global_scaling_weight",
+    "trainable_experts": "use_trainable_adapters",
+}
+"""loramix field -> its X-LoRA name: PEFT's `XLoraConfig` and mistral.rs's `xlora_config.json` use the same names.
+The one table of the mapping (docs/checkpoint-format.md, "Names", shows it with the exceptions of each format)."""
+
+
+def to_xlora(config: MixConfig, hidden_size: int, n_experts: int) -> dict[str, Any]:
+    """The options of `config` under their X-LoRA names, with the sizes X-LoRA needs written out: `xlora_size` is the
+    hidden size when the width is unset, `scaling_pass_value` is 1/N when it is null."""
+    resolved = {
+        "gate.width": config.gate.width or hidden_size,
+        "gate.hidden_size": hidden_size,
+        "scaling_pass_value": config.resolved_scaling_pass_value(n_experts),
+    }
+    out = {}
+    for path, name in XLORA_NAMES.items():
+        owner, _, attr = path.rpartition(".")
+        out[name] = resolved[path] if path in resolved else getattr(config.gate if owner else config, attr)
+    return out
+
+
+def from_xlora(values: dict[str, Any], *, width: int | None, bias: bool) -> MixConfig:
+    """A `MixConfig` from X-LoRA options by name (absent or null ones take loramix's defaults). The gate's `width`
+    (None for a depth-1 gate) and `bias` come from its tensors, which X-LoRA configs do not describe exactly."""
+    fields = {path: values[name] for path, name in XLORA_NAMES.items() if values.get(name) is not None}
+    fields.update({"gate.width": width, "gate.bias": bias})
+    gate = {path.removeprefix("gate."): v for path, v in fields.items() if path.startswith("gate.")}
+    rest = {path: v for path, v in fields.items() if not path.startswith("gate.")}
+    return MixConfig(gate=GateConfig(**gate), **rest)

@@ -193,10 +193,7 @@ def read_adapter(name: str, path: str | Path) -> LoraExpert:
 
 
 def _strip_prefix(key: str) -> str:
-    for prefix in ("base_model.model.",):
-        if key.startswith(prefix):
-            return key[len(prefix) :]
-    return key
+    return key.removeprefix("base_model.model.")
 
 
 def expert_from_state_dict(

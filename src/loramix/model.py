@@ -202,9 +202,6 @@ class LoraMixModel(nn.Module):
         for p in self.gate.parameters():
             p.requires_grad_(True)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
-
     # ------------------------------------------------------------------ the two passes
 
     def dummy_scalings(self) -> float | None:

@@ -11,7 +11,7 @@ X-LoRA directories (that flat layout, or the original X-LoRA layout with one sub
 mistral.rs matches expert files by substring of NAME, scales experts by alpha/r only, needs the same target modules
 for every expert and a gate whose inner width is the hidden size: what it cannot represent is refused with an
 `ExportError`, never exported to a directory that would load and silently give other tokens.
-docs/formats-mistralrs.md has the details and the upstream limits.
+docs/formats.md ("mistral.rs") has the details and the upstream limits.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..base import load_base_model, load_tokenizer
-from ..config import GateConfig, MixConfig
+from ..config import XLORA_NAMES, MixConfig, from_xlora, to_xlora
 from ..errors import AdapterError, CheckpointError, LoramixError
 from ..experts import (
     ExpertInfo,
@@ -56,7 +56,8 @@ ADAPTER_WEIGHTS_SUFFIX = ".adapter_model.safetensors"
 BASE_WEIGHTS = "model.safetensors"
 
 # transformers model_type -> mistral.rs Architecture: those whose X-LoRA model was checked token for token against
-# loramix with mistral.rs 0.9.5 (tests/test_mistralrs.py covers Llama; docs/formats-mistralrs.md lists the rest).
+# loramix with mistral.rs 0.9.5 (tests/test_mistralrs.py covers Llama; docs/formats.md, "Architectures", lists the
+# rest).
 SUPPORTED_MODEL_TYPES = {"llama": "Llama", "mistral": "Mistral", "gemma": "Gemma", "phi": "Phi2", "phi3": "Phi3"}
 _UNSUPPORTED_MODEL_TYPES = {
     "gemma2": "its X-LoRA Gemma2 panics at the first step ('entered unreachable code')",
@@ -229,24 +230,13 @@ def _adapter_config(info: ExpertInfo, table: dict[str, Any], targets: list[str],
 
 def xlora_config_dict(model: LoraMixModel, base_model_id: str) -> dict[str, Any]:
     """The xlora_config.json mistral.rs needs, with every key written (its defaults differ from PEFT's)."""
-    gate, config = model.config.gate, model.config
     return {
-        "hidden_size": model.hidden_size,
+        **to_xlora(model.config, model.hidden_size, model.n_experts),
         "base_model_id": base_model_id,
         "adapters": model.expert_names,
-        "xlora_depth": gate.depth,
-        "xlora_size": gate.width or model.hidden_size,
-        "layerwise_scalings": gate.layerwise,
-        "enable_softmax": gate.softmax,
-        "softmax_temperature": gate.temperature,
         "enable_relu_and_dropout": True,  # loramix gates always put a ReLU between layers
         "xlora_dropout_p": 0.0,  # mistral.rs applies this dropout at inference
-        "use_bias": gate.bias,
-        "scaling_pass_value": config.resolved_scaling_pass_value(model.n_experts),
-        "global_scaling_weight": config.global_scaling_weight,
-        "top_k_lora": gate.top_k,
-        "enable_softmax_topk": False,
-        "use_trainable_adapters": config.trainable_experts,
+        "use_bias": model.config.gate.bias,
     }
 
 
@@ -260,7 +250,7 @@ def export_mistralrs(
     with_base:     also write there a copy of the base model that mistral.rs can load (config.json with a top-level
                    rope_theta, lm_head.weight stored explicitly, the tokenizer).
     Load it with `Which.XLora(model_id=base_model_id, xlora_model_id=out_dir, order=out_dir/ordering.json, ...)`.
-    Raises `ExportError` for what mistral.rs cannot represent (see docs/formats-mistralrs.md).
+    Raises `ExportError` for what mistral.rs cannot represent (see docs/formats.md, "What is refused, and why").
     """
     if not isinstance(base_model_id, str) or not base_model_id.strip():
         raise ExportError(f"base_model_id={base_model_id!r} must be a non-empty string (a hub id or a directory)")
@@ -412,7 +402,7 @@ def _gate_state(tensors: Mapping[str, torch.Tensor], where: Path) -> tuple[dict[
     return state, len(order)
 
 
-def _number(conf: Mapping[str, Any], key: str, default: Any, where: Path) -> Any:
+def _number(conf: Mapping[str, Any], key: str, default: float | None, where: Path) -> Any:
     value = conf.get(key, default)
     if value is None:
         return default
@@ -421,7 +411,7 @@ def _number(conf: Mapping[str, Any], key: str, default: Any, where: Path) -> Any
     return value
 
 
-def _flag(conf: Mapping[str, Any], key: str, default: bool, where: Path) -> bool:
+def _flag(conf: Mapping[str, Any], key: str, default: bool | None, where: Path) -> bool | None:
     value = conf.get(key, default)
     if value is None:
         return default
@@ -449,27 +439,16 @@ def _mix_config(conf: Mapping[str, Any], gate_state: Mapping[str, torch.Tensor],
     size = conf.get("xlora_size")
     if depth > 1 and size is not None and size != width:
         raise CheckpointError(f"{where}: xlora_size={size} but the classifier's inner.0.weight has {width} rows")
+    values = {name: conf.get(name) for name in XLORA_NAMES.values()}
+    for name in ("enable_softmax", "enable_softmax_topk", "layerwise_scalings", "use_trainable_adapters"):
+        values[name] = _flag(conf, name, None, where)
+    for name in ("softmax_temperature", "scaling_pass_value", "global_scaling_weight"):
+        values[name] = _number(conf, name, None, where)
     dropout = float(_number(conf, "xlora_dropout_p", 0.0, where))
-    top_k = conf.get("top_k_lora")
+    values["xlora_dropout_p"] = dropout if 0.0 <= dropout < 1.0 else 0.0  # inference only; X-LoRA's default is 0
+    values["xlora_depth"] = depth
     try:
-        gate = GateConfig(
-            depth=depth,
-            width=width,
-            dropout=dropout if 0.0 <= dropout < 1.0 else 0.0,
-            softmax=_flag(conf, "enable_softmax", True, where),
-            temperature=float(_number(conf, "softmax_temperature", 1.0, where)),
-            top_k=top_k,
-            topk_softmax=_flag(conf, "enable_softmax_topk", False, where),
-            layerwise=_flag(conf, "layerwise_scalings", False, where),
-            bias="last.bias" in gate_state,
-            hidden_size=conf.get("hidden_size"),
-        )
-        return MixConfig(
-            gate=gate,
-            scaling_pass_value=float(_number(conf, "scaling_pass_value", 0.0, where)),
-            global_scaling_weight=float(_number(conf, "global_scaling_weight", 1.0, where)),
-            trainable_experts=_flag(conf, "use_trainable_adapters", False, where),
-        )
+        return from_xlora(values, width=width, bias="last.bias" in gate_state)
     except LoramixError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
 

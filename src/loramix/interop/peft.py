@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import GateConfig, MixConfig
+from ..config import XLORA_NAMES, from_xlora, to_xlora
 from ..errors import ConfigError
 from ..experts import PEFT_ADAPTER_FILES, ExpertInfo, StackedLoRA, unstack_experts
 from ..io import atomic_directory, save_tensors, write_json
@@ -113,25 +113,10 @@ def from_peft(peft_model: nn.Module, *, tokenizer: Any = None) -> LoraMixModel:
 
     classifier = xlora.internal_xlora_classifier
     linears = [m for m in classifier.layers if isinstance(m, nn.Linear)]
-    depth = int(conf.xlora_depth)
-    gate = GateConfig(
-        depth=depth,
-        width=int(conf.xlora_size) if depth > 1 else None,
-        dropout=float(conf.xlora_dropout_p),
-        softmax=bool(conf.enable_softmax),
-        temperature=float(conf.softmax_temperature),
-        top_k=conf.top_k_lora,
-        topk_softmax=bool(conf.enable_softmax_topk),
-        layerwise=bool(conf.layerwise_scalings),
-        bias=linears[-1].bias is not None,
-        hidden_size=int(conf.hidden_size),
-    )
-    config = MixConfig(
-        gate=gate,
-        scaling_pass_value=float(classifier.override_scaling_pass_value),
-        global_scaling_weight=float(conf.global_scaling_weight),
-        trainable_experts=bool(conf.use_trainable_adapters),
-    )
+    values = {name: getattr(conf, name) for name in XLORA_NAMES.values()}
+    values["scaling_pass_value"] = float(classifier.override_scaling_pass_value)  # what the classifier really uses
+    width = int(conf.xlora_size) if int(conf.xlora_depth) > 1 else None
+    config = from_xlora(values, width=width, bias=linears[-1].bias is not None)
     lora_configs = getattr(xlora.lora_model, "peft_config", {})
     experts = []
     for name, key in zip(names, internal):
@@ -177,12 +162,18 @@ def to_peft(model: LoraMixModel, adapter_dir: str | Path | None = None) -> nn.Mo
 
     PEFT's XLoRA loads experts from adapter directories and needs them named "0".."n-1": the experts are written
     there (to `adapter_dir`, or a temporary directory) in loramix's expert order. What PEFT cannot represent is
-    refused: a base without a `.model` backbone (GPT-2), and experts with different target modules per expert are
-    fine (PEFT injects the union).
+    refused: a base without a `.model` backbone (GPT-2), and a gate trained on a truncated scaling pass (PEFT always
+    runs the full one). Experts with different target modules per expert are fine (PEFT injects the union).
     """
     import tempfile
 
     from peft import XLoraConfig, get_peft_model
+
+    if model.config.scaling_layer is not None:
+        raise ConfigError(
+            f"scaling_layer={model.config.scaling_layer}: PEFT's XLoraModel always runs the full scaling pass, and a "
+            "gate trained on a truncated one would route differently there; export to a static LoRA instead"
+        )
 
     if getattr(model.model, "base_model_prefix", None) != "model":
         raise ConfigError(
@@ -194,22 +185,10 @@ def to_peft(model: LoraMixModel, adapter_dir: str | Path | None = None) -> nn.Mo
     with model.plain_model() as plain:
         base = clone_sharing_weights(plain)
     base.config.use_cache = False
-    g = model.config.gate
     config = XLoraConfig(
         task_type="CAUSAL_LM",
-        hidden_size=model.hidden_size,
         adapters={str(i): str(folder / str(i)) for i in range(model.n_experts)},
-        enable_softmax=g.softmax,
-        enable_softmax_topk=g.topk_softmax,
-        layerwise_scalings=g.layerwise,
-        xlora_depth=g.depth,
-        xlora_size=g.width or model.hidden_size,
-        xlora_dropout_p=g.dropout,
-        use_trainable_adapters=model.config.trainable_experts,
-        softmax_temperature=g.temperature,
-        top_k_lora=g.top_k,
-        scaling_pass_value=model.config.resolved_scaling_pass_value(model.n_experts),
-        global_scaling_weight=model.config.global_scaling_weight,
+        **to_xlora(model.config, model.hidden_size, model.n_experts),
     )
     peft_model = get_peft_model(base, config).eval()
     classifier = peft_model.base_model.internal_xlora_classifier
