@@ -176,7 +176,7 @@ def test_concurrent_requests_are_batched_and_equal_to_one_by_one(server, mix):
         ("/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404, "model 'gpt-9' does not exist"),
         ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 100000}, 400, "above this server's limit"),
         ("/v1/completions", {"model": "tiny", "prompt": "x" * 200}, 400, "the prompt has 201 tokens"),
-        ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 2}, 400, "n:"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 17}, 400, "n:"),
         ("/v1/completions", {"model": "tiny", "prompt": []}, 400, "empty list"),
         ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
         ("/v1/completions", {"model": "tiny", "prompt": "x", "loramix": {"mode": "turbo"}}, 400, "loramix.mode"),
