@@ -27,6 +27,7 @@ import json
 import logging
 from typing import Any
 
+import lm_eval.models  # noqa: F401  (lm-eval's own models first: its registry loads them only while it is empty)
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
