@@ -1,13 +1,15 @@
 """An OpenAI-compatible HTTP server for a loramix model (FastAPI).
 
     GET  /health                 {"status": "ok", ...}
-    GET  /v1/models              the one model, under its id
-    POST /v1/completions         prompt -> text (stream: server-sent events)
+    GET  /v1/models              the one model, under its id (and GET /v1/models/{id})
+    POST /v1/completions         prompt(s): strings or token ids -> one choice each (stream: server-sent events)
     POST /v1/chat/completions    messages -> reply, with the tokenizer's chat template (or the plain fallback:
                                  "role: content" lines, then "assistant:")
 
 Sampling fields map to `generate`: max_tokens (or max_completion_tokens), temperature (0 = greedy), top_p, stop,
-seed. The extension field `loramix` (OpenAI clients: `extra_body={"loramix": {...}}`) selects the speed mode, top_k,
+seed, n, presence/frequency_penalty, logit_bias, logprobs (+ echo; chat: top_logprobs). Fields it cannot honour
+(tools, response_format other than text, best_of > 1, ...) get a 400 naming them (docs/serving.md).
+The extension field `loramix` (OpenAI clients: `extra_body={"loramix": {...}}`) selects the speed mode, top_k,
 repetition_penalty, and `return_scalings` ("token", "layer" or "expert"), returned in the response's `loramix` field.
 Errors are OpenAI-style JSON: {"error": {"message", "type", "param", "code"}} with a 4xx status.
 """
