@@ -36,6 +36,7 @@ def test_defaults_match_peft_xlora_config():
         ({"temperature": 0}, "gate.temperature"),
         ({"temperature": float("nan")}, "gate.temperature"),
         ({"top_k": 0}, "gate.top_k"),
+        ({"top_k": 1.5}, "gate.top_k"),
         ({"topk_softmax": True}, "gate.topk_softmax"),
         ({"softmax": "yes"}, "gate.softmax"),
         ({"hidden_size": -3}, "gate.hidden_size"),
@@ -44,6 +45,14 @@ def test_defaults_match_peft_xlora_config():
 def test_gate_config_rejects_bad_values_naming_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         GateConfig(**kwargs)
+
+
+def test_gate_config_bounds_are_inclusive():
+    for kwargs in ({"depth": 1}, {"depth": 64}, {"width": 1}, {"width": 131072}, {"top_k": 1}, {"dropout": 0.0}):
+        GateConfig(**kwargs)  # the edges are valid
+    for kwargs in ({"depth": 65}, {"width": 131073}):
+        with pytest.raises(ConfigError):
+            GateConfig(**kwargs)
 
 
 @pytest.mark.parametrize(

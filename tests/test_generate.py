@@ -262,3 +262,17 @@ def test_sparse_top_k_auto_policy(llama_dir, llama_experts, tmp_path):
     dense_only = _mix(llama_dir, llama_experts)
     with torch.no_grad():
         assert not dense_only.use_sparse_top_k(1)  # no top-k gate
+
+
+
+def test_repetition_penalty_matches_transformers(llama_dir, llama_experts):
+    """With every expert at scaling 0 the mixture is the base: its penalised greedy tokens are transformers' own."""
+    mix = _mix(llama_dir, llama_experts)
+    zeros = torch.zeros(mix.n_layers, mix.n_experts)
+    for penalty in (1.0, 2.0):
+        ours = mix.generate(PROMPT, scalings=zeros, max_new_tokens=12, repetition_penalty=penalty, eos_token_id=[])
+        with torch.no_grad(), mix.experts_disabled():
+            theirs = mix.model.generate(PROMPT, max_new_tokens=12, do_sample=False, repetition_penalty=penalty,
+                                        eos_token_id=None, min_new_tokens=12)
+        assert ours.sequences.tolist() == theirs.tolist(), penalty
+

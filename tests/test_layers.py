@@ -53,6 +53,31 @@ def test_stacked_forward_equals_the_sum_over_experts(kind):
     torch.testing.assert_close(got, _reference(base, x, As, Bs, scales, torch.full((2, 5, 4), 0.3), 0.7))
 
 
+@pytest.mark.parametrize("path", ["training", "base-in-another-dtype"])
+def test_every_forward_path_computes_the_method(path):
+    """The gradient path (gate training) and the out-of-place path (a base whose dtype differs from the experts')
+    give the same values as the method, and training gets the reference gradient of the scalings."""
+    torch.manual_seed(1)
+    d_in, d_out, ranks = 12, 20, [3, 0, 5, 2]
+    base = nn.Linear(d_in, d_out).to(torch.float64 if path == "base-in-another-dtype" else torch.float32)
+    As, Bs, scales = _experts(d_in, d_out, ranks)
+    state = MixState(global_scaling_weight=0.7)
+    layer = MixedLoRALinear(base, _stack(As, Bs, ranks, scales), layer_index=1, state=state)
+    x = torch.randn(2, 5, d_in, dtype=base.weight.dtype)
+    scalings = torch.rand(2, 5, 3, 4, dtype=torch.float32, requires_grad=path == "training")
+    with state.use(scalings):
+        got = layer(x)
+    assert got.dtype == base.weight.dtype
+    reference = scalings.detach().clone().requires_grad_(path == "training")
+    want = _reference(base, x, [a.to(x.dtype) for a in As], [b.to(x.dtype) for b in Bs], scales,
+                      reference[:, :, 1].to(x.dtype), 0.7)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if path == "training":
+        got.square().sum().backward()
+        want.square().sum().backward()
+        torch.testing.assert_close(scalings.grad, reference.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_experts_off_skips_the_expert_matmuls():
     d_in, d_out, ranks = 8, 8, [2, 2]
     base = nn.Linear(d_in, d_out)

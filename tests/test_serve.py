@@ -176,7 +176,7 @@ def test_concurrent_requests_are_batched_and_equal_to_one_by_one(server, mix):
         ("/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404, "model 'gpt-9' does not exist"),
         ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 100000}, 400, "above this server's limit"),
         ("/v1/completions", {"model": "tiny", "prompt": "x" * 200}, 400, "the prompt has 201 tokens"),
-        ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 2}, 400, "n:"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 17}, 400, "n:"),
         ("/v1/completions", {"model": "tiny", "prompt": []}, 400, "empty list"),
         ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
         ("/v1/completions", {"model": "tiny", "prompt": "x", "loramix": {"mode": "turbo"}}, 400, "loramix.mode"),
@@ -223,3 +223,181 @@ def test_scalings_per_token_and_expert(client, mix):
     )
     assert sum(out.model_extra["loramix"]["scalings"]) == pytest.approx(1.0, abs=1e-5)
     assert json.dumps(out.model_extra)  # JSON all the way
+
+
+# ---------------------------------------------------------------------- the client ecosystem (issue 16)
+
+
+def _model_logprobs(mix, ids: list[int]) -> torch.Tensor:
+    """log_softmax of the mixed model's logits for one unpadded sequence [T, V]."""
+    with torch.no_grad():
+        return torch.log_softmax(mix(torch.tensor([ids])).logits[0].float(), -1)
+
+
+def test_echo_logprobs_of_token_prompts_equal_the_model(server, mix):
+    prompts = [mix.tokenizer("GRAVY of ACDK").input_ids, mix.tokenizer("KKL").input_ids]
+    body = {"model": "tiny", "prompt": prompts, "echo": True, "logprobs": 3, "max_tokens": 0, "temperature": 0}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1]
+    for ids, choice in zip(prompts, choices):
+        lp = choice["logprobs"]
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        want = _model_logprobs(mix, ids)
+        got = torch.tensor(lp["token_logprobs"][1:])
+        assert torch.allclose(got, want[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0], atol=1e-5)
+        assert all(3 <= len(top) <= 4 for top in lp["top_logprobs"][1:])
+        assert lp["tokens"] == [mix.tokenizer.decode([t]) for t in ids]
+        assert lp["text_offset"][1:] == [sum(len(t) for t in lp["tokens"][1:k]) + 3 for k in range(1, len(ids))]
+        assert choice["text"] == mix.tokenizer.decode(ids)
+
+
+def test_completion_logprobs_of_generated_tokens_equal_the_model(client, mix):
+    prompt = "GRAVY of ACDK"
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, logprobs=2, echo=True)
+    lp = out.choices[0].logprobs
+    ids = mix.tokenizer(prompt).input_ids
+    tokens = mix.tokenizer.convert_tokens_to_ids(lp.tokens)
+    assert tokens[: len(ids)] == ids and len(tokens) == len(ids) + 6
+    want = _model_logprobs(mix, tokens)[:-1].gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(lp.token_logprobs[1:]), want, atol=1e-5)
+    greedy = [max(top, key=top.get) for top in lp.top_logprobs[len(ids) :]]
+    assert greedy == lp.tokens[len(ids) :]  # greedy: every chosen token is the most likely one
+    plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, logprobs=0)
+    assert plain.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs[len(ids) :], abs=1e-6)
+    assert plain.choices[0].logprobs.text_offset[0] == 0
+
+
+def test_chat_logprobs_equal_the_model(client, mix):
+    messages = [{"role": "user", "content": "Charge of K?"}]
+    out = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = out.choices[0].logprobs.content
+    ids = mix.tokenizer(render_chat(mix.tokenizer, messages)).input_ids
+    generated = mix.tokenizer.convert_tokens_to_ids([c.token for c in content])
+    want = _model_logprobs(mix, ids + generated)[len(ids) - 1 : -1]
+    assert torch.allclose(
+        torch.tensor([c.logprob for c in content]), want.gather(-1, torch.tensor(generated)[:, None])[:, 0], atol=1e-5
+    )
+    assert all(
+        len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-6) for c in content
+    )
+    assert content[0].bytes == list(content[0].token.encode())
+
+
+def test_prompt_lists_are_one_batch_with_a_choice_each(server, mix):
+    prompts = ["A", "KKLL", "GRAVY of ACDK"]
+    want = [_greedy(mix, mix.tokenizer(p).input_ids, 8)[0] for p in prompts]
+    engine = server.server.config.app.state.engine
+    before = engine.batches
+    body = {"model": "tiny", "prompt": prompts, "max_tokens": 8, "temperature": 0}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+    assert [c["text"] for c in r["choices"]] == want
+    assert engine.batches - before == 1
+    assert r["usage"]["prompt_tokens"] == sum(len(p) + 1 for p in prompts)
+    body["prompt"] = mix.tokenizer("KKLL").input_ids  # one token-id array is one prompt
+    assert httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"] == want[1]
+
+
+def test_n_choices_are_distinct_samples(client):
+    out = client.completions.create(model="tiny", prompt="ACDK", max_tokens=12, temperature=1.0, n=3, seed=3)
+    texts = [c.text for c in out.choices]
+    assert [c.index for c in out.choices] == [0, 1, 2] and len(set(texts)) == 3
+    again = client.completions.create(model="tiny", prompt="ACDK", max_tokens=12, temperature=1.0, n=3, seed=3)
+    assert [c.text for c in again.choices] == texts
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], n=2, max_tokens=8)
+    assert len(chat.choices) == 2
+
+
+def test_logit_bias_and_penalties_are_applied(client, mix):
+    from loramix.generate import Generation
+    from loramix.serve.engine import PresenceFrequencyPenalty
+
+    forced = mix.tokenizer.convert_tokens_to_ids("Q")
+    kwargs = dict(model="tiny", prompt="ACDK", max_tokens=5, temperature=0)
+    assert client.completions.create(**kwargs, logit_bias={str(forced): 100}).choices[0].text == "QQQQQ"
+    ids = torch.tensor([mix.tokenizer("ACDK").input_ids])
+    run = Generation(mix, ids, max_new_tokens=30)
+    run.processors.insert(0, PresenceFrequencyPenalty(0.5, 2.0, ids.shape[1]))
+    penalized = mix.tokenizer.decode([int(step.token[0]) for step in run], skip_special_tokens=True)
+    kwargs["max_tokens"] = 30
+    assert penalized != client.completions.create(**kwargs).choices[0].text  # the penalties change this answer
+    got = client.completions.create(**kwargs, presence_penalty=0.5, frequency_penalty=2.0).choices[0].text
+    assert got == penalized
+
+
+def test_presence_frequency_penalty_processor():
+    from loramix.serve.engine import PresenceFrequencyPenalty
+
+    ids = torch.tensor([[5, 1, 1, 2], [5, 3, 3, 3]])  # prompt width 1: the penalties see tokens 1.. only
+    out = PresenceFrequencyPenalty(0.5, 0.25, prompt_length=1)(ids, torch.zeros(2, 6))
+    assert out[0].tolist() == [0, -1.0, -0.75, 0, 0, 0]
+    assert out[1].tolist() == [0, 0, 0, -1.25, 0, 0]
+
+
+def test_chat_content_parts_null_assistant_model_card_and_usage_chunk(client, server, mix):
+    parts = [{"type": "text", "text": "Charge "}, {"type": "text", "text": "of K?"}]
+    messages = [{"role": "user", "content": parts}, {"role": "assistant", "content": None}]
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0)
+    plain = [{"role": "user", "content": "Charge of K?"}, {"role": "assistant", "content": ""}]
+    assert (
+        out.choices[0].message.content
+        == client.chat.completions.create(model="tiny", messages=plain, max_tokens=6, temperature=0)
+        .choices[0]
+        .message.content
+    )
+    assert client.models.retrieve("tiny").id == "tiny"
+    assert httpx.get(server.url + "/v1/models/other").status_code == 404
+    chunks = list(client.completions.create(model="tiny", prompt="ACDK", max_tokens=4, temperature=0, stream=True))
+    assert all(c.usage is None for c in chunks)
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=plain[:1], max_tokens=4, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "stream": True}, "logprobs"),
+        ({"messages": [{"role": "user", "content": "caf\u00e9"}]}, "messages"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
+        ({"messages": [{"role": "user", "content": None}]}, "messages"),
+    ],
+)
+def test_chat_fields_it_cannot_honour_are_refused(server, body, param):
+    request = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], **body}
+    r = httpx.post(server.url + "/v1/chat/completions", json=request)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"].startswith(param), r.json()
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"best_of": 2}, "best_of"),
+        ({"suffix": "end"}, "suffix"),
+        ({"logprobs": 6}, "logprobs"),
+        ({"prompt": "a|b"}, "prompt: the character '|' (U+007C) at position 1"),
+        ({"prompt": "caf\u00e9"}, "U+00E9"),
+        ({"prompt": [[5, 6], []]}, "the prompt is empty"),
+        ({"prompt": [5, 100000]}, "token id 100000"),
+        ({"prompt": [5, -1]}, "prompt"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"n": 9, "prompt": ["a", "b"]}, "18 choices"),
+    ],
+)
+def test_completion_fields_it_cannot_honour_are_refused(server, body, message):
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "x", **body})
+    assert r.status_code == 400, r.text
+    assert message in r.json()["error"]["message"], r.json()

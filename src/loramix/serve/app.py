@@ -1,13 +1,15 @@
 """An OpenAI-compatible HTTP server for a loramix model (FastAPI).
 
     GET  /health                 {"status": "ok", ...}
-    GET  /v1/models              the one model, under its id
-    POST /v1/completions         prompt -> text (stream: server-sent events)
+    GET  /v1/models              the one model, under its id (and GET /v1/models/{id})
+    POST /v1/completions         prompt(s): strings or token ids -> one choice each (stream: server-sent events)
     POST /v1/chat/completions    messages -> reply, with the tokenizer's chat template (or the plain fallback:
                                  "role: content" lines, then "assistant:")
 
 Sampling fields map to `generate`: max_tokens (or max_completion_tokens), temperature (0 = greedy), top_p, stop,
-seed. The extension field `loramix` (OpenAI clients: `extra_body={"loramix": {...}}`) selects the speed mode, top_k,
+seed, n, presence/frequency_penalty, logit_bias, logprobs (+ echo; chat: top_logprobs). Fields it cannot honour
+(tools, response_format other than text, best_of > 1, ...) get a 400 naming them (docs/serving.md).
+The extension field `loramix` (OpenAI clients: `extra_body={"loramix": {...}}`) selects the speed mode, top_k,
 repetition_penalty, and `return_scalings` ("token", "layer" or "expert"), returned in the response's `loramix` field.
 Errors are OpenAI-style JSON: {"error": {"message", "type", "param", "code"}} with a 4xx status.
 """
@@ -31,8 +33,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import ConfigError, LoramixError
 from ..generate import resolve_defaults
 from ..text import render_chat
-from .engine import Engine, Job
-from .schemas import ChatRequest, CompletionRequest
+from .engine import Engine, Job, TokenLogprob
+from .schemas import MAX_CHOICES, ChatRequest, CompletionRequest
 
 __all__ = ["ApiError", "create_app"]
 
@@ -81,6 +83,9 @@ def create_app(
     tokenizer = model.tokenizer
     context = resolve_defaults(model).context
     prompt_limit = max_prompt_tokens or (context - 1 if context else 4096)
+    text_config = model.model.config.get_text_config() if hasattr(model.model.config, "get_text_config") else None
+    vocab_size = getattr(text_config or model.model.config, "vocab_size", None)
+    special_ids = set(getattr(tokenizer, "all_special_ids", [])) - {getattr(tokenizer, "unk_token_id", None)}
     engine = Engine(model, batching=batching, max_batch=max_batch, compile=compile)
     created = int(time.time())
 
@@ -135,12 +140,16 @@ def create_app(
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": model_id, "experts": model.expert_names, "queued": engine.queue.qsize()}
 
+    card = {"id": model_id, "object": "model", "created": created, "owned_by": "loramix"}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "loramix"}],
-        }
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model_card(name: str) -> dict[str, Any]:
+        _check_model(name)
+        return card
 
     def _check_model(name: str) -> None:
         if name != model_id:
@@ -151,9 +160,44 @@ def create_app(
                 code="model_not_found",
             )
 
-    def _job(
-        body: CompletionRequest | ChatRequest, ids: list[int], loop: asyncio.AbstractEventLoop, sink: asyncio.Queue
-    ) -> Job:
+    def _check_fields(body: CompletionRequest | ChatRequest, choices: int) -> None:
+        _check_model(body.model)
+        refused = body.unsupported()
+        if refused is not None:
+            raise ApiError(400, f"{refused[0]}: {refused[1]}", param=refused[0], code="unsupported_parameter")
+        if choices > MAX_CHOICES:
+            raise ApiError(400, f"prompts x n = {choices} choices; at most {MAX_CHOICES} per request", param="n")
+        if body.stream and body.logprobs:
+            raise ApiError(400, "logprobs: not supported with stream=true", param="logprobs")
+        for key in body.logit_bias or {}:
+            if vocab_size is not None and int(key) >= vocab_size:
+                raise ApiError(
+                    400, f"logit_bias: token id {key} is not below the vocabulary size {vocab_size}", param="logit_bias"
+                )
+
+    def _encode(text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a text; a character the tokenizer has no token for is an error, not a silent pad or unk."""
+        if not getattr(tokenizer, "is_fast", False):
+            return tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        for token, (start, end) in zip(enc.input_ids, enc.offset_mapping):
+            if token in special_ids and start < end and text[start:end] != tokenizer.convert_ids_to_tokens(token):
+                char = text[start]
+                raise ApiError(
+                    400,
+                    f"{param}: the character {char!r} (U+{ord(char):04X}) at position {start} is not in the "
+                    "tokenizer's vocabulary",
+                    param=param,
+                )
+        return list(enc.input_ids)
+
+    def _check_ids(ids: list[int]) -> list[int]:
+        if vocab_size is not None and any(i >= vocab_size for i in ids):
+            bad = next(i for i in ids if i >= vocab_size)
+            raise ApiError(400, f"prompt: token id {bad} is not below the vocabulary size {vocab_size}", param="prompt")
+        return ids
+
+    def _job(body: CompletionRequest | ChatRequest, ids: list[int], emit: Any, group: object, **extra: Any) -> Job:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = default_max_tokens if max_tokens is None else max_tokens
         if len(ids) == 0:
@@ -181,10 +225,6 @@ def create_app(
             raise ApiError(
                 400, "mode 'truncated' needs a gate trained on a truncated scaling pass", param="loramix.mode"
             )
-
-        def emit(message: dict[str, Any]) -> None:
-            loop.call_soon_threadsafe(sink.put_nowait, message)
-
         return Job(
             ids=ids,
             max_tokens=max_tokens,
@@ -199,120 +239,222 @@ def create_app(
             stops=body.stop or [],
             return_scalings=body.loramix.return_scalings,
             stream=body.stream,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
+            group=group,
+            **extra,
         )
 
-    async def _result(sink: asyncio.Queue) -> dict[str, Any]:
-        while True:
+    def _submit(jobs_for: Any, prompts: list[list[int]], n: int) -> tuple[list[Job], asyncio.Queue]:
+        """Make every choice's job (prompt i, sample j -> choice i * n + j), then submit them as one group."""
+        loop = asyncio.get_running_loop()
+        sink: asyncio.Queue = asyncio.Queue()
+        group = object()
+        jobs = []
+        for i, ids in enumerate(prompts):
+            for j in range(n):
+                index = i * n + j
+
+                def emit(message: dict[str, Any], index: int = index) -> None:
+                    loop.call_soon_threadsafe(sink.put_nowait, {**message, "index": index})
+
+                jobs.append(jobs_for(ids, emit, group))
+        engine.submit_group(jobs)
+        return jobs, sink
+
+    async def _results(sink: asyncio.Queue, count: int) -> list[dict[str, Any]]:
+        results: list[dict[str, Any] | None] = [None] * count
+        while any(r is None for r in results):
             message = await sink.get()
             if message["type"] == "done":
-                return message
-            if message["type"] == "error":
+                results[message["index"]] = message
+            elif message["type"] == "error":
                 raise ApiError(message.get("status", 500), message["message"], type_="server_error")
+        return results  # type: ignore[return-value]
 
-    def _extension(job: Job, result: dict[str, Any]) -> dict[str, Any]:
+    def _extension(job: Job, results: list[dict[str, Any]]) -> dict[str, Any]:
         out = {"mode": job.mode, "scaling_layer": model.config.scaling_layer, "experts": model.expert_names}
         if job.return_scalings != "none":
-            out["scalings"] = result["scalings"]
+            scalings = [r["scalings"] for r in results]
+            out["scalings"] = scalings[0] if len(scalings) == 1 else scalings  # one per choice when several
             out["scalings_kind"] = job.return_scalings
             if job.return_scalings in ("token", "layer"):
                 out["layers"] = model.layer_names
         return out
 
-    def _usage(prompt: int, completion: int) -> dict[str, int]:
+    def _usage(prompts: list[list[int]], results: list[dict[str, Any]]) -> dict[str, int]:
+        prompt = sum(len(ids) for ids in prompts)
+        completion = sum(r["completion_tokens"] for r in results)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    async def _sse(sink: asyncio.Queue, job: Job, make_chunk: Any, final_chunk: Any) -> AsyncIterator[bytes]:
-        first = make_chunk(None)
-        if first is not None:
-            yield f"data: {json.dumps(first)}\n\n".encode()
-        while True:
+    def _piece(token: int) -> str:
+        return tokenizer.decode([token], skip_special_tokens=False)
+
+    def _legacy_logprobs(entries: list[TokenLogprob], start: int) -> dict[str, list[Any]]:
+        """OpenAI's legacy completions object; text_offset counts characters of the choice's text from `start`."""
+        out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in entries:
+            piece = _piece(e.token)
+            out["tokens"].append(piece)
+            out["token_logprobs"].append(e.logprob)
+            if e.logprob is None:
+                out["top_logprobs"].append(None)
+            else:  # the `logprobs` most likely tokens, and the chosen one
+                top = {_piece(t): lp for t, lp in e.top}
+                top.setdefault(piece, e.logprob)
+                out["top_logprobs"].append(top)
+            out["text_offset"].append(start)
+            start += len(piece)
+        return out
+
+    def _chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
+        def item(token: int, logprob: float) -> dict[str, Any]:
+            piece = _piece(token)
+            return {"token": piece, "logprob": logprob, "bytes": list(piece.encode("utf-8"))}
+
+        return {
+            "content": [
+                {**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries
+            ],
+            "refusal": None,
+        }
+
+    async def _sse(
+        sink: asyncio.Queue, count: int, opening: Any, piece: Any, finish: Any, closing: Any, usage: bool
+    ) -> AsyncIterator[bytes]:
+        """Server-sent events for `count` choices: opening chunks, text pieces, one finish chunk per choice (the
+        last one carries the loramix extension), then, when asked (stream_options.include_usage), a chunk with no
+        choices carrying usage."""
+
+        def event(data: dict[str, Any]) -> bytes:
+            return f"data: {json.dumps(data)}\n\n".encode()
+
+        for index in range(count):
+            first = opening(index)
+            if first is not None:
+                yield event(first)
+        results: list[dict[str, Any] | None] = [None] * count
+        while any(r is None for r in results):
             message = await sink.get()
             if message["type"] == "piece":
-                yield f"data: {json.dumps(make_chunk(message['text']))}\n\n".encode()
+                yield event(piece(message["index"], message["text"]))
             elif message["type"] == "done":
-                yield f"data: {json.dumps(final_chunk(message))}\n\n".encode()
-                break
+                results[message["index"]] = message
+                last = all(r is not None for r in results)
+                yield event(finish(message, results if last and not usage else None))
             else:
                 error = {"error": {"message": message["message"], "type": "server_error", "param": None, "code": None}}
-                yield f"data: {json.dumps(error)}\n\n".encode()
-                break
+                yield event(error)
+                yield b"data: [DONE]\n\n"
+                return
+        if usage:
+            yield event(closing(results))
         yield b"data: [DONE]\n\n"
 
-    def envelope(
-        rid: str, kind: str, created: int, choices: list[dict[str, Any]], ids: list[int], job: Any = None,
-        result: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        """One OpenAI response object (or stream chunk); the last one carries usage and the loramix extension."""
-        body: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": model_id, "choices": choices}
-        if result is not None:
-            body["usage"] = _usage(len(ids), result["completion_tokens"])
-            body["loramix"] = _extension(job, result)
-        return body
+    def envelope(rid: str, kind: str, now: int, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": rid, "object": kind, "created": now, "model": model_id, "choices": choices}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Any:
-        _check_model(body.model)
-        prompt = body.prompt if isinstance(body.prompt, str) else None
-        if prompt is None:
-            if len(body.prompt) != 1:
-                raise ApiError(400, "one prompt per request is supported (got a list of several)", param="prompt")
-            prompt = body.prompt[0]
-        ids = tokenizer(prompt).input_ids
-        loop = asyncio.get_running_loop()
-        sink: asyncio.Queue = asyncio.Queue()
-        job = _job(body, ids, loop, sink)
-        engine.submit(job)
-        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        echo = prompt if body.echo else ""
+        items = body.prompts
+        _check_fields(body, len(items) * body.n)
+        prompts = [_encode(p, "prompt") if isinstance(p, str) else _check_ids(p) for p in items]
+        texts = [p if isinstance(p, str) else tokenizer.decode(ids) for p, ids in zip(items, prompts)]
+        extra = {"logprobs": body.logprobs, "prompt_logprobs": body.echo and body.logprobs is not None}
+        jobs, sink = _submit(lambda ids, emit, group: _job(body, ids, emit, group, **extra), prompts, body.n)
+        rid, now, kind = f"cmpl-{uuid.uuid4().hex}", int(time.time()), "text_completion"
 
-        def choice(text: str, finish_reason: str | None) -> list[dict[str, Any]]:
-            return [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]
+        def echo(index: int) -> str:
+            return texts[index // body.n] if body.echo else ""
+
+        def choice(index: int, text: str, result: dict[str, Any] | None) -> dict[str, Any]:
+            logprobs = None
+            if result is not None and result["logprobs"] is not None:
+                entries = result["logprobs"]["prompt"] + result["logprobs"]["completion"]
+                logprobs = _legacy_logprobs(result["logprobs"]["prompt"], 0)
+                tail = _legacy_logprobs(result["logprobs"]["completion"], len(echo(index)))
+                logprobs = {k: logprobs[k] + tail[k] for k in logprobs} if entries else tail
+            reason = result["finish_reason"] if result is not None else None
+            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
         if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-            def chunk(text: str | None) -> dict[str, Any] | None:
-                if text is None:  # the opening chunk: the echoed prompt, if any
-                    return envelope(rid, "text_completion", now, choice(echo, None), ids) if echo else None
-                return envelope(rid, "text_completion", now, choice(text, None), ids)
+            def opening(index: int) -> dict[str, Any] | None:
+                return envelope(rid, kind, now, [choice(index, echo(index), None)]) if body.echo else None
 
-            def final(result: dict[str, Any]) -> dict[str, Any]:
-                return envelope(rid, "text_completion", now, choice("", result["finish_reason"]), ids, job, result)
+            def piece(index: int, text: str) -> dict[str, Any]:
+                return envelope(rid, kind, now, [choice(index, text, None)])
 
-            return StreamingResponse(_sse(sink, job, chunk, final), media_type="text/event-stream")
-        result = await _result(sink)
-        return envelope(
-            rid, "text_completion", now, choice(echo + result["text"], result["finish_reason"]), ids, job, result
-        )
+            def finish(result: dict[str, Any], results: list[dict[str, Any]] | None) -> dict[str, Any]:
+                chunk = envelope(rid, kind, now, [choice(result["index"], "", result)])
+                if results is not None:
+                    chunk["loramix"] = _extension(jobs[0], results)
+                return chunk
+
+            def closing(results: list[dict[str, Any]]) -> dict[str, Any]:
+                chunk = envelope(rid, kind, now, [])
+                chunk["usage"] = _usage(prompts, results)
+                chunk["loramix"] = _extension(jobs[0], results)
+                return chunk
+
+            events = _sse(sink, len(jobs), opening, piece, finish, closing, include_usage)
+            return StreamingResponse(events, media_type="text/event-stream")
+        results = await _results(sink, len(jobs))
+        out = envelope(rid, kind, now, [choice(i, echo(i) + r["text"], r) for i, r in enumerate(results)])
+        out["usage"] = _usage(prompts, results)
+        out["loramix"] = _extension(jobs[0], results)
+        return out
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest) -> Any:
-        _check_model(body.model)
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages
-        ]
+        _check_fields(body, body.n)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
         text = render_chat(tokenizer, messages)
         templated = bool(getattr(tokenizer, "chat_template", None))
-        ids = tokenizer(text, add_special_tokens=not templated).input_ids
-        loop = asyncio.get_running_loop()
-        sink: asyncio.Queue = asyncio.Queue()
-        job = _job(body, ids, loop, sink)
-        engine.submit(job)
-        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        prompts = [_encode(text, "messages", add_special_tokens=not templated)]
+        extra = {"logprobs": (body.top_logprobs or 0) if body.logprobs else None}
+        jobs, sink = _submit(lambda ids, emit, group: _job(body, ids, emit, group, **extra), prompts, body.n)
+        rid, now, kind = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), "chat.completion.chunk"
         if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-            def chunk(piece: str | None) -> dict[str, Any]:
-                delta = {"role": "assistant", "content": ""} if piece is None else {"content": piece}
-                choices = [{"index": 0, "delta": delta, "finish_reason": None}]
-                return envelope(rid, "chat.completion.chunk", now, choices, ids)
+            def opening(index: int) -> dict[str, Any]:
+                delta = {"role": "assistant", "content": ""}
+                return envelope(rid, kind, now, [{"index": index, "delta": delta, "finish_reason": None}])
 
-            def final(result: dict[str, Any]) -> dict[str, Any]:
-                choices = [{"index": 0, "delta": {}, "finish_reason": result["finish_reason"]}]
-                return envelope(rid, "chat.completion.chunk", now, choices, ids, job, result)
+            def piece(index: int, text: str) -> dict[str, Any]:
+                return envelope(rid, kind, now, [{"index": index, "delta": {"content": text}, "finish_reason": None}])
 
-            return StreamingResponse(_sse(sink, job, chunk, final), media_type="text/event-stream")
-        result = await _result(sink)
-        message = {"role": "assistant", "content": result["text"]}
-        choices = [{"index": 0, "message": message, "finish_reason": result["finish_reason"]}]
-        return envelope(rid, "chat.completion", now, choices, ids, job, result)
+            def finish(result: dict[str, Any], results: list[dict[str, Any]] | None) -> dict[str, Any]:
+                choice = {"index": result["index"], "delta": {}, "finish_reason": result["finish_reason"]}
+                chunk = envelope(rid, kind, now, [choice])
+                if results is not None:
+                    chunk["loramix"] = _extension(jobs[0], results)
+                return chunk
+
+            def closing(results: list[dict[str, Any]]) -> dict[str, Any]:
+                chunk = envelope(rid, kind, now, [])
+                chunk["usage"] = _usage(prompts, results)
+                chunk["loramix"] = _extension(jobs[0], results)
+                return chunk
+
+            events = _sse(sink, len(jobs), opening, piece, finish, closing, include_usage)
+            return StreamingResponse(events, media_type="text/event-stream")
+        results = await _results(sink, len(jobs))
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": r["text"]},
+                "logprobs": _chat_logprobs(r["logprobs"]["completion"]) if r["logprobs"] is not None else None,
+                "finish_reason": r["finish_reason"],
+            }
+            for i, r in enumerate(results)
+        ]
+        out = envelope(rid, "chat.completion", now, choices)
+        out["usage"] = _usage(prompts, results)
+        out["loramix"] = _extension(jobs[0], results)
+        return out
 
     return app

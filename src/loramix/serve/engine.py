@@ -3,7 +3,12 @@
 A model is not safe to run from several threads at once (its `MixState` holds the scalings of the current pass), so
 every request goes through one worker. When several requests with the same generation settings are waiting, the
 worker runs them together as one left-padded batch (`batching=True`), streaming each row's text to its own request.
-Stop strings are applied on the text; streamed text never shows a stop string or a part of one.
+Stop strings are applied on the text; streamed text never shows a stop string or a part of one. The prompts and
+choices of one request are submitted together (`submit_group`) and run in one batch (up to `max_batch` rows).
+
+Log probabilities are those of the raw logits (before temperature, top-p, penalties or biases), as the model gives
+them: for generated tokens from each `Step`'s logits; for the prompt (echo) from one forward over the padded batch,
+in the same mode (every prompt token has its own scalings in all modes).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from ..text import IncrementalDecoder
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Engine", "Job"]
+__all__ = ["Engine", "Job", "PresenceFrequencyPenalty", "TokenLogprob"]
 
 
 @dataclass
@@ -30,7 +35,11 @@ class Job:
     """One request: prompt token ids, settings, and where to send results (called from the worker thread).
 
     emit receives {"type": "piece", "text": str} while streaming, then {"type": "done", "text", "finish_reason",
-    "completion_tokens", "scalings"}, or {"type": "error", "message", "status"}.
+    "completion_tokens", "scalings", "logprobs"}, or {"type": "error", "message", "status"}.
+
+    logprobs: None (off) or how many alternatives to return per position (0 = the chosen token only); the result's
+    "logprobs" is then {"prompt": [...], "completion": [...]} of `TokenLogprob`s (the prompt's only with
+    prompt_logprobs; its first token has no logprob). group: jobs of one request share it (and, when seeded, a batch).
     """
 
     ids: list[int]
@@ -46,12 +55,67 @@ class Job:
     stops: list[str] = field(default_factory=list)
     return_scalings: str = "none"
     stream: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    group: object = None
 
     @property
     def key(self) -> tuple[Any, ...]:
-        """Requests with equal keys can share a batch (a seeded request runs alone: its own random stream)."""
-        settings = (self.mode, self.do_sample, self.temperature, self.top_p, self.top_k, self.repetition_penalty)
-        return settings if self.seed is None else (*settings, "seed", id(self))
+        """Requests with equal keys can share a batch (a seeded request runs alone with its own choices: its own
+        random stream)."""
+        settings = (
+            self.mode,
+            self.do_sample,
+            self.temperature,
+            self.top_p,
+            self.top_k,
+            self.repetition_penalty,
+            self.presence_penalty,
+            self.frequency_penalty,
+            tuple(sorted(self.logit_bias.items())),
+        )
+        return (
+            settings if self.seed is None else (*settings, "seed", id(self.group if self.group is not None else self))
+        )
+
+
+@dataclass
+class TokenLogprob:
+    """One position: the token, its log probability (None for a prompt's first token) and the `top` alternatives,
+    best first, as (token id, log probability)."""
+
+    token: int
+    logprob: float | None
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def _logprobs_at(logprobs: torch.Tensor, tokens: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """logprobs [T, V] of the positions predicting tokens [T] -> one TokenLogprob per token (k alternatives)."""
+    chosen = logprobs.gather(-1, tokens[:, None].to(logprobs.device))[:, 0].tolist()
+    if k > 0:
+        values, ids = logprobs.topk(k, dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        tops = [[] for _ in chosen]
+    return [TokenLogprob(t, lp, top) for t, lp, top in zip(tokens.tolist(), chosen, tops)]
+
+
+class PresenceFrequencyPenalty:
+    """OpenAI's presence and frequency penalties as a logits processor: every generated token (not the prompt) lowers
+    its logit by `presence` once and by `frequency` per occurrence. `prompt_length` is the padded prompt width."""
+
+    def __init__(self, presence: float, frequency: float, prompt_length: int) -> None:
+        self.presence, self.frequency, self.prompt_length = presence, frequency, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        generated = input_ids[:, self.prompt_length :]
+        if generated.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(-1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.presence * (counts > 0).to(scores.dtype) - self.frequency * counts
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -75,6 +139,8 @@ class _Row:
         self.done = False
         self.finish_reason = "length"
         self.scalings: list[torch.Tensor] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob] = []
 
     def finish(self, reason: str) -> None:
         self.done = True
@@ -107,12 +173,16 @@ class _Row:
                 scalings = s.mean(0).tolist()
             else:
                 scalings = s.mean((0, 1)).tolist()
+        logprobs = None
+        if self.job.logprobs is not None:
+            logprobs = {"prompt": self.prompt_logprobs, "completion": self.logprobs}
         return {
             "type": "done",
             "text": self.text,
             "finish_reason": self.finish_reason,
             "completion_tokens": self.tokens,
             "scalings": scalings,
+            "logprobs": logprobs,
         }
 
 
@@ -126,14 +196,18 @@ class Engine:
         self.compile = compile  # decode with the compiled step (one compile per batch size)
         self.defaults = resolve_defaults(model, tokenizer=model.tokenizer)
         self.context = self.defaults.context
-        self.queue: queue.Queue[Job | None] = queue.Queue()
+        self.queue: queue.Queue[list[Job] | None] = queue.Queue()
         self.batches = 0
         self.batched_requests = 0
         self._thread = threading.Thread(target=self._work, name="loramix-engine", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        self.queue.put(job)
+        self.queue.put([job])
+
+    def submit_group(self, jobs: list[Job]) -> None:
+        """Submit the jobs of one request at once: those with equal settings run in one batch (up to max_batch)."""
+        self.queue.put(list(jobs))
 
     def close(self) -> None:
         self.queue.put(None)
@@ -145,25 +219,47 @@ class Engine:
         width = max(len(j.ids) for j in [*batch, job])
         return width + max(j.max_tokens for j in [*batch, job]) <= self.context
 
+    def _joins(self, batch: list[Job], other: Job | None) -> bool:
+        return (
+            other is not None and len(batch) < self.max_batch and other.key == batch[0].key and self._fits(batch, other)
+        )
+
     def _work(self) -> None:
-        pending: list[Job] = []
+        pending: list[Job | None] = []
         while True:
-            job = pending.pop(0) if pending else self.queue.get()
+            if not pending:
+                item = self.queue.get()
+                pending.extend([None] if item is None else item)
+            job = pending.pop(0)
             if job is None:
                 return
-            batch = [job]
-            while len(batch) < self.max_batch:
-                try:
-                    other = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if other is None:
-                    pending.append(other)
-                    break
-                if other.key == job.key and self._fits(batch, other):
+            batch, rest = [job], []
+            for other in pending:  # the rest of its request first
+                if (
+                    other is not None
+                    and len(batch) < self.max_batch
+                    and other.key == job.key
+                    and self._fits(batch, other)
+                ):
                     batch.append(other)
                 else:
-                    pending.append(other)
+                    rest.append(other)
+            pending = rest
+            while len(batch) < self.max_batch and None not in pending:
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                for other in [None] if item is None else item:
+                    if (
+                        other is not None
+                        and len(batch) < self.max_batch
+                        and other.key == job.key
+                        and self._fits(batch, other)
+                    ):
+                        batch.append(other)
+                    else:
+                        pending.append(other)
             try:
                 self._run(batch)
             except Exception as exc:  # a failed batch must not take the server down
@@ -198,12 +294,26 @@ class Engine:
             pad_token_id=pad,
             compile=self.compile,
         )
+        # OpenAI's biases and penalties come first, on the raw logits (Generation's processors are a list)
+        if first.logit_bias:
+            from transformers.generation.logits_process import SequenceBiasLogitsProcessor
+
+            bias = [[[token], value] for token, value in first.logit_bias.items()]
+            steps.processors.insert(0, SequenceBiasLogitsProcessor(sequence_bias=bias))
+        if first.presence_penalty or first.frequency_penalty:
+            steps.processors.insert(0, PresenceFrequencyPenalty(first.presence_penalty, first.frequency_penalty, width))
+        if any(j.prompt_logprobs for j in batch):
+            self._prompt_logprobs(rows, ids, mask)
+        want_logprobs = any(j.logprobs is not None for j in batch)
         for step in steps:
+            step_logprobs = torch.log_softmax(step.logits.float(), -1) if want_logprobs else None
             tokens = step.token.tolist()  # one host sync per step: every row's text is streamed as it comes
             for r, row in enumerate(rows):
                 if row.done:
                     continue
                 token = tokens[r]
+                if step_logprobs is not None and row.job.logprobs is not None:  # the EOS token too, as vLLM does
+                    row.logprobs += _logprobs_at(step_logprobs[r : r + 1], step.token[r : r + 1], row.job.logprobs)
                 if token in eos_ids:
                     row.finish("stop")
                     row.flush(final=True)
@@ -224,3 +334,19 @@ class Engine:
                 row.add_text(row.decoder.flush())
                 row.flush(final=True)
             row.job.emit(row.result())
+
+    def _prompt_logprobs(self, rows: list[_Row], ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """The echoed prompts' log probabilities: one forward of the mixed model over the left-padded batch."""
+        device = self.model.device
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        logits = self.model(ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)).logits
+        logprobs = torch.log_softmax(logits.float(), -1)
+        width = ids.shape[1]
+        for r, row in enumerate(rows):
+            if not row.job.prompt_logprobs:
+                continue
+            start = width - len(row.job.ids)
+            tokens = ids[r, start + 1 :]
+            row.prompt_logprobs = [TokenLogprob(int(ids[r, start]), None)] + _logprobs_at(
+                logprobs[r, start : width - 1], tokens, row.job.logprobs or 0
+            )

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # torch.Generator.manual_seed's range
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
@@ -27,6 +27,10 @@ Count = Annotated[int, Field(strict=True)]
 """An integer given as a JSON integer: "10", 10.5 and true are refused, not coerced."""
 Real = Annotated[float, Field(allow_inf_nan=False)]
 """A finite number."""
+TokenIds = list[Annotated[int, Field(strict=True, ge=0)]]
+"""A prompt given as token ids."""
+MAX_CHOICES = 16
+"""The most choices one request may ask for (prompts x n)."""
 
 
 class LoramixOptions(BaseModel):
@@ -43,6 +47,12 @@ class LoramixOptions(BaseModel):
     repetition_penalty: Real = Field(1.0, gt=0)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(False, strict=True)
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -51,12 +61,26 @@ class _Sampling(BaseModel):
     max_completion_tokens: Count | None = Field(None, ge=0)
     temperature: Real = Field(1.0, ge=0, le=2)
     top_p: Real = Field(1.0, gt=0, le=1)
-    n: Count = Field(1, ge=1, le=1, description="only n=1 is supported")
+    n: Count = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = Field(False, strict=True)
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: Count | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    presence_penalty: Real = Field(0.0, ge=-2, le=2)
+    frequency_penalty: Real = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = None
     user: str | None = None
     loramix: LoramixOptions = Field(default_factory=LoramixOptions)
+    # fields this server cannot honour: declared so that they are refused (`unsupported`), never silently ignored
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
 
     @field_validator("stop")
     @classmethod
@@ -68,30 +92,111 @@ class _Sampling(BaseModel):
             raise ValueError("stop must be up to 4 non-empty strings")
         return [_valid_text(s) for s in stops]
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids (decimal integers as strings); got {key!r}")
+        return value
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, reason) for the first field set to something this server cannot do, else None."""
+        refused = {
+            "tools": "tool calling is not supported",
+            "functions": "function calling is not supported",
+            "function_call": "function calling is not supported",
+            "audio": "audio output is not supported",
+            "prediction": "predicted outputs are not supported",
+            "web_search_options": "web search is not supported",
+        }
+        for name, reason in refused.items():
+            if getattr(self, name) not in (None, [], {}):
+                return name, reason
+        if self.tool_choice not in (None, "none"):
+            return "tool_choice", "tool calling is not supported (only 'none')"
+        fmt = self.response_format
+        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+            return "response_format", 'only {"type": "text"} is supported (no JSON mode or JSON schema)'
+        if self.modalities not in (None, ["text"]):
+            return "modalities", 'only ["text"] is supported'
+        return None
+
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: str | list[Text] | TokenIds | list[TokenIds]
     echo: bool = Field(False, strict=True)
+    logprobs: Count | None = Field(None, ge=0, le=5)
+    best_of: Count | None = Field(None, ge=1)
+    suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
-    def _prompt(cls, value: str | list[str]) -> str | list[str]:
+    def _prompt(cls, value: Any) -> Any:
         if isinstance(value, list) and not value:
             raise ValueError("prompt must not be an empty list")
-        for text in [value] if isinstance(value, str) else value:
-            _valid_text(text)
+        if isinstance(value, str):
+            _valid_text(value)
         return value
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the request (text or token ids): one choice each (n choices with n > 1)."""
+        p = self.prompt
+        if isinstance(p, str) or isinstance(p[0], int):
+            return [p]
+        return list(p)
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.best_of is not None and self.best_of > 1:
+            return "best_of", "only best_of=1 is supported"
+        if self.suffix:
+            return "suffix", "insertion (suffix) is not supported"
+        return super().unsupported()
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    text: Text | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> ContentPart:
+        if self.type != "text" or self.text is None:
+            raise ValueError(f"only text content parts are supported (type 'text' with 'text'); got type {self.type!r}")
+        return self
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: Text
+    content: Text | list[ContentPart] | None
+    tool_calls: Any = None
+
+    @model_validator(mode="after")
+    def _content(self) -> ChatMessage:
+        if self.tool_calls:
+            raise ValueError("tool_calls are not supported (this server does no tool calling)")
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content may be null only for an assistant message, not for role {self.role!r}")
+        return self
+
+    @property
+    def text(self) -> str:
+        """The content as one string (text parts joined as they are; null is empty)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text or "" for part in self.content)
 
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage]
+    logprobs: bool | None = Field(None, strict=True)
+    top_logprobs: Count | None = Field(None, ge=0, le=20)
 
     @field_validator("messages")
     @classmethod
@@ -99,3 +204,8 @@ class ChatRequest(_Sampling):
         if not value:
             raise ValueError("messages must not be empty")
         return value
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs: true"
+        return super().unsupported()

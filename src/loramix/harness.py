@@ -1,0 +1,251 @@
+"""lm-evaluation-harness model "loramix": score a loramix checkpoint on lm-eval tasks without a server.
+
+    pip install "loramix[eval]"
+    python -m loramix.harness --model loramix --model_args checkpoint=DIR,mode=granular --tasks TASK ...
+
+lm-eval (0.4.x) finds models only in its registry and has no plug-in discovery: importing this module registers
+"loramix" (`lm_eval.api.registry.register_model`). `python -m loramix.harness ARGS` is lm-eval's own command line
+(`lm_eval ARGS`) with the model registered; from Python, `import loramix.harness` before `lm_eval.simple_evaluate`.
+
+Model arguments (`--model_args k=v,...`):
+    checkpoint   a loramix checkpoint directory (required)
+    mode         granular (default), prompt or truncated: how the gate mixes (docs/generation.md). In prompt mode a
+                 continuation is scored with the scalings of the context's last token held, as if generated.
+    system       mixture (default: the gate, in `mode`), base (every expert at 0), uniform (1/N each), or
+                 expert:NAME (that expert alone): the baseline rows of `loramix eval`, as fixed scalings
+    base, device, dtype   as for `loramix.load`
+    batch_size   rows per forward (lm-eval's --batch_size; "auto" means 8)
+    max_length   the longest sequence scored (default: the model's context)
+
+Log probabilities are those of the raw logits of the mixed model, over left-padded batches; they equal the server's
+(`/v1/completions` with echo and logprobs) within float tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import lm_eval.models  # noqa: F401  (lm-eval's own models first: its registry loads them only while it is empty)
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from .errors import ConfigError
+from .generate import resolve_defaults
+from .loading import load
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LoramixLM", "main"]
+
+SYSTEMS = ("mixture", "base", "uniform", "expert:NAME")
+
+
+@register_model("loramix")
+class LoramixLM(TemplateLM):
+    """A loramix checkpoint as an lm-eval model: loglikelihood, loglikelihood_rolling and generate_until, batched."""
+
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        mode: str = "granular",
+        system: str = "mixture",
+        base: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        batch_size: int | str = 8,
+        max_length: int | None = None,
+        model: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if kwargs:
+            logger.info("ignoring lm-eval arguments %s", sorted(kwargs))
+        if model is None:
+            if not checkpoint:
+                raise ConfigError("--model_args needs checkpoint=DIR (a loramix checkpoint directory)")
+            if device and device.startswith("cuda") and not torch.cuda.is_available():
+                logger.info("device=%s: no CUDA device here, using the CPU (lm-eval passes cuda:0 by default)", device)
+                device = None
+            model = load(checkpoint, base=base, device=device, dtype=dtype)
+        if model.tokenizer is None:
+            raise ConfigError("the checkpoint has no tokenizer; lm-eval needs one")
+        if mode not in ("granular", "prompt", "truncated"):
+            raise ConfigError(f"mode={mode!r}; expected granular, prompt or truncated")
+        if mode == "truncated" and model.config.scaling_layer is None:
+            raise ConfigError("mode=truncated needs a gate trained on a truncated scaling pass (config.scaling_layer)")
+        self.mix = model
+        self.tokenizer = model.tokenizer
+        self.mode = mode
+        self.system = system
+        self.fixed = self._fixed_weights(system)
+        self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
+        defaults = resolve_defaults(model, tokenizer=self.tokenizer)
+        self.pad = defaults.pad_token_id
+        self.eos_ids = defaults.eos_token_ids
+        self.max_length = max_length or defaults.context or 2048
+
+    def _fixed_weights(self, system: str) -> torch.Tensor | None:
+        """[N] expert weights of a baseline system, or None for the gate's mixture."""
+        names, n = self.mix.expert_names, self.mix.n_experts
+        if system == "mixture":
+            return None
+        if system == "base":
+            return torch.zeros(n)
+        if system == "uniform":
+            return torch.full((n,), 1.0 / n)
+        if system.startswith("expert:") and system[7:] in names:
+            return torch.eye(n)[names.index(system[7:])]
+        raise ConfigError(f"system={system!r}; expected {', '.join(SYSTEMS)} with NAME one of {', '.join(names)}")
+
+    # ------------------------------------------------------------------ what TemplateLM needs
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.eos_ids[0] if self.eos_ids else self.pad
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.eot_token_id
+
+    @property
+    def max_gen_toks(self) -> int:
+        return 256
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        return list(self.tokenizer(string, add_special_tokens=bool(add_special_tokens)).input_ids)
+
+    def tok_decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ scoring
+
+    def _batch(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded ids, mask and positions [B, T]."""
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[self.pad] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        device = self.mix.device
+        return ids.to(device), mask.to(device), (mask.cumsum(-1) - 1).clamp_min(0).to(device)
+
+    @torch.no_grad()
+    def _logprobs(self, rows: list[list[int]], held_from: list[int]) -> torch.Tensor:
+        """log_softmax of the mixed model's logits [B, T, V] for left-padded rows. held_from[r]: in prompt mode, the
+        number of trailing positions of row r that take the scalings of the position before them."""
+        ids, mask, pos = self._batch(rows)
+        model = self.mix
+        if self.fixed is not None:
+            w = self.fixed.to(model.device, model.dtype)
+            scalings = w.expand(ids.shape[0], ids.shape[1], model.n_layers, model.n_experts)
+            logits = model(ids, attention_mask=mask, position_ids=pos, scalings=scalings).logits
+        elif self.mode == "prompt":
+            scalings = model.compute_scalings(ids, mask, pos).clone()
+            width = ids.shape[1]
+            for r, n in enumerate(held_from):
+                if n > 0:
+                    scalings[r, width - n :] = scalings[r, width - n - 1]
+            logits = model(ids, attention_mask=mask, position_ids=pos, scalings=scalings).logits
+        else:
+            logits = model(ids, attention_mask=mask, position_ids=pos).logits
+        return torch.log_softmax(logits.float(), -1)
+
+    def _loglikelihood_tokens(
+        self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False, **kwargs: Any
+    ) -> list[tuple[float, bool]]:
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            rows, conts = [], []
+            for i in chunk:
+                _, context, continuation = requests[i]
+                whole = (context + continuation)[-(self.max_length + 1) :]
+                rows.append(whole[:-1])
+                conts.append(continuation)
+            # in prompt mode the continuation's own tokens (all but its last, which is never an input) are held
+            logprobs = self._logprobs(rows, [len(c) - 1 for c in conts])
+            for r, i in enumerate(chunk):
+                n = len(conts[r])
+                at = logprobs[r, -n:]
+                target = torch.tensor(conts[r], device=at.device)
+                chosen = at.gather(-1, target[:, None])[:, 0]
+                greedy = bool((at.argmax(-1) == target).all())
+                results[i] = (float(chosen.sum()), greedy)
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+        return results  # type: ignore[return-value]
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        out = []
+        for (string,) in [req.args for req in requests]:
+            windows = [
+                (None, *make_disjoint_window(w))
+                for w in get_rolling_token_windows(
+                    token_list=self.tok_encode(string),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                )
+            ]
+            total = sum(lp for lp, _ in self._loglikelihood_tokens(windows))
+            self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
+            out.append(total)
+        return out
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or sampled, with do_sample/temperature) answers, cut before the first `until` string; requests
+        with equal generation settings run in batches."""
+        results: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+        for members in groups.values():
+            settings = dict(requests[members[0]].args[1])
+            until = settings.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(settings.pop("max_gen_toks", self.max_gen_toks))
+            temperature = float(settings.pop("temperature", 0.0))
+            do_sample = bool(settings.pop("do_sample", False)) or temperature > 0
+            kwargs: dict[str, Any] = {"max_new_tokens": max_new, "mode": self.mode}
+            if do_sample:
+                kwargs.update(do_sample=True, temperature=temperature or 1.0)
+            for key in ("top_p", "top_k", "seed"):
+                if key in settings:
+                    kwargs[key] = settings.pop(key)
+            if settings:
+                logger.warning("generate_until: ignoring generation arguments %s", sorted(settings))
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start : start + self.batch_size]
+                rows = [self.tok_encode(requests[i].args[0])[-(self.max_length - max_new) :] for i in chunk]
+                ids, mask, _ = self._batch(rows)
+                if self.fixed is not None:
+                    w = self.fixed.to(self.mix.device, self.mix.dtype)
+                    kwargs["scalings"] = w.expand(self.mix.n_layers, self.mix.n_experts)
+                    kwargs.pop("mode", None)
+                out = self.mix.generate(ids, mask, **kwargs)
+                for r, i in enumerate(chunk):
+                    tokens = out.new_tokens[r, : out.lengths[r]].tolist()
+                    text = self.tok_decode(tokens)
+                    for stop in until:
+                        if stop and stop in text:
+                            text = text[: text.index(stop)]
+                    results[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        return results  # type: ignore[return-value]
+
+
+def main() -> None:
+    """lm-eval's command line with the "loramix" model registered (`python -m loramix.harness ...`)."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

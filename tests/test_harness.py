@@ -1,0 +1,158 @@
+"""lm-eval on the demo checkpoint, two ways: the native model "loramix" (python -m loramix.harness) and
+local-completions against `loramix serve`; tiny local JSONL tasks, no network."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+import loramix
+from loramix.demo.run import shipped_checkpoint
+from loramix.demo.world import World
+from loramix.serve import create_app
+from test_serve import Server
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+TASKS = {
+    "demo_compare": """task: demo_compare
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}/compare.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{prompt}}}}"
+doc_to_choice: ["yes", "no"]
+doc_to_target: "{{{{completion}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+""",
+    "demo_qa": """task: demo_qa
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}/qa.jsonl
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{completion}}}}"
+target_delimiter: ""
+generation_kwargs:
+  until: ["?"]
+  max_gen_toks: 12
+metric_list:
+  - metric: exact_match
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tasks")
+    world = World()
+    for domain in ("compare", "qa"):
+        records = world.domain_records(domain, "test", 8)
+        (root / f"{domain}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    for name, text in TASKS.items():
+        (root / f"{name}.yaml").write_text(text.format(data=root))
+    return root
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return loramix.load(shipped_checkpoint())
+
+
+def _samples(folder: Path, task: str) -> list[dict]:
+    path = next(folder.rglob(f"samples_{task}_*.jsonl"))
+    return sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda s: s["doc_id"])
+
+
+def test_native_loglikelihood_equals_the_model_and_systems_switch_the_mixture(demo):
+    from loramix.harness import LoramixLM
+
+    lm = LoramixLM(model=demo, batch_size=2)
+    ids = demo.tokenizer("1.30>0.20?").input_ids
+    requests = [(None, ids, demo.tokenizer("yes").input_ids), (None, ids[:4], ids[4:]), (None, ids, [3])]
+    got = [lp for lp, _ in lm._loglikelihood_tokens(requests)]
+    for (_, context, continuation), value in zip(requests, got):
+        whole = torch.tensor([context + continuation])
+        with torch.no_grad():
+            lp = torch.log_softmax(demo(whole).logits[0].float(), -1)
+        want = sum(float(lp[len(context) - 1 + k, t]) for k, t in enumerate(continuation))
+        assert value == pytest.approx(want, abs=1e-5)
+    qa = LoramixLM(model=demo, system="expert:qa")._loglikelihood_tokens(requests[:1])[0][0]
+    with torch.no_grad():
+        s = torch.zeros(1, len(ids) + 3, demo.n_layers, demo.n_experts)
+        s[..., demo.expert_names.index("qa")] = 1
+        lp = torch.log_softmax(demo(torch.tensor([requests[0][1] + requests[0][2]]), scalings=s).logits[0], -1)
+    assert qa == pytest.approx(sum(float(lp[len(ids) - 1 + k, t]) for k, t in enumerate(requests[0][2])), abs=1e-5)
+    held = LoramixLM(model=demo, mode="prompt")._loglikelihood_tokens(requests[:1])[0][0]
+    assert held != pytest.approx(got[0], abs=1e-6)  # prompt mode holds the context's last scalings
+    with pytest.raises(loramix.LoramixError, match="system="):
+        LoramixLM(model=demo, system="expert:nope")
+
+
+@pytest.mark.slow
+def test_lm_eval_native_and_through_the_server_agree(tasks, demo, tmp_path):
+    ckpt = shipped_checkpoint()
+    src = str(Path(loramix.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    native = tmp_path / "native"
+    command = [
+        sys.executable,
+        "-m",
+        "loramix.harness",
+        "--model",
+        "loramix",
+        "--model_args",
+        f"checkpoint={ckpt},mode=granular",
+        "--tasks",
+        "demo_compare,demo_qa",
+        "--include_path",
+        str(tasks),
+        "--batch_size",
+        "4",
+        "--output_path",
+        str(native),
+        "--log_samples",
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    server = Server(create_app(demo, model_id="demo"))
+    try:
+        api = lm_eval.simple_evaluate(
+            model="local-completions",
+            model_args=f"model=demo,base_url={server.url}/v1/completions,tokenizer={ckpt / 'tokenizer'},"
+            "tokenizer_backend=huggingface,max_length=96,num_concurrent=1",
+            tasks=["demo_compare", "demo_qa"],
+            task_manager=TaskManager(include_path=str(tasks)),
+            batch_size=4,
+            log_samples=True,
+        )
+    finally:
+        server.stop()
+    results = json.loads(next(native.rglob("results_*.json")).read_text())["results"]
+    assert api["results"]["demo_compare"]["acc,none"] == results["demo_compare"]["acc,none"]
+    assert api["results"]["demo_qa"]["exact_match,none"] == results["demo_qa"]["exact_match,none"]
+    assert results["demo_qa"]["exact_match,none"] > 0.5  # the mixture answers the Q&A expert's questions
+    for ours, theirs in zip(
+        _samples(native, "demo_compare"), sorted(api["samples"]["demo_compare"], key=lambda s: s["doc_id"])
+    ):
+        for (a, greedy_a), (b, greedy_b) in zip([r[0] for r in ours["resps"]], [r[0] for r in theirs["resps"]]):
+            assert float(a) == pytest.approx(float(b), abs=1e-4) and str(greedy_a) == str(greedy_b)
+    answers = [s["resps"][0][0] for s in _samples(native, "demo_qa")]
+    assert answers == [s["resps"][0][0] for s in sorted(api["samples"]["demo_qa"], key=lambda s: s["doc_id"])]
