@@ -288,6 +288,14 @@ def create_app(
         completion = sum(r["completion_tokens"] for r in results)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
+    def _with_totals(
+        body: dict[str, Any], prompts: list[list[int]], jobs: list[Job], results: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """The response (or the stream's usage chunk) with its usage and the loramix extension."""
+        body["usage"] = _usage(prompts, results)
+        body["loramix"] = _extension(jobs[0], results)
+        return body
+
     def _piece(token: int) -> str:
         return tokenizer.decode([token], skip_special_tokens=False)
 
@@ -394,18 +402,13 @@ def create_app(
                 return chunk
 
             def closing(results: list[dict[str, Any]]) -> dict[str, Any]:
-                chunk = envelope(rid, kind, now, [])
-                chunk["usage"] = _usage(prompts, results)
-                chunk["loramix"] = _extension(jobs[0], results)
-                return chunk
+                return _with_totals(envelope(rid, kind, now, []), prompts, jobs, results)
 
             events = _sse(sink, len(jobs), opening, piece, finish, closing, include_usage)
             return StreamingResponse(events, media_type="text/event-stream")
         results = await _results(sink, len(jobs))
-        out = envelope(rid, kind, now, [choice(i, echo(i) + r["text"], r) for i, r in enumerate(results)])
-        out["usage"] = _usage(prompts, results)
-        out["loramix"] = _extension(jobs[0], results)
-        return out
+        choices = [choice(i, echo(i) + r["text"], r) for i, r in enumerate(results)]
+        return _with_totals(envelope(rid, kind, now, choices), prompts, jobs, results)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest) -> Any:
@@ -435,10 +438,7 @@ def create_app(
                 return chunk
 
             def closing(results: list[dict[str, Any]]) -> dict[str, Any]:
-                chunk = envelope(rid, kind, now, [])
-                chunk["usage"] = _usage(prompts, results)
-                chunk["loramix"] = _extension(jobs[0], results)
-                return chunk
+                return _with_totals(envelope(rid, kind, now, []), prompts, jobs, results)
 
             events = _sse(sink, len(jobs), opening, piece, finish, closing, include_usage)
             return StreamingResponse(events, media_type="text/event-stream")
@@ -452,9 +452,6 @@ def create_app(
             }
             for i, r in enumerate(results)
         ]
-        out = envelope(rid, "chat.completion", now, choices)
-        out["usage"] = _usage(prompts, results)
-        out["loramix"] = _extension(jobs[0], results)
-        return out
+        return _with_totals(envelope(rid, "chat.completion", now, choices), prompts, jobs, results)
 
     return app

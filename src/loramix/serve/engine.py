@@ -220,6 +220,7 @@ class Engine:
         return width + max(j.max_tokens for j in [*batch, job]) <= self.context
 
     def _joins(self, batch: list[Job], other: Job | None) -> bool:
+        """Whether `other` (None: the shutdown marker) may run in `batch`: same settings as its first job, and room."""
         return (
             other is not None and len(batch) < self.max_batch and other.key == batch[0].key and self._fits(batch, other)
         )
@@ -235,15 +236,7 @@ class Engine:
                 return
             batch, rest = [job], []
             for other in pending:  # the rest of its request first
-                if (
-                    other is not None
-                    and len(batch) < self.max_batch
-                    and other.key == job.key
-                    and self._fits(batch, other)
-                ):
-                    batch.append(other)
-                else:
-                    rest.append(other)
+                (batch if self._joins(batch, other) else rest).append(other)
             pending = rest
             while len(batch) < self.max_batch and None not in pending:
                 try:
@@ -251,15 +244,7 @@ class Engine:
                 except queue.Empty:
                     break
                 for other in [None] if item is None else item:
-                    if (
-                        other is not None
-                        and len(batch) < self.max_batch
-                        and other.key == job.key
-                        and self._fits(batch, other)
-                    ):
-                        batch.append(other)
-                    else:
-                        pending.append(other)
+                    (batch if self._joins(batch, other) else pending).append(other)
             try:
                 self._run(batch)
             except Exception as exc:  # a failed batch must not take the server down
