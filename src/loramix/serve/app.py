@@ -296,6 +296,14 @@ def create_app(
         body["loramix"] = _extension(jobs[0], results)
         return body
 
+    def _last_of_choice(
+        chunk: dict[str, Any], jobs: list[Job], results: list[dict[str, Any]] | None
+    ) -> dict[str, Any]:
+        """A choice's finish chunk; the last one of the stream (`results` given) carries the loramix extension."""
+        if results is not None:
+            chunk["loramix"] = _extension(jobs[0], results)
+        return chunk
+
     def _piece(token: int) -> str:
         return tokenizer.decode([token], skip_special_tokens=False)
 
@@ -396,10 +404,7 @@ def create_app(
                 return envelope(rid, kind, now, [choice(index, text, None)])
 
             def finish(result: dict[str, Any], results: list[dict[str, Any]] | None) -> dict[str, Any]:
-                chunk = envelope(rid, kind, now, [choice(result["index"], "", result)])
-                if results is not None:
-                    chunk["loramix"] = _extension(jobs[0], results)
-                return chunk
+                return _last_of_choice(envelope(rid, kind, now, [choice(result["index"], "", result)]), jobs, results)
 
             def closing(results: list[dict[str, Any]]) -> dict[str, Any]:
                 return _with_totals(envelope(rid, kind, now, []), prompts, jobs, results)
@@ -432,10 +437,7 @@ def create_app(
 
             def finish(result: dict[str, Any], results: list[dict[str, Any]] | None) -> dict[str, Any]:
                 choice = {"index": result["index"], "delta": {}, "finish_reason": result["finish_reason"]}
-                chunk = envelope(rid, kind, now, [choice])
-                if results is not None:
-                    chunk["loramix"] = _extension(jobs[0], results)
-                return chunk
+                return _last_of_choice(envelope(rid, kind, now, [choice]), jobs, results)
 
             def closing(results: list[dict[str, Any]]) -> dict[str, Any]:
                 return _with_totals(envelope(rid, kind, now, []), prompts, jobs, results)
