@@ -704,8 +704,9 @@ def eval_cmd(
 ) -> None:
     """Score a checkpoint against the baselines (base, each expert, uniform merge, oracle, per-prompt router,
     loramix granular / prompt / truncated) per domain; see docs/demo.md for the record format."""
+    from . import demo  # noqa: F401  (registers the demo's record kinds, "design" and "two_segment")
     from .data import load_records
-    from .evaluate import SYSTEMS, evaluate, primary_metric
+    from .evaluate import SYSTEMS, evaluate
     from .io import check_owned_files, write_owned_files
 
     unknown = sorted(set(systems or []) - set(SYSTEMS))
@@ -724,28 +725,13 @@ def eval_cmd(
 
         trunc = load(truncated, base)
     result = evaluate(model, records, truncated=trunc, systems=systems or SYSTEMS, batch_size=batch_size)
-    domains = list(result.kinds)
-    table = Table(
-        "system",
-        *[f"{d} {primary_metric(result.kinds[d])}" for d in domains],
-        "tokens/s",
-        title="primary metric per domain",
-    )
-    for system in result.metrics:
-        table.add_row(system, *[f"{result.primary(system, d):.3f}" for d in domains], f"{result.speed[system]:.0f}")
+    header, rows = result.primary_table()
+    table = Table(*header, title="primary metric per domain")
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
     if out is not None:
-        lines = [
-            "| system | " + " | ".join(f"{d} {primary_metric(result.kinds[d])}" for d in domains) + " | tokens/s |",
-            "|---|" + "---|" * (len(domains) + 1),
-        ]
-        for system in result.metrics:
-            lines.append(
-                f"| {system} | "
-                + " | ".join(f"{result.primary(system, d):.3f}" for d in domains)
-                + f" | {result.speed[system]:.0f} |"
-            )
-        results = {"results.json": json.dumps(result.to_dict(), indent=2), "results.md": "\n".join(lines) + "\n"}
+        results = {"results.json": json.dumps(result.to_dict(), indent=2), "results.md": result.to_markdown()}
         write_owned_files(out, results, what="--out")
         console.print(f"[green]wrote[/green] {out}/results.json and {out}/results.md")
 
