@@ -53,29 +53,42 @@ class TrainConfig:
     """Optimisation and bookkeeping options shared by `train_expert` and `train_gate`."""
 
     learning_rate: float = 1e-3
+    """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     schedule: str = "cosine"
     """transformers schedule name: linear, cosine, constant or constant_with_warmup."""
     warmup_steps: int = 0
+    """Linear warm-up steps."""
     epochs: float = 1.0
+    """Passes over the data (ignored when max_steps is set)."""
     max_steps: int | None = None
     """Optimizer steps; overrides `epochs` when set."""
     batch_size: int = 8
     """Examples per process per micro-batch."""
     grad_accum: int = 1
+    """Micro-batches per optimizer step."""
     max_grad_norm: float | None = 1.0
+    """Gradient clipping norm (None: no clipping)."""
     seed: int = 0
+    """Seed (initialisation, data order, dropout)."""
     max_length: int = 512
+    """Truncate examples to this many tokens."""
     eval_every: int | None = None
     """Evaluate every N optimizer steps (and at the end) when there is evaluation data."""
     save_every: int | None = None
     """Write a resumable training checkpoint every N optimizer steps."""
     keep_checkpoints: int = 2
+    """Resumable checkpoints kept in the run directory (the newest ones)."""
     log_every: int = 10
+    """Log metrics every N optimizer steps."""
     report_to: list[str] = field(default_factory=list)
     """Accelerate trackers, e.g. ["tensorboard"] or ["wandb"] (must be installed)."""
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None
+    """Accelerate mixed precision: no, fp16 or bf16. None: what `accelerate launch --mixed_precision` (or the
+    Accelerate config) sets, else no."""
     progress: bool = True
+    """Show a progress bar."""
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
@@ -97,6 +110,10 @@ class TrainConfig:
         check(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
         check(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
         check(0 <= self.seed < 2**63, f"seed={self.seed} must be an integer from 0 to 2**63 - 1")
+        check(
+            self.mixed_precision in (None, "no", "fp16", "bf16"),
+            f"mixed_precision={self.mixed_precision!r}; expected no, fp16 or bf16 (or unset: the launcher's)",
+        )
         check(isinstance(self.report_to, list), f"report_to={self.report_to!r} must be a list of tracker names")
         if self.report_to:
             from accelerate.tracking import get_available_trackers
