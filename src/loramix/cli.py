@@ -348,15 +348,19 @@ def _gate_options(command: Any) -> Any:
     return config_options(GateObjective, "objective")(command)
 
 
+FROM_INIT = ("gate", "scaling_layer", "trainable_experts")  # what train-gate --init may change of the mixture
+
+
 def _settings_from_init(given: dict[str, Any]) -> None:
     """With --init the mixture comes from the checkpoint: refuse mixture or gate options that would be ignored."""
     from .config import GateConfig, MixConfig
 
     for config, default in ((given["gate"], GateConfig()), (given["mix"], MixConfig())):
         for f in dataclasses.fields(config):
-            if f.name not in ("gate", "scaling_layer") and getattr(config, f.name) != getattr(default, f.name):
+            if f.name not in FROM_INIT and getattr(config, f.name) != getattr(default, f.name):
                 raise typer.BadParameter(
-                    f"{f.name} comes from the --init checkpoint; only --scaling-layer can be changed with it",
+                    f"{f.name} comes from the --init checkpoint; only --scaling-layer and --trainable-experts can "
+                    "be changed with it",
                     param_hint="--init",
                 )
 
@@ -392,6 +396,7 @@ def train_gate_cmd(
         if mix.scaling_layer is not None:
             model.config.scaling_layer = mix.scaling_layer
             model.config.validate_for(hidden_size=model.hidden_size, n_experts=model.n_experts, n_blocks=model.n_blocks)
+        model.config.trainable_experts = model.config.trainable_experts or mix.trainable_experts
         new_mixture: dict[str, Any] = {}
     else:
         if not base or not expert:
