@@ -13,7 +13,7 @@ import torch
 
 import loramix
 from loramix.serve import Engine, Job, create_app
-from test_serve import Server, _greedy
+from test_serve import Server, _free_port, _greedy
 
 from conftest import char_tokenizer
 
@@ -329,6 +329,10 @@ def test_a_body_over_the_limit_is_refused_before_parsing(server):
 
     r = httpx.post(server.url + "/v1/completions", content=chunks(), timeout=60)
     assert r.status_code == 413
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(head.encode())  # the header alone is enough: nothing of the body is read
+        assert s.recv(4096).decode().startswith("HTTP/1.1 413")
     assert _ask(server).status_code == 200  # a body under the limit goes through
     rejected = _state(server).metrics.rejected.labels("413")._value.get()
     assert rejected >= 2
@@ -371,3 +375,33 @@ def test_metrics_in_prometheus_format(server):
     experts = {s.labels["expert"]: s.value for s in families["loramix_expert_mean_scaling"].samples}
     assert sorted(experts) == sorted(_state(server).model.expert_names)
     assert all(0 < v < 1 for v in experts.values())
+
+
+def test_a_slow_request_head_is_closed(mix):
+    """slowloris: a connection whose request head does not complete in header_timeout seconds is closed."""
+    import uvicorn
+
+    from loramix.serve.server import header_timeout_protocol
+
+    port = _free_port()
+    config = uvicorn.Config(
+        create_app(mix, model_id="tiny"),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        http=header_timeout_protocol(0.3),
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # the head never ends
+            assert s.recv(4096) == b""  # closed by the server (a timeout of the socket would raise)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # a complete head is served
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
