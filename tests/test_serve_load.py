@@ -292,7 +292,8 @@ def test_a_non_streaming_client_that_hangs_up_frees_its_slot(server):
     state = _state(server)
     before = _cancelled(state)
     body = b'{"model": "tiny", "prompt": "GRAVY", "max_tokens": 90, "temperature": 0, "logit_bias": {"2": -100}}'
-    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += f"Content-Length: {len(body)}\r\n\r\n"
     with slow(state.model, 0.01):
         with socket.create_connection(("127.0.0.1", server.port)) as s:
             s.sendall(head.encode() + body)
