@@ -11,11 +11,8 @@ import httpx
 import pytest
 import torch
 
-import loramix
 from loramix.serve import Engine, Job, create_app
-from test_serve import Server, _free_port, _greedy
-
-from conftest import char_tokenizer
+from test_serve import Server, _free_port, _greedy, served_mix
 
 EOS = 2  # char_tokenizer's </s>
 NO_EOS = {EOS: -100.0}  # long jobs run to max_tokens
@@ -23,14 +20,7 @@ NO_EOS = {EOS: -100.0}  # long jobs run to max_tokens
 
 @pytest.fixture(scope="module")
 def mix(llama_dir, llama_experts):
-    model = loramix.from_pretrained(
-        llama_dir, llama_experts, loramix.MixConfig(gate=loramix.GateConfig(layerwise=True)), tokenizer=char_tokenizer()
-    )
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.gate.parameters():
-            p.normal_()
-    return model
+    return served_mix(llama_dir, llama_experts)
 
 
 @contextmanager

@@ -38,6 +38,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..decode import cache_slots
 from ..errors import ConfigError, LoramixError
 from ..generate import resolve_defaults
 from ..text import render_chat
@@ -600,7 +601,7 @@ def create_app(
         max_batch=max_batch,
         compile=compile,
         max_queue=max_queue,
-        cache_len=-(-2 * longest // 64) * 64,  # twice the longest request: a request always fits (engine.py)
+        cache_len=cache_slots(2 * longest, None),  # twice the longest request: a request always fits (engine.py)
         metrics=metrics,
     )
     metrics.bind(engine)
