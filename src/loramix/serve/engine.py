@@ -32,6 +32,7 @@ logits; for the prompt (echo) from the prefill's logits (every prompt token has 
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -43,9 +44,10 @@ from typing import Any
 import torch
 
 from ..base import LoraMixCache, new_dynamic_cache, text_config
-from ..decode import cache_slots, compiled_step, decode_step, new_buffers, run_step
+from ..decode import DecodeBuffers, cache_slots, compiled_step, decode_step, new_buffers, run_step
 from ..errors import LoramixError
 from ..generate import logits_processors, resolve_defaults
+from ..layers import PreparedScalings
 from ..text import IncrementalDecoder
 
 logger = logging.getLogger(__name__)
@@ -280,6 +282,7 @@ class Engine:
         b = self._buffers
         b.hold_rows = torch.zeros(self.max_batch, 1, 1, 1, dtype=torch.bool, device=model.device)
         b.hold_values = torch.zeros_like(b.scalings)
+        self._views: dict[int, DecodeBuffers] = {}
         self._rows: list[_Row | None] = [None] * self.max_batch
         self._col = 0  # the cache column the next step writes
         self._pending: deque[Job] = deque()
@@ -471,15 +474,17 @@ class Engine:
         else:
             self._shift(target - self._col)
         start = row.start = self._col - T
+        like = cache.mixed.layers[0]
+        for layer in (*b.cache.scaling.layers, *b.cache.mixed.layers):  # all at once: the views share them
+            if not layer.is_initialized:
+                shape = (self.max_batch, like.keys.shape[1], 1)
+                layer.lazy_initialization(
+                    like.keys.new_zeros(*shape, like.keys.shape[3]), like.values.new_zeros(*shape, like.values.shape[3])
+                )
         for static, dynamic in ((b.cache.scaling, cache.scaling), (b.cache.mixed, cache.mixed)):
             if dynamic is None:
                 continue
             for layer, src in zip(static.layers, dynamic.layers):
-                if not layer.is_initialized:
-                    shape = (self.max_batch, src.keys.shape[1], 1)
-                    layer.lazy_initialization(
-                        src.keys.new_zeros(*shape, src.keys.shape[3]), src.values.new_zeros(*shape, src.values.shape[3])
-                    )
                 layer.keys[slot, :, start : self._col] = src.keys[0]
                 layer.values[slot, :, start : self._col] = src.values[0]
         b.mask[slot].zero_()
@@ -524,7 +529,34 @@ class Engine:
             job.emit(row.result())
             self._free(row, row.finish_reason)
 
-    def _sync(self, held: bool) -> None:
+    def _view(self, occupied: int) -> DecodeBuffers:
+        """The buffers of the first k slots (views: same storage), k the power of two (at most max_batch) that covers
+        the occupied slots: on a CPU a padded row costs as much as a real one, so a step runs over the slots in use
+        (rows take the lowest free slot), in a few fixed shapes (one compiled step each)."""
+        k = min(self.max_batch, 1 << (occupied - 1).bit_length())
+        if k == self.max_batch:
+            return self._buffers
+        view = self._views.get(k)
+        if view is None:
+            b = self._buffers
+            view = DecodeBuffers(
+                ids=b.ids[:k],
+                positions=b.positions[:k],
+                cache_position=b.cache_position,
+                live=b.live[:k],
+                mask=b.mask[:k],
+                scalings=b.scalings[:k],
+                multipliers=b.multipliers[:k],
+                cache=LoraMixCache(scaling=_cache_rows(b.cache.scaling, k), mixed=_cache_rows(b.cache.mixed, k)),
+                prepared=PreparedScalings(b.scalings[:k], b.multipliers[:k], sizes=self.model.rank_sizes),
+                held=False,
+                hold_rows=b.hold_rows[:k],
+                hold_values=b.hold_values[:k],
+            )
+            self._views[k] = view
+        return view
+
+    def _sync(self) -> None:
         """Point both caches' write offsets and the step's cache_position at the current column."""
         b = self._buffers
         b.cache_position.fill_(self._col)
@@ -532,16 +564,16 @@ class Engine:
             for layer in cache.layers:
                 if layer.is_initialized:
                     layer.cumulative_length.fill_(self._col)
-        b.held = held
 
     @torch.no_grad()
     def _step(self) -> None:
         """One decode step over every slot; each active row chooses its next token."""
         rows = [row for row in self._rows if row is not None]
         held = all(row.held for row in rows)
-        self._sync(held)
-        b = self._buffers
-        step = compiled_step(self.model, self.max_batch, self.cache_len, held) if self.compile else decode_step
+        self._sync()
+        b = self._view(max(row.slot for row in rows) + 1)
+        b.held = held
+        step = compiled_step(self.model, b.batch, self.cache_len, held) if self.compile else decode_step
         logits, scalings = run_step(step, self.model, b)
         self.steps += 1
         self._col += 1
@@ -556,3 +588,15 @@ class Engine:
                 self.metrics.inter_token(now - row.last_token_at)
             token = greedy[row.slot] if row.greedy else row.choose(logits[row.slot])
             self._accept(row, token, logits[row.slot], scalings[row.slot])
+
+
+def _cache_rows(cache: Any, k: int) -> Any:
+    """A StaticCache over the first k batch rows of `cache` (views of its initialized layers; the write offsets are
+    the same tensors, so syncing the full cache syncs the view)."""
+    view = copy.copy(cache)
+    view.layers = []
+    for layer in cache.layers:
+        part = copy.copy(layer)
+        part.keys, part.values, part.batch_size = layer.keys[:k], layer.values[:k], k
+        view.layers.append(part)
+    return view
