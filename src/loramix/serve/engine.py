@@ -167,12 +167,8 @@ class _Row:
         self.processors = logits_processors(
             self.do_sample, job.temperature, job.top_k, job.top_p, job.repetition_penalty
         )
-        # OpenAI's biases and penalties come first, on the raw logits
-        if job.logit_bias:
-            from transformers.generation.logits_process import SequenceBiasLogitsProcessor
-
-            bias = [[[token], value] for token, value in job.logit_bias.items()]
-            self.processors.insert(0, SequenceBiasLogitsProcessor(sequence_bias=bias))
+        # OpenAI's biases and penalties come first, on the raw logits: the logit bias is added by the engine to
+        # the whole batch at once (`Engine._bias`), the penalties here
         if job.presence_penalty or job.frequency_penalty:
             self.processors.insert(
                 0, PresenceFrequencyPenalty(job.presence_penalty, job.frequency_penalty, len(job.ids))
@@ -196,8 +192,9 @@ class _Row:
         return 0 if self.done else self.job.max_tokens - self.tokens
 
     def choose(self, logits: torch.Tensor) -> int:
-        """The next token from this row's raw logits [V], with its own processors and random stream."""
-        scores = logits[None].float()
+        """The next token from this row's logits [V] (float, its logit bias added), with its own processors and
+        random stream."""
+        scores = logits[None]
         if len(self.processors):
             scores = self.processors(torch.tensor([self.ids], device=logits.device), scores)
         if not self.do_sample:
@@ -283,6 +280,8 @@ class Engine:
         b.hold_rows = torch.zeros(self.max_batch, 1, 1, 1, dtype=torch.bool, device=model.device)
         b.hold_values = torch.zeros_like(b.scalings)
         self._views: dict[int, DecodeBuffers] = {}
+        vocab = model.model.get_output_embeddings().weight.shape[0]
+        self._bias = torch.zeros(self.max_batch, vocab, device=model.device)  # each row's logit bias, dense
         self._rows: list[_Row | None] = [None] * self.max_batch
         self._col = 0  # the cache column the next step writes
         self._pending: deque[Job] = deque()
@@ -496,7 +495,10 @@ class Engine:
             b.scalings[slot, 0] = scalings[-1]
             b.multipliers[slot] = self.model.rank_multipliers(b.scalings[slot : slot + 1])[0]
         self._rows[slot] = row
-        token = row.choose(logits[-1])
+        self._bias[slot].zero_()
+        for t, value in job.logit_bias.items():
+            self._bias[slot, t] = value
+        token = row.choose(logits[-1].float() + self._bias[slot])
         if self.metrics is not None:
             self.metrics.first_token(time.monotonic() - job.submitted)
         self._accept(row, token, logits[-1], scalings[-1])
@@ -578,7 +580,10 @@ class Engine:
         self.steps += 1
         self._col += 1
         b.positions.add_(1)
-        greedy = logits.argmax(-1).tolist()  # one host sync per step: every row's text is streamed as it comes
+        scores = logits.float()
+        if any(row.job.logit_bias for row in rows):
+            scores = scores + self._bias[: scores.shape[0]]
+        greedy = scores.argmax(-1).tolist()  # one host sync per step: every row's text is streamed as it comes
         now = time.monotonic()
         if self.metrics is not None:
             active = torch.tensor([row.slot for row in rows], device=scalings.device)
@@ -586,7 +591,7 @@ class Engine:
         for row in rows:
             if self.metrics is not None:
                 self.metrics.inter_token(now - row.last_token_at)
-            token = greedy[row.slot] if row.greedy else row.choose(logits[row.slot])
+            token = greedy[row.slot] if row.greedy else row.choose(scores[row.slot])
             self._accept(row, token, logits[row.slot], scalings[row.slot])
 
 
