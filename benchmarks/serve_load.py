@@ -1,26 +1,48 @@
-"""Load test of `loramix serve` on loopback: N requests at concurrency C (OpenAI /v1/completions, greedy), with and
-without request batching, bounded in time. Reports p50/p99 latency, generated tokens/s, errors, and the server's
-resident memory before and after.
+"""Load test of `loramix serve` on loopback, as a user would see it (OpenAI /v1/completions over httpx).
 
-    python benchmarks/serve_load.py                          # the demo checkpoint shipped in the package
-    python benchmarks/serve_load.py --checkpoint CKPT --requests 200 --concurrency 16 --max-tokens 32
+Servers, each started in a subprocess on a free port with fixed torch threads:
+    continuous      this checkout: continuous batching over --max-batch slots
+    one-at-a-time   --no-batching of the server given by --today-src (the previous server), or of this one
+    today           the previous server (--today-src: a checkout's src/, e.g. main before issue 18) with --batching:
+                    it runs the waiting requests with equal settings as one batch until every row is done
+
+Scenarios (--scenarios):
+    poisson       open-loop Poisson arrivals at --rates requests/s for --duration s each, streaming, mixed lengths
+                  (max_tokens drawn from --lengths, EOS biased out so every request runs to its length): throughput,
+                  p50/p99 time to first token, p50/p99 per-token latency (after the first), errors
+    short         4 streaming requests of 300 tokens running, then 8 requests of 4 tokens: the short ones' p50
+                  latency against the same 8 on an idle server
+    throughput    --requests requests at --concurrency clients, closed loop, the demo's prompts, greedy, max_tokens
+                  32 (the demo checkpoint's answers end with EOS after a few tokens): tokens/s, errors, server RSS
+    hangup        24 streaming clients of 300 tokens hang up after 1 s; then one 4-token request: its latency
+                  against the idle latency
+    body          a 10 MB JSON body: time to the refusal, server RSS before and after
+
+The poisson, short and hangup scenarios need 300 tokens of context: they run on a tiny random Llama (4 layers,
+hidden 128, context 512, the demo's tokenizer, 3 random experts, a random gate) built in a temporary directory;
+throughput runs on the demo checkpoint (context 96) as in the earlier runs.
+
+    python benchmarks/serve_load.py --today-src /path/to/main/src --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import random
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from common import machine
+from common import build_base, build_experts, machine
 
 PROMPTS = [  # the demo's formats (docs/demo.md)
     "GRAVY<GLWSKIKEVGKEAAKAAAKAAGKAALGAVSEAV>=",
@@ -32,6 +54,8 @@ PROMPTS = [  # the demo's formats (docs/demo.md)
     "What is the mass of W?",
     "-0.75+0.50=",
 ]
+NO_EOS = {"2": -100}  # the demo tokenizer's </s>: requests run to max_tokens
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def _rss_mb(pid: int) -> float:
@@ -47,130 +71,299 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-async def _load(url: str, model: str, n: int, concurrency: int, max_tokens: int, deadline: float) -> dict:
+def _q(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(p * len(values)))] if values else float("nan")
+
+
+class Served:
+    """`loramix serve CKPT` in a subprocess from the source tree `src`."""
+
+    def __init__(self, checkpoint: Path, src: Path, flags: list[str], threads: int) -> None:
+        self.port = _free_port()
+        cmd = [sys.executable, "-m", "loramix", "serve", str(checkpoint), "--port", str(self.port)]
+        cmd += ["--log-level", "warning", "--model-id", "bench", "--max-tokens", "400", *flags]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(src)}
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        for _ in range(1200):
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None:
+                sys.exit(f"the server exited: {self.proc.stderr.read()[-2000:]}")
+            time.sleep(0.1)
+        for _ in range(3):  # warm up
+            httpx.post(self.url + "/v1/completions", json=_body("warm up", 8), timeout=120)
+
+    @property
+    def rss(self) -> float:
+        return _rss_mb(self.proc.pid)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def _body(prompt: str, max_tokens: int, stream: bool = False, no_eos: bool = True) -> dict:
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+    if no_eos:
+        body["logit_bias"] = NO_EOS
+    return body
+
+
+async def _streamed(client: httpx.AsyncClient, body: dict, hang_up_after: float | None = None) -> dict:
+    """One streaming request: time to first token, per-token latency after it, tokens (pieces), or an error."""
+    start = time.perf_counter()
+    first = None
+    pieces = 0
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return {"error": r.status_code}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return {"error": chunk["error"]["message"]}
+                if chunk["choices"] and chunk["choices"][0]["text"]:
+                    pieces += 1
+                    if first is None:
+                        first = time.perf_counter()
+                if hang_up_after is not None and time.perf_counter() - start > hang_up_after:
+                    return {"hung_up": True}
+    except httpx.HTTPError as exc:
+        return {"error": type(exc).__name__}
+    end = time.perf_counter()
+    if first is None:
+        return {"error": "no tokens"}
+    return {
+        "ttft": first - start,
+        "per_token": (end - first) / max(pieces - 1, 1),
+        "tokens": pieces,
+        "start": start,
+        "end": end,
+    }
+
+
+async def _latency(client: httpx.AsyncClient, body: dict) -> float:
+    start = time.perf_counter()
+    r = await client.post("/v1/completions", json=body)
+    r.raise_for_status()
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------- scenarios
+
+
+async def poisson(url: str, rate: float, duration: float, lengths: list[int], seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=1000)) as client:
+        tasks = []
+        begin = time.perf_counter()
+        at = 0.0
+        while True:
+            at += rng.expovariate(rate)
+            if at > duration:
+                break
+            await asyncio.sleep(max(0.0, begin + at - time.perf_counter()))
+            body = _body(rng.choice(PROMPTS), rng.choice(lengths), stream=True)
+            tasks.append(asyncio.create_task(_streamed(client, body)))
+        results = await asyncio.gather(*tasks)
+    ok = [r for r in results if "ttft" in r]
+    span = max(r["end"] for r in ok) - begin if ok else float("nan")
+    return {
+        "requests": len(results),
+        "errors": len(results) - len(ok),
+        "tokens_per_s": sum(r["tokens"] for r in ok) / span,
+        "ttft_p50": _q([r["ttft"] for r in ok], 0.5),
+        "ttft_p99": _q([r["ttft"] for r in ok], 0.99),
+        "tpot_p50": _q([r["per_token"] for r in ok if r["tokens"] > 1], 0.5),
+        "tpot_p99": _q([r["per_token"] for r in ok if r["tokens"] > 1], 0.99),
+    }
+
+
+async def short_behind_long(url: str) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        idle = [await _latency(client, _body(PROMPTS[i], 4)) for i in range(8)]
+        longs = [asyncio.create_task(_streamed(client, _body(PROMPTS[i], 300, stream=True))) for i in range(4)]
+        await asyncio.sleep(0.5)  # the long ones are running
+        loaded = await asyncio.gather(*(_latency(client, _body(PROMPTS[i], 4)) for i in range(8)))
+        await asyncio.gather(*longs)
+    return {"idle_p50": statistics.median(idle), "loaded_p50": statistics.median(loaded)}
+
+
+async def throughput(url: str, n: int, concurrency: int) -> dict:
     sem = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
-    tokens = 0
-    errors = 0
-
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+    tokens = errors = 0
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
 
         async def one(i: int) -> None:
             nonlocal tokens, errors
             async with sem:
-                if time.time() > deadline:
-                    errors += 1
-                    return
                 start = time.perf_counter()
                 try:
-                    r = await client.post(
-                        "/v1/completions",
-                        json={
-                            "model": model,
-                            "prompt": PROMPTS[i % len(PROMPTS)],
-                            "max_tokens": max_tokens,
-                            "temperature": 0,
-                        },
-                    )
-                    if r.status_code != 200:
-                        errors += 1
-                        return
-                    tokens += r.json()["usage"]["completion_tokens"]
-                    latencies.append(time.perf_counter() - start)
+                    r = await client.post("/v1/completions", json=_body(PROMPTS[i % len(PROMPTS)], 32, no_eos=False))
                 except httpx.HTTPError:
                     errors += 1
+                    return
+                if r.status_code != 200:
+                    errors += 1
+                    return
+                tokens += r.json()["usage"]["completion_tokens"]
+                latencies.append(time.perf_counter() - start)
 
         start = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(n)))
         elapsed = time.perf_counter() - start
-    latencies.sort()
-    q = lambda p: latencies[min(len(latencies) - 1, int(p * len(latencies)))] if latencies else float("nan")  # noqa: E731
     return {
-        "elapsed": elapsed,
         "ok": len(latencies),
         "errors": errors,
-        "tokens": tokens,
-        "p50": statistics.median(latencies) if latencies else float("nan"),
-        "p99": q(0.99),
         "tokens_per_s": tokens / elapsed,
+        "p50": _q(latencies, 0.5),
+        "p99": _q(latencies, 0.99),
+        "wall": elapsed,
     }
 
 
-def run(checkpoint: Path, batching: bool, args: argparse.Namespace) -> dict:
-    port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "loramix",
-        "serve",
-        str(checkpoint),
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        "--model-id",
-        "bench",
-        "--batching" if batching else "--no-batching",
-        "--max-batch",
-        str(args.max_batch),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None:
-                sys.exit(f"the server exited: {server.stderr.read()[-2000:]}")
-            time.sleep(0.1)
-        httpx.post(url + "/v1/completions", json={"model": "bench", "prompt": "warm up", "max_tokens": 4}, timeout=60)
-        before = _rss_mb(server.pid)
-        result = asyncio.run(
-            _load(url, "bench", args.requests, args.concurrency, args.max_tokens, time.time() + args.time_limit)
-        )
-        result["rss_before_mb"], result["rss_after_mb"] = before, _rss_mb(server.pid)
-        return result
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+async def hangup(url: str, clients: int = 24) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=100)) as client:
+        idle = statistics.median([await _latency(client, _body(PROMPTS[i], 4)) for i in range(5)])
+        gone = [_streamed(client, _body(PROMPTS[i % 8], 300, stream=True), hang_up_after=1.0) for i in range(clients)]
+        await asyncio.gather(*gone)
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:  # fresh connections
+        after = await _latency(client, _body(PROMPTS[0], 4))
+    return {"idle": idle, "after": after}
+
+
+def body_refusal(url: str, port: int, rss: callable) -> dict:
+    """A 10 MB JSON body: (1) raw socket, the head and the first 64 KiB sent, time until the response's first bytes
+    (what the server takes to refuse); (2) httpx posting all of it, time until the response (includes the upload)."""
+    big = json.dumps({"model": "bench", "prompt": "x" * (10 * 1024 * 1024)}).encode()
+    before = rss()
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += f"Content-Length: {len(big)}\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        start = time.perf_counter()
+        s.sendall(head.encode() + big[: 64 * 1024])
+        try:
+            status = s.recv(64).split(b" ")[1].decode()
+            first = time.perf_counter() - start
+        except TimeoutError:  # it waits for the rest of the body
+            status, first = "none in 10 s", float("nan")
+    start = time.perf_counter()
+    r = httpx.post(url + "/v1/completions", content=big, headers={"content-type": "application/json"}, timeout=600)
+    full = time.perf_counter() - start
+    time.sleep(0.5)
+    return {
+        "status": f"{status}/{r.status_code}",
+        "first": first,
+        "full": full,
+        "rss_before": before,
+        "rss_after": rss(),
+    }
+
+
+# ---------------------------------------------------------------------- the random long-context checkpoint
+
+
+def random_checkpoint(root: Path) -> Path:
+    """A tiny random Llama with a 512-token context, the demo's tokenizer, 3 random experts, a random gate."""
+    from transformers import AutoTokenizer
+
+    import loramix
+    from loramix.demo import shipped_checkpoint
+
+    tokenizer = AutoTokenizer.from_pretrained(shipped_checkpoint() / "tokenizer")
+    base = build_base(
+        root,
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    experts = build_experts(base, root, n=3, rank=4)
+    model = loramix.from_pretrained(base, experts, loramix.MixConfig(), tokenizer=tokenizer)
+    return model.save(root / "checkpoint", include_base=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, default=None, help="default: the demo checkpoint in the package")
-    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--today-src", type=Path, default=None, help="src/ of the previous server (today's rows)")
+    parser.add_argument("--scenarios", nargs="+", default=["short", "hangup", "body", "poisson", "throughput"])
+    parser.add_argument("--servers", nargs="+", default=["continuous", "today", "one-at-a-time"])
+    parser.add_argument("--rates", type=float, nargs="+", default=[2.0, 8.0, 16.0])
+    parser.add_argument("--duration", type=float, default=15.0)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4, 32, 128])
+    parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--time-limit", type=float, default=900, help="seconds; later requests count as errors")
-    parser.add_argument("--modes", nargs="+", default=["batching", "no-batching"])
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    checkpoint = args.checkpoint
-    if checkpoint is None:
-        from loramix.demo import shipped_checkpoint
+    from loramix.demo import shipped_checkpoint
 
-        checkpoint = shipped_checkpoint()
-    print(
-        f"machine: {machine()}; server threads {args.threads}; {args.requests} requests at concurrency "
-        f"{args.concurrency}, max_tokens {args.max_tokens}, greedy; checkpoint {checkpoint}"
-    )
-    print(
-        "| server | requests ok | errors | p50 latency (s) | p99 latency (s) | generated tokens/s | wall (s) | "
-        "RSS before (MiB) | RSS after (MiB) |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for mode in args.modes:
-        r = run(checkpoint, mode == "batching", args)
-        print(
-            f"| {mode} (max batch {args.max_batch if mode == 'batching' else 1}) | {r['ok']} | {r['errors']} | "
-            f"{r['p50']:.2f} | {r['p99']:.2f} | {r['tokens_per_s']:.1f} | {r['elapsed']:.1f} | "
-            f"{r['rss_before_mb']:.0f} | {r['rss_after_mb']:.0f} |"
-        )
+    servers = {"continuous": (SRC, ["--max-batch", str(args.max_batch), "--max-queue", "4096"])}
+    previous = args.today_src or SRC
+    if args.today_src is not None:
+        servers["today"] = (args.today_src, ["--batching", "--max-batch", str(args.max_batch)])
+    servers["one-at-a-time"] = (previous, ["--no-batching"])
+    servers = {k: v for k, v in servers.items() if k in args.servers}
+    print(f"machine: {machine()}; server torch threads {args.threads}; load average {os.getloadavg()}")
+    tmp = Path(tempfile.mkdtemp(prefix="serve_load_"))
+    long_ckpt = random_checkpoint(tmp)
+    demo = shipped_checkpoint()
+    for scenario in args.scenarios:
+        ckpt = demo if scenario == "throughput" else long_ckpt
+        print(f"\n### {scenario} ({'demo checkpoint' if ckpt == demo else 'random 512-context Llama'})\n")
+        for name, (src, flags) in servers.items():
+            if scenario in ("body", "hangup") and name == "one-at-a-time":
+                continue
+            served = Served(ckpt, src, flags, args.threads)
+            try:
+                if scenario == "poisson":
+                    for rate in args.rates:
+                        r = asyncio.run(poisson(served.url, rate, args.duration, args.lengths))
+                        print(
+                            f"| {name} | {rate:g} req/s | {r['requests']} | {r['errors']} | {r['tokens_per_s']:.1f} | "
+                            f"{r['ttft_p50']:.3f} | {r['ttft_p99']:.3f} | {r['tpot_p50'] * 1000:.1f} | "
+                            f"{r['tpot_p99'] * 1000:.1f} |",
+                            flush=True,
+                        )
+                elif scenario == "short":
+                    r = asyncio.run(short_behind_long(served.url))
+                    print(f"| {name} | {r['idle_p50']:.3f} | {r['loaded_p50']:.3f} |", flush=True)
+                elif scenario == "throughput":
+                    before = served.rss
+                    r = asyncio.run(throughput(served.url, args.requests, args.concurrency))
+                    print(
+                        f"| {name} | {r['ok']} | {r['errors']} | {r['tokens_per_s']:.1f} | {r['p50']:.3f} | "
+                        f"{r['p99']:.3f} | {r['wall']:.1f} | {before:.0f} | {served.rss:.0f} |",
+                        flush=True,
+                    )
+                elif scenario == "hangup":
+                    r = asyncio.run(hangup(served.url))
+                    ratio = r["after"] / r["idle"]
+                    print(f"| {name} | {r['idle']:.3f} | {r['after']:.3f} | {ratio:.2f}x |", flush=True)
+                elif scenario == "body":
+                    r = body_refusal(served.url, served.port, lambda s=served: s.rss)
+                    print(
+                        f"| {name} | {r['status']} | {r['first'] * 1000:.1f} | {r['full'] * 1000:.0f} | "
+                        f"{r['rss_before']:.0f} | {r['rss_after']:.0f} |",
+                        flush=True,
+                    )
+            finally:
+                served.close()
+    print(f"\nload average after: {os.getloadavg()}")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,11 @@ class Server:
 
 @pytest.fixture(scope="module")
 def mix(llama_dir, llama_experts):
+    return served_mix(llama_dir, llama_experts)
+
+
+def served_mix(llama_dir, llama_experts):
+    """The tiny Llama with three experts and a random layer-wise gate (non-trivial scalings)."""
     model = loramix.from_pretrained(
         llama_dir, llama_experts, loramix.MixConfig(gate=loramix.GateConfig(layerwise=True)), tokenizer=char_tokenizer()
     )

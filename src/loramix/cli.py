@@ -586,8 +586,14 @@ def serve(
     ),
     max_prompt_tokens: int | None = typer.Option(None, "--max-prompt-tokens", min=1, help="Longest prompt accepted."),
     max_tokens: int = typer.Option(1024, "--max-tokens", min=1, help="Largest max_tokens a request may ask for."),
-    batching: bool = typer.Option(True, "--batching/--no-batching", help="Batch waiting requests with equal settings."),
-    max_batch: int = typer.Option(8, "--max-batch", min=1, help="Largest batch."),
+    batching: bool = typer.Option(True, "--batching/--no-batching", help="Continuous batching (off: one at a time)."),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, help="Sequence slots of the continuous batch."),
+    max_queue: int = typer.Option(256, "--max-queue", min=1, help="Jobs waiting for a slot; beyond it: 503."),
+    max_body: int = typer.Option(1 << 20, "--max-body", min=1, help="Largest request body in bytes; beyond it: 413."),
+    request_timeout: float = typer.Option(600.0, "--request-timeout", min=0.001, help="Seconds per request (504)."),
+    header_timeout: float = typer.Option(10.0, "--header-timeout", min=0.001, help="Seconds to send a request head."),
+    body_timeout: float = typer.Option(30.0, "--body-timeout", min=0.001, help="Seconds a body may stall (408)."),
+    keep_alive_timeout: float = typer.Option(5.0, "--keep-alive-timeout", min=0.001, help="Idle keep-alive seconds."),
     device: str | None = typer.Option(None, help="e.g. cpu, cuda."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16."),
     base: str | None = _BASE,
@@ -595,9 +601,8 @@ def serve(
     compile_: bool = typer.Option(False, "--compile", help=_COMPILE_HELP),
 ) -> None:
     """Serve a checkpoint behind an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models)."""
-    import uvicorn
-
     from .serve import create_app
+    from .serve.server import run
 
     if api_key is not None and not api_key.strip():
         raise typer.BadParameter(
@@ -620,11 +625,22 @@ def serve(
         batching=batching,
         max_batch=max_batch,
         compile=compile_,
+        max_queue=max_queue,
+        max_body=max_body,
+        request_timeout=request_timeout,
+        body_timeout=body_timeout,
     )
     err_console.print(
         f"serving [bold]{name}[/bold] on http://{host}:{port}/v1" + (" (API key required)" if api_key else "")
     )
-    uvicorn.run(server_app, host=host, port=port, log_level=log_level)
+    run(
+        server_app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        header_timeout=header_timeout,
+        keep_alive_timeout=keep_alive_timeout,
+    )
 
 
 @app.command()

@@ -68,6 +68,8 @@ class DecodeBuffers:
     cache: LoraMixCache
     prepared: PreparedScalings
     held: bool
+    hold_rows: torch.Tensor | None = None
+    hold_values: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -178,10 +180,15 @@ def decode_step(
     cache: LoraMixCache,
     prepared: PreparedScalings,
     held: bool,
+    hold_rows: torch.Tensor | None = None,
+    hold_values: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step, in place over the buffers (see the module docstring). ids [B, 1] is the token at
     `positions` [B, 1], written at column `cache_position` of both caches. Returns logits [B, V] and the scalings
-    [B, L, N] it mixed with (views of buffers that the next step overwrites: copy what you keep)."""
+    [B, L, N] it mixed with (views of buffers that the next step overwrites: copy what you keep).
+
+    A batch that mixes modes (the server's slots) passes `hold_rows` [B, 1, 1, 1] bool and `hold_values`
+    [B, 1, L, N]: the rows marked mix with their held scalings (prompt / fixed modes), the others with the gate's."""
     mask.index_copy_(1, cache_position, live)
     if not held:
         probes = model.new_probes(ids.shape[0], 1)
@@ -195,6 +202,8 @@ def decode_step(
                 return_dict=True,
             )
         s = model.gate(out.last_hidden_state, probes)  # [B, 1, L, N]
+        if hold_rows is not None:
+            s = torch.where(hold_rows, hold_values, s)
         scalings.copy_(s)
         multipliers.copy_(model.rank_multipliers(s))
     with model.state.use(prepared):
@@ -226,6 +235,8 @@ def run_step(
         b.cache,
         b.prepared,
         b.held,
+        b.hold_rows,
+        b.hold_values,
     )
 
 

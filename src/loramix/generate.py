@@ -44,6 +44,7 @@ __all__ = [
     "GenerationOutput",
     "Step",
     "generate",
+    "logits_processors",
     "resolve_defaults",
     "stream",
 ]
@@ -87,7 +88,8 @@ def _ids_list(value: int | Sequence[int] | None) -> list[int]:
     return [int(v) for v in value]
 
 
-def _logits_processors(do_sample: bool, temperature: float, top_k: int, top_p: float, repetition_penalty: float):
+def logits_processors(do_sample: bool, temperature: float, top_k: int, top_p: float, repetition_penalty: float):
+    """transformers' logits processors for these settings (the server builds one list per row)."""
     from transformers import LogitsProcessorList
     from transformers.generation.logits_process import (
         RepetitionPenaltyLogitsProcessor,
@@ -339,7 +341,7 @@ class Generation:
         tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         self.defaults = resolve_defaults(model, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
         self.do_sample = do_sample and temperature != 0  # temperature 0 means greedy, as in the OpenAI API
-        self.processors = _logits_processors(self.do_sample, temperature, top_k, top_p, repetition_penalty)
+        self.processors = logits_processors(self.do_sample, temperature, top_k, top_p, repetition_penalty)
         self.stops = StoppingCriteriaList()
         if stop_strings:
             if tokenizer is None:

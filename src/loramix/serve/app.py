@@ -1,6 +1,7 @@
 """An OpenAI-compatible HTTP server for a loramix model (FastAPI).
 
     GET  /health                 {"status": "ok", ...}
+    GET  /metrics                Prometheus text format (serve/metrics.py)
     GET  /v1/models              the one model, under its id (and GET /v1/models/{id})
     POST /v1/completions         prompt(s): strings or token ids -> one choice each (stream: server-sent events)
     POST /v1/chat/completions    messages -> reply, with the tokenizer's chat template (or the plain fallback:
@@ -11,7 +12,13 @@ seed, n, presence/frequency_penalty, logit_bias, logprobs (+ echo; chat: top_log
 (tools, response_format other than text, best_of > 1, ...) get a 400 naming them (docs/serving.md).
 The extension field `loramix` (OpenAI clients: `extra_body={"loramix": {...}}`) selects the speed mode, top_k,
 repetition_penalty, and `return_scalings` ("token", "layer" or "expert"), returned in the response's `loramix` field.
-Errors are OpenAI-style JSON: {"error": {"message", "type", "param", "code"}} with a 4xx status.
+Errors are OpenAI-style JSON: {"error": {"message", "type", "param", "code"}} with a 4xx status (5xx: 503 with
+Retry-After when the queue is full, 504 when a request runs past its timeout).
+
+Load: requests run in the engine's continuous batch (engine.py). A client that disconnects (streaming or not) has its
+jobs cancelled; their slots are free before the next decode step. The request body is read by `_Guard` (an ASGI
+middleware) before any parsing: a Content-Length above `max_body` is refused at once (413), a body that grows past
+it while streaming too, and a body that stalls for `body_timeout` seconds gets a 408.
 """
 
 from __future__ import annotations
@@ -22,21 +29,27 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..decode import cache_slots
 from ..errors import ConfigError, LoramixError
 from ..generate import resolve_defaults
 from ..text import render_chat
-from .engine import Engine, Job, TokenLogprob
+from .engine import Engine, Job, QueueFull, TokenLogprob
+from .metrics import Metrics
 from .schemas import MAX_CHOICES, ChatRequest, CompletionRequest
 
-__all__ = ["ApiError", "create_app"]
+__all__ = ["ApiError", "ServerState", "create_app"]
+
+RETRY_AFTER_S = 1
+"""What a 503 (queue full) tells the client to wait, in seconds."""
 
 
 class ApiError(Exception):
@@ -48,17 +61,506 @@ class ApiError(Exception):
         type_: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
 
 def _error(
-    status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+    status: int,
+    message: str,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     return JSONResponse(
-        status_code=status, content={"error": {"message": message, "type": type_, "param": param, "code": code}}
+        status_code=status,
+        content={"error": {"message": message, "type": type_, "param": param, "code": code}},
+        headers=headers,
     )
+
+
+@dataclass
+class ServerState:
+    """What the endpoints share: the model, its engine and metrics, and the server's limits."""
+
+    model: Any
+    engine: Engine
+    metrics: Metrics
+    model_id: str
+    prompt_limit: int
+    max_tokens_limit: int
+    default_max_tokens: int
+    context: int | None
+    vocab_size: int | None
+    request_timeout: float | None
+    special_ids: set[int] = field(default_factory=set)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.model.tokenizer
+
+    @property
+    def card(self) -> dict[str, Any]:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "loramix"}
+
+
+# ---------------------------------------------------------------------- request checks and jobs
+
+
+def _check_model(state: ServerState, name: str) -> None:
+    if name != state.model_id:
+        raise ApiError(
+            404,
+            f"model '{name}' does not exist; this server has '{state.model_id}'",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def _check_fields(state: ServerState, body: CompletionRequest | ChatRequest, choices: int) -> None:
+    _check_model(state, body.model)
+    refused = body.unsupported()
+    if refused is not None:
+        raise ApiError(400, f"{refused[0]}: {refused[1]}", param=refused[0], code="unsupported_parameter")
+    if choices > MAX_CHOICES:
+        raise ApiError(400, f"prompts x n = {choices} choices; at most {MAX_CHOICES} per request", param="n")
+    if body.stream and body.logprobs:
+        raise ApiError(400, "logprobs: not supported with stream=true", param="logprobs")
+    for key in body.logit_bias or {}:
+        if state.vocab_size is not None and int(key) >= state.vocab_size:
+            raise ApiError(
+                400,
+                f"logit_bias: token id {key} is not below the vocabulary size {state.vocab_size}",
+                param="logit_bias",
+            )
+
+
+def _encode(state: ServerState, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of a text; a character the tokenizer has no token for is an error, not a silent pad or unk."""
+    tokenizer = state.tokenizer
+    if not getattr(tokenizer, "is_fast", False):
+        return tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    for token, (start, end) in zip(enc.input_ids, enc.offset_mapping):
+        if token in state.special_ids and start < end and text[start:end] != tokenizer.convert_ids_to_tokens(token):
+            char = text[start]
+            raise ApiError(
+                400,
+                f"{param}: the character {char!r} (U+{ord(char):04X}) at position {start} is not in the "
+                "tokenizer's vocabulary",
+                param=param,
+            )
+    return list(enc.input_ids)
+
+
+def _check_ids(state: ServerState, ids: list[int]) -> list[int]:
+    if state.vocab_size is not None and any(i >= state.vocab_size for i in ids):
+        bad = next(i for i in ids if i >= state.vocab_size)
+        raise ApiError(
+            400, f"prompt: token id {bad} is not below the vocabulary size {state.vocab_size}", param="prompt"
+        )
+    return ids
+
+
+def _job(state: ServerState, body: CompletionRequest | ChatRequest, ids: list[int], **extra: Any) -> Job:
+    """The job of one choice (emit, group and index are set by `_submit`)."""
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    max_tokens = state.default_max_tokens if max_tokens is None else max_tokens
+    if len(ids) == 0:
+        raise ApiError(400, "the prompt is empty", param="prompt")
+    if len(ids) > state.prompt_limit:
+        raise ApiError(
+            400,
+            f"the prompt has {len(ids)} tokens; this server accepts at most {state.prompt_limit}",
+            param="prompt",
+            code="context_length_exceeded",
+        )
+    if max_tokens > state.max_tokens_limit:
+        raise ApiError(
+            400,
+            f"max_tokens={max_tokens} is above this server's limit of {state.max_tokens_limit}",
+            param="max_tokens",
+        )
+    if state.context is not None and len(ids) + max_tokens > state.context:
+        raise ApiError(
+            400,
+            f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's context "
+            f"of {state.context} tokens",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    if body.loramix.mode == "truncated" and state.model.config.scaling_layer is None:
+        raise ApiError(400, "mode 'truncated' needs a gate trained on a truncated scaling pass", param="loramix.mode")
+    return Job(
+        ids=ids,
+        max_tokens=max_tokens,
+        emit=lambda _: None,
+        mode=body.loramix.mode,
+        do_sample=body.temperature > 0,
+        temperature=body.temperature or 1.0,
+        top_p=body.top_p,
+        top_k=body.loramix.top_k,
+        repetition_penalty=body.loramix.repetition_penalty,
+        seed=body.seed,
+        stops=body.stop or [],
+        return_scalings=body.loramix.return_scalings,
+        stream=body.stream,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
+        **extra,
+    )
+
+
+def _submit(
+    state: ServerState, body: CompletionRequest | ChatRequest, prompts: list[list[int]], **extra: Any
+) -> tuple[list[Job], asyncio.Queue]:
+    """Make every choice's job (prompt i, sample j -> choice i * n + j), then submit them as one group
+    (503 when the engine's queue is full)."""
+    loop = asyncio.get_running_loop()
+    sink: asyncio.Queue = asyncio.Queue()
+    group = object()
+    deadline = time.monotonic() + state.request_timeout if state.request_timeout else None
+    jobs = []
+    for i, ids in enumerate(prompts):
+        for j in range(body.n):
+            index = i * body.n + j
+
+            def emit(message: dict[str, Any], index: int = index) -> None:
+                loop.call_soon_threadsafe(sink.put_nowait, {**message, "index": index})
+
+            job = _job(state, body, ids, **extra)
+            job.emit, job.group, job.index, job.deadline = emit, group, index, deadline
+            jobs.append(job)
+    try:
+        state.engine.submit_group(jobs)
+    except QueueFull as exc:
+        state.metrics.reject(503)
+        raise ApiError(
+            503, str(exc), type_="server_error", code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}
+        ) from None
+    return jobs, sink
+
+
+def _cancel(jobs: list[Job]) -> None:
+    """The client is gone (or the request failed): the engine frees these jobs' slots before its next step."""
+    for job in jobs:
+        job.cancelled = True
+
+
+async def _watch_disconnect(request: Request, jobs: list[Job]) -> None:
+    """Wait for the client to hang up (ASGI http.disconnect), then cancel its jobs."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            _cancel(jobs)
+            return
+
+
+async def _results(request: Request, sink: asyncio.Queue, jobs: list[Job]) -> list[dict[str, Any]]:
+    """Every choice's final message, cancelling the jobs if the client disconnects while it waits."""
+    watcher = asyncio.create_task(_watch_disconnect(request, jobs))
+    results: list[dict[str, Any] | None] = [None] * len(jobs)
+    try:
+        while any(r is None for r in results):
+            message = await sink.get()
+            if message["type"] == "done":
+                results[message["index"]] = message
+            elif message["type"] == "error":
+                raise ApiError(message.get("status", 500), message["message"], type_="server_error")
+    finally:
+        watcher.cancel()
+        _cancel(jobs)  # no-op for finished jobs; frees the others if this request failed or was cancelled
+    return results  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------- response bodies
+
+
+def _piece(state: ServerState, token: int) -> str:
+    return state.tokenizer.decode([token], skip_special_tokens=False)
+
+
+def _legacy_logprobs(state: ServerState, entries: list[TokenLogprob], start: int) -> dict[str, list[Any]]:
+    """OpenAI's legacy completions object; text_offset counts characters of the choice's text from `start`."""
+    out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for e in entries:
+        piece = _piece(state, e.token)
+        out["tokens"].append(piece)
+        out["token_logprobs"].append(e.logprob)
+        if e.logprob is None:
+            out["top_logprobs"].append(None)
+        else:  # the `logprobs` most likely tokens, and the chosen one
+            top = {_piece(state, t): lp for t, lp in e.top}
+            top.setdefault(piece, e.logprob)
+            out["top_logprobs"].append(top)
+        out["text_offset"].append(start)
+        start += len(piece)
+    return out
+
+
+def _chat_logprobs(state: ServerState, entries: list[TokenLogprob]) -> dict[str, Any]:
+    def item(token: int, logprob: float) -> dict[str, Any]:
+        piece = _piece(state, token)
+        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode("utf-8"))}
+
+    return {
+        "content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries],
+        "refusal": None,
+    }
+
+
+@dataclass
+class _Reply:
+    """One response under construction: its id, kind and time, and the jobs and prompts behind it."""
+
+    state: ServerState
+    rid: str
+    kind: str
+    prompts: list[list[int]]
+    jobs: list[Job]
+    now: int = field(default_factory=lambda: int(time.time()))
+
+    def envelope(self, choices: list[dict[str, Any]], kind: str | None = None) -> dict[str, Any]:
+        return {
+            "id": self.rid,
+            "object": kind or self.kind,
+            "created": self.now,
+            "model": self.state.model_id,
+            "choices": choices,
+        }
+
+    def extension(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        job, model = self.jobs[0], self.state.model
+        out = {"mode": job.mode, "scaling_layer": model.config.scaling_layer, "experts": model.expert_names}
+        if job.return_scalings != "none":
+            scalings = [r["scalings"] for r in results]
+            out["scalings"] = scalings[0] if len(scalings) == 1 else scalings  # one per choice when several
+            out["scalings_kind"] = job.return_scalings
+            if job.return_scalings in ("token", "layer"):
+                out["layers"] = model.layer_names
+        return out
+
+    def with_totals(self, body: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
+        """The response (or the stream's usage chunk) with its usage and the loramix extension."""
+        prompt = sum(len(ids) for ids in self.prompts)
+        completion = sum(r["completion_tokens"] for r in results)
+        body["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        body["loramix"] = self.extension(results)
+        return body
+
+
+ChoiceOf = Callable[..., "dict[str, Any] | None"]
+
+
+async def _sse(
+    reply: _Reply,
+    sink: asyncio.Queue,
+    opening: ChoiceOf,
+    piece: ChoiceOf,
+    finish: ChoiceOf,
+    usage: bool,
+) -> AsyncIterator[bytes]:
+    """Server-sent events for the reply's choices. The endpoint gives the choice objects only: `opening(index)` (or
+    None), `piece(index, text)`, `finish(result)`; each goes out in the reply's envelope. The last finish chunk
+    carries the loramix extension, unless a usage chunk (stream_options.include_usage) follows and carries it with
+    the usage. A client that hangs up cancels the jobs (the generator is closed)."""
+
+    def event(data: dict[str, Any]) -> bytes:
+        return f"data: {json.dumps(data)}\n\n".encode()
+
+    count = len(reply.jobs)
+    try:
+        for index in range(count):
+            first = opening(index)
+            if first is not None:
+                yield event(reply.envelope([first]))
+        results: list[dict[str, Any] | None] = [None] * count
+        while any(r is None for r in results):
+            message = await sink.get()
+            if message["type"] == "piece":
+                yield event(reply.envelope([piece(message["index"], message["text"])]))
+            elif message["type"] == "done":
+                results[message["index"]] = message
+                chunk = reply.envelope([finish(message)])
+                if all(r is not None for r in results) and not usage:
+                    chunk["loramix"] = reply.extension(results)  # type: ignore[arg-type]
+                yield event(chunk)
+            else:
+                error = {"error": {"message": message["message"], "type": "server_error", "param": None, "code": None}}
+                yield event(error)
+                yield b"data: [DONE]\n\n"
+                return
+        if usage:
+            yield event(reply.with_totals(reply.envelope([]), results))  # type: ignore[arg-type]
+        yield b"data: [DONE]\n\n"
+    finally:
+        _cancel(reply.jobs)
+
+
+def _stream(reply: _Reply, sink: asyncio.Queue, body: Any, opening: ChoiceOf, piece: ChoiceOf, finish: ChoiceOf):
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    events = _sse(reply, sink, opening, piece, finish, include_usage)
+    return StreamingResponse(events, media_type="text/event-stream")
+
+
+# ---------------------------------------------------------------------- the endpoints
+
+
+async def _completions(state: ServerState, request: Request, body: CompletionRequest) -> Any:
+    items = body.prompts
+    _check_fields(state, body, len(items) * body.n)
+    prompts = [_encode(state, p, "prompt") if isinstance(p, str) else _check_ids(state, p) for p in items]
+    texts = [p if isinstance(p, str) else state.tokenizer.decode(ids) for p, ids in zip(items, prompts)]
+    extra = {"logprobs": body.logprobs, "prompt_logprobs": body.echo and body.logprobs is not None}
+    jobs, sink = _submit(state, body, prompts, **extra)
+    reply = _Reply(state, f"cmpl-{uuid.uuid4().hex}", "text_completion", prompts, jobs)
+
+    def echo(index: int) -> str:
+        return texts[index // body.n] if body.echo else ""
+
+    def choice(index: int, text: str, result: dict[str, Any] | None) -> dict[str, Any]:
+        logprobs = None
+        if result is not None and result["logprobs"] is not None:
+            entries = result["logprobs"]["prompt"] + result["logprobs"]["completion"]
+            logprobs = _legacy_logprobs(state, result["logprobs"]["prompt"], 0)
+            tail = _legacy_logprobs(state, result["logprobs"]["completion"], len(echo(index)))
+            logprobs = {k: logprobs[k] + tail[k] for k in logprobs} if entries else tail
+        reason = result["finish_reason"] if result is not None else None
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+
+    if body.stream:
+        return _stream(
+            reply,
+            sink,
+            body,
+            opening=lambda index: choice(index, echo(index), None) if body.echo else None,
+            piece=lambda index, text: choice(index, text, None),
+            finish=lambda result: choice(result["index"], "", result),
+        )
+    results = await _results(request, sink, jobs)
+    choices = [choice(i, echo(i) + r["text"], r) for i, r in enumerate(results)]
+    return reply.with_totals(reply.envelope(choices), results)
+
+
+async def _chat(state: ServerState, request: Request, body: ChatRequest) -> Any:
+    _check_fields(state, body, body.n)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
+    text = render_chat(state.tokenizer, messages)
+    templated = bool(getattr(state.tokenizer, "chat_template", None))
+    prompts = [_encode(state, text, "messages", add_special_tokens=not templated)]
+    jobs, sink = _submit(state, body, prompts, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+    reply = _Reply(state, f"chatcmpl-{uuid.uuid4().hex}", "chat.completion.chunk", prompts, jobs)
+    if body.stream:
+
+        def delta(index: int, content: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+            return {"index": index, "delta": content, "finish_reason": reason}
+
+        return _stream(
+            reply,
+            sink,
+            body,
+            opening=lambda index: delta(index, {"role": "assistant", "content": ""}),
+            piece=lambda index, text: delta(index, {"content": text}),
+            finish=lambda result: delta(result["index"], {}, result["finish_reason"]),
+        )
+    results = await _results(request, sink, jobs)
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": r["text"]},
+            "logprobs": _chat_logprobs(state, r["logprobs"]["completion"]) if r["logprobs"] is not None else None,
+            "finish_reason": r["finish_reason"],
+        }
+        for i, r in enumerate(results)
+    ]
+    return reply.with_totals(reply.envelope(choices, "chat.completion"), results)
+
+
+# ---------------------------------------------------------------------- the ASGI guard: auth, body size and time
+
+
+class _Guard:
+    """Pure ASGI middleware, before any parsing: the API key (401), then the body: a Content-Length above
+    `max_body` bytes is refused without reading (413), and the body is read here with a cap (413 as soon as it
+    grows past it) and a per-chunk timeout (408), then handed on to the app."""
+
+    def __init__(
+        self, app: Any, *, api_key: str | None, max_body: int, body_timeout: float | None, metrics: Metrics
+    ) -> None:
+        self.app, self.api_key, self.max_body, self.body_timeout, self.metrics = (
+            app,
+            api_key,
+            max_body,
+            body_timeout,
+            metrics,
+        )
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        if self.api_key is not None and scope["path"].startswith("/v1/"):
+            header = headers.get(b"authorization", b"").decode("latin-1")
+            token = header[7:] if header.lower().startswith("bearer ") else ""
+            if not secrets.compare_digest(token.encode(), self.api_key.encode()):
+                response = _error(
+                    401,
+                    "invalid or missing API key (Authorization: Bearer ...)",
+                    type_="authentication_error",
+                    code="invalid_api_key",
+                )
+                await response(scope, receive, send)
+                return
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body:
+            await self._refuse(scope, receive, send, 413, f"the request body has {int(length)} bytes")
+            return
+        chunks, size = [], 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except asyncio.TimeoutError:
+                await self._refuse(scope, receive, send, 408, f"the request body stalled for {self.body_timeout}s")
+                return
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                await self._refuse(scope, receive, send, 413, f"the request body passed {size} bytes")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # then the client's disconnect, if it hangs up
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: dict[str, Any], receive: Any, send: Any, status: int, why: str) -> None:
+        self.metrics.reject(status)
+        if status == 413:
+            why += f"; this server accepts at most {self.max_body} bytes"
+        await _error(status, why, headers={"Connection": "close"})(scope, receive, send)
+
+
+# ---------------------------------------------------------------------- the app
 
 
 def create_app(
@@ -72,8 +574,15 @@ def create_app(
     batching: bool = True,
     max_batch: int = 8,
     compile: bool = False,
+    max_queue: int = 256,
+    max_body: int = 1 << 20,
+    request_timeout: float | None = 600.0,
+    body_timeout: float | None = 30.0,
 ) -> FastAPI:
-    """The FastAPI app serving `model` (a LoraMixModel with a tokenizer). One worker thread runs the model."""
+    """The FastAPI app serving `model` (a LoraMixModel with a tokenizer); `app.state.server` is its `ServerState`.
+    One worker thread runs the model: continuous batching
+    over `max_batch` slots (1 without batching), at most `max_queue` jobs waiting, request bodies of at most
+    `max_body` bytes, each request ended (504) after `request_timeout` seconds, a stalled body after `body_timeout`."""
     if model.tokenizer is None:
         raise LoramixError("serving needs a tokenizer: the checkpoint has none and its base provides none")
     if api_key is not None and not api_key.strip():
@@ -84,10 +593,31 @@ def create_app(
     context = resolve_defaults(model).context
     prompt_limit = max_prompt_tokens or (context - 1 if context else 4096)
     text_config = model.model.config.get_text_config() if hasattr(model.model.config, "get_text_config") else None
-    vocab_size = getattr(text_config or model.model.config, "vocab_size", None)
-    special_ids = set(getattr(tokenizer, "all_special_ids", [])) - {getattr(tokenizer, "unk_token_id", None)}
-    engine = Engine(model, batching=batching, max_batch=max_batch, compile=compile)
-    created = int(time.time())
+    metrics = Metrics(model.expert_names)
+    longest = min(context, prompt_limit + max_tokens_limit) if context else prompt_limit + max_tokens_limit
+    engine = Engine(
+        model,
+        batching=batching,
+        max_batch=max_batch,
+        compile=compile,
+        max_queue=max_queue,
+        cache_len=cache_slots(2 * longest, None),  # twice the longest request: a request always fits (engine.py)
+        metrics=metrics,
+    )
+    metrics.bind(engine)
+    state = ServerState(
+        model=model,
+        engine=engine,
+        metrics=metrics,
+        model_id=model_id,
+        prompt_limit=prompt_limit,
+        max_tokens_limit=max_tokens_limit,
+        default_max_tokens=default_max_tokens,
+        context=context,
+        vocab_size=getattr(text_config or model.model.config, "vocab_size", None),
+        request_timeout=request_timeout,
+        special_ids=set(getattr(tokenizer, "all_special_ids", [])) - {getattr(tokenizer, "unk_token_id", None)},
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -95,11 +625,19 @@ def create_app(
         engine.close()
 
     app = FastAPI(title="loramix", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.server = state
     app.state.engine = engine
+    _routes(app, state)
+    app.add_middleware(_Guard, api_key=api_key, max_body=max_body, body_timeout=body_timeout, metrics=metrics)
+    return app
+
+
+def _routes(app: FastAPI, state: ServerState) -> None:
+    """The exception handlers and endpoints, each a thin call into the module's functions."""
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.type, exc.param, exc.code)
+        return _error(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -122,338 +660,37 @@ def create_app(
     async def _loramix(_: Request, exc: LoramixError) -> JSONResponse:
         return _error(400, str(exc))
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Any) -> Any:
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            header = request.headers.get("authorization", "")
-            token = header[7:] if header.lower().startswith("bearer ") else ""
-            if not secrets.compare_digest(token.encode(), api_key.encode()):
-                return _error(
-                    401,
-                    "invalid or missing API key (Authorization: Bearer ...)",
-                    type_="authentication_error",
-                    code="invalid_api_key",
-                )
-        return await call_next(request)
-
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_id, "experts": model.expert_names, "queued": engine.queue.qsize()}
+        engine = state.engine
+        return {
+            "status": "ok",
+            "model": state.model_id,
+            "experts": state.model.expert_names,
+            "queued": engine.queued,
+            "active": engine.active,
+            "slots": engine.max_batch,
+        }
 
-    card = {"id": model_id, "object": "model", "created": created, "owned_by": "loramix"}
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [state.card]}
 
     @app.get("/v1/models/{name:path}")
     async def model_card(name: str) -> dict[str, Any]:
-        _check_model(name)
-        return card
-
-    def _check_model(name: str) -> None:
-        if name != model_id:
-            raise ApiError(
-                404,
-                f"model '{name}' does not exist; this server has '{model_id}'",
-                param="model",
-                code="model_not_found",
-            )
-
-    def _check_fields(body: CompletionRequest | ChatRequest, choices: int) -> None:
-        _check_model(body.model)
-        refused = body.unsupported()
-        if refused is not None:
-            raise ApiError(400, f"{refused[0]}: {refused[1]}", param=refused[0], code="unsupported_parameter")
-        if choices > MAX_CHOICES:
-            raise ApiError(400, f"prompts x n = {choices} choices; at most {MAX_CHOICES} per request", param="n")
-        if body.stream and body.logprobs:
-            raise ApiError(400, "logprobs: not supported with stream=true", param="logprobs")
-        for key in body.logit_bias or {}:
-            if vocab_size is not None and int(key) >= vocab_size:
-                raise ApiError(
-                    400, f"logit_bias: token id {key} is not below the vocabulary size {vocab_size}", param="logit_bias"
-                )
-
-    def _encode(text: str, param: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of a text; a character the tokenizer has no token for is an error, not a silent pad or unk."""
-        if not getattr(tokenizer, "is_fast", False):
-            return tokenizer(text, add_special_tokens=add_special_tokens).input_ids
-        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-        for token, (start, end) in zip(enc.input_ids, enc.offset_mapping):
-            if token in special_ids and start < end and text[start:end] != tokenizer.convert_ids_to_tokens(token):
-                char = text[start]
-                raise ApiError(
-                    400,
-                    f"{param}: the character {char!r} (U+{ord(char):04X}) at position {start} is not in the "
-                    "tokenizer's vocabulary",
-                    param=param,
-                )
-        return list(enc.input_ids)
-
-    def _check_ids(ids: list[int]) -> list[int]:
-        if vocab_size is not None and any(i >= vocab_size for i in ids):
-            bad = next(i for i in ids if i >= vocab_size)
-            raise ApiError(400, f"prompt: token id {bad} is not below the vocabulary size {vocab_size}", param="prompt")
-        return ids
-
-    def _job(body: CompletionRequest | ChatRequest, ids: list[int], emit: Any, group: object, **extra: Any) -> Job:
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = default_max_tokens if max_tokens is None else max_tokens
-        if len(ids) == 0:
-            raise ApiError(400, "the prompt is empty", param="prompt")
-        if len(ids) > prompt_limit:
-            raise ApiError(
-                400,
-                f"the prompt has {len(ids)} tokens; this server accepts at most {prompt_limit}",
-                param="prompt",
-                code="context_length_exceeded",
-            )
-        if max_tokens > max_tokens_limit:
-            raise ApiError(
-                400, f"max_tokens={max_tokens} is above this server's limit of {max_tokens_limit}", param="max_tokens"
-            )
-        if context is not None and len(ids) + max_tokens > context:
-            raise ApiError(
-                400,
-                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's context "
-                f"of {context} tokens",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
-        if body.loramix.mode == "truncated" and model.config.scaling_layer is None:
-            raise ApiError(
-                400, "mode 'truncated' needs a gate trained on a truncated scaling pass", param="loramix.mode"
-            )
-        return Job(
-            ids=ids,
-            max_tokens=max_tokens,
-            emit=emit,
-            mode=body.loramix.mode,
-            do_sample=body.temperature > 0,
-            temperature=body.temperature or 1.0,
-            top_p=body.top_p,
-            top_k=body.loramix.top_k,
-            repetition_penalty=body.loramix.repetition_penalty,
-            seed=body.seed,
-            stops=body.stop or [],
-            return_scalings=body.loramix.return_scalings,
-            stream=body.stream,
-            presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty,
-            logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
-            group=group,
-            **extra,
-        )
-
-    def _submit(jobs_for: Any, prompts: list[list[int]], n: int) -> tuple[list[Job], asyncio.Queue]:
-        """Make every choice's job (prompt i, sample j -> choice i * n + j), then submit them as one group."""
-        loop = asyncio.get_running_loop()
-        sink: asyncio.Queue = asyncio.Queue()
-        group = object()
-        jobs = []
-        for i, ids in enumerate(prompts):
-            for j in range(n):
-                index = i * n + j
-
-                def emit(message: dict[str, Any], index: int = index) -> None:
-                    loop.call_soon_threadsafe(sink.put_nowait, {**message, "index": index})
-
-                jobs.append(jobs_for(ids, emit, group))
-        engine.submit_group(jobs)
-        return jobs, sink
-
-    async def _results(sink: asyncio.Queue, count: int) -> list[dict[str, Any]]:
-        results: list[dict[str, Any] | None] = [None] * count
-        while any(r is None for r in results):
-            message = await sink.get()
-            if message["type"] == "done":
-                results[message["index"]] = message
-            elif message["type"] == "error":
-                raise ApiError(message.get("status", 500), message["message"], type_="server_error")
-        return results  # type: ignore[return-value]
-
-    def _extension(job: Job, results: list[dict[str, Any]]) -> dict[str, Any]:
-        out = {"mode": job.mode, "scaling_layer": model.config.scaling_layer, "experts": model.expert_names}
-        if job.return_scalings != "none":
-            scalings = [r["scalings"] for r in results]
-            out["scalings"] = scalings[0] if len(scalings) == 1 else scalings  # one per choice when several
-            out["scalings_kind"] = job.return_scalings
-            if job.return_scalings in ("token", "layer"):
-                out["layers"] = model.layer_names
-        return out
-
-    def _usage(prompts: list[list[int]], results: list[dict[str, Any]]) -> dict[str, int]:
-        prompt = sum(len(ids) for ids in prompts)
-        completion = sum(r["completion_tokens"] for r in results)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    def _with_totals(
-        body: dict[str, Any], prompts: list[list[int]], jobs: list[Job], results: list[dict[str, Any]]
-    ) -> dict[str, Any]:
-        """The response (or the stream's usage chunk) with its usage and the loramix extension."""
-        body["usage"] = _usage(prompts, results)
-        body["loramix"] = _extension(jobs[0], results)
-        return body
-
-    def _last_of_choice(
-        chunk: dict[str, Any], jobs: list[Job], results: list[dict[str, Any]] | None
-    ) -> dict[str, Any]:
-        """A choice's finish chunk; the last one of the stream (`results` given) carries the loramix extension."""
-        if results is not None:
-            chunk["loramix"] = _extension(jobs[0], results)
-        return chunk
-
-    def _piece(token: int) -> str:
-        return tokenizer.decode([token], skip_special_tokens=False)
-
-    def _legacy_logprobs(entries: list[TokenLogprob], start: int) -> dict[str, list[Any]]:
-        """OpenAI's legacy completions object; text_offset counts characters of the choice's text from `start`."""
-        out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for e in entries:
-            piece = _piece(e.token)
-            out["tokens"].append(piece)
-            out["token_logprobs"].append(e.logprob)
-            if e.logprob is None:
-                out["top_logprobs"].append(None)
-            else:  # the `logprobs` most likely tokens, and the chosen one
-                top = {_piece(t): lp for t, lp in e.top}
-                top.setdefault(piece, e.logprob)
-                out["top_logprobs"].append(top)
-            out["text_offset"].append(start)
-            start += len(piece)
-        return out
-
-    def _chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
-        def item(token: int, logprob: float) -> dict[str, Any]:
-            piece = _piece(token)
-            return {"token": piece, "logprob": logprob, "bytes": list(piece.encode("utf-8"))}
-
-        return {
-            "content": [
-                {**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries
-            ],
-            "refusal": None,
-        }
-
-    async def _sse(
-        sink: asyncio.Queue, count: int, opening: Any, piece: Any, finish: Any, closing: Any, usage: bool
-    ) -> AsyncIterator[bytes]:
-        """Server-sent events for `count` choices: opening chunks, text pieces, one finish chunk per choice (the
-        last one carries the loramix extension), then, when asked (stream_options.include_usage), a chunk with no
-        choices carrying usage."""
-
-        def event(data: dict[str, Any]) -> bytes:
-            return f"data: {json.dumps(data)}\n\n".encode()
-
-        for index in range(count):
-            first = opening(index)
-            if first is not None:
-                yield event(first)
-        results: list[dict[str, Any] | None] = [None] * count
-        while any(r is None for r in results):
-            message = await sink.get()
-            if message["type"] == "piece":
-                yield event(piece(message["index"], message["text"]))
-            elif message["type"] == "done":
-                results[message["index"]] = message
-                last = all(r is not None for r in results)
-                yield event(finish(message, results if last and not usage else None))
-            else:
-                error = {"error": {"message": message["message"], "type": "server_error", "param": None, "code": None}}
-                yield event(error)
-                yield b"data: [DONE]\n\n"
-                return
-        if usage:
-            yield event(closing(results))
-        yield b"data: [DONE]\n\n"
-
-    def envelope(rid: str, kind: str, now: int, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": rid, "object": kind, "created": now, "model": model_id, "choices": choices}
+        _check_model(state, name)
+        return state.card
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Any:
-        items = body.prompts
-        _check_fields(body, len(items) * body.n)
-        prompts = [_encode(p, "prompt") if isinstance(p, str) else _check_ids(p) for p in items]
-        texts = [p if isinstance(p, str) else tokenizer.decode(ids) for p, ids in zip(items, prompts)]
-        extra = {"logprobs": body.logprobs, "prompt_logprobs": body.echo and body.logprobs is not None}
-        jobs, sink = _submit(lambda ids, emit, group: _job(body, ids, emit, group, **extra), prompts, body.n)
-        rid, now, kind = f"cmpl-{uuid.uuid4().hex}", int(time.time()), "text_completion"
-
-        def echo(index: int) -> str:
-            return texts[index // body.n] if body.echo else ""
-
-        def choice(index: int, text: str, result: dict[str, Any] | None) -> dict[str, Any]:
-            logprobs = None
-            if result is not None and result["logprobs"] is not None:
-                entries = result["logprobs"]["prompt"] + result["logprobs"]["completion"]
-                logprobs = _legacy_logprobs(result["logprobs"]["prompt"], 0)
-                tail = _legacy_logprobs(result["logprobs"]["completion"], len(echo(index)))
-                logprobs = {k: logprobs[k] + tail[k] for k in logprobs} if entries else tail
-            reason = result["finish_reason"] if result is not None else None
-            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
-
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-            def opening(index: int) -> dict[str, Any] | None:
-                return envelope(rid, kind, now, [choice(index, echo(index), None)]) if body.echo else None
-
-            def piece(index: int, text: str) -> dict[str, Any]:
-                return envelope(rid, kind, now, [choice(index, text, None)])
-
-            def finish(result: dict[str, Any], results: list[dict[str, Any]] | None) -> dict[str, Any]:
-                return _last_of_choice(envelope(rid, kind, now, [choice(result["index"], "", result)]), jobs, results)
-
-            def closing(results: list[dict[str, Any]]) -> dict[str, Any]:
-                return _with_totals(envelope(rid, kind, now, []), prompts, jobs, results)
-
-            events = _sse(sink, len(jobs), opening, piece, finish, closing, include_usage)
-            return StreamingResponse(events, media_type="text/event-stream")
-        results = await _results(sink, len(jobs))
-        choices = [choice(i, echo(i) + r["text"], r) for i, r in enumerate(results)]
-        return _with_totals(envelope(rid, kind, now, choices), prompts, jobs, results)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        return await _completions(state, request, body)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest) -> Any:
-        _check_fields(body, body.n)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
-        text = render_chat(tokenizer, messages)
-        templated = bool(getattr(tokenizer, "chat_template", None))
-        prompts = [_encode(text, "messages", add_special_tokens=not templated)]
-        extra = {"logprobs": (body.top_logprobs or 0) if body.logprobs else None}
-        jobs, sink = _submit(lambda ids, emit, group: _job(body, ids, emit, group, **extra), prompts, body.n)
-        rid, now, kind = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), "chat.completion.chunk"
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-            def opening(index: int) -> dict[str, Any]:
-                delta = {"role": "assistant", "content": ""}
-                return envelope(rid, kind, now, [{"index": index, "delta": delta, "finish_reason": None}])
-
-            def piece(index: int, text: str) -> dict[str, Any]:
-                return envelope(rid, kind, now, [{"index": index, "delta": {"content": text}, "finish_reason": None}])
-
-            def finish(result: dict[str, Any], results: list[dict[str, Any]] | None) -> dict[str, Any]:
-                choice = {"index": result["index"], "delta": {}, "finish_reason": result["finish_reason"]}
-                return _last_of_choice(envelope(rid, kind, now, [choice]), jobs, results)
-
-            def closing(results: list[dict[str, Any]]) -> dict[str, Any]:
-                return _with_totals(envelope(rid, kind, now, []), prompts, jobs, results)
-
-            events = _sse(sink, len(jobs), opening, piece, finish, closing, include_usage)
-            return StreamingResponse(events, media_type="text/event-stream")
-        results = await _results(sink, len(jobs))
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": r["text"]},
-                "logprobs": _chat_logprobs(r["logprobs"]["completion"]) if r["logprobs"] is not None else None,
-                "finish_reason": r["finish_reason"],
-            }
-            for i, r in enumerate(results)
-        ]
-        return _with_totals(envelope(rid, "chat.completion", now, choices), prompts, jobs, results)
-
-    return app
+    async def chat(body: ChatRequest, request: Request) -> Any:
+        return await _chat(state, request, body)

@@ -1,33 +1,61 @@
-"""The generation engine behind the server: one worker thread owns the model; requests wait in a queue.
+"""The generation engine behind the server: continuous batching over a fixed number of sequence slots.
 
-A model is not safe to run from several threads at once (its `MixState` holds the scalings of the current pass), so
-every request goes through one worker. When several requests with the same generation settings are waiting, the
-worker runs them together as one left-padded batch (`batching=True`), streaming each row's text to its own request.
-Stop strings are applied on the text; streamed text never shows a stop string or a part of one. The prompts and
-choices of one request are submitted together (`submit_group`) and run in one batch (up to `max_batch` rows).
+One worker thread owns the model (its `MixState` holds the scalings of the current pass, so one thread at a time).
+The batch has `max_batch` slots, each with its rows in both static KV caches of the decode engine (decode.py), so
+every decode step has the same shapes whatever the occupancy (free slots are padding) and the compiled step is reused.
 
-Log probabilities are those of the raw logits (before temperature, top-p, penalties or biases), as the model gives
-them: for generated tokens from each `Step`'s logits; for the prompt (echo) from one forward over the padded batch,
-in the same mode (every prompt token has its own scalings in all modes).
+    a request arrives     -> it waits in a bounded queue (`max_queue` jobs; a full queue raises `QueueFull`: 503)
+    a slot is free        -> its prompt is prefilled alone (two DynamicCaches, batch 1), the keys/values are copied
+                             into the slot's rows of the static caches, its first token is chosen from the prefill,
+                             and it joins the running batch at the next step
+    every step            -> one `decode_step` over all slots; each row then chooses its token with its own settings
+                             (transformers' logits processors, its own seeded torch.Generator)
+    a row ends            -> EOS, a stop string, max_tokens, cancellation (`Job.cancelled`, the client hung up) or its
+                             deadline: its slot is free before the next step
+
+The caches share one write column (the decode step writes every row at `cache_position`): a row's tokens fill a
+contiguous range of columns ending at the current one, its own positions (RoPE) start at 0, and its mask hides the
+columns before its range. When a joining prompt is longer than the columns behind the current one, or the cache
+would run out before a row finishes, every row is moved along the column axis by the same shift (one roll of the
+caches and the mask: attention does not depend on which columns hold a row's keys, only on its mask and positions).
+The cache has `cache_len` columns (default: twice the longest request), so a request always fits once the rows
+before it have moved.
+
+Modes mix in one batch: granular and truncated rows get the gate's scalings every step; prompt-mode rows hold the
+scalings of their last prompt token (`DecodeBuffers.hold_rows` / `hold_values`). A step whose rows all hold their
+scalings skips the scaling pass.
+
+Stop strings are applied on the text; streamed text never shows a stop string or a part of one. Log probabilities
+are those of the raw logits (before temperature, top-p, penalties or biases): for generated tokens from each step's
+logits; for the prompt (echo) from the prefill's logits (every prompt token has its own scalings in all modes).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..generate import Generation, resolve_defaults
+from ..base import LoraMixCache, new_dynamic_cache, text_config
+from ..decode import DecodeBuffers, cache_slots, compiled_step, decode_step, new_buffers, run_step
+from ..errors import LoramixError
+from ..generate import logits_processors, resolve_defaults
+from ..layers import PreparedScalings
 from ..text import IncrementalDecoder
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Engine", "Job", "PresenceFrequencyPenalty", "TokenLogprob"]
+__all__ = ["Engine", "Job", "PresenceFrequencyPenalty", "QueueFull", "TokenLogprob"]
+
+HELD_MODES = ("prompt",)
+"""Modes whose rows mix with scalings held after the prompt (no scaling pass while decoding)."""
 
 
 @dataclass
@@ -61,25 +89,22 @@ class Job:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     group: object = None
+    index: int = 0
+    deadline: float | None = None
+    cancelled: bool = False
+    submitted: float = 0.0
 
-    @property
-    def key(self) -> tuple[Any, ...]:
-        """Requests with equal keys can share a batch (a seeded request runs alone with its own choices: its own
-        random stream)."""
-        settings = (
-            self.mode,
-            self.do_sample,
-            self.temperature,
-            self.top_p,
-            self.top_k,
-            self.repetition_penalty,
-            self.presence_penalty,
-            self.frequency_penalty,
-            tuple(sorted(self.logit_bias.items())),
-        )
-        return (
-            settings if self.seed is None else (*settings, "seed", id(self.group if self.group is not None else self))
-        )
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """The row's own random stream when seeded: `seed` for the first choice, a seed derived from (seed, index)
+        for the others, so that the choices differ and each is reproducible whatever else shares the batch."""
+        if self.seed is None:
+            return None
+        seed = self.seed if self.index == 0 else hash((self.seed, self.index)) & (2**63 - 1)
+        return torch.Generator(device=device).manual_seed(seed)
+
+
+class QueueFull(LoramixError):
+    """The engine's queue holds `max_queue` jobs: the server answers 503 with Retry-After."""
 
 
 @dataclass
@@ -130,8 +155,27 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 
 class _Row:
-    def __init__(self, job: Job, tokenizer: Any) -> None:
+    """A job in a slot: its text, tokens, and the settings it chooses its tokens with."""
+
+    def __init__(self, job: Job, tokenizer: Any, slot: int, device: torch.device) -> None:
         self.job = job
+        self.slot = slot
+        self.start = 0  # the first cache column of its prompt
+        self.ids = list(job.ids)  # prompt + generated (what the logits processors see)
+        self.held = job.mode in HELD_MODES
+        self.do_sample = job.do_sample and job.temperature != 0
+        self.processors = logits_processors(
+            self.do_sample, job.temperature, job.top_k, job.top_p, job.repetition_penalty
+        )
+        # OpenAI's biases and penalties come first, on the raw logits: the logit bias is added by the engine to
+        # the whole batch at once (`Engine._bias`), the penalties here
+        if job.presence_penalty or job.frequency_penalty:
+            self.processors.insert(
+                0, PresenceFrequencyPenalty(job.presence_penalty, job.frequency_penalty, len(job.ids))
+            )
+        self.greedy = not self.do_sample and not len(self.processors)
+        self.generator = job.generator(device)
+        self.last_token_at = 0.0
         self.decoder = IncrementalDecoder(tokenizer)
         self.text = ""
         self.sent = 0
@@ -141,6 +185,22 @@ class _Row:
         self.scalings: list[torch.Tensor] = []
         self.logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: list[TokenLogprob] = []
+
+    @property
+    def remaining(self) -> int:
+        """Decode steps it may still need (each step feeds its last token and chooses the next one)."""
+        return 0 if self.done else self.job.max_tokens - self.tokens
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """The next token from this row's logits [V] (float, its logit bias added), with its own processors and
+        random stream."""
+        scores = logits[None]
+        if len(self.processors):
+            scores = self.processors(torch.tensor([self.ids], device=logits.device), scores)
+        if not self.do_sample:
+            return int(scores.argmax(-1))
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
 
     def finish(self, reason: str) -> None:
         self.done = True
@@ -187,151 +247,361 @@ class _Row:
 
 
 class Engine:
-    """Owns the model in one worker thread. `submit` is thread-safe."""
+    """Continuous batching over `max_batch` slots in one worker thread (module docstring). `submit_group` is
+    thread-safe; `metrics` (optional) receives the engine's events (serve/metrics.py)."""
 
-    def __init__(self, model: Any, *, max_batch: int = 8, batching: bool = True, compile: bool = False) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        max_batch: int = 8,
+        batching: bool = True,
+        compile: bool = False,
+        max_queue: int = 256,
+        cache_len: int | None = None,
+        metrics: Any = None,
+    ) -> None:
         self.model = model
         self.tokenizer = model.tokenizer
         self.max_batch = max_batch if batching else 1
-        self.compile = compile  # decode with the compiled step (one compile per batch size)
+        self.max_queue = max_queue
+        self.compile = compile  # decode with the compiled step (compiled once: the slots fix every shape)
         self.defaults = resolve_defaults(model, tokenizer=model.tokenizer)
         self.context = self.defaults.context
-        self.queue: queue.Queue[list[Job] | None] = queue.Queue()
-        self.batches = 0
+        self.cache_len = cache_len or cache_slots(2 * (self.context or 2048), None)
+        self.metrics = metrics
+        self.batches = 0  # join rounds: steps before which one or more requests joined
         self.batched_requests = 0
+        self.steps = 0
+        self._eos = set(self.defaults.eos_token_ids)
+        self._config = text_config(model.model)
+        self._buffers = new_buffers(model, self.max_batch, self.cache_len, held=False, text_config=self._config)
+        b = self._buffers
+        b.hold_rows = torch.zeros(self.max_batch, 1, 1, 1, dtype=torch.bool, device=model.device)
+        b.hold_values = torch.zeros_like(b.scalings)
+        self._views: dict[int, DecodeBuffers] = {}
+        vocab = model.model.get_output_embeddings().weight.shape[0]
+        self._bias = torch.zeros(self.max_batch, vocab, device=model.device)  # each row's logit bias, dense
+        self._rows: list[_Row | None] = [None] * self.max_batch
+        self._col = 0  # the cache column the next step writes
+        self._pending: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
         self._thread = threading.Thread(target=self._work, name="loramix-engine", daemon=True)
         self._thread.start()
 
+    # ------------------------------------------------------------------ the client side (any thread)
+
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for a slot."""
+        return len(self._pending)
+
+    @property
+    def active(self) -> int:
+        """Slots holding a job."""
+        return sum(row is not None for row in self._rows)
+
     def submit(self, job: Job) -> None:
-        self.queue.put([job])
+        self.submit_group([job])
 
     def submit_group(self, jobs: list[Job]) -> None:
-        """Submit the jobs of one request at once: those with equal settings run in one batch (up to max_batch)."""
-        self.queue.put(list(jobs))
+        """Queue the jobs of one request together (they join in order as slots free). Raises `QueueFull` when the
+        queue would hold more than `max_queue` jobs (an empty queue takes any one request)."""
+        with self._cond:
+            if self._closed:
+                raise QueueFull("the server is shutting down")
+            if self._pending and len(self._pending) + len(jobs) > self.max_queue:
+                raise QueueFull(f"the queue is full ({len(self._pending)} jobs waiting); retry shortly")
+            now = time.monotonic()
+            for job in jobs:
+                job.submitted = now
+            self._pending.extend(jobs)
+            self._cond.notify()
 
     def close(self) -> None:
-        self.queue.put(None)
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
         self._thread.join(timeout=10)
 
-    def _fits(self, batch: list[Job], job: Job) -> bool:
-        if self.context is None:
-            return True
-        width = max(len(j.ids) for j in [*batch, job])
-        return width + max(j.max_tokens for j in [*batch, job]) <= self.context
-
-    def _joins(self, batch: list[Job], other: Job | None) -> bool:
-        """Whether `other` (None: the shutdown marker) may run in `batch`: same settings as its first job, and room."""
-        return (
-            other is not None and len(batch) < self.max_batch and other.key == batch[0].key and self._fits(batch, other)
-        )
+    # ------------------------------------------------------------------ the worker
 
     def _work(self) -> None:
-        pending: list[Job | None] = []
         while True:
-            if not pending:
-                item = self.queue.get()
-                pending.extend([None] if item is None else item)
-            job = pending.pop(0)
-            if job is None:
-                return
-            batch, rest = [job], []
-            for other in pending:  # the rest of its request first
-                (batch if self._joins(batch, other) else rest).append(other)
-            pending = rest
-            while len(batch) < self.max_batch and None not in pending:
-                try:
-                    item = self.queue.get_nowait()
-                except queue.Empty:
+            with self._cond:
+                while not self._pending and self.active == 0 and not self._closed:
+                    self._cond.wait()
+                if self._closed:
                     break
-                for other in [None] if item is None else item:
-                    (batch if self._joins(batch, other) else pending).append(other)
             try:
-                self._run(batch)
-            except Exception as exc:  # a failed batch must not take the server down
+                self._release()
+                self._admit()
+                if self.active:
+                    self._step()
+            except Exception as exc:  # a failed step must not take the server down
                 logger.exception("generation failed")
-                for j in batch:
-                    j.emit({"type": "error", "message": f"generation failed: {exc}", "status": 500})
+                for row in self._rows:
+                    if row is not None:
+                        row.job.emit({"type": "error", "message": f"generation failed: {exc}", "status": 500})
+                self._rows = [None] * self.max_batch
+        for job in [*self._pending, *(row.job for row in self._rows if row is not None)]:
+            job.emit({"type": "error", "message": "the server is shutting down", "status": 503})
+
+    def _expired(self, job: Job, now: float) -> bool:
+        if job.deadline is None or now < job.deadline:
+            return False
+        job.emit({"type": "error", "message": "the request timed out before it finished", "status": 504})
+        return True
+
+    def _release(self) -> None:
+        """Free the slots of cancelled and timed-out jobs (before the step)."""
+        now = time.monotonic()
+        for row in self._rows:
+            if row is not None and (row.job.cancelled or self._expired(row.job, now)):
+                self._free(row, "cancelled" if row.job.cancelled else "timeout")
+
+    def _free(self, row: _Row, why: str) -> None:
+        self._rows[row.slot] = None
+        self._buffers.hold_rows[row.slot] = False
+        if self.metrics is not None:
+            self.metrics.finished(why)
+
+    def _admit(self) -> None:
+        """Let waiting jobs join, in order, while a slot is free and the head of the queue fits the cache."""
+        joined = 0
+        while None in self._rows:
+            with self._cond:
+                if not self._pending:
+                    break
+                job = self._pending[0]
+                if job.cancelled or self._expired(job, time.monotonic()):
+                    self._pending.popleft()
+                    continue
+                target = self._target_column(job)
+                if target is None and self.active == 0:  # can never fit (create_app's limits prevent this)
+                    self._pending.popleft()
+                    message = f"prompt + max_tokens exceed the engine's {self.cache_len} cache columns"
+                    job.emit({"type": "error", "message": message, "status": 400})
+                    continue
+                if target is None:
+                    break  # waits until rows before it finish (first come, first served)
+                self._pending.popleft()
+            slot = self._rows.index(None)
+            try:
+                self._join(job, slot, target)
+            except Exception as exc:
+                logger.exception("prefill failed")
+                job.emit({"type": "error", "message": f"generation failed: {exc}", "status": 500})
+                self._rows[slot] = None
+            joined += 1
+        if joined:
+            self.batches += 1
+            self.batched_requests += joined
+
+    def _target_column(self, job: Job) -> int | None:
+        """The write column the batch must be at for `job` to join (its prompt fills the columns before it), or
+        None if it cannot join before other rows finish."""
+        rows = [row for row in self._rows if row is not None]
+        T, need = len(job.ids), job.max_tokens - 1
+        if not rows:
+            return T if T + need <= self.cache_len else None
+        need = max([need, *(row.remaining for row in rows)])
+        if self._col >= T and self._col + need <= self.cache_len:
+            return self._col
+        target = max([T, *(self._col - row.start for row in rows)])
+        return target if target + need <= self.cache_len else None
+
+    def _shift(self, d: int) -> None:
+        """Move every row d columns along the caches and the mask (one roll; no row wraps around: see _admit)."""
+        if d == 0:
+            return
+        b = self._buffers
+        for cache in (b.cache.scaling, b.cache.mixed):
+            for layer in cache.layers:
+                if layer.is_initialized:
+                    layer.keys.copy_(torch.roll(layer.keys, d, 2))
+                    layer.values.copy_(torch.roll(layer.values, d, 2))
+        b.mask.copy_(torch.roll(b.mask, d, 1))
+        for row in self._rows:
+            if row is not None:
+                row.start += d
+        self._col += d
 
     @torch.no_grad()
-    def _run(self, batch: list[Job]) -> None:
-        self.batches += 1
-        self.batched_requests += len(batch)
-        width = max(len(j.ids) for j in batch)
-        pad = self.defaults.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(j.ids)) + j.ids for j in batch])
-        mask = torch.tensor([[0] * (width - len(j.ids)) + [1] * len(j.ids) for j in batch])
-        first = batch[0]
-        rows = [_Row(j, self.tokenizer) for j in batch]
-        max_new = max(j.max_tokens for j in batch)
-        eos_ids = set(self.defaults.eos_token_ids)
-        steps = Generation(
-            self.model,
-            ids,
-            mask,
-            max_new_tokens=max_new,
-            do_sample=first.do_sample,
-            temperature=first.temperature,
-            top_p=first.top_p,
-            top_k=first.top_k,
-            repetition_penalty=first.repetition_penalty,
-            seed=first.seed,
-            mode=first.mode,
-            pad_token_id=pad,
-            compile=self.compile,
+    def _prefill(self, job: Job) -> tuple[torch.Tensor, torch.Tensor, LoraMixCache]:
+        """The prompt alone (batch 1) through both passes into two DynamicCaches: logits [T, V], scalings
+        [T, L, N], the caches."""
+        model = self.model
+        ids = torch.tensor([job.ids], device=model.device)
+        mask = torch.ones_like(ids)
+        positions = torch.arange(ids.shape[1], device=model.device)[None]
+        held = job.mode in HELD_MODES
+        cache = LoraMixCache(
+            scaling=None if held else new_dynamic_cache(self._config), mixed=new_dynamic_cache(self._config)
         )
-        # OpenAI's biases and penalties come first, on the raw logits (Generation's processors are a list)
-        if first.logit_bias:
-            from transformers.generation.logits_process import SequenceBiasLogitsProcessor
+        if held:
+            s = model.compute_scalings(ids, mask, positions)
+        else:
+            s = model.compute_scalings(ids, mask, positions, past_key_values=cache.scaling, use_cache=True)
+        out = model(
+            ids,
+            attention_mask=mask,
+            position_ids=positions,
+            scalings=s,
+            past_key_values=LoraMixCache(None, cache.mixed),
+            use_cache=True,
+        )
+        return out.logits[0], s[0], cache
 
-            bias = [[[token], value] for token, value in first.logit_bias.items()]
-            steps.processors.insert(0, SequenceBiasLogitsProcessor(sequence_bias=bias))
-        if first.presence_penalty or first.frequency_penalty:
-            steps.processors.insert(0, PresenceFrequencyPenalty(first.presence_penalty, first.frequency_penalty, width))
-        if any(j.prompt_logprobs for j in batch):
-            self._prompt_logprobs(rows, ids, mask)
-        want_logprobs = any(j.logprobs is not None for j in batch)
-        for step in steps:
-            step_logprobs = torch.log_softmax(step.logits.float(), -1) if want_logprobs else None
-            tokens = step.token.tolist()  # one host sync per step: every row's text is streamed as it comes
-            for r, row in enumerate(rows):
-                if row.done:
-                    continue
-                token = tokens[r]
-                if step_logprobs is not None and row.job.logprobs is not None:  # the EOS token too, as vLLM does
-                    row.logprobs += _logprobs_at(step_logprobs[r : r + 1], step.token[r : r + 1], row.job.logprobs)
-                if token in eos_ids:
-                    row.finish("stop")
-                    row.flush(final=True)
-                    continue
-                if row.job.return_scalings != "none":
-                    row.scalings.append(step.scalings[r].detach().cpu())
-                row.tokens += 1
-                row.add_text(row.decoder.push(token))
-                if not row.done and row.tokens >= row.job.max_tokens:
-                    row.add_text(row.decoder.flush())
-                    if not row.done:
-                        row.finish("length")
-                    row.flush(final=True)
-            if all(row.done for row in rows):
-                break
-        for row in rows:
-            if not row.done:  # the batch ended (context or max_new_tokens)
-                row.add_text(row.decoder.flush())
-                row.flush(final=True)
-            row.job.emit(row.result())
-
-    def _prompt_logprobs(self, rows: list[_Row], ids: torch.Tensor, mask: torch.Tensor) -> None:
-        """The echoed prompts' log probabilities: one forward of the mixed model over the left-padded batch."""
-        device = self.model.device
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        logits = self.model(ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)).logits
-        logprobs = torch.log_softmax(logits.float(), -1)
-        width = ids.shape[1]
-        for r, row in enumerate(rows):
-            if not row.job.prompt_logprobs:
+    @torch.no_grad()
+    def _join(self, job: Job, slot: int, target: int) -> None:
+        """Prefill `job`, copy its keys/values into `slot` ending at column `target`, choose its first token."""
+        logits, scalings, cache = self._prefill(job)
+        b, T = self._buffers, len(job.ids)
+        row = _Row(job, self.tokenizer, slot, self.model.device)
+        if job.prompt_logprobs:
+            lp = torch.log_softmax(logits[:-1].float(), -1)
+            prompt = torch.tensor(job.ids, device=logits.device)
+            row.prompt_logprobs = [TokenLogprob(job.ids[0], None)] + _logprobs_at(lp, prompt[1:], job.logprobs or 0)
+        if job.max_tokens <= 0:  # the prompt only (echo): it never takes the slot
+            row.finish("length")
+            job.emit(row.result())
+            return
+        if self.active == 0:
+            self._col = target
+        else:
+            self._shift(target - self._col)
+        start = row.start = self._col - T
+        like = cache.mixed.layers[0]
+        for layer in (*b.cache.scaling.layers, *b.cache.mixed.layers):  # all at once: the views share them
+            if not layer.is_initialized:
+                shape = (self.max_batch, like.keys.shape[1], 1)
+                layer.lazy_initialization(
+                    like.keys.new_zeros(*shape, like.keys.shape[3]), like.values.new_zeros(*shape, like.values.shape[3])
+                )
+        for static, dynamic in ((b.cache.scaling, cache.scaling), (b.cache.mixed, cache.mixed)):
+            if dynamic is None:
                 continue
-            start = width - len(row.job.ids)
-            tokens = ids[r, start + 1 :]
-            row.prompt_logprobs = [TokenLogprob(int(ids[r, start]), None)] + _logprobs_at(
-                logprobs[r, start : width - 1], tokens, row.job.logprobs or 0
+            for layer, src in zip(static.layers, dynamic.layers):
+                layer.keys[slot, :, start : self._col] = src.keys[0]
+                layer.values[slot, :, start : self._col] = src.values[0]
+        b.mask[slot].zero_()
+        b.mask[slot, start : self._col] = 1
+        b.positions[slot] = T
+        if row.held:
+            b.hold_rows[slot] = True
+            b.hold_values[slot, 0] = scalings[-1]
+            b.scalings[slot, 0] = scalings[-1]
+            b.multipliers[slot] = self.model.rank_multipliers(b.scalings[slot : slot + 1])[0]
+        self._rows[slot] = row
+        self._bias[slot].zero_()
+        for t, value in job.logit_bias.items():
+            self._bias[slot, t] = value
+        token = row.choose(logits[-1].float() + self._bias[slot])
+        if self.metrics is not None:
+            self.metrics.first_token(time.monotonic() - job.submitted)
+        self._accept(row, token, logits[-1], scalings[-1])
+
+    def _accept(self, row: _Row, token: int, logits: torch.Tensor, scalings: torch.Tensor) -> None:
+        """Record the row's new token (its text, logprobs, scalings); emit and free the slot if the row ended."""
+        job = row.job
+        row.last_token_at = time.monotonic()
+        if job.logprobs is not None:  # the EOS token too, as vLLM does
+            lp = torch.log_softmax(logits[None].float(), -1)
+            row.logprobs += _logprobs_at(lp, torch.tensor([token], device=lp.device), job.logprobs)
+        if token in self._eos:
+            row.finish("stop")
+            row.flush(final=True)
+        else:
+            if job.return_scalings != "none":
+                row.scalings.append(scalings.detach().cpu().clone())
+            row.tokens += 1
+            row.ids.append(token)
+            self._buffers.ids[row.slot, 0] = token
+            row.add_text(row.decoder.push(token))
+            if not row.done and row.tokens >= job.max_tokens:
+                row.add_text(row.decoder.flush())
+                if not row.done:
+                    row.finish("length")
+                row.flush(final=True)
+        if self.metrics is not None:
+            self.metrics.tokens(1)
+        if row.done:
+            job.emit(row.result())
+            self._free(row, row.finish_reason)
+
+    def _view(self, occupied: int) -> DecodeBuffers:
+        """The buffers of the first k slots (views: same storage), k the power of two (at most max_batch) that covers
+        the occupied slots: on a CPU a padded row costs as much as a real one, so a step runs over the slots in use
+        (rows take the lowest free slot), in a few fixed shapes (one compiled step each)."""
+        k = min(self.max_batch, 1 << (occupied - 1).bit_length())
+        if k == self.max_batch:
+            return self._buffers
+        view = self._views.get(k)
+        if view is None:
+            b = self._buffers
+            view = DecodeBuffers(
+                ids=b.ids[:k],
+                positions=b.positions[:k],
+                cache_position=b.cache_position,
+                live=b.live[:k],
+                mask=b.mask[:k],
+                scalings=b.scalings[:k],
+                multipliers=b.multipliers[:k],
+                cache=LoraMixCache(scaling=_cache_rows(b.cache.scaling, k), mixed=_cache_rows(b.cache.mixed, k)),
+                prepared=PreparedScalings(b.scalings[:k], b.multipliers[:k], sizes=self.model.rank_sizes),
+                held=False,
+                hold_rows=b.hold_rows[:k],
+                hold_values=b.hold_values[:k],
             )
+            self._views[k] = view
+        return view
+
+    def _sync(self) -> None:
+        """Point both caches' write offsets and the step's cache_position at the current column."""
+        b = self._buffers
+        b.cache_position.fill_(self._col)
+        for cache in (b.cache.scaling, b.cache.mixed):
+            for layer in cache.layers:
+                if layer.is_initialized:
+                    layer.cumulative_length.fill_(self._col)
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        """One decode step over every slot; each active row chooses its next token."""
+        rows = [row for row in self._rows if row is not None]
+        held = all(row.held for row in rows)
+        self._sync()
+        b = self._view(max(row.slot for row in rows) + 1)
+        b.held = held
+        step = compiled_step(self.model, b.batch, self.cache_len, held) if self.compile else decode_step
+        logits, scalings = run_step(step, self.model, b)
+        self.steps += 1
+        self._col += 1
+        b.positions.add_(1)
+        scores = logits.float()
+        if any(row.job.logit_bias for row in rows):
+            scores = scores + self._bias[: scores.shape[0]]
+        greedy = scores.argmax(-1).tolist()  # one host sync per step: every row's text is streamed as it comes
+        now = time.monotonic()
+        if self.metrics is not None:
+            active = torch.tensor([row.slot for row in rows], device=scalings.device)
+            self.metrics.step(len(rows), scalings.index_select(0, active).float().mean((0, 1)))
+        for row in rows:
+            if self.metrics is not None:
+                self.metrics.inter_token(now - row.last_token_at)
+            token = greedy[row.slot] if row.greedy else row.choose(scores[row.slot])
+            self._accept(row, token, logits[row.slot], scalings[row.slot])
+
+
+def _cache_rows(cache: Any, k: int) -> Any:
+    """A StaticCache over the first k batch rows of `cache` (views of its initialized layers; the write offsets are
+    the same tensors, so syncing the full cache syncs the view)."""
+    view = copy.copy(cache)
+    view.layers = []
+    for layer in cache.layers:
+        part = copy.copy(layer)
+        part.keys, part.values, part.batch_size = layer.keys[:k], layer.values[:k], k
+        view.layers.append(part)
+    return view

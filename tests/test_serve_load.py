@@ -1,0 +1,397 @@
+"""Serving at load: continuous batching (joining, leaving, per-row settings, seeds and modes), cancellation,
+the bounded queue (503), the body guard (413/408), timeouts and /metrics. Tiny random Llama, real PEFT experts."""
+
+import itertools
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+import pytest
+import torch
+
+from loramix.serve import Engine, Job, create_app
+from test_serve import Server, _free_port, _greedy, served_mix
+
+EOS = 2  # char_tokenizer's </s>
+NO_EOS = {EOS: -100.0}  # long jobs run to max_tokens
+
+
+@pytest.fixture(scope="module")
+def mix(llama_dir, llama_experts):
+    return served_mix(llama_dir, llama_experts)
+
+
+@contextmanager
+def slow(mix, seconds=0.01):
+    """Every forward of the mixed model sleeps: a generation takes long enough to hang up or queue behind it."""
+    handle = mix.model.register_forward_pre_hook(lambda *_: time.sleep(seconds))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def wait_for(condition, limit=30.0):
+    """Poll until condition() holds (a bound against hanging, not a timing assertion)."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+_order = itertools.count()
+
+
+class Sink:
+    """A job's emit: collects its messages; `finished_at` orders the jobs by when they ended."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict] = []
+        self.done = threading.Event()
+        self.started = threading.Event()
+        self.finished_at = None
+
+    def __call__(self, message: dict) -> None:
+        self.messages.append(message)
+        if message["type"] == "piece":
+            self.started.set()
+        if message["type"] in ("done", "error"):
+            self.finished_at = next(_order)
+            self.done.set()
+
+    @property
+    def result(self) -> dict:
+        assert self.done.wait(60), "the job never finished"
+        return self.messages[-1]
+
+
+def make_job(mix, prompt, **kwargs):
+    sink = Sink()
+    kwargs.setdefault("max_tokens", 8)
+    return Job(ids=mix.tokenizer(prompt).input_ids, emit=sink, **kwargs), sink
+
+
+def run_alone(mix, prompt, **kwargs) -> dict:
+    engine = Engine(mix, max_batch=4)
+    try:
+        job, sink = make_job(mix, prompt, **kwargs)
+        engine.submit(job)
+        return sink.result
+    finally:
+        engine.close()
+
+
+def test_a_short_request_joins_a_running_long_one_and_both_equal_the_library(mix):
+    engine = Engine(mix, max_batch=4)
+    try:
+        with slow(mix, 0.002):
+            long, long_sink = make_job(mix, "GRAVY of ACDK", max_tokens=60, stream=True, logit_bias=NO_EOS)
+            engine.submit(long)
+            assert long_sink.started.wait(30)
+            short, short_sink = make_job(mix, "KKLL", max_tokens=4)
+            engine.submit(short)
+            short_result, long_result = short_sink.result, long_sink.result
+        assert short_sink.finished_at < long_sink.finished_at  # it did not wait for the long one
+        assert short_result["text"] == _greedy(mix, short.ids, 4)[0]
+        assert long_result["completion_tokens"] == 60
+        with torch.no_grad():  # the long one, alone in the library with the same bias
+            from transformers.generation.logits_process import SequenceBiasLogitsProcessor
+
+            from loramix.generate import Generation
+
+            run = Generation(mix, torch.tensor([long.ids]), max_new_tokens=60)
+            run.processors.insert(0, SequenceBiasLogitsProcessor(sequence_bias=[[[EOS], -100.0]]))
+            want = mix.tokenizer.decode([int(s.token[0]) for s in run], skip_special_tokens=True)
+        assert long_result["text"] == want
+    finally:
+        engine.close()
+
+
+def test_a_finished_row_frees_its_slot_at_once(mix):
+    engine = Engine(mix, max_batch=2)
+    try:
+        with slow(mix, 0.002):
+            long, long_sink = make_job(mix, "GRAVY", max_tokens=50, stream=True, logit_bias=NO_EOS)
+            engine.submit(long)
+            assert long_sink.started.wait(30)
+            sinks = []
+            for prompt in ("A", "KK", "W"):  # one slot left: each short job takes it after the one before
+                job, sink = make_job(mix, prompt, max_tokens=3, logit_bias=NO_EOS)
+                engine.submit(job)
+                sinks.append(sink)
+            results = [s.result for s in sinks]
+            assert long_sink.result["completion_tokens"] == 50
+        assert all(s.finished_at < long_sink.finished_at for s in sinks)
+        assert [r["completion_tokens"] for r in results] == [3, 3, 3]
+    finally:
+        engine.close()
+
+
+SETTINGS = [
+    ("ACDK", dict(max_tokens=12)),  # greedy, granular
+    ("ACDK", dict(max_tokens=12, mode="prompt")),  # held scalings in the same batch
+    ("MKTAYIAKQ", dict(max_tokens=10, do_sample=True, temperature=1.3, top_p=0.9, seed=7)),
+    ("MKTAYIAKQ", dict(max_tokens=10, do_sample=True, temperature=0.7, top_k=5, seed=7, mode="prompt")),
+    ("GRAVY", dict(max_tokens=10, repetition_penalty=1.5)),
+    ("12+3=", dict(max_tokens=10, presence_penalty=0.5, frequency_penalty=1.0, logprobs=2)),
+    ("xyz", dict(max_tokens=12, stops=["C"], return_scalings="expert")),
+]
+
+
+def test_per_row_settings_seeds_and_modes_in_one_batch_equal_each_request_alone(mix):
+    alone = [run_alone(mix, prompt, **kwargs) for prompt, kwargs in SETTINGS]
+    engine = Engine(mix, max_batch=len(SETTINGS))
+    try:
+        with slow(mix, 0.002):
+            blocker, blocker_sink = make_job(mix, "W", max_tokens=30, stream=True, logit_bias=NO_EOS)
+            engine.submit(blocker)  # other rows are mid-generation when these join (other columns, other neighbours)
+            assert blocker_sink.started.wait(30)
+            made = [make_job(mix, prompt, **kwargs) for prompt, kwargs in SETTINGS]
+            engine.submit_group([job for job, _ in made])
+            together = [sink.result for _, sink in made]
+    finally:
+        engine.close()
+    for a, b in zip(alone, together):
+        assert b["type"] == "done"
+        assert (a["text"], a["finish_reason"], a["completion_tokens"]) == (
+            b["text"],
+            b["finish_reason"],
+            b["completion_tokens"],
+        )
+    # the modes against the library: granular and prompt-mode greedy rows shared one batch
+    ids = mix.tokenizer("ACDK").input_ids
+    assert together[0]["text"] == _greedy(mix, ids, 12)[0]
+    out = mix.generate(torch.tensor([ids]), max_new_tokens=12, mode="prompt")
+    want = mix.tokenizer.decode(out.new_tokens[0, : out.lengths[0]].tolist(), skip_special_tokens=True)
+    assert together[1]["text"] == want and together[0]["text"] != together[1]["text"]
+    assert "C" not in together[6]["text"] and len(together[6]["scalings"]) == mix.n_experts
+    # the same logprobs alone and in a batch, to float tolerance (not bitwise: see docs/serving.md)
+    got = [e.logprob for e in together[5]["logprobs"]["completion"]]
+    want = [e.logprob for e in alone[5]["logprobs"]["completion"]]
+    assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_cancelled_job_frees_its_slot_within_one_step(mix):
+    engine = Engine(mix, max_batch=2)
+    try:
+        with slow(mix, 0.002):
+            job, sink = make_job(mix, "GRAVY", max_tokens=100, stream=True, logit_bias=NO_EOS)
+            engine.submit(job)
+            assert sink.started.wait(30)
+            job.cancelled = True
+            at = engine.steps
+            wait_for(lambda: engine.active == 0)
+            assert engine.steps - at <= 1
+        assert not sink.done.is_set()  # a cancelled job sends nothing more
+        assert sum(m["type"] == "piece" for m in sink.messages) < 50
+    finally:
+        engine.close()
+
+
+def test_mixed_held_and_granular_rows_shift_along_the_cache(mix):
+    """A long prompt joining short running rows moves them along the cache; a tiny cache forces it."""
+    engine = Engine(mix, max_batch=3, cache_len=64)
+    try:
+        with slow(mix, 0.002):
+            first, first_sink = make_job(mix, "A", max_tokens=30, stream=True, logit_bias=NO_EOS)
+            engine.submit(first)
+            assert first_sink.started.wait(30)
+            late, late_sink = make_job(mix, "MKTAYIAKQRQISFVKSHFSRQ", max_tokens=20, logit_bias=NO_EOS)
+            engine.submit(late)
+            got_first, got_late = first_sink.result, late_sink.result
+    finally:
+        engine.close()
+    assert got_first["text"] == run_alone(mix, "A", max_tokens=30, logit_bias=NO_EOS)["text"]
+    assert got_late["text"] == run_alone(mix, "MKTAYIAKQRQISFVKSHFSRQ", max_tokens=20, logit_bias=NO_EOS)["text"]
+
+
+# ---------------------------------------------------------------------- over HTTP
+
+
+@pytest.fixture(scope="module")
+def server(mix):
+    srv = Server(create_app(mix, model_id="tiny", max_tokens_limit=100, max_batch=2, max_queue=1, max_body=4096))
+    yield srv
+    srv.stop()
+
+
+def _state(server):
+    return server.server.config.app.state.server
+
+
+def _ask(server, **body):
+    body = {"model": "tiny", "prompt": "ACDK", "max_tokens": 8, "temperature": 0, **body}
+    return httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+
+
+def test_a_seeded_request_is_the_same_alone_and_under_load(server):
+    body = dict(prompt="MKTAYIAKQ", max_tokens=16, temperature=1.1, top_p=0.95, seed=1234)
+    alone = _ask(server, **body).json()["choices"][0]["text"]
+    with slow(_state(server).model, 0.002):
+        results = {}
+        threads = [
+            threading.Thread(
+                target=lambda k=k: results.__setitem__(
+                    k,
+                    _ask(server, **body)
+                    if k == 0
+                    else _ask(server, prompt="GRAVY", max_tokens=40, temperature=0.8, seed=k),
+                )
+            )
+            for k in range(2)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert results[0].json()["choices"][0]["text"] == alone
+    assert results[1].status_code == 200
+
+
+def _stream_then_hang_up(server, tokens=90):
+    body = {
+        "model": "tiny",
+        "prompt": "GRAVY",
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+        "logit_bias": {str(EOS): -100},
+    }
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and '"text": "' in line:
+                break  # one piece read: hang up
+
+
+def _cancelled(state):
+    return state.metrics.finished_total.labels("cancelled")._value.get()
+
+
+def test_a_streaming_client_that_hangs_up_frees_its_slot(server):
+    state = _state(server)
+    before = _cancelled(state)
+    with slow(state.model, 0.01):
+        _stream_then_hang_up(server)
+        wait_for(lambda: state.engine.active == 0)
+    assert _cancelled(state) == before + 1
+
+
+def test_a_non_streaming_client_that_hangs_up_frees_its_slot(server):
+    state = _state(server)
+    before = _cancelled(state)
+    body = b'{"model": "tiny", "prompt": "GRAVY", "max_tokens": 90, "temperature": 0, "logit_bias": {"2": -100}}'
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += f"Content-Length: {len(body)}\r\n\r\n"
+    with slow(state.model, 0.01):
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(head.encode() + body)
+            wait_for(lambda: state.engine.active == 1)
+        wait_for(lambda: state.engine.active == 0)
+    assert _cancelled(state) == before + 1
+
+
+def test_a_full_queue_answers_503_with_retry_after(server):
+    state = _state(server)
+    with slow(state.model, 0.02):
+        long = dict(max_tokens=60, logit_bias={str(EOS): -100})
+        threads = [threading.Thread(target=_ask, args=(server,), kwargs=long) for _ in range(3)]
+        for t, (active, queued) in zip(threads, [(1, 0), (2, 0), (2, 1)]):  # two slots, then the queue (max 1)
+            t.start()
+            wait_for(lambda want=(active, queued): (state.engine.active, state.engine.queued) == want)
+        r = _ask(server)
+        for t in threads:
+            t.join()
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "queue_full"
+    assert _ask(server).status_code == 200
+
+
+def test_a_body_over_the_limit_is_refused_before_parsing(server):
+    big = {"model": "tiny", "prompt": "x" * 10_000}
+    r = httpx.post(server.url + "/v1/completions", json=big, timeout=60)
+    assert r.status_code == 413 and "at most 4096 bytes" in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length (chunked): counted as it arrives
+        for _ in range(10):
+            yield b"x" * 1000
+
+    r = httpx.post(server.url + "/v1/completions", content=chunks(), timeout=60)
+    assert r.status_code == 413
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(head.encode())  # the header alone is enough: nothing of the body is read
+        assert s.recv(4096).decode().startswith("HTTP/1.1 413")
+    assert _ask(server).status_code == 200  # a body under the limit goes through
+    rejected = _state(server).metrics.rejected.labels("413")._value.get()
+    assert rejected >= 2
+
+
+def test_request_timeout_and_body_timeout(mix):
+    srv = Server(create_app(mix, model_id="tiny", max_tokens_limit=100, request_timeout=0.3, body_timeout=0.3))
+    try:
+        with slow(mix, 0.02):
+            r = _ask(srv, max_tokens=90, logit_bias={str(EOS): -100})
+        assert r.status_code == 504 and "timed out" in r.json()["error"]["message"]
+        head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", srv.port)) as s:
+            s.sendall(head.encode() + b'{"model"')  # then nothing: a stalled body
+            reply = s.recv(4096).decode()
+        assert reply.startswith("HTTP/1.1 408")
+    finally:
+        srv.stop()
+
+
+def test_metrics_in_prometheus_format(server):
+    assert _ask(server, max_tokens=6, logit_bias={str(EOS): -100}).status_code == 200
+    text = httpx.get(server.url + "/metrics").text
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in (
+        "loramix_queue_depth",
+        "loramix_active_slots",
+        "loramix_tokens_per_second",
+        "loramix_time_to_first_token_seconds",
+        "loramix_inter_token_latency_seconds",
+    ):
+        assert name in families, name
+    assert families["loramix_slots"].samples[0].value == 2
+    ttft = {s.name: s.value for s in families["loramix_time_to_first_token_seconds"].samples}
+    assert ttft["loramix_time_to_first_token_seconds_count"] >= 1
+    itl = {s.name: s.value for s in families["loramix_inter_token_latency_seconds"].samples}
+    assert itl["loramix_inter_token_latency_seconds_count"] >= 5
+    experts = {s.labels["expert"]: s.value for s in families["loramix_expert_mean_scaling"].samples}
+    assert sorted(experts) == sorted(_state(server).model.expert_names)
+    assert all(0 < v < 1 for v in experts.values())
+
+
+def test_a_slow_request_head_is_closed(mix):
+    """slowloris: a connection whose request head does not complete in header_timeout seconds is closed."""
+    import uvicorn
+
+    from loramix.serve.server import header_timeout_protocol
+
+    port = _free_port()
+    config = uvicorn.Config(
+        create_app(mix, model_id="tiny"),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        http=header_timeout_protocol(0.3),
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # the head never ends
+            assert s.recv(4096) == b""  # closed by the server (a timeout of the socket would raise)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # a complete head is served
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
