@@ -1,6 +1,5 @@
 """The OpenAI-compatible server, with the official openai client and raw httpx, on a free loopback port."""
 
-import json
 import socket
 import threading
 import time
@@ -148,6 +147,10 @@ def test_sampling_with_a_seed_is_reproducible(client):
     a = client.completions.create(**kwargs).choices[0].text
     b = client.completions.create(**kwargs).choices[0].text
     assert a == b
+    # and it does sample: other seeds give other texts, and none is the greedy answer (fixed seeds: not flaky)
+    others = {client.completions.create(**{**kwargs, "seed": seed}).choices[0].text for seed in (6, 7)}
+    greedy = client.completions.create(**{**kwargs, "temperature": 0}).choices[0].text
+    assert len({a, *others}) == 3 and greedy not in {a, *others}
 
 
 def test_concurrent_requests_are_batched_and_equal_to_one_by_one(server, mix):
@@ -227,7 +230,12 @@ def test_scalings_per_token_and_expert(client, mix):
         model="tiny", prompt="ACDK", max_tokens=5, temperature=0, extra_body={"loramix": {"return_scalings": "expert"}}
     )
     assert sum(out.model_extra["loramix"]["scalings"]) == pytest.approx(1.0, abs=1e-5)
-    assert json.dumps(out.model_extra)  # JSON all the way
+    # the values are the model's own: per token [L, N] and the mean per expert, as the library generates them
+    ids = torch.tensor([mix.tokenizer("ACDK").input_ids])
+    want = mix.generate(ids, max_new_tokens=5, return_scalings=True).scalings[0, : len(scalings)]
+    torch.testing.assert_close(torch.tensor(scalings), want.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(out.model_extra["loramix"]["scalings"]), want.float().mean((0, 1)),
+                               rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------- the client ecosystem (issue 16)
