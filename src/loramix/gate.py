@@ -28,13 +28,8 @@ def apply_top_k(scalings: torch.Tensor, k: int, renormalise: bool) -> torch.Tens
     return torch.zeros_like(scalings).scatter(-1, index, values)
 
 
-class ScalingHead(nn.Module):
-    """MLP gate. Parameter names follow the X-LoRA classifier file format: `inner.{i}.*` then `last.*`.
-
-    h [B, T, H] -> (Linear -> ReLU -> Dropout) x (depth-1) -> last: Linear -> [B, T, L*N] or [B, T, N]
-      -> reshape [B, T, L, N] (row = layer * N + expert; broadcast over L when not layerwise)
-      -> softmax(logits / temperature) over N -> top-k mask (-> softmax over the kept k)
-    """
+class _Gate(nn.Module):
+    """What every gate knows: its config and the sizes of the scalings it gives [B, T, n_layers, n_experts]."""
 
     reads_probes = False
 
@@ -44,6 +39,18 @@ class ScalingHead(nn.Module):
         self.hidden_size = hidden_size
         self.n_layers = n_layers
         self.n_experts = n_experts
+
+
+class ScalingHead(_Gate):
+    """MLP gate. Parameter names follow the X-LoRA classifier file format: `inner.{i}.*` then `last.*`.
+
+    h [B, T, H] -> (Linear -> ReLU -> Dropout) x (depth-1) -> last: Linear -> [B, T, L*N] or [B, T, N]
+      -> reshape [B, T, L, N] (row = layer * N + expert; broadcast over L when not layerwise)
+      -> softmax(logits / temperature) over N -> top-k mask (-> softmax over the kept k)
+    """
+
+    def __init__(self, config: GateConfig, hidden_size: int, n_layers: int, n_experts: int) -> None:
+        super().__init__(config, hidden_size, n_layers, n_experts)
         width = config.width or hidden_size
         self.inner = nn.ModuleList()
         size = hidden_size
@@ -74,18 +81,11 @@ class ScalingHead(nn.Module):
         return s
 
 
-class ArrowRouter(nn.Module):
+class ArrowRouter(_Gate):
     """Arrow routing (no parameters): probes [B, T, L, N] -> softmax(top-k(probes) / temperature) over the experts,
     zero outside the top k; as PEFT's `ArrowLoraLinearLayer` computes its coefficients."""
 
     reads_probes = True
-
-    def __init__(self, config: GateConfig, hidden_size: int, n_layers: int, n_experts: int) -> None:
-        super().__init__()
-        self.config = config
-        self.hidden_size = hidden_size
-        self.n_layers = n_layers
-        self.n_experts = n_experts
 
     def forward(self, hidden_states: torch.Tensor | None, probes: torch.Tensor | None = None) -> torch.Tensor:
         if probes is None:
