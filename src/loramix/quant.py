@@ -193,6 +193,14 @@ def dense_weight(module: nn.Module) -> torch.Tensor | None:
     if not isinstance(weight, torch.Tensor):
         return None
     kind = type(weight).__name__
+    if kind == "Params4bit" and getattr(weight.quant_state, "packing_format_for_cpu", False):
+        # bitsandbytes repacks 4-bit weights in place at the first CPU forward (AVX512-BF16 kernels): unpack a copy
+        import copy
+
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse, dequantize_4bit
+
+        data, state = _convert_weight_packed_for_cpu_inverse(weight.data, copy.deepcopy(weight.quant_state))
+        return dequantize_4bit(data, state).float()
     if kind in ("Params4bit", "Int8Params"):
         from peft.utils.integrations import dequantize_bnb_weight
 
