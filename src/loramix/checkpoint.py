@@ -69,14 +69,14 @@ def base_fingerprint(model: nn.Module, layer_names: list[str]) -> dict[str, Any]
     """Shapes and a few sampled values of the input embeddings and the first/last adapted base weights.
 
     Sampled values (not a byte hash) so that the same base loaded in another dtype still matches. Over a quantized
-    base the adapted weights are sampled dequantized (the values the layer computes with; the quantized storage
-    differs between backends and versions); the input embeddings are never quantized by transformers' configs.
+    base the weights are sampled dequantized (the values the layers compute with; the quantized storage differs
+    between backends and versions), so the same base matches within the rounding of its quantization.
     """
     config = model.config
     text = text_config(model)
     tensors: dict[str, torch.Tensor | None] = {}
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    tensors["input_embeddings"] = getattr(embeddings, "weight", None)
+    tensors["input_embeddings"] = dense_weight(embeddings) if embeddings is not None else None
     for path in dict.fromkeys([layer_names[0], layer_names[-1]]):
         tensors[f"{path}.weight"] = _weight_of(model, path)
     fingerprint: dict[str, Any] = {
@@ -136,7 +136,7 @@ def check_fingerprint(
             )
         a = torch.tensor(got["sample"], dtype=torch.float64)
         b = torch.tensor(info["sample"], dtype=torch.float64)
-        relative = _SAME_BASE if name == "input_embeddings" else weight_tolerance
+        relative = _SAME_BASE if name == "input_embeddings" else weight_tolerance  # embeddings: int8 at most
         tolerance = relative * float(b.abs().max().clamp_min(1e-12))
         if a.shape != b.shape or float((a - b).abs().max()) > tolerance:
             raise BaseModelMismatchError(
