@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, LoramixError
-from .quant import quantization_config, quiet_backend_noise
+from .quant import quantization_config, quiet_backend_noise, release_checkpoint_map
 
 logger = logging.getLogger(__name__)
 quiet_backend_noise()  # before transformers imports torchao (it does whenever torchao is installed)
@@ -128,7 +128,9 @@ def load_base_model(
         raise ConfigError(
             f"base must be a model id, a directory or a transformers PreTrainedModel, got {type(base).__name__}"
         )
-    if device is not None and not quantized:
+    if quantized:
+        release_checkpoint_map(model)
+    elif device is not None:
         model = model.to(device)
     model.eval()
     return model, reference

@@ -41,6 +41,7 @@ __all__ = [
     "quantization_config",
     "quantization_from_record",
     "quiet_backend_noise",
+    "release_checkpoint_map",
     "same_quantization",
 ]
 
@@ -236,3 +237,25 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
         return weight.dtype
     dtype = getattr(module, "compute_dtype", None)
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def release_checkpoint_map(model: nn.Module) -> None:
+    """Copy the float tensors that stayed unquantized (norms, biases, a float LM head) out of the checkpoint's memory
+    map, so that the map closes. transformers maps safetensors files and keeps them mapped while any tensor views
+    them; after quantizing, the pages of every weight it read would otherwise stay resident for a few small norms
+    (measured on the benchmark Llama: 164 MiB of its 168 MiB float checkpoint behind a 47 MiB int8 model)."""
+    seen: set[int] = set()
+    with torch.no_grad():
+        for module in model.modules():
+            for group in (module._parameters, module._buffers):
+                for name, tensor in list(group.items()):
+                    if tensor is None or id(tensor) in seen or tensor.device.type != "cpu":
+                        continue
+                    seen.add(id(tensor))
+                    data = tensor.data
+                    if type(data) is not torch.Tensor or not data.is_floating_point():
+                        continue  # quantized storage: already the quantizer's own memory
+                    if isinstance(tensor, nn.Parameter):
+                        tensor.data = data.clone()
+                    else:
+                        group[name] = data.clone()
