@@ -638,8 +638,14 @@ def test_cli_bad_arguments_give_one_line(good, llama_dir, tmp_path, monkeypatch,
          "alpha=-1.0 must be a finite number > 0"),
         (1, ["train-expert", "--base", llama_dir, "--data", data, "--out", tmp_path / "e", "--target", "qq_proj"],
          "target module(s) ['qq_proj'] are not in the base model"),
-        (1, ["train-expert", "--base", llama_dir, "--data", data, "--out", tmp_path / "e", "--report-to", "pigeon"],
-         "report_to='pigeon' is not a tracker Accelerate knows"),
+        (2, ["train-expert", "--base", llama_dir, "--data", data, "--out", tmp_path / "e", "--report-to", "pigeon"],
+         "Invalid value for --report-to: report_to='pigeon' is not a tracker Accelerate knows"),
+        (2, ["train-gate", "--base", llama_dir, "-e", f"a={llama_dir}", "--data", data, "-o", tmp_path / "e",
+             "--depth", "0"], "Invalid value for --depth: gate.depth=0 must be an integer from 1 to 64"),
+        (2, ["train-gate", "--init", ckpt, "--data", data, "-o", tmp_path / "e", "--top-k", "2"],
+         "Invalid value for --init: top_k comes from the --init checkpoint; only --scaling-layer can be changed"),
+        (2, ["train-gate", "--base", llama_dir, "-e", f"a={llama_dir}", "--data", data, "-o", tmp_path / "e",
+             "--lr", "0"], "Invalid value for --lr: learning_rate=0.0 must be > 0"),
     ]
     for code, args, message in cases:
         got, lines = _main(monkeypatch, capsys, *args)

@@ -115,3 +115,73 @@ def test_train_gate_continues_from_a_checkpoint(checkpoint, tmp_path):
     clash = runner.invoke(app, ["train-gate", "--init", str(checkpoint), "--base", "x", "--data", str(data),
                                 "--out", str(tmp_path / "never")])
     assert clash.exit_code == 2 and not (tmp_path / "never").exists()
+
+
+def test_config_fields_are_options_of_the_training_commands():
+    """A new config field reaches the command line without an edit: train-gate has one option per field of
+    GateConfig (but hidden_size, inferred), MixConfig (but gate), GateObjective and TrainConfig; train-expert one per
+    TrainConfig field."""
+    import dataclasses
+
+    import typer
+
+    from loramix.train import GateObjective, TrainConfig
+
+    commands = typer.main.get_command(app).commands
+    fields = {
+        prefix: {f"{prefix}__{f.name}" for f in dataclasses.fields(cls)} - skip
+        for prefix, cls, skip in (
+            ("gate", loramix.GateConfig, {"gate__hidden_size"}),
+            ("mix", loramix.MixConfig, {"mix__gate"}),
+            ("objective", GateObjective, set()),
+            ("train", TrainConfig, set()),
+        )
+    }
+    gate_params = {p.name for p in commands["train-gate"].params}
+    expert_params = {p.name for p in commands["train-expert"].params}
+    assert set().union(*fields.values()) <= gate_params and fields["train"] <= expert_params
+    assert not fields["gate"] & expert_params
+
+
+def test_config_options_build_the_config_and_name_the_option():
+    """The helper: help from the field's docstring, booleans as --x/--no-x, the values reach the command as one config,
+    and a value the config refuses is a usage error naming the option."""
+    from dataclasses import dataclass
+
+    import typer
+
+    from loramix.errors import ConfigError
+    from loramix.options import config_options
+
+    @dataclass
+    class Toy:
+        size: int = 3
+        """How big it is."""
+        loud: bool = False
+        """Whether it shouts."""
+        tag: str | None = None
+
+        def __post_init__(self):
+            if self.size < 1:
+                raise ConfigError(f"toy.size={self.size} must be >= 1")
+
+    seen = []
+    toy_app = typer.Typer()
+
+    @toy_app.command()
+    @config_options(Toy, "toy", names={"tag": "--label"})
+    def run(name: str = typer.Option("x"), toy: Toy = None) -> None:
+        seen.append((name, toy))
+
+    @toy_app.command()
+    def other() -> None:  # a second command, so that Typer keeps `run` as a subcommand
+        pass
+
+    runner = CliRunner()
+    assert runner.invoke(toy_app, ["run", "--size", "5", "--loud", "--label", "t"]).exit_code == 0
+    assert seen == [("x", Toy(size=5, loud=True, tag="t"))]
+    assert runner.invoke(toy_app, ["run"]).exit_code == 0 and seen[-1] == ("x", Toy())
+    shown = runner.invoke(toy_app, ["run", "--help"], env={"COLUMNS": "200"}).output
+    assert "How big it is." in shown and "--no-loud" in shown and "Whether it shouts." in shown
+    bad = runner.invoke(toy_app, ["run", "--size", "0"])
+    assert bad.exit_code == 2 and "Invalid value for --size: toy.size=0 must be >= 1" in bad.output

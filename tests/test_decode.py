@@ -155,10 +155,10 @@ def test_compiled_eos_and_sampling(llama_dir, llama_experts):
 
 def test_compile_where_it_cannot_apply(llama_dir, llama_experts, caplog):
     mix = _mix(llama_dir, llama_experts, gate=GateConfig(depth=2, layerwise=True, top_k=1))
-    mix.sparse_top_k = True
+    mix.sparse_top_k = "always"
     with caplog.at_level(logging.WARNING, logger="loramix.generate"):
         out = mix.generate(_batch()[0], _batch()[1], max_new_tokens=4, eos_token_id=[], compile="aot_eager")
-    assert "compile=True ignored, generating eagerly: model.sparse_top_k=True" in caplog.text
+    assert 'compile=True ignored, generating eagerly: sparse_top_k="always"' in caplog.text
     assert torch.equal(out.sequences, mix.generate(*_batch(), max_new_tokens=4, eos_token_id=[]).sequences)
     with pytest.raises(ConfigError, match="compile=True needs use_cache=True"):
         mix.generate(*_batch(), max_new_tokens=4, use_cache=False, compile=True)

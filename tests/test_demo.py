@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from loramix.demo.world import AMINO_ACIDS, World, fmt, gravy, load_peptides, parse_number
-from loramix.evaluate import _score
+from loramix.demo.world import AMINO_ACIDS, DOMAINS, World, fmt, gravy, load_peptides, parse_number
+from loramix.errors import ConfigError
+from loramix.scoring import score, scorer_of
 
 
 @pytest.fixture(scope="module")
@@ -57,24 +58,34 @@ def test_qa_is_the_closed_table_and_compare_is_balanced(world):
 
 def test_scoring(world):
     fwd = [{"answer": 1.0, "completion": "1.00"}, {"answer": -1.0, "completion": "-1.00"}]
-    s = _score("numeric", fwd, ["1.00", "-0.50"], set())
+    s = score("numeric", fwd, ["1.00", "-0.50"])
     assert s["r2"] == pytest.approx(1 - 0.25 / 2) and s["mae"] == pytest.approx(0.25) and s["exact_match"] == 0.5
-    assert _score("numeric", fwd, ["nonsense", "-1.00"], set())["r2"] == pytest.approx(1 - 1 / 2)  # unparsed -> 0
+    assert score("numeric", fwd, ["nonsense", "-1.00"])["r2"] == pytest.approx(1 - 1 / 2)  # unparsed -> 0
     design = [{"target": gravy("AAAA"), "length": 4}, {"target": 0.0, "length": 4}]
-    d = _score("design", design, ["AAAA", "AXZ1"], {"AAAA"})
+    d = score("design", design, ["AAAA", "AXZ1"], {"train_peptides": {"AAAA"}})
     assert d == {"within_tolerance": 0.5, "mae": 0.0, "validity": 0.5, "novelty": 0.0, "length_mae": 0.0}
     comp = [{"then": ">0.50?", "first": 0.62, "completion": "0.62>0.50?yes"}]
-    assert _score("two_segment", comp, ["0.62>0.50?yes"], set())["solved"] == 1.0
-    too_far = _score("two_segment", comp, ["1.00>0.50?yes"], set())  # right verdict, GRAVY off by 0.38
+    assert score("two_segment", comp, ["0.62>0.50?yes"])["solved"] == 1.0
+    too_far = score("two_segment", comp, ["1.00>0.50?yes"])  # right verdict, GRAVY off by 0.38
     assert too_far["solved"] == 0.0 and too_far["exact_match"] == 1.0 and too_far["first_mae"] == pytest.approx(0.38)
-    own = _score("two_segment", comp, ["0.40>0.50?no"], set())  # wrong verdict for the truth, right for its own GRAVY
+    own = score("two_segment", comp, ["0.40>0.50?no"])  # wrong verdict for the truth, right for its own GRAVY
     assert own["solved"] == 1.0 and own["exact_match"] == 0.0
-    assert _score("two_segment", comp, ["0.62>0.50?no"], set())["solved"] == 0.0
-    unparsed = _score("two_segment", comp, ["nonsense"], set())
+    assert score("two_segment", comp, ["0.62>0.50?no"])["solved"] == 0.0
+    unparsed = score("two_segment", comp, ["nonsense"])
     assert unparsed["solved"] == 0.0 and unparsed["first_parsed"] == 0.0
     plus = [{"then": "+0.50=", "first": -0.21, "completion": "-0.21+0.50=0.29"}]
-    assert _score("two_segment", plus, ["-0.30+0.50=0.20"], set())["solved"] == 1.0
-    assert _score("exact", [{"completion": "K"}], [" K "], set())["exact_match"] == 1.0
+    assert score("two_segment", plus, ["-0.30+0.50=0.20"])["solved"] == 1.0
+    assert score("exact", [{"completion": "K"}], [" K "])["exact_match"] == 1.0
+
+
+def test_records_find_their_scorer(world):
+    """Each demo domain is scored by its kind; a record's "scoring" field overrides what its fields suggest."""
+    kinds = {d: scorer_of(world.domain_records(d, "test", 2)[0]).name for d in (*DOMAINS, "composite")}
+    assert kinds == {"forward": "numeric", "inverse": "design", "compare": "exact", "qa": "exact",
+                     "composite": "two_segment"}
+    assert scorer_of({"answer": 1.0, "scoring": "exact"}).name == "exact"
+    with pytest.raises(ConfigError, match=r'"scoring": .nope. is not a registered scorer'):
+        scorer_of({"scoring": "nope"})
 
 
 def test_build_and_run_at_a_tiny_size(tmp_path):

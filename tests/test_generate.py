@@ -224,9 +224,9 @@ def test_zero_new_tokens_returns_the_prompt(llama_mix):
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_sparse_top_k_equals_dense(llama_dir, llama_experts, top_k):
     mix = _mix(llama_dir, llama_experts, gate=GateConfig(depth=2, layerwise=True, top_k=top_k))
-    mix.sparse_top_k = False
+    mix.sparse_top_k = "never"
     dense = mix.generate(PROMPT, max_new_tokens=10, output_logits=True, eos_token_id=[])
-    mix.sparse_top_k = True
+    mix.sparse_top_k = "always"
     with torch.no_grad():
         s = mix.compute_scalings(PROMPT[:, :1])
         prepared = mix.prepare_scalings(s)
@@ -248,10 +248,14 @@ def test_sparse_top_k_auto_policy(llama_dir, llama_experts, tmp_path):
         assert not mix.use_sparse_top_k(1)  # tiny experts: the dense stacked matmul is cheaper
         mix._mean_expert_elements = 2_000_000
         assert not mix.use_sparse_top_k(1)  # k=1 of 3 experts: not sparse enough (needs k <= N/4)
-        mix.sparse_top_k = True
+        mix.sparse_top_k = "always"
         assert mix.use_sparse_top_k(1) and mix.use_sparse_top_k(64)  # forced on
-        mix.sparse_top_k = False
+        mix.sparse_top_k = "never"
         assert not mix.use_sparse_top_k(1)  # forced off
+    with pytest.raises(ConfigError, match="sparse_top_k=True must be one of 'auto', 'always', 'never'"):
+        mix.sparse_top_k = True
+    mix.save(tmp_path / "ckpt")  # the choice is part of the mixture's config, saved and restored
+    assert loramix.load(tmp_path / "ckpt").sparse_top_k == "never"
     four = _mix(llama_dir, {**llama_experts, "extra": make_adapter(llama_dir, tmp_path / "extra", seed=4)},
                 gate=GateConfig(top_k=1))
     four._mean_expert_elements = 2_000_000  # large experts, k=1 of 4: where gathering pays off

@@ -96,3 +96,17 @@ def test_no_import_circle_and_no_private_names_across_modules():
         if node not in state:
             circle = visit(node)
             assert circle is None, " -> ".join(circle)
+
+
+def test_the_library_does_not_depend_on_the_demo():
+    """The demo is an application of the library: only itself and the command line (which runs it) import it."""
+    modules = _modules()
+    apps = ("loramix.demo", "loramix.cli", "loramix.__main__")
+    offenders = [
+        f"{name} imports {module}"
+        for name, path in modules.items()
+        if not name.startswith(apps)
+        for module, _ in _imports(name, path, modules)
+        if module == "loramix.demo" or module.startswith("loramix.demo.")
+    ]
+    assert not offenders, offenders

@@ -3,6 +3,7 @@ traceback. Usage errors exit with 2."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import LoramixError
+from .options import config_options
 from .version import __version__
 
 SEED_MAX = 2**63 - 1
@@ -33,12 +35,22 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+@dataclasses.dataclass
+class _Session:
+    """What the root options tell `main` (Click passes it to every command as the context's `obj`)."""
+
+    debug: bool = False
+
+
 @app.callback()
 def _root(
+    ctx: typer.Context,
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks on errors."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     """loramix: X-LoRA mixtures of LoRA experts."""
+    if isinstance(ctx.obj, _Session):
+        ctx.obj.debug = debug
 
 
 def _read_checkpoint_meta(path: Path) -> dict[str, Any]:
@@ -274,18 +286,6 @@ def generate(
             )
 
 
-_TRAIN_OPTIONS = ("schedule", "warmup_steps", "epochs", "max_steps", "batch_size", "grad_accum", "max_grad_norm",
-                  "weight_decay", "seed", "max_length", "eval_every", "save_every", "log_every")
-
-
-def _train_config(options: dict[str, Any]) -> Any:
-    """The TrainConfig of the optimisation options shared by train-expert and train-gate (the _LR... below)."""
-    from .train import TrainConfig
-
-    return TrainConfig(learning_rate=options["lr"], report_to=list(options["report_to"] or []),
-                       **{k: options[k] for k in _TRAIN_OPTIONS})
-
-
 def _parse_experts(values: list[str]) -> dict[str, str]:
     experts: dict[str, str] = {}
     for value in values:
@@ -296,65 +296,49 @@ def _parse_experts(values: list[str]) -> dict[str, str]:
     return experts
 
 
-# Options shared by train-expert and train-gate (Typer reads defaults from these).
-_LR = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW).")
-_SCHEDULE = typer.Option("cosine", help="linear, cosine, constant or constant_with_warmup.")
-_WARMUP = typer.Option(0, "--warmup-steps", help="Linear warm-up steps.")
-_EPOCHS = typer.Option(1.0, help="Passes over the data (ignored with --max-steps).")
-_MAX_STEPS = typer.Option(None, "--max-steps", help="Optimizer steps (overrides --epochs).")
-_BATCH = typer.Option(8, "--batch-size", help="Examples per process per micro-batch.")
-_ACCUM = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step.")
-_CLIP = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping norm.")
-_WD = typer.Option(0.0, "--weight-decay", help="AdamW weight decay.")
-_SEED = typer.Option(0, min=0, max=SEED_MAX, help="Seed (initialisation, data order, dropout).")
-_MAXLEN = typer.Option(512, "--max-length", help="Truncate examples to this many tokens.")
+# Options shared by train-expert and train-gate besides TrainConfig's fields.
 _EVAL = typer.Option(None, "--eval-data", help="Held-out JSONL (default: --eval-fraction of --data).")
 _EVAL_FRACTION = typer.Option(0.0, "--eval-fraction", help="Share of --data held out for evaluation.")
-_EVAL_EVERY = typer.Option(None, "--eval-every", help="Evaluate every N steps (default: at the end).")
-_SAVE_EVERY = typer.Option(None, "--save-every", help="Resumable checkpoint every N steps.")
 _RUN_DIR = typer.Option(None, "--run-dir", help="Metrics and resumable checkpoints (default: OUT.run).")
 _RESUME = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in the run dir.")
 _FORCE = typer.Option(False, "--force", help="With --resume: continue although the settings differ from the "
                       "checkpoint's (refused otherwise).")
-_REPORT = typer.Option(None, "--report-to", help="Accelerate tracker: tensorboard or wandb (repeatable).")
-_LOG_EVERY = typer.Option(10, "--log-every", help="Log metrics every N steps.")
+_DATA = typer.Option(..., help="Training data: JSONL ({text} | {prompt, completion} | {messages}).")
+
+
+def _train_options(command: Any) -> Any:
+    """Every TrainConfig field as an option of a training command, which receives `train: TrainConfig`."""
+    from .train.loop import TrainConfig
+
+    return config_options(
+        TrainConfig,
+        "train",
+        names={"learning_rate": "--lr", "report_to": "--report-to"},
+        help={"report_to": "Accelerate tracker: tensorboard or wandb (repeatable)."},
+    )(command)
 
 
 @app.command("train-expert")
+@_train_options
 def train_expert_cmd(
     base: str = typer.Option(..., help="Base model id or directory."),
-    data: str = typer.Option(..., help="Training data: JSONL ({text} | {prompt, completion} | {messages})."),
+    data: str = _DATA,
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the PEFT adapter directory."),
     rank: int = typer.Option(8, "--rank", "-r", help="LoRA rank."),
     alpha: float = typer.Option(16.0, help="LoRA alpha."),
     dropout: float = typer.Option(0.05, help="LoRA dropout."),
     target: list[str] = typer.Option(None, "--target", help="Target module name (repeatable); default: projections."),
     rslora: bool = typer.Option(False, "--rslora", help="rsLoRA scaling alpha/sqrt(r)."),
-    lr: float = _LR,
-    schedule: str = _SCHEDULE,
-    warmup_steps: int = _WARMUP,
-    epochs: float = _EPOCHS,
-    max_steps: int | None = _MAX_STEPS,
-    batch_size: int = _BATCH,
-    grad_accum: int = _ACCUM,
-    max_grad_norm: float = _CLIP,
-    weight_decay: float = _WD,
-    seed: int = _SEED,
-    max_length: int = _MAXLEN,
     eval_data: str | None = _EVAL,
     eval_fraction: float = _EVAL_FRACTION,
-    eval_every: int | None = _EVAL_EVERY,
-    save_every: int | None = _SAVE_EVERY,
     run_dir: Path | None = _RUN_DIR,
     resume: bool = _RESUME,
     force: bool = _FORCE,
-    report_to: list[str] = _REPORT,
-    log_every: int = _LOG_EVERY,
+    train: Any = None,
 ) -> None:
     """Train one LoRA expert with PEFT; the output is a plain PEFT adapter directory."""
     from .train import train_expert
 
-    config = _train_config(locals())
     metrics = train_expert(
         base,
         data,
@@ -364,7 +348,7 @@ def train_expert_cmd(
         dropout=dropout,
         target_modules=target or None,
         use_rslora=rslora,
-        train=config,
+        train=train,
         eval_data=eval_data,
         eval_fraction=eval_fraction,
         run_dir=run_dir,
@@ -374,67 +358,61 @@ def train_expert_cmd(
     _print_metrics(metrics, out)
 
 
+def _gate_options(command: Any) -> Any:
+    """Every field of GateConfig, MixConfig and GateObjective as an option of train-gate."""
+    from .config import GateConfig, MixConfig
+    from .train.gate import GateObjective
+
+    names = {"dropout": "--gate-dropout", "layerwise": "--layerwise/--shared"}
+    command = config_options(GateConfig, "gate", names=names, skip=("hidden_size",))(command)
+    command = config_options(MixConfig, "mix", skip=("gate",))(command)
+    return config_options(GateObjective, "objective")(command)
+
+
+def _settings_from_init(given: dict[str, Any]) -> None:
+    """With --init the mixture comes from the checkpoint: refuse mixture or gate options that would be ignored."""
+    from .config import GateConfig, MixConfig
+
+    for config, default in ((given["gate"], GateConfig()), (given["mix"], MixConfig())):
+        for f in dataclasses.fields(config):
+            if f.name not in ("gate", "scaling_layer") and getattr(config, f.name) != getattr(default, f.name):
+                raise typer.BadParameter(
+                    f"{f.name} comes from the --init checkpoint; only --scaling-layer can be changed with it",
+                    param_hint="--init",
+                )
+
+
 @app.command("train-gate")
+@_gate_options
+@_train_options
 def train_gate_cmd(
-    data: str = typer.Option(..., help="Training data: JSONL ({text} | {prompt, completion} | {messages})."),
+    data: str = _DATA,
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the loramix checkpoint."),
     base: str | None = typer.Option(None, help="Base model id or directory (with --expert)."),
     expert: list[str] = typer.Option(None, "--expert", "-e", help="NAME=ADAPTER_DIR (repeatable)."),
     init: Path | None = typer.Option(None, help="Start from this loramix checkpoint instead of --base/--expert."),
-    depth: int = typer.Option(1, help="Gate depth (linear layers)."),
-    width: int | None = typer.Option(None, help="Gate width (default: the model's hidden size)."),
-    gate_dropout: float = typer.Option(0.2, "--gate-dropout", help="Dropout between gate layers."),
-    layerwise: bool = typer.Option(False, "--layerwise/--shared", help="One row of scalings per layer, or shared."),
-    softmax: bool = typer.Option(True, "--softmax/--no-softmax", help="Softmax over experts."),
-    temperature: float = typer.Option(1.0, help="Softmax temperature."),
-    top_k: int | None = typer.Option(None, "--top-k", help="Keep only the k largest scalings."),
-    scaling_layer: int | None = typer.Option(None, "--scaling-layer", help="Truncated scaling pass: k blocks."),
-    trainable_experts: bool = typer.Option(False, "--trainable-experts", help="Train the experts with the gate."),
-    entropy_weight: float = typer.Option(0.0, "--entropy-weight", help="Auxiliary entropy term (docs/training.md)."),
-    balance_weight: float = typer.Option(0.0, "--balance-weight", help="Auxiliary load-balance term."),
-    loss_weighting: str = typer.Option("token", "--loss-weighting", help="token (mean over tokens) or example "
-                                       "(each example weighs the same: for mixtures of short and long answers)."),
-    route_weight: float = typer.Option(0.0, "--route-weight", help="Auxiliary domain-supervision term (records' "
-                                       "'domain' naming an expert); docs/training.md."),
-    route_tokens: str = typer.Option("all", "--route-tokens", help="Tokens the routing term covers: all, or answer "
-                                     "(the positions that predict the completion)."),
     include_base: bool = typer.Option(False, "--include-base", help="Copy the base model into the checkpoint."),
     quantize: str | None = _QUANTIZE,
-    lr: float = _LR,
-    schedule: str = _SCHEDULE,
-    warmup_steps: int = _WARMUP,
-    epochs: float = _EPOCHS,
-    max_steps: int | None = _MAX_STEPS,
-    batch_size: int = _BATCH,
-    grad_accum: int = _ACCUM,
-    max_grad_norm: float = _CLIP,
-    weight_decay: float = _WD,
-    seed: int = _SEED,
-    max_length: int = _MAXLEN,
     eval_data: str | None = _EVAL,
     eval_fraction: float = _EVAL_FRACTION,
-    eval_every: int | None = _EVAL_EVERY,
-    save_every: int | None = _SAVE_EVERY,
     run_dir: Path | None = _RUN_DIR,
     resume: bool = _RESUME,
     force: bool = _FORCE,
-    report_to: list[str] = _REPORT,
-    log_every: int = _LOG_EVERY,
+    train: Any = None,
+    gate: Any = None,
+    mix: Any = None,
+    objective: Any = None,
 ) -> None:
     """Train the gate of a mixture (base + experts frozen); the output is a self-contained loramix checkpoint."""
-    from .config import GateConfig, MixConfig
-    from .train import GateObjective, train_gate
+    from .train import train_gate
 
-    objective = GateObjective(loss_weighting=loss_weighting, entropy_weight=entropy_weight,
-                              balance_weight=balance_weight, route_weight=route_weight, route_tokens=route_tokens)
-
-    config = _train_config(locals())
     if init is not None:
         if base or expert:
             raise typer.BadParameter("use either --init or --base/--expert", param_hint="--init")
+        _settings_from_init({"gate": gate, "mix": mix})
         model = _load(init, None, None, None, quantize)
-        if scaling_layer is not None:
-            model.config.scaling_layer = scaling_layer
+        if mix.scaling_layer is not None:
+            model.config.scaling_layer = mix.scaling_layer
             model.config.validate_for(hidden_size=model.hidden_size, n_experts=model.n_experts, n_blocks=model.n_blocks)
         new_mixture: dict[str, Any] = {}
     else:
@@ -442,28 +420,16 @@ def train_gate_cmd(
             raise typer.BadParameter(
                 "give --base and at least one --expert NAME=DIR (or --init CKPT)", param_hint="--base"
             )
-        mix = MixConfig(
-            gate=GateConfig(
-                depth=depth,
-                width=width,
-                dropout=gate_dropout,
-                softmax=softmax,
-                temperature=temperature,
-                top_k=top_k,
-                layerwise=layerwise,
-            ),
-            scaling_layer=scaling_layer,
-            trainable_experts=trainable_experts,
-        )
         _check_quantize(quantize)
-        new_mixture = {"base": base, "experts": _parse_experts(expert), "config": mix, "quantize": quantize}
+        config = dataclasses.replace(mix, gate=gate)
+        new_mixture = {"base": base, "experts": _parse_experts(expert), "config": config, "quantize": quantize}
         model = None
     metrics = train_gate(
         model,
         data,
         out,
         **new_mixture,
-        train=config,
+        train=train,
         eval_data=eval_data,
         eval_fraction=eval_fraction,
         objective=objective,
@@ -739,8 +705,9 @@ def eval_cmd(
 ) -> None:
     """Score a checkpoint against the baselines (base, each expert, uniform merge, oracle, per-prompt router,
     loramix granular / prompt / truncated) per domain; see docs/demo.md for the record format."""
+    from . import demo  # noqa: F401  (registers the demo's record kinds, "design" and "two_segment")
     from .data import load_records
-    from .evaluate import SYSTEMS, evaluate, primary_metric
+    from .evaluate import SYSTEMS, evaluate
     from .io import check_owned_files, write_owned_files
 
     unknown = sorted(set(systems or []) - set(SYSTEMS))
@@ -759,28 +726,13 @@ def eval_cmd(
 
         trunc = load(truncated, base, quantize=quantize)
     result = evaluate(model, records, truncated=trunc, systems=systems or SYSTEMS, batch_size=batch_size)
-    domains = list(result.kinds)
-    table = Table(
-        "system",
-        *[f"{d} {primary_metric(result.kinds[d])}" for d in domains],
-        "tokens/s",
-        title="primary metric per domain",
-    )
-    for system in result.metrics:
-        table.add_row(system, *[f"{result.primary(system, d):.3f}" for d in domains], f"{result.speed[system]:.0f}")
+    header, rows = result.primary_table()
+    table = Table(*header, title="primary metric per domain")
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
     if out is not None:
-        lines = [
-            "| system | " + " | ".join(f"{d} {primary_metric(result.kinds[d])}" for d in domains) + " | tokens/s |",
-            "|---|" + "---|" * (len(domains) + 1),
-        ]
-        for system in result.metrics:
-            lines.append(
-                f"| {system} | "
-                + " | ".join(f"{result.primary(system, d):.3f}" for d in domains)
-                + f" | {result.speed[system]:.0f} |"
-            )
-        results = {"results.json": json.dumps(result.to_dict(), indent=2), "results.md": "\n".join(lines) + "\n"}
+        results = {"results.json": json.dumps(result.to_dict(), indent=2), "results.md": result.to_markdown()}
         write_owned_files(out, results, what="--out")
         console.print(f"[green]wrote[/green] {out}/results.json and {out}/results.md")
 
@@ -817,17 +769,18 @@ def main() -> None:
     except ImportError:  # pragma: no cover
         from click.exceptions import NoArgsIsHelpError, UsageError
 
-    debug = "--debug" in sys.argv[1:]
+    session = _Session()
     _quiet_libraries()
     try:
-        code = typer.main.get_command(app).main(args=sys.argv[1:], prog_name="loramix", standalone_mode=False)
+        command = typer.main.get_command(app)
+        code = command.main(args=sys.argv[1:], prog_name="loramix", standalone_mode=False, obj=session)
         if isinstance(code, int) and code:
             sys.exit(code)
     except NoArgsIsHelpError as exc:
         exc.show()  # bare `loramix` or `loramix COMMAND` without arguments: the help
         sys.exit(exc.exit_code)
     except UsageError as exc:  # bad options: one line, exit code 2 (click's code, without typer's box)
-        if debug:
+        if session.debug:
             raise
         hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
         err_console.print(f"[red]error:[/red] {exc.format_message()}{hint}", highlight=False, soft_wrap=True)
@@ -836,7 +789,7 @@ def main() -> None:
         err_console.print("[red]interrupted[/red]")
         sys.exit(130)
     except (LoramixError, OSError) as exc:
-        if debug:
+        if session.debug:
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)

@@ -20,6 +20,7 @@ __all__ = ["XLORA_NAMES", "GateConfig", "MixConfig", "from_xlora", "to_xlora"]
 
 MAX_GATE_DEPTH = 64
 MAX_GATE_WIDTH = 1 << 17
+SPARSE_TOP_K = ("auto", "always", "never")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -156,6 +157,11 @@ class MixConfig:
     final norm) and the scaling pass runs only those k blocks. None: all blocks. A gate must be trained with the
     same k it runs with."""
 
+    sparse_top_k: str = "auto"
+    """With a top-k gate, whether the mixed layers compute only the experts some token chose (inference only):
+    "always", "never", or "auto" where benchmarks/sparse_topk.py measured it faster (decoding, k <= N/4, large
+    experts). Outputs are the same either way."""
+
     def __post_init__(self) -> None:
         if isinstance(self.gate, dict):
             self.gate = GateConfig.from_dict(self.gate)
@@ -178,6 +184,10 @@ class MixConfig:
             self.scaling_layer is None or (is_int(self.scaling_layer) and self.scaling_layer >= 1),
             f"scaling_layer={self.scaling_layer!r} must be an integer >= 1 (number of decoder blocks the scaling "
             "pass runs), or unset for all of them",
+        )
+        _check(
+            self.sparse_top_k in SPARSE_TOP_K,
+            f"sparse_top_k={self.sparse_top_k!r} must be one of {', '.join(map(repr, SPARSE_TOP_K))}",
         )
 
     def validate_for(

@@ -84,8 +84,8 @@ def compile_support(model: LoraMixModel) -> str | None:
         return f"{type(model.model).__name__} does not support static caches (transformers' _can_compile_fullgraph)"
     if model.backbone is model.model:
         return f"{type(model.model).__name__} has no separate backbone for the scaling pass"
-    if model.sparse_top_k is True:
-        return "model.sparse_top_k=True forces the sparse top-k path, which cannot run in a compiled step"
+    if model.sparse_top_k == "always":
+        return 'sparse_top_k="always" forces the sparse top-k path, which cannot run in a compiled step'
     return None
 
 

@@ -12,15 +12,8 @@ Systems ("rows"):
     prompt        loramix prompt mode (the last prompt token's scalings held for the answer)
     truncated     loramix with a gate trained on a truncated scaling pass (a second checkpoint)
 
-What is scored depends on the record (docs/demo.md):
-    "answer" (a number)         numeric: R^2 and MAE over the domain, plus exact match of the text
-    "target" (+ "length")        design: the generated peptide's GRAVY against the target (cycle consistency): MAE,
-                                 share within 0.25, validity (only the 20 amino acids), novelty (not in training)
-    "then" (+ "first")           two segments: the model answers a number, the harness appends "then" (">B?" or "+B=")
-                                 and the model continues. "solved": the first number is within 0.25 of "first" (the
-                                 truth) and segment 2 is right for the model's own number (yes/no, or the exact
-                                 sum); also exact_match of segment 2 against the reference, and the first number's MAE
-    otherwise                    exact match of the completion
+What is scored depends on the record: its "scoring" field, or the first registered scorer that matches its fields
+(loramix.scoring; the demo's "design" and "two_segment" kinds are in loramix.demo.scoring, docs/demo.md).
 """
 
 from __future__ import annotations
@@ -35,28 +28,18 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
+from .scoring import Scorer, scorer, scorer_of
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SYSTEMS", "EvalResult", "evaluate", "generate_answers", "primary_metric"]
 
 SYSTEMS = ("base", "experts", "uniform", "oracle", "router", "granular", "prompt", "truncated")
-DESIGN_TOLERANCE = 0.25
-PRIMARY = {"numeric": "r2", "design": "within_tolerance", "exact": "exact_match", "two_segment": "solved"}
-
-
-def _kind(record: dict[str, Any]) -> str:
-    if "then" in record:
-        return "two_segment"
-    if "target" in record:
-        return "design"
-    if isinstance(record.get("answer"), (int, float)):
-        return "numeric"
-    return "exact"
 
 
 def primary_metric(kind: str) -> str:
-    return PRIMARY[kind]
+    """The metric that ranks systems for a scoring kind."""
+    return scorer(kind).primary
 
 
 @dataclass
@@ -71,6 +54,20 @@ class EvalResult:
     def primary(self, system: str, domain: str) -> float:
         return self.metrics[system][domain][primary_metric(self.kinds[domain])]
 
+    def primary_table(self) -> tuple[list[str], list[list[str]]]:
+        """Header and rows of the table of primary metrics: one row per system, one column per domain, tokens/s."""
+        header = ["system", *[f"{d} {primary_metric(k)}" for d, k in self.kinds.items()], "tokens/s"]
+        rows = [
+            [system, *[f"{self.primary(system, d):.3f}" for d in self.kinds], f"{self.speed[system]:.0f}"]
+            for system in self.metrics
+        ]
+        return header, rows
+
+    def to_markdown(self) -> str:
+        header, rows = self.primary_table()
+        lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "metrics": self.metrics,
@@ -80,79 +77,24 @@ class EvalResult:
         }
 
 
-def _second_segment(then: str, first: float) -> str:
-    """What segment 2 must say given the model's own segment 1: ">B?" -> yes/no, "+B=" -> the sum."""
-    from .demo.world import fmt, parse_number, verdict
-
-    if then.startswith(">") and then.endswith("?") and parse_number(then[1:-1]) is not None:
-        return verdict(first, parse_number(then[1:-1]))
-    if then.startswith("+") and then.endswith("=") and parse_number(then[1:-1]) is not None:
-        return fmt(first + parse_number(then[1:-1]))
-    raise ConfigError(f'"then": {then!r} is not one of the supported forms ">B?" or "+B="')
-
-
-def _score(kind: str, records: list[dict[str, Any]], answers: list[str], train_peptides: set[str]) -> dict[str, float]:
-    from .demo.world import gravy, is_valid_peptide, parse_number
-
-    n = len(records)
-    if kind == "two_segment":
-        solved = exact = 0
-        errors = []
-        for a, r in zip(answers, records):
-            first_text, _, result_text = a.partition(r["then"])
-            first = parse_number(first_text)
-            if first is not None:
-                errors.append(abs(first - float(r["first"])))
-            expected = r["completion"].split(r["then"])[-1].strip()
-            exact += result_text.strip() == expected
-            if first is not None and abs(first - float(r["first"])) <= DESIGN_TOLERANCE:
-                solved += result_text.strip() == _second_segment(r["then"], first)
-        return {
-            "solved": solved / n,
-            "exact_match": exact / n,
-            "first_mae": sum(errors) / len(errors) if errors else float("nan"),
-            "first_parsed": len(errors) / n,
-        }
-    if kind == "numeric":
-        truth = [float(r["answer"]) for r in records]
-        values = [parse_number(a) for a in answers]
-        exact = sum(1 for a, r in zip(answers, records) if a.strip() == r["completion"].strip()) / n
-        guess = [v if v is not None else 0.0 for v in values]  # unparseable answers count as 0
-        mean = sum(truth) / n
-        ss_tot = sum((t - mean) ** 2 for t in truth) or 1e-12
-        ss_res = sum((t - g) ** 2 for t, g in zip(truth, guess))
-        return {
-            "r2": 1 - ss_res / ss_tot,
-            "mae": sum(abs(t - g) for t, g in zip(truth, guess)) / n,
-            "exact_match": exact,
-            "parsed": sum(v is not None for v in values) / n,
-        }
-    if kind == "design":
-        valid = [a.strip() for a in answers]
-        ok = [is_valid_peptide(s) for s in valid]
-        errors = [abs(gravy(s) - float(r["target"])) if good else None for s, good, r in zip(valid, ok, records)]
-        scored = [e for e in errors if e is not None]
-        return {
-            "within_tolerance": sum(1 for e in scored if e <= DESIGN_TOLERANCE) / n,
-            "mae": sum(scored) / len(scored) if scored else float("nan"),
-            "validity": sum(ok) / n,
-            "novelty": sum(1 for s, good in zip(valid, ok) if good and s not in train_peptides) / n,
-            "length_mae": sum(abs(len(s) - int(r["length"])) for s, good, r in zip(valid, ok, records) if good)
-            / max(1, sum(ok)),
-        }
-    return {"exact_match": sum(1 for a, r in zip(answers, records) if a.strip() == r["completion"].strip()) / n}
-
-
 def _fixed(model: Any, weights: torch.Tensor) -> torch.Tensor:
     """[B, N] expert weights -> fixed scalings [B, L, N]."""
     return weights[:, None, :].expand(-1, model.n_layers, -1).to(model.device, model.dtype)
 
 
+@dataclass
+class _Domain:
+    """The records of one domain, how they are scored and the answers' token budget."""
+
+    records: list[dict[str, Any]]
+    how: Scorer
+    max_new: int
+
+
 class _Runner:
-    def __init__(self, model: Any, truncated: Any, max_new_tokens: dict[str, int], batch_size: int) -> None:
+    def __init__(self, model: Any, truncated: Any, batch_size: int) -> None:
         self.model = model
         self.truncated = truncated
-        self.max_new = max_new_tokens
         self.batch_size = batch_size
         self.tokenizer = model.tokenizer
 
@@ -190,33 +132,49 @@ class _Runner:
         m = mask.to(s.device, s.dtype)[:, :, None, None]
         return (s * m).sum(1) / m.sum(1)  # [B, L, N], mean over the prompt's real tokens
 
-    def answers(
-        self, system: str, records: list[dict[str, Any]], domain: str, weights: torch.Tensor | None
-    ) -> tuple[list[str], int]:
+    def answers(self, system: str, domain: _Domain, weights: torch.Tensor | None) -> tuple[list[str], int]:
         out: list[str] = []
         tokens = 0
-        for start in range(0, len(records), self.batch_size):
-            chunk = records[start : start + self.batch_size]
+        then = domain.how.continuation
+        for start in range(0, len(domain.records), self.batch_size):
+            chunk = domain.records[start : start + self.batch_size]
             w = weights[start : start + self.batch_size] if weights is not None else None
             prompts = [r["prompt"] for r in chunk]
             router = self._router(prompts) if system == "router" else None
-            n_new = self.max_new.get(domain, self.max_new["default"])
-            first, n = self._generate(system, prompts, n_new, w, router)
+            first, n = self._generate(system, prompts, domain.max_new, w, router)
             tokens += n
-            if "then" not in chunk[0]:
+            if then is None:
                 out += first
                 continue
             # two segments: the harness appends the continuation, the model writes the rest
-            second_prompts = [p + a.strip() + r["then"] for p, a, r in zip(prompts, first, chunk)]
-            second, n = self._generate(system, second_prompts, self.max_new["default"], w, router)
+            second_prompts = [p + a.strip() + r[then] for p, a, r in zip(prompts, first, chunk)]
+            second, n = self._generate(system, second_prompts, DEFAULT_MAX_NEW, w, router)
             tokens += n
-            out += [a.strip() + r["then"] + b.strip() for a, r, b in zip(first, chunk, second)]
+            out += [a.strip() + r[then] + b.strip() for a, r, b in zip(first, chunk, second)]
         return out, tokens
 
 
-def _max_new(max_new_tokens: dict[str, int] | None) -> dict[str, int]:
-    """New-token budgets per domain ("default" for the others): design answers are peptides of up to 40 residues."""
-    return {"default": 12, "inverse": 44, **(max_new_tokens or {})}
+DEFAULT_MAX_NEW = 12  # new tokens of a continuation's answer
+
+
+def _domains(records: Sequence[dict[str, Any]], max_new_tokens: dict[str, int] | None) -> dict[str, _Domain]:
+    """Records grouped by their "domain" (checked: every record of a domain is scored the same way and has what its
+    scorer needs); budgets from the scorer unless `max_new_tokens` names the domain."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for i, r in enumerate(records):
+        if "prompt" not in r or "completion" not in r:
+            raise ConfigError(f"record {i}: evaluation needs 'prompt' and 'completion'")
+        groups.setdefault(r.get("domain") or "all", []).append(r)
+    out = {}
+    for name, recs in groups.items():
+        kinds = {scorer_of(r).name for r in recs}
+        if len(kinds) != 1:
+            raise ConfigError(f"domain '{name}': records mix scoring kinds {sorted(kinds)}; split them by domain")
+        how = scorer_of(recs[0])
+        if how.check is not None:
+            how.check(name, recs)
+        out[name] = _Domain(recs, how, (max_new_tokens or {}).get(name, how.max_new_tokens))
+    return out
 
 
 @torch.no_grad()
@@ -231,7 +189,58 @@ def generate_answers(
 ) -> list[str]:
     """Greedy answers of loramix in one mode ("granular" or "prompt") to records of one domain, as `evaluate`
     produces them (two-segment records get the harness's continuation)."""
-    return _Runner(model, None, _max_new(max_new_tokens), batch_size).answers(mode, list(records), domain, None)[0]
+    group = _domains([{**r, "domain": domain} for r in records], max_new_tokens)[domain]
+    return _Runner(model, None, batch_size).answers(mode, group, None)[0]
+
+
+def _rows(systems: Sequence[str], names: list[str], truncated: Any) -> list[tuple[str, str | None]]:
+    """(system, expert) per table row: "experts" becomes one row per expert; "truncated" needs its checkpoint."""
+    rows: list[tuple[str, str | None]] = []
+    for system in systems:
+        if system == "experts":
+            rows += [(f"expert:{n}", n) for n in names]
+        elif system != "truncated" or truncated is not None:
+            rows.append((system, None))
+    return rows
+
+
+def _fixed_weights(system: str, expert: str | None, n: int, names: list[str]) -> torch.Tensor | None:
+    """[n, N] expert weights of the systems with fixed scalings (base, one expert, uniform); None for the others."""
+    if system == "base":
+        return torch.zeros(n, len(names))
+    if system == "uniform":
+        return torch.full((n, len(names)), 1.0 / len(names))
+    if expert is not None:
+        return torch.nn.functional.one_hot(torch.tensor(names.index(expert)), len(names)).float().expand(n, -1)
+    return None
+
+
+def _oracle_options(domain: str, recs: list[dict[str, Any]], names: list[str]) -> list[torch.Tensor]:
+    """[n, N] one-hot weights per option: option i gives each record its i-th listed expert (its last one when it
+    lists fewer), so that the oracle can take the best per prompt."""
+    options = []
+    for option in range(max(len(r.get("experts", [r.get("domain")])) for r in recs)):
+        w = torch.zeros(len(recs), len(names))
+        for i, r in enumerate(recs):
+            wanted = r.get("experts", [r.get("domain")])
+            name = wanted[min(option, len(wanted) - 1)]
+            if name not in names:
+                raise ConfigError(f"domain '{domain}': oracle needs an expert named '{name}' (experts: {names})")
+            w[i, names.index(name)] = 1.0
+        options.append(w)
+    return options
+
+
+def _oracle(
+    runner: _Runner, group: _Domain, options: list[torch.Tensor], context: dict[str, Any]
+) -> tuple[list[str], int]:
+    """Per prompt, the best-scoring answer among the options (one expert per prompt), and the tokens generated."""
+    runs = [runner.answers("oracle", group, w) for w in options]
+    best = []
+    for i, r in enumerate(group.records):
+        scored = [(group.how.score([r], [run[i]], context)[group.how.primary], run[i]) for run, _ in runs]
+        best.append(max(scored, key=lambda x: x[0])[1])
+    return best, sum(n for _, n in runs)
 
 
 @torch.no_grad()
@@ -246,94 +255,34 @@ def evaluate(
     train_peptides: set[str] | None = None,
     progress: bool = True,
 ) -> EvalResult:
-    """Run every system over the records (grouped by their "domain") and score them; see the module docstring."""
+    """Run every system over the records (grouped by their "domain") and score them; see the module docstring.
+    max_new_tokens: budgets by domain name (default: each scorer's). train_peptides: passed to scorers as context."""
     from tqdm.auto import tqdm
 
     if model.tokenizer is None:
         raise ConfigError("evaluation needs the model's tokenizer")
-    records = list(records)
     if not records:
         raise ConfigError("no records to evaluate")
     names = model.expert_names
-    by_domain: dict[str, list[dict[str, Any]]] = {}
-    for i, r in enumerate(records):
-        if "prompt" not in r or "completion" not in r:
-            raise ConfigError(f"record {i}: evaluation needs 'prompt' and 'completion'")
-        by_domain.setdefault(r.get("domain") or "all", []).append(r)
-    result = EvalResult()
-    for domain, recs in by_domain.items():
-        kinds = {_kind(r) for r in recs}
-        if len(kinds) != 1:
-            raise ConfigError(f"domain '{domain}': records mix scoring kinds {sorted(kinds)}; split them by domain")
-        result.kinds[domain] = kinds.pop()
-        if result.kinds[domain] == "two_segment":
-            for r in recs:
-                if not isinstance(r.get("first"), (int, float)):
-                    raise ConfigError(
-                        f"domain '{domain}': a record with \"then\" needs \"first\", the number segment 1 should give "
-                        f"(got {r.get('first')!r})"
-                    )
-                _second_segment(r["then"], 0.0)
-    runner = _Runner(model, truncated, _max_new(max_new_tokens), batch_size)
-    rows: list[tuple[str, str | None]] = []
-    for system in systems:
-        if system == "experts":
-            rows += [(f"expert:{n}", n) for n in names]
-        elif system == "truncated" and truncated is None:
-            continue
-        else:
-            rows.append((system, None))
-    bar = tqdm(total=len(rows) * len(by_domain), desc="evaluating", disable=not progress)
-    train_peptides = train_peptides or set()
+    domains = _domains(records, max_new_tokens)
+    result = EvalResult(kinds={name: group.how.name for name, group in domains.items()})
+    runner = _Runner(model, truncated, batch_size)
+    context = {"train_peptides": train_peptides or set()}
+    rows = _rows(systems, names, truncated)
+    bar = tqdm(total=len(rows) * len(domains), desc="evaluating", disable=not progress)
     for system, expert in rows:
         result.metrics[system] = {}
         generated, seconds = 0, 0.0
-        for domain, recs in by_domain.items():
-            weights = None
-            candidates: list[torch.Tensor] = []
-            if system == "base":
-                weights = torch.zeros(len(recs), len(names))
-            elif expert is not None or system == "uniform":
-                row = (
-                    torch.full((len(names),), 1.0 / len(names))
-                    if system == "uniform"
-                    else torch.nn.functional.one_hot(torch.tensor(names.index(expert)), len(names)).float()
-                )
-                weights = row.expand(len(recs), -1)
-            elif system == "oracle":
-                for option in range(max(len(r.get("experts", [r.get("domain")])) for r in recs)):
-                    w = torch.zeros(len(recs), len(names))
-                    for i, r in enumerate(recs):
-                        wanted = r.get("experts", [r.get("domain")])
-                        name = wanted[min(option, len(wanted) - 1)]
-                        if name not in names:
-                            raise ConfigError(
-                                f"domain '{domain}': oracle needs an expert named '{name}' (experts: {names})"
-                            )
-                        w[i, names.index(name)] = 1.0
-                    candidates.append(w)
+        for name, group in domains.items():
             start = time.perf_counter()
-            if candidates:  # oracle: the best expert per prompt among the listed ones
-                options = [runner.answers(system, recs, domain, w) for w in candidates]
-                generated += sum(n for _, n in options)
-                answers = []
-                for i, r in enumerate(recs):
-                    scored = [
-                        (
-                            _score(result.kinds[domain], [r], [o[0][i]], train_peptides)[
-                                primary_metric(result.kinds[domain])
-                            ],
-                            o[0][i],
-                        )
-                        for o in options
-                    ]
-                    answers.append(max(scored, key=lambda x: x[0])[1])
+            if system == "oracle":
+                answers, n = _oracle(runner, group, _oracle_options(name, group.records, names), context)
             else:
-                answers, n = runner.answers(system, recs, domain, weights)
-                generated += n
+                answers, n = runner.answers(system, group, _fixed_weights(system, expert, len(group.records), names))
+            generated += n
             seconds += time.perf_counter() - start
-            result.metrics[system][domain] = _score(result.kinds[domain], recs, answers, train_peptides)
-            result.answers[f"{system}/{domain}"] = answers
+            result.metrics[system][name] = group.how.score(group.records, answers, context)
+            result.answers[f"{system}/{name}"] = answers
             bar.update(1)
         result.speed[system] = generated / seconds if seconds > 0 else math.nan
     bar.close()

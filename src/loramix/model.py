@@ -14,6 +14,7 @@ by `self.state`, set through a context manager for the duration of the pass.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -144,7 +145,6 @@ class LoraMixModel(nn.Module):
         self.register_buffer("_rank_index", torch.cat(index).to(weight.device), persistent=False)
         self.register_buffer("_rank_scale", torch.cat([layer.rank_scale for layer in layers]), persistent=False)
         self._mean_expert_elements = sum(layer.lora_A.numel() + layer.lora_B.numel() for layer in layers) / len(layers)
-        self.sparse_top_k: bool | str = "auto"
         self._views: dict[int, nn.Module] = {}  # truncated views of the backbone (see scaling_backbone); not submodules
         self.freeze()
         self.eval()  # like transformers' from_pretrained: call .train() to train the gate
@@ -189,6 +189,15 @@ class LoraMixModel(nn.Module):
     def global_scaling_weight(self, value: float) -> None:
         self.config.global_scaling_weight = float(value)
         self.state.global_scaling_weight = float(value)
+
+    @property
+    def sparse_top_k(self) -> str:
+        """`MixConfig.sparse_top_k`: "auto", "always" or "never" (saved with the checkpoint)."""
+        return self.config.sparse_top_k
+
+    @sparse_top_k.setter
+    def sparse_top_k(self, value: str) -> None:
+        self.config = dataclasses.replace(self.config, sparse_top_k=value)  # validated like a saved config
 
     def mixed_layers(self) -> Iterator[MixedLoRALinear]:
         """The mixed layers in layer-index order."""
@@ -389,14 +398,15 @@ class LoraMixModel(nn.Module):
     def use_sparse_top_k(self, tokens: int) -> bool:
         """Whether a pass over `tokens` tokens computes only the chosen experts (top-k gates, inference only).
 
-        `sparse_top_k`: True / False force it; "auto" (default) uses it where benchmarks/sparse_topk.py measured it
-        faster on CPU: one or two tokens per pass (decoding), k <= N/4, and expert matrices of at least ~1M elements
-        per layer. Elsewhere the dense stacked matmul wins: gathering rows costs more than computing them.
+        `MixConfig.sparse_top_k`: "always" / "never" force it; "auto" (default) uses it where
+        benchmarks/sparse_topk.py measured it faster on CPU: one or two tokens per pass (decoding), k <= N/4, and
+        expert matrices of at least ~1M elements per layer. Elsewhere the dense stacked matmul wins: gathering rows
+        costs more than computing them.
         """
         k = self.config.gate.top_k
-        if k is None or self.sparse_top_k is False or torch.is_grad_enabled():
+        if k is None or self.sparse_top_k == "never" or torch.is_grad_enabled():
             return False
-        if self.sparse_top_k is True:
+        if self.sparse_top_k == "always":
             return True
         return tokens <= 2 and 4 * k <= self.n_experts and self._mean_expert_elements >= 1_000_000
 

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import math
 import random
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import Any
+
+from ..scoring import parse_number
 
 __all__ = [
     "AMINO_ACIDS",
@@ -101,14 +102,6 @@ def fmt(x: float) -> str:
     """The world's number format: two decimals, no '-0.00'."""
     text = f"{x:.2f}"
     return "0.00" if text == "-0.00" else text
-
-
-def parse_number(text: str) -> float | None:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
 
 
 def verdict(a: float, b: float) -> str:

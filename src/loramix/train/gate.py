@@ -40,27 +40,27 @@ def example_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 @dataclass
 class GateObjective:
     """What the gate is trained on: the mixed pass's next-token loss, plus optional auxiliary terms (all off by
-    default; docs/training.md says when each helps).
-
-    loss_weighting:  "token" (mean over all trained tokens, as transformers does) or "example" (mean within each
-                     example, then over examples: every example weighs the same however long its answer).
-    entropy_weight:  * H, the mean entropy of each (token, layer) scaling distribution. Positive weights push the
-                     gate towards decisive routing (one expert per token), negative ones towards mixing.
-    balance_weight:  * N * sum_e u_e^2 with u_e the mean scaling of expert e over the batch's real tokens and layers:
-                     1 when usage is uniform, N when one expert takes everything (Switch-style balance).
-    route_weight:    * the cross-entropy between each token's layer-averaged scalings and the expert that its record's
-                     "domain" names (records whose domain names no expert are left out): domain supervision of the
-                     router, for training data that carries domain labels.
-    route_tokens:    which tokens the routing term covers: "all" real tokens of the record, or "answer" only, the
-                     positions that predict a trained token (the last prompt token and the completion): prompts whose
-                     text looks like another domain's (a peptide quoted in a question) then carry no label there.
-    """
+    default; docs/training.md says when each helps)."""
 
     loss_weighting: str = "token"
+    """How the loss averages: "token" (over all trained tokens, as transformers does) or "example" (within each
+    example, then over examples: every example weighs the same however long its answer)."""
+
     entropy_weight: float = 0.0
+    """Weight of H, the mean entropy of each (token, layer) scaling distribution. Positive weights push the gate
+    towards decisive routing (one expert per token), negative ones towards mixing."""
+
     balance_weight: float = 0.0
+    """Weight of N * sum_e u_e^2, with u_e the mean scaling of expert e over the batch's real tokens and layers: 1
+    when usage is uniform, N when one expert takes everything (Switch-style balance)."""
+
     route_weight: float = 0.0
+    """Weight of the cross-entropy between each token's layer-averaged scalings and the expert that its record's
+    "domain" names (records whose domain names no expert are left out): domain supervision of the router."""
+
     route_tokens: str = "all"
+    """Tokens the routing term covers: "all" real tokens of the record, or "answer" only, the positions that predict
+    a trained token (the last prompt token and the completion)."""
 
     def __post_init__(self) -> None:
         if self.loss_weighting not in ("token", "example"):

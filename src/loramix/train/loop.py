@@ -53,29 +53,42 @@ class TrainConfig:
     """Optimisation and bookkeeping options shared by `train_expert` and `train_gate`."""
 
     learning_rate: float = 1e-3
+    """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     schedule: str = "cosine"
     """transformers schedule name: linear, cosine, constant or constant_with_warmup."""
     warmup_steps: int = 0
+    """Linear warm-up steps."""
     epochs: float = 1.0
+    """Passes over the data (ignored when max_steps is set)."""
     max_steps: int | None = None
     """Optimizer steps; overrides `epochs` when set."""
     batch_size: int = 8
     """Examples per process per micro-batch."""
     grad_accum: int = 1
+    """Micro-batches per optimizer step."""
     max_grad_norm: float | None = 1.0
+    """Gradient clipping norm (None: no clipping)."""
     seed: int = 0
+    """Seed (initialisation, data order, dropout)."""
     max_length: int = 512
+    """Truncate examples to this many tokens."""
     eval_every: int | None = None
     """Evaluate every N optimizer steps (and at the end) when there is evaluation data."""
     save_every: int | None = None
     """Write a resumable training checkpoint every N optimizer steps."""
     keep_checkpoints: int = 2
+    """Resumable checkpoints kept in the run directory (the newest ones)."""
     log_every: int = 10
+    """Log metrics every N optimizer steps."""
     report_to: list[str] = field(default_factory=list)
     """Accelerate trackers, e.g. ["tensorboard"] or ["wandb"] (must be installed)."""
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None
+    """Accelerate mixed precision: no, fp16 or bf16. None: what `accelerate launch --mixed_precision` (or the
+    Accelerate config) sets, else no."""
     progress: bool = True
+    """Show a progress bar."""
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
@@ -97,6 +110,10 @@ class TrainConfig:
         check(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
         check(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
         check(0 <= self.seed < 2**63, f"seed={self.seed} must be an integer from 0 to 2**63 - 1")
+        check(
+            self.mixed_precision in (None, "no", "fp16", "bf16"),
+            f"mixed_precision={self.mixed_precision!r}; expected no, fp16 or bf16 (or unset: the launcher's)",
+        )
         check(isinstance(self.report_to, list), f"report_to={self.report_to!r} must be a list of tracker names")
         if self.report_to:
             from accelerate.tracking import get_available_trackers
@@ -113,6 +130,24 @@ class TrainConfig:
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 LogitsFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+
+
+@dataclass
+class _Window:
+    """What the steps since the last log add up: loss sum, micro-batches, tokens (all processes), auxiliary terms."""
+
+    loss: float = 0.0
+    n: int = 0
+    tokens: int = 0
+    extras: dict[str, float] = field(default_factory=dict)
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, tokens: int, extras: dict[str, float]) -> None:
+        self.loss += loss
+        self.n += 1
+        self.tokens += tokens
+        for key, value in extras.items():
+            self.extras[key] = self.extras.get(key, 0.0) + value
 
 
 class Trainer:
@@ -380,27 +415,22 @@ class Trainer:
         if self.config.report_to:
             self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
 
-    def train(self, resume: bool | str | Path = False, *, force: bool = False) -> dict[str, Any]:
-        """Run to `total_steps`; return the last logged training and evaluation metrics.
-
-        resume: True (the newest complete checkpoint of the run dir) or a checkpoint path. A checkpoint written with
-        other optimisation settings (`RESUME_KEYS`) is refused unless `force`. Raises `TrainingError` when the loss
-        becomes NaN or Inf (the periodic checkpoints written before stay).
-        """
+    def _prepare(self, resume: bool | str | Path, force: bool) -> tuple[nn.Module, Any, Any]:
+        """Seed, wrap the model and a new AdamW with Accelerate, restore a checkpoint if asked, fast-forward the
+        schedule, start the trackers and write hparams.json; returns (model, optimizer, scheduler)."""
         from transformers import get_scheduler
 
-        acc = self.accelerator
-        config = self.config
+        acc, config = self.accelerator, self.config
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
         torch.manual_seed(config.seed)
         random.seed(config.seed)
-        params = list(self.trainable.values())
-        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(
+            list(self.trainable.values()), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
         model, optimizer = acc.prepare(self.model, optimizer)
         self.model = model
-        resume_from = None
         if resume:
             resume_from = Path(resume) if isinstance(resume, (str, Path)) and resume is not True else None
             resume_from = resume_from or self.latest_checkpoint()
@@ -420,7 +450,57 @@ class Trainer:
         if acc.is_main_process:
             hparams = {"train": asdict(self.config), **self.hparams}
             write_text_atomic(self.run_dir / "hparams.json", json.dumps(hparams, indent=2, default=str))
+        return model, optimizer, scheduler
 
+    def _micro_step(self, model: nn.Module, optimizer: Any, batch: dict[str, torch.Tensor], window: _Window) -> None:
+        """Forward, backward and (when gradients sync) the optimizer step of one micro-batch; its loss goes into the
+        window. A non-finite loss raises `TrainingError`."""
+        acc = self.accelerator
+        with acc.accumulate(model):
+            loss, extras = self.loss_fn(model, batch)
+            acc.backward(loss)
+            if acc.sync_gradients and self.config.max_grad_norm is not None:
+                acc.clip_grad_norm_(list(self.trainable.values()), self.config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        self.micro_done_in_epoch += 1
+        value = float(loss.detach())  # the one host sync per micro-batch, shared with the logging
+        if not math.isfinite(value):
+            raise self._diverged(value)
+        window.add(value, int(batch["attention_mask"].sum()) * self.world, extras)
+
+    def _log_window(self, window: _Window, scheduler: Any, progress: Any) -> dict[str, Any]:
+        """The training metrics of the steps since the last log (the loss averaged over processes), logged."""
+        elapsed = time.perf_counter() - window.start
+        mean = torch.tensor(window.loss / window.n, device=self.accelerator.device)
+        record = {
+            "step": self.global_step,
+            "epoch": round(self.epoch + self.micro_done_in_epoch / self.micro_per_epoch, 4),
+            "loss": float(self.accelerator.reduce(mean, "mean")),
+            "lr": scheduler.get_last_lr()[0],
+            "tokens_per_s": window.tokens / max(elapsed, 1e-9),
+            "steps_per_s": (window.n / self.config.grad_accum) / max(elapsed, 1e-9),
+            **{k: v / window.n for k, v in window.extras.items()},
+        }
+        self._log(record)
+        if progress is not None:
+            progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        return record
+
+    def _evaluate_and_log(self) -> dict[str, Any]:
+        metrics = self.evaluate()
+        self._log({"step": self.global_step, **metrics})
+        return metrics
+
+    def train(self, resume: bool | str | Path = False, *, force: bool = False) -> dict[str, Any]:
+        """Run to `total_steps`; return the last logged training and evaluation metrics.
+
+        resume: True (the newest complete checkpoint of the run dir) or a checkpoint path. A checkpoint written with
+        other optimisation settings (`RESUME_KEYS`) is refused unless `force`. Raises `TrainingError` when the loss
+        becomes NaN or Inf (the periodic checkpoints written before stay).
+        """
+        acc, config = self.accelerator, self.config
+        model, optimizer, scheduler = self._prepare(resume, force)
         progress = None
         if config.progress and acc.is_main_process:
             from tqdm.auto import tqdm
@@ -428,73 +508,33 @@ class Trainer:
             progress = tqdm(total=self.total_steps, initial=self.global_step, desc=self.description, dynamic_ncols=True)
         model.train()
         last: dict[str, Any] = {}
-        window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-        extras_sum: dict[str, float] = {}
-        done = self.global_step >= self.total_steps
-        while not done:
-            loader = self._loader(self.epoch, self.micro_done_in_epoch)
-            for batch in loader:
-                with acc.accumulate(model):
-                    loss, extras = self.loss_fn(model, batch)
-                    acc.backward(loss)
-                    if acc.sync_gradients and config.max_grad_norm is not None:
-                        acc.clip_grad_norm_(params, config.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                self.micro_done_in_epoch += 1
-                value = float(loss.detach())  # the one host sync per micro-batch, shared with the logging
-                if not math.isfinite(value):
-                    raise self._diverged(value)
-                window_loss += value
-                window_n += 1
-                window_tokens += int(batch["attention_mask"].sum()) * self.world
-                for key, value in extras.items():
-                    extras_sum[key] = extras_sum.get(key, 0.0) + value
+        window = _Window()
+        while self.global_step < self.total_steps:
+            for batch in self._loader(self.epoch, self.micro_done_in_epoch):
+                self._micro_step(model, optimizer, batch, window)
                 if not acc.sync_gradients:
                     continue
                 scheduler.step()
                 self.global_step += 1
-                if self.global_step % config.log_every == 0 or self.global_step == self.total_steps:
-                    elapsed = time.perf_counter() - window_start
-                    mean = torch.tensor(window_loss / window_n, device=acc.device)
-                    record = {
-                        "step": self.global_step,
-                        "epoch": round(self.epoch + self.micro_done_in_epoch / self.micro_per_epoch, 4),
-                        "loss": float(acc.reduce(mean, "mean")),
-                        "lr": scheduler.get_last_lr()[0],
-                        "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                        "steps_per_s": (window_n / config.grad_accum) / max(elapsed, 1e-9),
-                        **{k: v / window_n for k, v in extras_sum.items()},
-                    }
-                    self._log(record)
-                    last.update(record)
-                    if progress is not None:
-                        progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                    window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-                    extras_sum = {}
+                at_end = self.global_step >= self.total_steps
+                if self.global_step % config.log_every == 0 or at_end:
+                    last.update(self._log_window(window, scheduler, progress))
+                    window = _Window()
                 if progress is not None:
                     progress.update(1)
-                at_end = self.global_step >= self.total_steps
-                if (
-                    self.eval_data is not None
-                    and config.eval_every
-                    and (self.global_step % config.eval_every == 0 or at_end)
+                if self.eval_data is not None and config.eval_every and (
+                    self.global_step % config.eval_every == 0 or at_end
                 ):
-                    metrics = self.evaluate()
-                    self._log({"step": self.global_step, **metrics})
-                    last.update(metrics)
+                    last.update(self._evaluate_and_log())
                 if config.save_every and self.global_step % config.save_every == 0 and not at_end:
                     self._save_checkpoint(optimizer)
                 if at_end:
-                    done = True
                     break
             else:
                 self.epoch += 1
                 self.micro_done_in_epoch = 0
         if self.eval_data is not None and not config.eval_every:
-            metrics = self.evaluate()
-            self._log({"step": self.global_step, **metrics})
-            last.update(metrics)
+            last.update(self._evaluate_and_log())
         if progress is not None:
             progress.close()
         if config.report_to:
