@@ -3,10 +3,11 @@
 The 25M-body benchmark Llama of common.py (42M weights with its tied 32000 x 512 embeddings), 4 random rank-8
 experts on q/k/v/o/gate_proj, a layerwise gate.
 
-Memory, one fresh process per variant (`--memory-child`): the RSS after importing every variant's libraries is the
-process's floor; reported above it (MiB): the peak RSS while loading (transformers reads the float checkpoint and
-quantizes it tensor by tensor), the RSS held after loading (freed heap handed back with malloc_trim), and the peak
-RSS (VmHWM, reset after loading) while generating; plus the bytes of the model's tensors as stored.
+Memory, one fresh process per variant (`--memory-child`): the RSS after importing every variant's libraries and a
+warm-up run of the variant (dropped) is the process's floor; reported above it (MiB): the peak RSS while loading
+(transformers reads the float checkpoint and quantizes it tensor by tensor), the RSS held after loading (freed heap
+handed back with malloc_trim), and the peak RSS (VmHWM, reset after loading) while generating; plus the bytes of the
+model's tensors as stored. A float32 base is memory-mapped from its checkpoint: its pages count once touched.
 Speed, in one process, interleaved rounds: greedy decode in granular mode (two KV caches), batch 1, --prompt-tokens
 then --new-tokens; tokens/s and the paired ratio of decode times to float32's.
 
@@ -92,6 +93,12 @@ def memory_child(args) -> None:
     for name in ("transformers", "torchao.quantization", "bitsandbytes", "torch._inductor.config"):
         importlib.import_module(name)  # torch._inductor: torchao's int8 config sets inductor options
 
+    # a warm-up of the same variant, then dropped: the library code its run touches (file-backed pages of libtorch,
+    # torchao, bitsandbytes) and the allocator's arenas are then the process's floor, not the model's
+    warm = build(Path(args.base_dir), experts, args.memory_child)
+    with torch.inference_mode():
+        warm.generate(prompt(args)[:, :8], max_new_tokens=2, eos_token_id=[])
+    del warm
     _trim()
     floor = _status_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the load's own peak from here

@@ -18,7 +18,7 @@ import loramix
 from loramix import AdapterError, BaseModelMismatchError, CheckpointError, ConfigError
 from loramix.experts import read_adapter
 
-from conftest import char_tokenizer, tiny_llama
+from conftest import char_tokenizer, run_cli, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -309,14 +309,7 @@ def test_non_finite_inputs_never_reach_the_gate(good, tmp_path):
     assert not (tmp_path / "static").exists() and not list(tmp_path.glob(".static*"))
 
 
-def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "loramix", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "COLUMNS": "300"},
-    )
+_cli = run_cli
 
 
 def _one_clean_line(result, message):

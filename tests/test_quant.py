@@ -11,10 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +23,7 @@ from loramix.errors import BaseModelMismatchError, CheckpointError, ConfigError
 from loramix.quant import dense_weight, describe_quantization, quantization_config
 from loramix.train import TrainConfig, train_gate
 
-from conftest import char_tokenizer, make_adapter, save_model, tiny_llama
+from conftest import char_tokenizer, make_adapter, run_cli, save_model, tiny_llama
 
 PROMPT = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46], [1, 50, 52, 54, 56, 58, 60, 62]])
 
@@ -97,17 +94,17 @@ def test_mixture_over_a_quantized_base_wraps_the_quantized_linears_and_adds_exac
 
 
 def test_int8_logits_within_the_int8_rounding_bound_of_the_float_mixture(qworld):
-    """Int8 rounds each weight to the nearest step of its row, scale = max|w_row| / 127, so each weight moves by at
-    most 1/254 = 0.39% of its row's largest value. Through the quantized matrices in series of this model (input
-    embeddings, 2 blocks x 7 linears, the LM head: 16), first-order errors add up to at most 16 x 0.39% = 6.3% of the
-    logits' scale; random rounding errors partly cancel, so 6.3% is a bound, not an expectation (measured: 4.0%)."""
+    """Int8 weight-only rounds each weight to the nearest step of its row, scale = max|w_row| / 127, so each weight
+    moves by at most 1/254 = 0.39% of its row's largest value. Through the 2 x 7 quantized linears in series of this
+    model (embeddings and LM head stay float), first-order errors add up to at most 14 x 0.39% = 5.5% of the logits'
+    scale; random rounding errors partly cancel, so 5.5% is a bound, not an expectation (measured: 2.6%)."""
     floating, mix = _mix(qworld), _mix(qworld, "int8")
-    assert type(mix.model.get_input_embeddings().weight).__name__ == "IntxUnpackedToInt8Tensor"
-    assert type(mix.model.lm_head.weight).__name__ == "Int8Tensor"
+    assert type(mix.model.get_input_embeddings().weight) is nn.Parameter  # float: see docs/quantization.md
+    assert type(mix.model.lm_head.weight) is nn.Parameter
     with torch.no_grad():
         want, got = floating(PROMPT).logits, mix(PROMPT).logits
         plain = floating.base_forward(PROMPT).logits
-    bound = 16 / 254
+    bound = 14 / 254
     assert 0 < _rel(got, want) < bound
     assert _rel(plain, want) > 2 * bound  # a mixture that dropped its experts would fail
 
@@ -265,7 +262,7 @@ def test_export_mistralrs_over_a_quantized_base(qworld, tmp_path):
         export_mistralrs(mix, tmp_path / "xl", base_model_id=str(qworld["base"]), with_base=tmp_path / "b")
     assert not (tmp_path / "xl").exists() and not (tmp_path / "b").exists()
     mix.save(tmp_path / "ckpt")
-    result = _cli("export", tmp_path / "ckpt", "--format", "mistralrs", "--out", tmp_path / "xl")
+    result = run_cli("export", tmp_path / "ckpt", "--format", "mistralrs", "--out", tmp_path / "xl")
     assert result.returncode == 0, result.stderr
     assert "made over a int8 base; the export names the unquantized base" in result.stderr
     assert (tmp_path / "xl" / "xlora_config.json").is_file()
@@ -273,20 +270,20 @@ def test_export_mistralrs_over_a_quantized_base(qworld, tmp_path):
 
 def test_cli_quantize_option(qworld, tmp_path):
     _mix(qworld).save(tmp_path / "ckpt")
-    ok = _cli("generate", tmp_path / "ckpt", "-p", "abc", "-n", "3", "--quantize", "int8", "--json")
+    ok = run_cli("generate", tmp_path / "ckpt", "-p", "abc", "-n", "3", "--quantize", "int8", "--json")
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout.splitlines()[0])["prompt"] == "abc"
-    bad = _cli("generate", tmp_path / "ckpt", "-p", "abc", "--quantize", "fp3")
+    bad = run_cli("generate", tmp_path / "ckpt", "-p", "abc", "--quantize", "fp3")
     lines = [x for x in bad.stderr.splitlines() if x.strip()]
     assert bad.returncode == 2 and len(lines) == 1 and "unknown quantization 'fp3'" in lines[0], bad.stderr
 
 
-def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "loramix", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "COLUMNS": "300"},
-        cwd=Path(__file__).parent,
-    )
+def test_cli_train_gate_over_a_quantized_base(qworld, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": "abcdefgh"[i % 4 :]}) + "\n" for i in range(8)))
+    experts = [f"--expert={name}={path}" for name, path in qworld["experts"].items()]
+    args = ("--data", data, "--out", tmp_path / "ckpt", "--max-steps", "1", "--batch-size", "4", "--quantize", "int8")
+    result = run_cli("train-gate", "--base", qworld["base"], *experts, *args)
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((tmp_path / "ckpt" / "loramix_config.json").read_text())
+    assert meta["base"]["quantization"]["name"] == "int8"

@@ -12,8 +12,10 @@ forward, the experts and the gate add their terms in the compute dtype and are n
     int4   TorchAoConfig(IntxWeightOnlyConfig(int4, PerGroup(32)))    int4 values held in int8 bytes + group scales
     nf4    BitsAndBytesConfig(load_in_4bit, nf4)                      two 4-bit NF4 codes per byte + block absmax
 
-With int8 and int4 the input embeddings (and an LM head tied to them) are quantized too, int8 per row; an untied LM
-head is a linear like the others. bitsandbytes leaves embeddings and the LM head in the compute dtype.
+The input embeddings and the LM head stay in the compute dtype (transformers' default). Quantizing them through
+torchao's CPU path (`include_input_output_embeddings=True`) dequantizes the whole table at every step: on the benchmark
+Llama it cut the held memory to 0.28x of float32 but made decoding 8x slower and raised the peak while generating
+above float32's (benchmarks/RESULTS.md).
 
 torchao and bitsandbytes are optional (`pip install 'loramix[quant]'`) and imported only when a quantized base is
 asked for. transformers imports torchao by itself whenever it is installed, and on a CPU-only torch torchao's
@@ -45,7 +47,6 @@ __all__ = [
     "same_quantization",
 ]
 
-_EMBEDDINGS = r"re:(.*\.)?(embed_tokens|wte|word_embeddings|embed_in)"  # input embeddings across common families
 
 QUANTIZE_CHOICES = ("int8", "int4", "nf4")
 """The names `--quantize` / `quantize=` accept ("none" loads a float base even where a checkpoint records one)."""
@@ -72,11 +73,7 @@ class _DropNoise(logging.Filter):
 
 
 def quiet_backend_noise() -> None:
-    """Drop the known import-time log lines of torchao / bitsandbytes (idempotent; other records pass), and
-    torchao's deprecation note on the "_default" key of the per-module configs that `quantization_config` builds."""
-    import warnings
-
-    warnings.filterwarnings("ignore", message="Config Deprecation: _default is deprecated", category=UserWarning)
+    """Drop the known import-time log lines of torchao / bitsandbytes (idempotent; other records pass)."""
     for name, prefix in _NOISE:
         target = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in target.filters):
@@ -122,14 +119,9 @@ def quantization_config(name: Any, compute_dtype: torch.dtype | None = None) -> 
     from transformers import TorchAoConfig
 
     if key == "int8":
-        linear = ao.Int8WeightOnlyConfig()
-    else:  # int4: the portable torchao layout (runs on CPU; torchao's packed int4 kernels need CUDA libraries)
-        linear = ao.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=ao.PerGroup(32))
-    # The input embeddings (and a tied LM head with them) in int8 per row too: in small models they are a large
-    # share of the weights (16M of the 42M of benchmarks' 25M-body Llama). "_default": every other quantized linear.
-    embeddings = ao.IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=ao.PerAxis(0))
-    per_module = ao.FqnToConfig({_EMBEDDINGS: embeddings, "_default": linear})
-    return TorchAoConfig(per_module, include_input_output_embeddings=True)
+        return TorchAoConfig(ao.Int8WeightOnlyConfig())
+    # int4: the portable torchao layout (runs on CPU; torchao's packed int4 kernels need CUDA libraries)
+    return TorchAoConfig(ao.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=ao.PerGroup(32)))
 
 
 def _hf_config(model: nn.Module) -> Any:
