@@ -636,7 +636,8 @@ def test_cli_bad_arguments_give_one_line(good, llama_dir, tmp_path, monkeypatch,
         (2, ["train-gate", "--base", llama_dir, "-e", f"a={llama_dir}", "--data", data, "-o", tmp_path / "e",
              "--depth", "0"], "Invalid value for --depth: gate.depth=0 must be an integer from 1 to 64"),
         (2, ["train-gate", "--init", ckpt, "--data", data, "-o", tmp_path / "e", "--top-k", "2"],
-         "Invalid value for --init: top_k comes from the --init checkpoint; only --scaling-layer can be changed"),
+         "Invalid value for --init: top_k comes from the --init checkpoint; "
+         "only --scaling-layer and --trainable-experts can"),
         (2, ["train-gate", "--base", llama_dir, "-e", f"a={llama_dir}", "--data", data, "-o", tmp_path / "e",
              "--lr", "0"], "Invalid value for --lr: learning_rate=0.0 must be > 0"),
     ]

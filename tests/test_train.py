@@ -336,3 +336,52 @@ def test_gate_objective_terms_have_their_documented_values(llama_dir, llama_expe
         GateObjective(route_tokens="prompt")
     with pytest.raises(loramix.ConfigError, match="loss_weighting='tokens'"):
         GateObjective(loss_weighting="tokens")
+
+
+def test_trainable_experts_with_a_lower_rate_an_anchor_and_the_best_evaluation(world, experts, tmp_path):
+    """The safety options of --trainable-experts: a lower learning rate moves the experts less, the anchor term has
+    its documented value, and keep_best ends with exactly the weights of the best evaluation."""
+    from loramix.train.gate import GateObjective
+
+    expert_dirs = {n: p for n, (p, _) in experts.items()}
+    mixed, heldout = world / "mixed.jsonl", world / "heldout.jsonl"
+    config = loramix.MixConfig(trainable_experts=True)
+
+    def run(name, objective, steps=4, keep_best=False):
+        train = TrainConfig(learning_rate=0.05, max_steps=steps, batch_size=8, seed=0, progress=False,
+                            schedule="constant", eval_every=2 if keep_best else None, keep_best=keep_best)
+        torch.manual_seed(0)  # the same starting gate in every run
+        mix = loramix.from_pretrained(world / "base", expert_dirs, config)
+        start = {n: p.detach().clone() for n, p in mix.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
+        metrics = train_gate(mix, mixed, tmp_path / name, train=train, eval_data=heldout if keep_best else None,
+                             objective=objective)
+        moved = sum(float((p - start[n]).norm() ** 2) for n, p in mix.named_parameters() if n in start)
+        return mix, metrics, moved
+
+    _, _, full = run("full", GateObjective())
+    _, _, slow = run("slow", GateObjective(expert_lr_scale=0.01))
+    assert 0 < slow < 0.01 * full  # Adam: the distance moved scales with the rate
+
+    mix = loramix.from_pretrained(world / "base", expert_dirs, config)
+    layer = next(mix.mixed_layers())
+    anchor = {"a": (layer.lora_A, layer.lora_A.detach() * 0.5)}  # W0 = W/2: ||W - W0||^2 / ||W0||^2 = 1
+    batch = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+             "labels": torch.tensor([[-100, 6, 7]]), "domain": torch.tensor([0])}
+    from loramix.train.gate import gate_loss
+
+    _, parts = gate_loss(mix, batch, GateObjective(expert_anchor_weight=2.0), anchor=anchor)
+    assert parts["anchor"] == pytest.approx(1.0, rel=1e-5)
+
+    best_mix, metrics, _ = run("best", GateObjective(), steps=10, keep_best=True)
+    log = [json.loads(x) for x in (tmp_path / "best.run" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval_loss"] for r in log if "eval_loss" in r}
+    best_step = min(evals, key=evals.get)
+    assert best_step < 10 and metrics["best_step"] == best_step  # at this rate the held-out loss rises again
+    replay, _, _ = run("replay", GateObjective(), steps=best_step)  # a constant rate: the same trajectory, cut there
+    for (name, p), (_, q) in zip(best_mix.named_parameters(), replay.named_parameters()):
+        assert torch.equal(p, q), name
+    saved = loramix.load(tmp_path / "best")
+    assert torch.equal(saved.gate.last.weight, replay.gate.last.weight)
+    with pytest.raises(loramix.ConfigError, match="keep_best needs evaluation data"):
+        train_gate(loramix.from_pretrained(world / "base", expert_dirs), mixed, tmp_path / "none",
+                   train=TrainConfig(max_steps=2, keep_best=True, progress=False))

@@ -369,15 +369,19 @@ def _gate_options(command: Any) -> Any:
     return config_options(GateObjective, "objective")(command)
 
 
+FROM_INIT = ("gate", "scaling_layer", "trainable_experts")  # what train-gate --init may change of the mixture
+
+
 def _settings_from_init(given: dict[str, Any]) -> None:
     """With --init the mixture comes from the checkpoint: refuse mixture or gate options that would be ignored."""
     from .config import GateConfig, MixConfig
 
     for config, default in ((given["gate"], GateConfig()), (given["mix"], MixConfig())):
         for f in dataclasses.fields(config):
-            if f.name not in ("gate", "scaling_layer") and getattr(config, f.name) != getattr(default, f.name):
+            if f.name not in FROM_INIT and getattr(config, f.name) != getattr(default, f.name):
                 raise typer.BadParameter(
-                    f"{f.name} comes from the --init checkpoint; only --scaling-layer can be changed with it",
+                    f"{f.name} comes from the --init checkpoint; only --scaling-layer and --trainable-experts can "
+                    "be changed with it",
                     param_hint="--init",
                 )
 
@@ -414,6 +418,7 @@ def train_gate_cmd(
         if mix.scaling_layer is not None:
             model.config.scaling_layer = mix.scaling_layer
             model.config.validate_for(hidden_size=model.hidden_size, n_experts=model.n_experts, n_blocks=model.n_blocks)
+        model.config.trainable_experts = model.config.trainable_experts or mix.trainable_experts
         new_mixture: dict[str, Any] = {}
     else:
         if not base or not expert:
@@ -439,6 +444,44 @@ def train_gate_cmd(
         include_base=include_base,
     )
     _print_metrics(metrics, out)
+
+
+def _mix_options(command: Any) -> Any:
+    from .config import GateConfig, MixConfig
+
+    mlp_only = ("hidden_size", "depth", "width", "dropout", "softmax", "topk_softmax", "layerwise", "bias")
+    command = config_options(
+        GateConfig, "gate", skip=mlp_only, help={"router": "arrow (needs no training)."}, defaults={"router": "arrow"}
+    )(command)
+    return config_options(MixConfig, "mix", skip=("gate", "trainable_experts", "scaling_layer"))(command)
+
+
+@app.command("mix")
+@_mix_options
+def mix_cmd(
+    base: str = typer.Option(..., help="Base model id or directory."),
+    expert: list[str] = typer.Option(..., "--expert", "-e", help="NAME=ADAPTER_DIR (repeatable)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the loramix checkpoint."),
+    include_base: bool = typer.Option(False, "--include-base", help="Copy the base model into the checkpoint."),
+    gate: Any = None,
+    mix: Any = None,
+) -> None:
+    """Build a mixture that needs no training (the Arrow router: each layer routes every token to the experts whose
+    prototypes match its input; docs/gates.md) and save it as a loramix checkpoint."""
+    from .checkpoint import CHECKPOINT_FILES, CONFIG_NAME
+    from .io import check_replaceable
+    from .model import from_pretrained
+
+    if gate.router == "mlp":
+        raise typer.BadParameter(
+            "an MLP gate must be trained: use 'loramix train-gate', or --router arrow here", param_hint="--router"
+        )
+    check_replaceable(out, marker=CONFIG_NAME, owned=CHECKPOINT_FILES, what="--out")  # before loading anything
+    with err_console.status("building the mixture"):
+        model = from_pretrained(base, _parse_experts(expert), dataclasses.replace(mix, gate=gate))
+        path = model.save(out, include_base=include_base)
+    console.print(f"[green]saved[/green] {path}: {model.n_experts} experts over {model.n_layers} adapted layers, "
+                  f"router {gate.router} (top-k {gate.top_k or model.n_experts}, temperature {gate.temperature})")
 
 
 @app.command()

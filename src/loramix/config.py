@@ -21,6 +21,7 @@ __all__ = ["XLORA_NAMES", "GateConfig", "MixConfig", "from_xlora", "to_xlora"]
 MAX_GATE_DEPTH = 64
 MAX_GATE_WIDTH = 1 << 17
 SPARSE_TOP_K = ("auto", "always", "never")
+ROUTERS = ("mlp", "arrow")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -51,7 +52,14 @@ def is_number(value: Any) -> bool:
 
 @dataclass
 class GateConfig:
-    """The scaling head: an MLP from the scaling pass's hidden states to one scaling per (layer, expert)."""
+    """The scaling head: an MLP from the scaling pass's hidden states to one scaling per (layer, expert), or a router
+    that needs no training (`router`)."""
+
+    router: str = "mlp"
+    """"mlp": the paper's learned gate (the fields below). "arrow": no training and no data (Arrow routing, Ostapenko
+    et al. 2024, PEFT's `arrow`): in the scaling pass each adapted layer scores its input x against every expert's
+    prototype, the top right-singular vector of B_e A_e, as |<x, prototype_e>|; the scalings are a softmax (with
+    `temperature`) over the `top_k` best (None: all experts). Uses only top_k and temperature."""
 
     depth: int = 1
     """Number of linear layers. 1: a single linear map (PEFT `xlora_depth`). Deeper gates put ReLU (and dropout)
@@ -86,6 +94,7 @@ class GateConfig:
     """Input size of the gate. Leave unset: it is inferred from the base model; a value given is checked."""
 
     def __post_init__(self) -> None:
+        _check(self.router in ROUTERS, f"gate.router={self.router!r} must be one of {', '.join(map(repr, ROUTERS))}")
         _check(
             is_int(self.depth) and 1 <= self.depth <= MAX_GATE_DEPTH,
             f"gate.depth={self.depth!r} must be an integer from 1 to {MAX_GATE_DEPTH}",
@@ -122,6 +131,8 @@ class GateConfig:
 
     def parameter_count(self, hidden_size: int, n_layers: int, n_experts: int) -> int:
         """Number of gate parameters for a model of these sizes (computed before anything is allocated)."""
+        if self.router == "arrow":
+            return 0
         width = self.width or hidden_size
         sizes = [hidden_size] + [width] * (self.depth - 1) + [n_layers * n_experts if self.layerwise else n_experts]
         return sum(a * b + (b if self.bias else 0) for a, b in itertools.pairwise(sizes))
@@ -219,6 +230,11 @@ class MixConfig:
             )
         if g.top_k is not None and g.top_k > n_experts:
             raise ConfigError(f"gate.top_k={g.top_k} is larger than the number of experts ({n_experts})")
+        if g.router == "arrow" and self.scaling_layer is not None:
+            raise ConfigError(
+                "gate.router='arrow' reads every adapted layer in the scaling pass; a truncated scaling pass "
+                f"(scaling_layer={self.scaling_layer}) would leave the later layers unrouted"
+            )
         if self.scaling_layer is not None and n_blocks is not None and self.scaling_layer > n_blocks:
             raise ConfigError(
                 f"scaling_layer={self.scaling_layer} is out of range: the base model has {n_blocks} decoder blocks"

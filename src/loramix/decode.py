@@ -184,7 +184,8 @@ def decode_step(
     [B, L, N] it mixed with (views of buffers that the next step overwrites: copy what you keep)."""
     mask.index_copy_(1, cache_position, live)
     if not held:
-        with model.state.use(model.dummy_scalings()):
+        probes = model.new_probes(ids.shape[0], 1)
+        with model.state.use(model.dummy_scalings(), probes):
             out = model.scaling_backbone()(
                 input_ids=ids,
                 attention_mask=mask,
@@ -193,7 +194,7 @@ def decode_step(
                 use_cache=True,
                 return_dict=True,
             )
-        s = model.gate(out.last_hidden_state)  # [B, 1, L, N]
+        s = model.gate(out.last_hidden_state, probes)  # [B, 1, L, N]
         scalings.copy_(s)
         multipliers.copy_(model.rank_multipliers(s))
     with model.state.use(prepared):

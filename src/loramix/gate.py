@@ -1,4 +1,12 @@
-"""The gate ("scaling head"): hidden states of the scaling pass -> scalings [B, T, L, N]."""
+"""The gate ("scaling head"): what the scaling pass saw -> scalings [B, T, L, N].
+
+Two kinds (`GateConfig.router`):
+    ScalingHead    "mlp", the paper's learned gate: the scaling pass's last hidden states h [B, T, H] -> an MLP.
+    ArrowRouter    "arrow", no training: every adapted layer scores its input x in the scaling pass against each
+                   expert's prototype (`arrow_prototypes`), the probes [B, T, L, N] = |<x, prototype_e>|; the router
+                   keeps the top-k per (token, layer) and softmaxes them with a temperature.
+Both are called as gate(hidden_states, probes); `reads_probes` says which one the model must collect.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +15,7 @@ from torch import nn
 
 from .config import GateConfig
 
-__all__ = ["ScalingHead", "apply_top_k"]
+__all__ = ["ArrowRouter", "ScalingHead", "apply_top_k", "arrow_prototypes", "build_gate"]
 
 
 def apply_top_k(scalings: torch.Tensor, k: int, renormalise: bool) -> torch.Tensor:
@@ -27,6 +35,8 @@ class ScalingHead(nn.Module):
       -> reshape [B, T, L, N] (row = layer * N + expert; broadcast over L when not layerwise)
       -> softmax(logits / temperature) over N -> top-k mask (-> softmax over the kept k)
     """
+
+    reads_probes = False
 
     def __init__(self, config: GateConfig, hidden_size: int, n_layers: int, n_experts: int) -> None:
         super().__init__()
@@ -54,11 +64,62 @@ class ScalingHead(nn.Module):
             return out.unflatten(-1, (self.n_layers, self.n_experts))
         return out.unsqueeze(-2).expand(*out.shape[:-1], self.n_layers, self.n_experts)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """hidden_states [B, T, H] -> scalings [B, T, L, N]."""
+    def forward(self, hidden_states: torch.Tensor, probes: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden_states [B, T, H] -> scalings [B, T, L, N] (probes: unused)."""
         s = self.logits(hidden_states)
         if self.config.softmax:
             s = torch.softmax(s / self.config.temperature, dim=-1)
         if self.config.top_k is not None:
             s = apply_top_k(s, self.config.top_k, self.config.topk_softmax)
         return s
+
+
+class ArrowRouter(nn.Module):
+    """Arrow routing (no parameters): probes [B, T, L, N] -> softmax(top-k(probes) / temperature) over the experts,
+    zero outside the top k; as PEFT's `ArrowLoraLinearLayer` computes its coefficients."""
+
+    reads_probes = True
+
+    def __init__(self, config: GateConfig, hidden_size: int, n_layers: int, n_experts: int) -> None:
+        super().__init__()
+        self.config = config
+        self.hidden_size = hidden_size
+        self.n_layers = n_layers
+        self.n_experts = n_experts
+
+    def forward(self, hidden_states: torch.Tensor | None, probes: torch.Tensor | None = None) -> torch.Tensor:
+        if probes is None:
+            raise ValueError("ArrowRouter needs the probes that the adapted layers write in the scaling pass")
+        k = min(self.config.top_k or self.n_experts, self.n_experts)
+        values, index = probes.topk(k, dim=-1)
+        weights = torch.softmax(values.float() / self.config.temperature, dim=-1).to(probes.dtype)
+        return torch.zeros_like(probes).scatter(-1, index, weights)
+
+
+def build_gate(config: GateConfig, hidden_size: int, n_layers: int, n_experts: int) -> nn.Module:
+    """The gate module that `config.router` names."""
+    if config.router == "arrow":
+        return ArrowRouter(config, hidden_size, n_layers, n_experts)
+    return ScalingHead(config, hidden_size, n_layers, n_experts)
+
+
+@torch.no_grad()
+def arrow_prototypes(lora_A: torch.Tensor, lora_B: torch.Tensor, ranks: list[int], scales: list[float]) -> torch.Tensor:
+    """Each expert's prototype for one layer: the top right-singular vector of B_e A_e (unit norm, sign arbitrary),
+    [N, d_in]; zeros for an expert that does not adapt the layer (scale 0 or rank 0).
+
+    Exact and cheap, without forming B_e A_e [d_out, d_in]: with A_e^T = Q R (Q [d_in, r]), B_e A_e = (B_e R^T) Q^T,
+    so the top right-singular vector is Q v, v the top right-singular vector of the small B_e R^T [d_out, r].
+    """
+    out = torch.zeros(len(ranks), lora_A.shape[1], dtype=torch.float64, device=lora_A.device)
+    start = 0
+    for e, (r, scale) in enumerate(zip(ranks, scales)):
+        a = lora_A[start : start + r].double()
+        b = lora_B[:, start : start + r].double()
+        start += r
+        if r == 0 or scale == 0 or not bool(a.any()) or not bool(b.any()):
+            continue
+        q, rr = torch.linalg.qr(a.T)  # a.T [d_in, r] = q [d_in, r] @ rr [r, r]
+        _, _, vh = torch.linalg.svd(b @ rr.T, full_matrices=False)
+        out[e] = q @ vh[0]
+    return out.to(lora_A.dtype)

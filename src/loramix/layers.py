@@ -35,20 +35,23 @@ class MixState:
               a float c -> every expert at scaling c (the scaling pass's dummy value);
               a tensor [B, T, L, N] -> per token, per adapted layer, per expert;
               a `PreparedScalings` -> the same, with every layer's rank multiplier computed in advance.
+    probes:   None, or a tensor [B, T, L, N] that every layer with prototypes fills with |<x, prototype_e>| for its
+              input x (the Arrow router's input; see gate.py).
     """
 
     def __init__(self, global_scaling_weight: float = 1.0) -> None:
         self.scalings: torch.Tensor | float | None = None
+        self.probes: torch.Tensor | None = None
         self.global_scaling_weight = float(global_scaling_weight)
 
     @contextmanager
-    def use(self, scalings: torch.Tensor | float | None) -> Iterator[None]:
-        previous = self.scalings
-        self.scalings = scalings
+    def use(self, scalings: torch.Tensor | float | None, probes: torch.Tensor | None = None) -> Iterator[None]:
+        previous = self.scalings, self.probes
+        self.scalings, self.probes = scalings, probes
         try:
             yield
         finally:
-            self.scalings = previous
+            self.scalings, self.probes = previous
 
 
 class PreparedScalings:
@@ -127,6 +130,12 @@ class MixedLoRALinear(nn.Module):
         rank_scale = torch.repeat_interleave(torch.tensor(stacked.scales, dtype=torch.float64), counts)
         self.register_buffer("rank_expert", rank_expert.to(device), persistent=False)
         self.register_buffer("rank_scale", rank_scale.to(device=device, dtype=stacked.lora_A.dtype), persistent=False)
+        self.register_buffer("prototypes", None, persistent=False)  # [N, d_in] with an Arrow router
+
+    def set_prototypes(self, prototypes: torch.Tensor | None) -> None:
+        """The experts' Arrow prototypes for this layer [N, d_in] (or None): what the layer scores its input against
+        when the state asks for probes."""
+        self.prototypes = None if prototypes is None else prototypes.to(self.lora_A.device, self.lora_A.dtype)
 
     def stacked(self) -> StackedLoRA:
         """The stacked experts as stored (detached), e.g. for saving."""
@@ -144,6 +153,10 @@ class MixedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)  # [..., d_out]
+        if self.state.probes is not None and self.prototypes is not None:
+            probes = self.state.probes  # [B, T, L, N]
+            scores = F.linear(x.to(self.prototypes.dtype), self.prototypes).abs()
+            probes.select(-2, self.layer_index).copy_(scores.reshape(probes.shape[0], probes.shape[1], -1))
         scalings = self.state.scalings
         if scalings is None or self.n_rank_rows == 0:
             return out  # experts off: the plain base layer, no expert matmul at all

@@ -29,7 +29,7 @@ from .base import LoraMixCache, load_base_model, load_tokenizer, new_dynamic_cac
 from .config import MixConfig
 from .errors import ConfigError, LoramixError
 from .experts import ExpertInfo, StackedLoRA, linear_features, read_adapter, stack_experts
-from .gate import ScalingHead
+from .gate import arrow_prototypes, build_gate
 from .layers import MixedLoRALinear, MixState, PreparedScalings
 from .quant import compute_dtype
 
@@ -137,7 +137,10 @@ class LoraMixModel(nn.Module):
             _set_submodule(model, path, MixedLoRALinear(base_layer, st, index, self.state))
         first = next(iter(self.mixed_layers())).base_layer
         weight, dtype = first.weight, compute_dtype(first)  # never a quantized storage dtype
-        self.gate = ScalingHead(config.gate, hidden_size, len(self.layer_names), len(names)).to(weight.device, dtype)
+        self.gate = build_gate(config.gate, hidden_size, len(self.layer_names), len(names)).to(weight.device, dtype)
+        if self.gate.reads_probes:
+            for layer in self.mixed_layers():
+                layer.set_prototypes(arrow_prototypes(layer.lora_A, layer.lora_B, layer.ranks, layer.scales))
         # One gather turns scalings [B, T, L, N] into every layer's rank multipliers (see prepare_scalings).
         layers = list(self.mixed_layers())
         self._rank_sizes = [layer.lora_A.shape[0] for layer in layers]
@@ -170,11 +173,16 @@ class LoraMixModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.gate.last.weight.device
+        return self._gate_tensor().device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.gate.last.weight.dtype
+        return self._gate_tensor().dtype
+
+    def _gate_tensor(self) -> torch.Tensor:
+        """Where the gate computes (its last weight; for a router without parameters, the experts' scales)."""
+        last = getattr(self.gate, "last", None)
+        return last.weight if last is not None else self._rank_scale
 
     @property
     def backbone(self) -> nn.Module:
@@ -247,8 +255,10 @@ class LoraMixModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         past_key_values: Any = None,
         use_cache: bool = False,
+        probes: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Pass 1, without gradients: the backbone at the dummy scaling -> hidden states [B, T, H]."""
+        """Pass 1, without gradients: the backbone at the dummy scaling -> hidden states [B, T, H] (and, with
+        `probes` [B, T, L, N], what every adapted layer scores its input at; see `new_probes`)."""
         kwargs = dict(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -257,7 +267,7 @@ class LoraMixModel(nn.Module):
             past_key_values=past_key_values,
             use_cache=use_cache,
         )
-        with torch.no_grad(), self.state.use(self.dummy_scalings()), self._truncated():
+        with torch.no_grad(), self.state.use(self.dummy_scalings(), probes), self._truncated():
             backbone = self.backbone
             if backbone is not self.model:
                 return backbone(**kwargs, return_dict=True).last_hidden_state
@@ -276,8 +286,19 @@ class LoraMixModel(nn.Module):
         """Scaling pass + gate: scalings [B, T, L, N] (with gradients to the gate only)."""
         if inputs_embeds is not None and not bool(torch.isfinite(inputs_embeds).all()):
             raise ConfigError("inputs_embeds contain NaN or infinite values; they would reach the gate")
-        hidden = self.scaling_pass(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values, use_cache)
-        return self.gate(hidden)
+        reference = input_ids if input_ids is not None else inputs_embeds
+        probes = self.new_probes(reference.shape[0], reference.shape[1]) if reference is not None else None
+        hidden = self.scaling_pass(
+            input_ids, attention_mask, position_ids, inputs_embeds, past_key_values, use_cache, probes
+        )
+        return self.gate(hidden, probes)
+
+    def new_probes(self, batch: int, tokens: int) -> torch.Tensor | None:
+        """The buffer [B, T, L, N] that the adapted layers fill in the scaling pass when the gate reads it (the
+        Arrow router); None for the MLP gate."""
+        if not self.gate.reads_probes:
+            return None
+        return torch.zeros(batch, tokens, self.n_layers, self.n_experts, device=self.device, dtype=self.dtype)
 
     def forward(
         self,

@@ -67,11 +67,12 @@ def config_options(
     names: dict[str, str] | None = None,
     skip: Iterable[str] = (),
     help: dict[str, str] | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate a Typer command so that every field of `cls` but `skip` is an option and the command receives
-    `param=cls(**values)`. names: field -> option declaration where it differs from `--field-name`; help: field ->
-    help text where it differs from the field's docstring."""
-    names, help = names or {}, help or {}
+    `param=cls(**values)`. names: field -> option declaration where it differs from `--field-name`; help, defaults:
+    field -> help text or default where they differ from the field's docstring and default."""
+    names, help, defaults = names or {}, help or {}, defaults or {}
     hints = typing.get_type_hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.name not in set(skip)]
     docs = field_docs(cls)
@@ -83,7 +84,11 @@ def config_options(
             inspect.Parameter(
                 f"{param}__{f.name}",
                 inspect.Parameter.KEYWORD_ONLY,
-                default=typer.Option(_default(f), *flags[f.name].split(" "), help=help.get(f.name, docs.get(f.name))),
+                default=typer.Option(
+                    defaults.get(f.name, _default(f)),
+                    *flags[f.name].split(" "),
+                    help=help.get(f.name, docs.get(f.name)),
+                ),
                 annotation=hints[f.name],
             )
             for f in fields

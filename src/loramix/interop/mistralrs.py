@@ -161,6 +161,10 @@ def _check_lm_head(model: LoraMixModel) -> None:
 
 def _check_gate(model: LoraMixModel) -> None:
     gate = model.config.gate
+    if gate.router != "mlp":
+        raise ExportError(
+            f"gate.router={gate.router!r}: mistral.rs's X-LoRA runs the MLP gate only; export to a static LoRA instead"
+        )
     width = gate.width or model.hidden_size
     if gate.depth > 1 and width != model.hidden_size:
         raise ExportError(

@@ -169,6 +169,12 @@ def to_peft(model: LoraMixModel, adapter_dir: str | Path | None = None) -> nn.Mo
 
     from peft import XLoraConfig, get_peft_model
 
+    if model.config.gate.router != "mlp":
+        raise ConfigError(
+            f"gate.router={model.config.gate.router!r}: PEFT's XLoraModel runs the MLP gate only (PEFT's own Arrow "
+            "routing lives in LoraConfig(arrow_config=...), with one rank for every expert); export to a static LoRA "
+            "instead"
+        )
     if model.config.scaling_layer is not None:
         raise ConfigError(
             f"scaling_layer={model.config.scaling_layer}: PEFT's XLoraModel always runs the full scaling pass, and a "

@@ -62,6 +62,14 @@ class GateObjective:
     """Tokens the routing term covers: "all" real tokens of the record, or "answer" only, the positions that predict
     a trained token (the last prompt token and the completion)."""
 
+    expert_lr_scale: float = 1.0
+    """With trainable_experts: the experts' learning rate relative to the gate's (lower keeps them near what they
+    learnt alone)."""
+
+    expert_anchor_weight: float = 0.0
+    """With trainable_experts: weight of an L2 anchor to the experts' starting values, sum ||W - W0||^2 / sum ||W0||^2
+    over their LoRA matrices."""
+
     def __post_init__(self) -> None:
         if self.loss_weighting not in ("token", "example"):
             raise ConfigError(f"loss_weighting={self.loss_weighting!r}; expected 'token' or 'example'")
@@ -72,6 +80,10 @@ class GateObjective:
             raise ConfigError(f"route_weight={self.route_weight} must be >= 0")
         if self.route_tokens not in ("all", "answer"):
             raise ConfigError(f"route_tokens={self.route_tokens!r}; expected 'all' or 'answer'")
+        if not (math.isfinite(self.expert_lr_scale) and self.expert_lr_scale > 0):
+            raise ConfigError(f"expert_lr_scale={self.expert_lr_scale} must be a finite number > 0")
+        if not (math.isfinite(self.expert_anchor_weight) and self.expert_anchor_weight >= 0):
+            raise ConfigError(f"expert_anchor_weight={self.expert_anchor_weight} must be a finite number >= 0")
 
 
 def gate_loss(
@@ -79,11 +91,13 @@ def gate_loss(
     batch: dict[str, torch.Tensor],
     objective: GateObjective | None = None,
     expert_of_domain: torch.Tensor | None = None,
+    anchor: dict[str, tuple[torch.nn.Parameter, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss of the gate for one batch (see `GateObjective`), and the logged parts.
 
     expert_of_domain: [number of domains] expert index of each domain id of the batch ("domain"), -1 for none;
-    needed by route_weight.
+    needed by route_weight. anchor: name -> (trainable expert matrix, its starting value); needed by
+    expert_anchor_weight.
     """
     objective = objective or GateObjective()
     if objective.loss_weighting == "example":
@@ -121,6 +135,11 @@ def gate_loss(
         r = (nll * keep).sum() / keep.sum().clamp_min(1)
         loss = loss + objective.route_weight * r
         extras["route"] = float(r.detach())
+    if objective.expert_anchor_weight and anchor:
+        moved = sum(((p - p0) ** 2).sum() for p, p0 in anchor.values())
+        a = moved / sum(float((p0**2).sum()) for _, p0 in anchor.values())
+        loss = loss + objective.expert_anchor_weight * a
+        extras["anchor"] = float(a.detach())
     return loss, extras
 
 
@@ -175,8 +194,13 @@ def train_gate(
             f"route_weight needs records whose 'domain' names an expert (experts {names}, domains {train_set.domains})"
         )
 
+    experts = {n: p for n, p in trainable.items() if n.endswith((".lora_A", ".lora_B"))}
+    if (objective.expert_lr_scale != 1.0 or objective.expert_anchor_weight) and not experts:
+        raise ConfigError("expert_lr_scale and expert_anchor_weight apply to trainable experts: set trainable_experts")
+    anchor = {n: (p, p.detach().clone()) for n, p in experts.items()} if objective.expert_anchor_weight else None
+
     def loss_fn(m, batch):
-        return gate_loss(m, batch, objective, expert_of_domain)
+        return gate_loss(m, batch, objective, expert_of_domain, anchor)
 
     hparams = {"mix_config": model.config.to_dict(), "experts": model.expert_names, "objective": asdict(objective)}
     trainer = Trainer(
@@ -192,6 +216,7 @@ def train_gate(
         domains=train_set.domains,
         description=f"gate {out_dir.name}",
         hparams=hparams,
+        lr_scale={n: objective.expert_lr_scale for n in experts},
     )
     metrics = trainer.train(resume=resume, force=force_resume)
     if trainer.accelerator.is_main_process:

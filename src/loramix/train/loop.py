@@ -89,6 +89,10 @@ class TrainConfig:
     Accelerate config) sets, else no."""
     progress: bool = True
     """Show a progress bar."""
+    keep_best: bool = False
+    """With evaluation data: end with the trainable weights of the evaluation with the lowest loss, not the last
+    ones (early stopping without stopping; the best weights are kept in memory, so a resumed run starts tracking
+    anew)."""
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
@@ -150,6 +154,22 @@ class _Window:
             self.extras[key] = self.extras.get(key, 0.0) + value
 
 
+@dataclass
+class _Best:
+    """The evaluation with the lowest loss so far, and (with keep_best) a copy of the trainable weights then."""
+
+    loss: float = math.inf
+    step: int = 0
+    weights: dict[str, torch.Tensor] | None = None
+
+    def consider(self, metrics: dict[str, Any], step: int, trainable: dict[str, nn.Parameter], keep: bool) -> None:
+        loss = metrics.get("eval_loss", math.inf)
+        if loss < self.loss:
+            self.loss, self.step = loss, step
+            if keep:
+                self.weights = {name: p.detach().clone() for name, p in trainable.items()}
+
+
 class Trainer:
     """Runs the loop for `model`, updating only `trainable` (name -> parameter)."""
 
@@ -168,7 +188,9 @@ class Trainer:
         domains: list[str] | None = None,
         description: str = "training",
         hparams: dict[str, Any] | None = None,
+        lr_scale: dict[str, float] | None = None,
     ) -> None:
+        """lr_scale: trainable name -> factor on the learning rate (the others train at the configured rate)."""
         from accelerate import Accelerator
 
         if not trainable:
@@ -187,6 +209,15 @@ class Trainer:
         self.domains = domains or []
         self.description = description
         self.hparams = hparams or {}
+        if config.keep_best and (self.eval_data is None or not config.eval_every):
+            raise ConfigError(
+                "keep_best needs evaluation data (eval_data or eval_fraction) and eval_every (the evaluations to "
+                "choose from)"
+            )
+        self.lr_scale = dict(lr_scale or {})
+        unknown = sorted(set(self.lr_scale) - set(trainable))
+        if unknown:
+            raise ConfigError(f"lr_scale names parameters that do not train: {unknown[:3]}")
         self.accelerator = Accelerator(
             gradient_accumulation_steps=config.grad_accum,
             log_with=config.report_to or None,
@@ -426,8 +457,13 @@ class Trainer:
         acc.wait_for_everyone()
         torch.manual_seed(config.seed)
         random.seed(config.seed)
+        groups: dict[float, list[nn.Parameter]] = {}
+        for name, p in self.trainable.items():
+            groups.setdefault(self.lr_scale.get(name, 1.0), []).append(p)
         optimizer = torch.optim.AdamW(
-            list(self.trainable.values()), lr=config.learning_rate, weight_decay=config.weight_decay
+            [{"params": params, "lr": config.learning_rate * scale} for scale, params in groups.items()],
+            lr=config.learning_rate,
+            weight_decay=config.weight_decay,
         )
         model, optimizer = acc.prepare(self.model, optimizer)
         self.model = model
@@ -508,6 +544,7 @@ class Trainer:
             progress = tqdm(total=self.total_steps, initial=self.global_step, desc=self.description, dynamic_ncols=True)
         model.train()
         last: dict[str, Any] = {}
+        best = _Best()
         window = _Window()
         while self.global_step < self.total_steps:
             for batch in self._loader(self.epoch, self.micro_done_in_epoch):
@@ -526,6 +563,7 @@ class Trainer:
                     self.global_step % config.eval_every == 0 or at_end
                 ):
                     last.update(self._evaluate_and_log())
+                    best.consider(last, self.global_step, self.trainable, config.keep_best)
                 if config.save_every and self.global_step % config.save_every == 0 and not at_end:
                     self._save_checkpoint(optimizer)
                 if at_end:
@@ -535,6 +573,12 @@ class Trainer:
                 self.micro_done_in_epoch = 0
         if self.eval_data is not None and not config.eval_every:
             last.update(self._evaluate_and_log())
+        if config.keep_best and best.weights is not None and best.step != self.global_step:
+            with torch.no_grad():
+                for name, p in self.trainable.items():
+                    p.copy_(best.weights[name])
+            last.update({"best_step": best.step, "best_eval_loss": best.loss})
+            self._log({"step": self.global_step, "restored_step": best.step, "restored_eval_loss": best.loss})
         if progress is not None:
             progress.close()
         if config.report_to:
