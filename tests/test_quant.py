@@ -267,7 +267,7 @@ def test_export_mistralrs_over_a_quantized_base(qworld, tmp_path):
     assert "made over a int8 base; the export names the unquantized base" in result.stderr
     assert (tmp_path / "xl" / "xlora_config.json").is_file()
     info = run_cli("info", tmp_path / "ckpt")
-    assert info.returncode == 0 and "[int8]" in info.stdout, info.stderr
+    assert info.returncode == 0 and ", quantized int8" in info.stdout, info.stderr
 
 
 def test_cli_quantize_option(qworld, tmp_path):

@@ -80,7 +80,7 @@ def info(checkpoint: Path = typer.Argument(..., help="A loramix checkpoint direc
     console.print(
         f"base: {base.get('name_or_path')} ({base.get('fingerprint', {}).get('architecture')}, "
         f"{base.get('dtype')})" + ("  [bundled]" if base.get("bundled") else "")
-        + (f"  [{base['quantization'].get('name')}]" if isinstance(base.get("quantization"), dict) else "")
+        + (f", quantized {base['quantization'].get('name')}" if isinstance(base.get("quantization"), dict) else "")
     )
     table = Table("expert", "rank", "alpha", "rsLoRA", "targets", "source")
     for e in infos:
