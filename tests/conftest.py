@@ -164,3 +164,18 @@ def char_tokenizer(add_bos: bool = True):
 @pytest.fixture(scope="session")
 def tokenizer():
     return char_tokenizer()
+
+
+def run_cli(*args, cwd=None):
+    """`python -m loramix ARGS` in a subprocess (wide terminal, 300 s at most): the CLI as a user runs it."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "loramix", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "300"},
+        cwd=cwd,
+    )

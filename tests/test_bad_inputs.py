@@ -18,7 +18,7 @@ import loramix
 from loramix import AdapterError, BaseModelMismatchError, CheckpointError, ConfigError
 from loramix.experts import read_adapter
 
-from conftest import char_tokenizer, tiny_llama
+from conftest import char_tokenizer, run_cli, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -309,14 +309,7 @@ def test_non_finite_inputs_never_reach_the_gate(good, tmp_path):
     assert not (tmp_path / "static").exists() and not list(tmp_path.glob(".static*"))
 
 
-def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "loramix", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "COLUMNS": "300"},
-    )
+_cli = run_cli
 
 
 def _one_clean_line(result, message):
@@ -643,7 +636,8 @@ def test_cli_bad_arguments_give_one_line(good, llama_dir, tmp_path, monkeypatch,
         (2, ["train-gate", "--base", llama_dir, "-e", f"a={llama_dir}", "--data", data, "-o", tmp_path / "e",
              "--depth", "0"], "Invalid value for --depth: gate.depth=0 must be an integer from 1 to 64"),
         (2, ["train-gate", "--init", ckpt, "--data", data, "-o", tmp_path / "e", "--top-k", "2"],
-         "Invalid value for --init: top_k comes from the --init checkpoint; only --scaling-layer and"),
+         "Invalid value for --init: top_k comes from the --init checkpoint; "
+         "only --scaling-layer and --trainable-experts can"),
         (2, ["train-gate", "--base", llama_dir, "-e", f"a={llama_dir}", "--data", data, "-o", tmp_path / "e",
              "--lr", "0"], "Invalid value for --lr: learning_rate=0.0 must be > 0"),
     ]

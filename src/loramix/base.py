@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, LoramixError
+from .quant import quantization_config, quiet_backend_noise, release_checkpoint_map
 
 logger = logging.getLogger(__name__)
+quiet_backend_noise()  # before transformers imports torchao (it does whenever torchao is installed)
 
 __all__ = [
     "LoraMixCache",
@@ -68,13 +70,35 @@ def _hf_dtype_kwargs(dtype: torch.dtype | str | None) -> dict[str, Any]:
 
 
 def load_base_model(
-    base: Any, *, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None, **model_kwargs: Any
+    base: Any,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    quantize: Any = None,
+    **model_kwargs: Any,
 ) -> tuple[nn.Module, str | None]:
-    """A transformers causal LM from an id/path (or as given), and the reference to record in checkpoints."""
+    """A transformers causal LM from an id/path (or as given), and the reference to record in checkpoints.
+
+    quantize: "int8", "int4", "nf4" or a transformers quantization config (see quant.py); the same as passing
+    `quantization_config=` through `model_kwargs`. Only for a base loaded from an id or a directory.
+    """
     from transformers import AutoModelForCausalLM, PreTrainedModel
 
     device = check_device(device)
+    if quantize is not None:
+        if model_kwargs.get("quantization_config") is not None:
+            raise ConfigError("give either quantize= or quantization_config=, not both")
+        compute = dtype if isinstance(dtype, torch.dtype) else None
+        model_kwargs["quantization_config"] = quantization_config(quantize, compute)
+    quantized = model_kwargs.get("quantization_config") is not None
+    if quantized and device is not None:
+        model_kwargs.setdefault("device_map", {"": str(device)})  # quantized weights are placed while loading
     if isinstance(base, PreTrainedModel):
+        if quantized:
+            raise ConfigError(
+                "quantize / quantization_config apply when the base is loaded from an id or a directory; "
+                "quantize the PreTrainedModel you pass yourself (transformers' from_pretrained(quantization_config=))"
+            )
         model = base
         if dtype is not None:
             model = model.to(dtype)
@@ -104,7 +128,9 @@ def load_base_model(
         raise ConfigError(
             f"base must be a model id, a directory or a transformers PreTrainedModel, got {type(base).__name__}"
         )
-    if device is not None:
+    if quantized:
+        release_checkpoint_map(model)
+    elif device is not None:
         model = model.to(device)
     model.eval()
     return model, reference

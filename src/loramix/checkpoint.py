@@ -27,6 +27,7 @@ from .config import is_number
 from .errors import BaseModelMismatchError, CheckpointError
 from .experts import ExpertInfo
 from .io import atomic_directory, check_finite, save_tensors, write_json
+from .quant import dense_weight, describe_quantization
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -50,13 +51,12 @@ CHECKPOINT_FILES = (CONFIG_NAME, GATE_NAME, EXPERTS_NAME, TOKENIZER_DIR, BASE_DI
 
 
 def _weight_of(model: nn.Module, path: str) -> torch.Tensor | None:
+    """The weight the base layer at `path` computes with: dequantized where the base is quantized."""
     try:
         module = model.get_submodule(path)
     except AttributeError:
         return None  # reported with a clear message when the layers are built
-    module = getattr(module, "base_layer", module)
-    weight = getattr(module, "weight", None)
-    return weight if isinstance(weight, torch.Tensor) else None
+    return dense_weight(getattr(module, "base_layer", module))
 
 
 def _sample(t: torch.Tensor) -> list[float]:
@@ -68,13 +68,15 @@ def _sample(t: torch.Tensor) -> list[float]:
 def base_fingerprint(model: nn.Module, layer_names: list[str]) -> dict[str, Any]:
     """Shapes and a few sampled values of the input embeddings and the first/last adapted base weights.
 
-    Sampled values (not a byte hash) so that the same base loaded in another dtype still matches.
+    Sampled values (not a byte hash) so that the same base loaded in another dtype still matches. Over a quantized
+    base the weights are sampled dequantized (the values the layers compute with; the quantized storage differs
+    between backends and versions), so the same base matches within the rounding of its quantization.
     """
     config = model.config
     text = text_config(model)
     tensors: dict[str, torch.Tensor | None] = {}
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    tensors["input_embeddings"] = getattr(embeddings, "weight", None)
+    tensors["input_embeddings"] = dense_weight(embeddings) if embeddings is not None else None
     for path in dict.fromkeys([layer_names[0], layer_names[-1]]):
         tensors[f"{path}.weight"] = _weight_of(model, path)
     fingerprint: dict[str, Any] = {
@@ -92,9 +94,31 @@ def base_fingerprint(model: nn.Module, layer_names: list[str]) -> dict[str, Any]
     return fingerprint
 
 
-def check_fingerprint(expected: dict[str, Any], model: nn.Module, layer_names: list[str], where: str) -> None:
-    """Raise `BaseModelMismatchError` if `model` is not the base the checkpoint was made for."""
+# How far a sampled weight may move (relative to the sample's largest value) and still be the same base:
+# a dtype change (fp32 <-> bf16) or int8 per-row rounding (at most max|row| / 254) stays well inside 1e-2;
+# 4-bit rounding (int4 groups: half a step, max / 14; NF4 blocks: half the widest code gap, 0.14 x absmax) needs more.
+_SAME_BASE = 1e-2
+_SAME_BASE_4BIT = 0.2
+
+
+def _is_4bit(record: dict[str, Any] | None) -> bool:
+    name = str((record or {}).get("name", ""))
+    return "4" in name and "int8" not in name
+
+
+def check_fingerprint(
+    expected: dict[str, Any],
+    model: nn.Module,
+    layer_names: list[str],
+    where: str,
+    quantization: tuple[dict[str, Any] | None, dict[str, Any] | None] = (None, None),
+) -> None:
+    """Raise `BaseModelMismatchError` if `model` is not the base the checkpoint was made for.
+
+    quantization: (recorded, actual) `describe_quantization` records; a 4-bit side widens the weights' tolerance.
+    """
     actual = base_fingerprint(model, layer_names)
+    weight_tolerance = _SAME_BASE_4BIT if any(_is_4bit(q) for q in quantization) else _SAME_BASE
     for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
         if expected.get(key) is not None and actual.get(key) != expected.get(key):
             raise BaseModelMismatchError(
@@ -112,7 +136,8 @@ def check_fingerprint(expected: dict[str, Any], model: nn.Module, layer_names: l
             )
         a = torch.tensor(got["sample"], dtype=torch.float64)
         b = torch.tensor(info["sample"], dtype=torch.float64)
-        tolerance = 1e-2 * float(b.abs().max().clamp_min(1e-12))  # a dtype change (fp32 <-> bf16) stays well inside
+        relative = _SAME_BASE if name == "input_embeddings" else weight_tolerance  # embeddings: int8 at most
+        tolerance = relative * float(b.abs().max().clamp_min(1e-12))
         if a.shape != b.shape or float((a - b).abs().max()) > tolerance:
             raise BaseModelMismatchError(
                 f"{where}: base weights differ from the ones the checkpoint was made for (tensor '{name}'); "
@@ -135,12 +160,20 @@ def save_checkpoint(
         layers.append({"module": name, "ranks": st.ranks, "scales": st.scales})
         expert_tensors[f"{name}.lora_A"] = st.lora_A
         expert_tensors[f"{name}.lora_B"] = st.lora_B
+    quantization = describe_quantization(model.model)
+    if include_base and quantization is not None:
+        raise CheckpointError(
+            f"include_base=True over a {quantization['name']} base: loramix bundles float bases only; save without "
+            "it (the checkpoint records the base and its quantization, and load() quantizes it again)"
+        )
     base_info = {
         "name_or_path": model.base_reference,
         "bundled": include_base,
         "dtype": str(model.dtype).removeprefix("torch."),
         "fingerprint": base_fingerprint(model.model, model.layer_names),
     }
+    if quantization is not None:
+        base_info["quantization"] = quantization
     if include_base:
         base_info["name_or_path"] = BASE_DIR
     meta = {

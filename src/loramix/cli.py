@@ -80,6 +80,7 @@ def info(checkpoint: Path = typer.Argument(..., help="A loramix checkpoint direc
     console.print(
         f"base: {base.get('name_or_path')} ({base.get('fingerprint', {}).get('architecture')}, "
         f"{base.get('dtype')})" + ("  [bundled]" if base.get("bundled") else "")
+        + (f", quantized {base['quantization'].get('name')}" if isinstance(base.get("quantization"), dict) else "")
     )
     table = Table("expert", "rank", "alpha", "rsLoRA", "targets", "source")
     for e in infos:
@@ -96,11 +97,30 @@ def info(checkpoint: Path = typer.Argument(..., help="A loramix checkpoint direc
     console.print("mix: " + json.dumps(rest))
 
 
-def _load(checkpoint: Path, device: str | None, dtype: str | None, base: str | None = None) -> Any:
+def _load(
+    checkpoint: Path, device: str | None, dtype: str | None, base: str | None = None, quantize: str | None = None
+) -> Any:
     from .loading import load
 
+    _check_quantize(quantize)
     with err_console.status(f"loading {checkpoint}"):
-        return load(checkpoint, base, device=device, dtype=_dtype(dtype))
+        return load(checkpoint, base, device=device, dtype=_dtype(dtype), quantize=quantize)
+
+
+_QUANTIZE = typer.Option(
+    None,
+    "--quantize",
+    help="Load the base quantized: int8, int4 (torchao) or nf4 (bitsandbytes); none: float. Default: as the "
+    "checkpoint records. Needs loramix[quant]; docs/quantization.md.",
+)
+
+
+def _check_quantize(name: str | None) -> None:
+    from .quant import QUANTIZE_CHOICES
+
+    if name is not None and name not in (*QUANTIZE_CHOICES, "none"):
+        choices = ", ".join((*QUANTIZE_CHOICES, "none"))
+        raise typer.BadParameter(f"unknown quantization {name!r}; expected one of {choices}", param_hint="--quantize")
 
 
 _BASE = typer.Option(
@@ -197,6 +217,7 @@ def generate(
     device: str | None = typer.Option(None, help="e.g. cpu, cuda, cuda:1 (default: where the base loads)."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16 (default: the base's)."),
     base: str | None = _BASE,
+    quantize: str | None = _QUANTIZE,
     compile_: bool = typer.Option(False, "--compile", help=_COMPILE_HELP),
 ) -> None:
     """Generate text from prompts with a checkpoint, optionally streaming and showing the dominant expert per token."""
@@ -207,7 +228,7 @@ def generate(
     if mode not in MODES:
         raise typer.BadParameter(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}", param_hint="--mode")
     prompts = _read_prompts(prompt, file)
-    model = _load(checkpoint, device, dtype, base)
+    model = _load(checkpoint, device, dtype, base, quantize)
     tokenizer = model.tokenizer
     if tokenizer is None:
         from .errors import CheckpointError
@@ -375,6 +396,7 @@ def train_gate_cmd(
     expert: list[str] = typer.Option(None, "--expert", "-e", help="NAME=ADAPTER_DIR (repeatable)."),
     init: Path | None = typer.Option(None, help="Start from this loramix checkpoint instead of --base/--expert."),
     include_base: bool = typer.Option(False, "--include-base", help="Copy the base model into the checkpoint."),
+    quantize: str | None = _QUANTIZE,
     eval_data: str | None = _EVAL,
     eval_fraction: float = _EVAL_FRACTION,
     run_dir: Path | None = _RUN_DIR,
@@ -392,7 +414,7 @@ def train_gate_cmd(
         if base or expert:
             raise typer.BadParameter("use either --init or --base/--expert", param_hint="--init")
         _settings_from_init({"gate": gate, "mix": mix})
-        model = _load(init, None, None)
+        model = _load(init, None, None, None, quantize)
         if mix.scaling_layer is not None:
             model.config.scaling_layer = mix.scaling_layer
             model.config.validate_for(hidden_size=model.hidden_size, n_experts=model.n_experts, n_blocks=model.n_blocks)
@@ -403,8 +425,10 @@ def train_gate_cmd(
             raise typer.BadParameter(
                 "give --base and at least one --expert NAME=DIR (or --init CKPT)", param_hint="--base"
             )
+        _check_quantize(quantize)
         config = dataclasses.replace(mix, gate=gate)
-        model, new_mixture = None, {"base": base, "experts": _parse_experts(expert), "config": config}
+        new_mixture = {"base": base, "experts": _parse_experts(expert), "config": config, "quantize": quantize}
+        model = None
     metrics = train_gate(
         model,
         data,
@@ -478,6 +502,7 @@ def analyze(
     device: str | None = typer.Option(None, help="e.g. cpu, cuda."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16."),
     base: str | None = _BASE,
+    quantize: str | None = _QUANTIZE,
     compile_: bool = typer.Option(False, "--compile", help=_COMPILE_HELP),
 ) -> None:
     """Record the scalings of prompts and/or a dataset: tidy table, statistics (usage, entropy, dominance, layer
@@ -490,7 +515,7 @@ def analyze(
     records = load_records(data) if data else None
     if records is not None and limit is not None:
         records = records[:limit]
-    model = _load(checkpoint, device, dtype, base)
+    model = _load(checkpoint, device, dtype, base, quantize)
     summary = run_analysis(
         model,
         out,
@@ -533,12 +558,13 @@ def converse(
     table_format: str = typer.Option("parquet", "--format", help="Table format: parquet or csv."),
     device: str | None = typer.Option(None, help="e.g. cpu, cuda."),
     base: str | None = _BASE,
+    quantize: str | None = _QUANTIZE,
 ) -> None:
     """Two agents talk for a fixed number of turns; save the transcript and plot each agent's expert trajectory."""
     from .analysis.converse import converse as run_conversation
 
-    model_a = _load(checkpoint, device, None, base)
-    model_b = _load(checkpoint_b, device, None, base) if checkpoint_b else None
+    model_a = _load(checkpoint, device, None, base, quantize)
+    model_b = _load(checkpoint_b, device, None, base, quantize) if checkpoint_b else None
     record = run_conversation(
         model_a,
         out,
@@ -597,6 +623,7 @@ def serve(
     device: str | None = typer.Option(None, help="e.g. cpu, cuda."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16."),
     base: str | None = _BASE,
+    quantize: str | None = _QUANTIZE,
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
     compile_: bool = typer.Option(False, "--compile", help=_COMPILE_HELP),
 ) -> None:
@@ -614,7 +641,7 @@ def serve(
             f"[yellow]warning:[/yellow] serving on {host} without an API key: anyone who can reach this host can use "
             "the model (set LORAMIX_API_KEY)"
         )
-    model = _load(checkpoint, device, dtype, base)
+    model = _load(checkpoint, device, dtype, base, quantize)
     name = model_id or Path(checkpoint).resolve().name
     server_app = create_app(
         model,
@@ -687,7 +714,14 @@ def export(
     elif format_ == "mistralrs":
         from .interop.mistralrs import export_mistralrs
 
-        model = _load(checkpoint, None, None, base)
+        model = _load(checkpoint, None, None, base, "none")  # mistral.rs gets the float base (it quantizes itself)
+        recorded = (_read_checkpoint_meta(checkpoint).get("base") or {}).get("quantization")
+        if recorded:
+            err_console.print(
+                f"note: the checkpoint was made over a {recorded.get('name')} base; the export names the "
+                "unquantized base (use mistral.rs's in-situ quantization, e.g. --isq Q8_0)",
+                highlight=False,
+            )
         base_id = base_model_id or (str(with_base.resolve()) if with_base else model.base_reference)
         if not base_id:
             raise typer.BadParameter(
@@ -726,6 +760,7 @@ def eval_cmd(
     limit: int | None = typer.Option(None, min=1, help="At most this many records."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Prompts per generate call."),
     base: str | None = _BASE,
+    quantize: str | None = _QUANTIZE,
 ) -> None:
     """Score a checkpoint against the baselines (base, each expert, uniform merge, oracle, per-prompt router,
     loramix granular / prompt / truncated) per domain; see docs/demo.md for the record format."""
@@ -743,12 +778,12 @@ def eval_cmd(
         check_owned_files(out, ("results.json", "results.md"), what="--out")  # before the run, not after it
     records = load_records(data)
     records = records[:limit] if limit else records
-    model = _load(checkpoint, None, None, base)
+    model = _load(checkpoint, None, None, base, quantize)
     trunc = None
     if truncated is not None:
         from .loading import load
 
-        trunc = load(truncated, base)
+        trunc = load(truncated, base, quantize=quantize)
     result = evaluate(model, records, truncated=trunc, systems=systems or SYSTEMS, batch_size=batch_size)
     header, rows = result.primary_table()
     table = Table(*header, title="primary metric per domain")

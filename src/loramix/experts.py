@@ -28,6 +28,7 @@ from torch import nn
 from .config import is_number
 from .errors import AdapterError, ShapeMismatchError
 from .io import check_finite, read_json, read_tensors
+from .quant import compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -307,7 +308,7 @@ def stack_experts(experts: Sequence[LoraExpert], model: nn.Module) -> dict[str, 
             )
         d_in, d_out = features
         weight = module.weight
-        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        dtype = compute_dtype(module)  # a quantized base: the experts stay in the compute dtype
         a_parts, b_parts, ranks, scales = [], [], [], []
         for expert, resolved in zip(experts, per_expert):
             update = resolved.get(path)

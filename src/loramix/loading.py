@@ -3,6 +3,7 @@ the model on the base they name, checked against its fingerprint)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,9 @@ from .errors import BaseModelMismatchError, CheckpointError, ConfigError, Lorami
 from .experts import StackedLoRA
 from .io import read_json, read_tensors
 from .model import LoraMixModel
+from .quant import compute_dtype, describe_quantization, quantization_from_record, same_quantization
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["load", "load_gate_state"]
 
@@ -37,12 +41,16 @@ def load(
     device: str | torch.device | None = None,
     tokenizer: Any = None,
     check_base: bool = True,
+    quantize: Any = None,
     **model_kwargs: Any,
 ) -> LoraMixModel:
     """Load a checkpoint written by `LoraMixModel.save`. The expert directories it was built from are not needed.
 
     base: override the recorded base (id, directory or loaded PreTrainedModel). The base is checked against the
     checkpoint's fingerprint; a different base raises `BaseModelMismatchError` (check_base=False skips that).
+    quantize: how to quantize the base ("int8", "int4", "nf4", a transformers quantization config, or "none" for a
+    float base). Default: the quantization the checkpoint records (none for a checkpoint made over a float base).
+    A base quantized otherwise than the checkpoint's loads with a warning.
     """
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -86,9 +94,28 @@ def load(
             )
     # The reference is where the base was read from (a bundled base: its absolute path), so that a re-save elsewhere
     # or an export names a base that exists, never the bare "base" relative to the current directory.
-    model, reference = load_base_model(base, dtype=dtype, device=device, **model_kwargs)
+    recorded = base_meta.get("quantization")
+    if (
+        quantize is None
+        and recorded is not None
+        and "quantization_config" not in model_kwargs
+        and isinstance(base, (str, Path))
+    ):
+        quantize = quantization_from_record(recorded, str(config_path))
+    model, reference = load_base_model(base, dtype=dtype, device=device, quantize=quantize, **model_kwargs)
+    actual = describe_quantization(model)
+    if not same_quantization(recorded, actual):
+        logger.warning(
+            "%s: the checkpoint was made over a %s base, this base is %s; the gate was trained on the other one's "
+            "hidden states",
+            config_path,
+            (recorded or {}).get("name", "float"),
+            (actual or {}).get("name", "float"),
+        )
     if check_base and base_meta.get("fingerprint"):
-        check_fingerprint(base_meta["fingerprint"], model, [m for m, _, _ in table], str(config_path))
+        check_fingerprint(
+            base_meta["fingerprint"], model, [m for m, _, _ in table], str(config_path), (recorded, actual)
+        )
 
     tensors = read_tensors(root / EXPERTS_NAME, "the stacked expert weights")
     modules = dict(model.named_modules())
@@ -108,8 +135,7 @@ def load(
                 raise CheckpointError(
                     f"{root / EXPERTS_NAME}: tensor '{name}' has dtype {tensor.dtype}; expected floating point"
                 )
-        weight = modules[module].weight
-        dtype_ = weight.dtype if weight.is_floating_point() else torch.float32
+        weight, dtype_ = modules[module].weight, compute_dtype(modules[module])
         stacked[module] = StackedLoRA(a.to(weight.device, dtype_), b.to(weight.device, dtype_), ranks, scales)
     if tensors:
         raise CheckpointError(f"{root / EXPERTS_NAME}: unexpected tensor(s) {sorted(tensors)[:5]}")

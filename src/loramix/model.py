@@ -31,6 +31,7 @@ from .errors import ConfigError, LoramixError
 from .experts import ExpertInfo, StackedLoRA, linear_features, read_adapter, stack_experts
 from .gate import arrow_prototypes, build_gate
 from .layers import MixedLoRALinear, MixState, PreparedScalings
+from .quant import compute_dtype
 
 if TYPE_CHECKING:
     from .generate import GenerationOutput
@@ -95,8 +96,11 @@ class LoraMixModel(nn.Module):
             raise ConfigError("experts: at least one expert is needed")
         if len(set(names)) != len(names):
             raise ConfigError(f"experts: names must be unique, got {names}")
-        if not stacked:
-            raise ConfigError("the experts adapt no module of the base model")
+        if not stacked:  # never a silent no-op mixture (the failure of xlora #22 over 4-bit bases)
+            raise ConfigError(
+                f"the experts {names} adapt no module of the base model {type(model).__name__}: the mixture would be "
+                "the plain base; check the adapters' target modules against the base"
+            )
         text = text_config(model)
         hidden_size = getattr(text, "hidden_size", None)
         if not isinstance(hidden_size, int):
@@ -131,8 +135,8 @@ class LoraMixModel(nn.Module):
                 raise ConfigError(f"module '{path}' is already a mixed layer; build the mixture on a plain base model")
             check_stacked(path, st, base_layer, len(names))
             _set_submodule(model, path, MixedLoRALinear(base_layer, st, index, self.state))
-        weight = next(iter(self.mixed_layers())).base_layer.weight
-        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        first = next(iter(self.mixed_layers())).base_layer
+        weight, dtype = first.weight, compute_dtype(first)  # never a quantized storage dtype
         self.gate = build_gate(config.gate, hidden_size, len(self.layer_names), len(names)).to(weight.device, dtype)
         if self.gate.reads_probes:
             for layer in self.mixed_layers():
@@ -531,6 +535,7 @@ def from_pretrained(
     tokenizer: Any = None,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
+    quantize: Any = None,
     **model_kwargs: Any,
 ) -> LoraMixModel:
     """Build a mixture from a base model and PEFT LoRA adapter directories (the gate is freshly initialised).
@@ -540,9 +545,11 @@ def from_pretrained(
     experts:  {name: adapter_dir}, any names; or a list of dirs (named after the dir).
     config:   `MixConfig`; sizes are inferred from the model.
     tokenizer: kept with the model (and saved in checkpoints); loaded from `base` when it is an id/path.
+    quantize: load the base quantized: "int8", "int4", "nf4" or a transformers quantization config (the same as
+              `quantization_config=`); see docs/quantization.md. Experts and gate stay in the compute dtype.
     """
     items = _expert_items(experts)
-    model, reference = load_base_model(base, dtype=dtype, device=device, **model_kwargs)
+    model, reference = load_base_model(base, dtype=dtype, device=device, quantize=quantize, **model_kwargs)
     if tokenizer is None and isinstance(base, (str, Path)):
         tokenizer = load_tokenizer(base)
     loaded = [read_adapter(name, path) for name, path in items]

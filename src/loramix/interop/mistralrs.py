@@ -41,6 +41,7 @@ from ..experts import (
 from ..io import atomic_directory, check_replaceable, read_json, read_tensors, save_tensors, write_json
 from ..loading import load_gate_state
 from ..model import LoraMixModel
+from ..quant import describe_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +260,19 @@ def export_mistralrs(
     if not isinstance(base_model_id, str) or not base_model_id.strip():
         raise ExportError(f"base_model_id={base_model_id!r} must be a non-empty string (a hub id or a directory)")
     out = Path(out_dir).expanduser()
+    quantization = describe_quantization(model.model)
+    if quantization is not None:
+        if with_base is not None:
+            raise ExportError(
+                f"with_base over a {quantization['name']} base: mistral.rs reads float safetensors bases only; load "
+                "the checkpoint with quantize='none' (CLI: export loads it so) to write the unquantized base"
+            )
+        logger.warning(
+            "the mixture runs over a %s base; mistral.rs will load base_model_id=%s unquantized (ask mistral.rs for "
+            "its own in-situ quantization, e.g. in_situ_quant='Q8_0')",
+            quantization["name"],
+            base_model_id,
+        )
     if with_base is not None:
         base_path = Path(with_base).expanduser().absolute()
         if base_path == out.absolute():

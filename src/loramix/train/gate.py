@@ -159,6 +159,7 @@ def train_gate(
     resume: bool | str | Path = False,
     force_resume: bool = False,
     include_base: bool = False,
+    quantize: Any = None,
 ) -> dict[str, Any]:
     """Train the gate of `model` (or of a new mixture of `base` + `experts` with `config`) on `data`.
 
@@ -166,7 +167,8 @@ def train_gate(
     is the mixed pass's next-token loss (+ optional auxiliary terms, see `gate_loss`). `config.scaling_layer` trains
     a gate for the truncated scaling pass. Saves a loramix checkpoint to `output_dir` (checked before training: a
     directory holding files loramix did not write is refused); returns the last metrics. `resume` with changed
-    optimisation settings is refused unless `force_resume`.
+    optimisation settings is refused unless `force_resume`. `quantize`: load `base` quantized (see
+    `loramix.from_pretrained`); the gate (and trainable experts) train in the compute dtype over the quantized base.
     """
     train = train or TrainConfig()
     objective = objective or GateObjective()
@@ -176,7 +178,7 @@ def train_gate(
         if base is None or not experts:
             raise ConfigError("train_gate needs a LoraMixModel, or a base and experts to build one")
         torch.manual_seed(train.seed)
-        model = from_pretrained(base, experts, config)
+        model = from_pretrained(base, experts, config, quantize=quantize)
     elif config is not None:
         raise ConfigError("pass either a model or a config (the model already has its config)")
     tokenizer = model.tokenizer
