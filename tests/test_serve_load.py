@@ -395,3 +395,20 @@ def test_a_slow_request_head_is_closed(mix):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_the_compiled_step_serves_the_same_slots(mix):
+    """--compile: the slots' decode step traced by torch.compile (the cheap aot_eager backend here) gives every row,
+    granular and prompt mode mixed in one batch, the text the eager engine gives."""
+    settings = [("ACDK", {"max_tokens": 10}), ("KKLL", {"max_tokens": 6, "mode": "prompt"}), ("W", {"max_tokens": 8})]
+    texts = {}
+    for compile in (False, "aot_eager"):
+        engine = Engine(mix, max_batch=4, compile=compile)
+        try:
+            made = [make_job(mix, prompt, **kwargs) for prompt, kwargs in settings]
+            engine.submit_group([job for job, _ in made])
+            texts[compile] = [(sink.result["text"], sink.result["completion_tokens"]) for _, sink in made]
+        finally:
+            engine.close()
+    assert texts["aot_eager"] == texts[False]
+    assert texts[False][0][0] == _greedy(mix, mix.tokenizer("ACDK").input_ids, 10)[0]

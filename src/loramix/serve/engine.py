@@ -256,7 +256,7 @@ class Engine:
         *,
         max_batch: int = 8,
         batching: bool = True,
-        compile: bool = False,
+        compile: bool | str = False,
         max_queue: int = 256,
         cache_len: int | None = None,
         metrics: Any = None,
@@ -265,7 +265,9 @@ class Engine:
         self.tokenizer = model.tokenizer
         self.max_batch = max_batch if batching else 1
         self.max_queue = max_queue
-        self.compile = compile  # decode with the compiled step (compiled once: the slots fix every shape)
+        # decode with the compiled step (compiled once per step size: the slots fix every shape); True: inductor, or
+        # a torch.compile backend name, as generate(compile=...)
+        self.compile = compile
         self.defaults = resolve_defaults(model, tokenizer=model.tokenizer)
         self.context = self.defaults.context
         self.cache_len = cache_len or cache_slots(2 * (self.context or 2048), None)
@@ -575,7 +577,11 @@ class Engine:
         self._sync()
         b = self._view(max(row.slot for row in rows) + 1)
         b.held = held
-        step = compiled_step(self.model, b.batch, self.cache_len, held) if self.compile else decode_step
+        if self.compile:
+            backend = self.compile if isinstance(self.compile, str) else None
+            step = compiled_step(self.model, b.batch, self.cache_len, held, backend)
+        else:
+            step = decode_step
         logits, scalings = run_step(step, self.model, b)
         self.steps += 1
         self._col += 1
