@@ -67,20 +67,13 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers
 
-
-def _error(
-    status: int,
-    message: str,
-    type_: str = "invalid_request_error",
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    return JSONResponse(
-        status_code=status,
-        content={"error": {"message": message, "type": type_, "param": param, "code": code}},
-        headers=headers,
-    )
+    def response(self) -> JSONResponse:
+        """The error as OpenAI's API answers it: {"error": {message, type, param, code}} with the status."""
+        return JSONResponse(
+            status_code=self.status,
+            content={"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}},
+            headers=self.headers,
+        )
 
 
 @dataclass
@@ -510,12 +503,12 @@ class _Guard:
             header = headers.get(b"authorization", b"").decode("latin-1")
             token = header[7:] if header.lower().startswith("bearer ") else ""
             if not secrets.compare_digest(token.encode(), self.api_key.encode()):
-                response = _error(
+                response = ApiError(
                     401,
                     "invalid or missing API key (Authorization: Bearer ...)",
                     type_="authentication_error",
                     code="invalid_api_key",
-                )
+                ).response()
                 await response(scope, receive, send)
                 return
         if scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -557,7 +550,7 @@ class _Guard:
         self.metrics.reject(status)
         if status == 413:
             why += f"; this server accepts at most {self.max_body} bytes"
-        await _error(status, why, headers={"Connection": "close"})(scope, receive, send)
+        await ApiError(status, why, headers={"Connection": "close"}).response()(scope, receive, send)
 
 
 # ---------------------------------------------------------------------- the app
@@ -637,28 +630,25 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
+        return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         if first.get("type") == "json_invalid":
-            return _error(400, "the request body is not valid JSON")
+            return ApiError(400, "the request body is not valid JSON").response()
         location = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = first.get("msg", "invalid request")
-        return _error(400, f"{location}: {message}" if location else message, param=location or None)
+        return ApiError(400, f"{location}: {message}" if location else message, param=location or None).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(
-            exc.status_code,
-            str(exc.detail),
-            type_="not_found_error" if exc.status_code == 404 else "invalid_request_error",
-        )
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return ApiError(exc.status_code, str(exc.detail), type_=kind).response()
 
     @app.exception_handler(LoramixError)
     async def _loramix(_: Request, exc: LoramixError) -> JSONResponse:
-        return _error(400, str(exc))
+        return ApiError(400, str(exc)).response()
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
