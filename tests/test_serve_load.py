@@ -412,3 +412,22 @@ def test_the_compiled_step_serves_the_same_slots(mix):
             engine.close()
     assert texts["aot_eager"] == texts[False]
     assert texts[False][0][0] == _greedy(mix, mix.tokenizer("ACDK").input_ids, 10)[0]
+
+
+def test_the_queue_bound_counts_only_jobs_waiting_beyond_the_free_slots(mix):
+    """Requests that arrive together while slots are free all get in (the free slots take them at the next step);
+    only jobs beyond the free slots and max_queue are refused. The engine's lock is held so that the worker admits
+    nothing in between."""
+    from loramix.serve.engine import QueueFull
+
+    engine = Engine(mix, max_batch=2, max_queue=1)
+    try:
+        made = [make_job(mix, "ACDK", max_tokens=2) for _ in range(4)]
+        with engine._cond:  # reentrant: submit takes it again in this thread
+            for job, _ in made[:3]:
+                engine.submit(job)  # 2 for the free slots, 1 waiting
+            with pytest.raises(QueueFull):
+                engine.submit(made[3][0])
+        assert all(sink.result["type"] == "done" for _, sink in made[:3])
+    finally:
+        engine.close()

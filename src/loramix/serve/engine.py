@@ -308,12 +308,14 @@ class Engine:
         self.submit_group([job])
 
     def submit_group(self, jobs: list[Job]) -> None:
-        """Queue the jobs of one request together (they join in order as slots free). Raises `QueueFull` when the
-        queue would hold more than `max_queue` jobs (an empty queue takes any one request)."""
+        """Queue the jobs of one request together (they join in order as slots free). Raises `QueueFull` when more
+        than `max_queue` jobs would wait beyond the free slots (an empty queue takes any one request; jobs that free
+        slots will take at the next step do not count, however close together they arrive)."""
         with self._cond:
             if self._closed:
                 raise QueueFull("the server is shutting down")
-            if self._pending and len(self._pending) + len(jobs) > self.max_queue:
+            free = self._rows.count(None)
+            if self._pending and len(self._pending) + len(jobs) > self.max_queue + free:
                 raise QueueFull(f"the queue is full ({len(self._pending)} jobs waiting); retry shortly")
             now = time.monotonic()
             for job in jobs:
