@@ -167,10 +167,11 @@ def _domains(records: Sequence[dict[str, Any]], max_new_tokens: dict[str, int] |
         groups.setdefault(r.get("domain") or "all", []).append(r)
     out = {}
     for name, recs in groups.items():
-        kinds = {scorer_of(r).name for r in recs}
+        found = [scorer_of(r) for r in recs]
+        kinds = {s.name for s in found}
         if len(kinds) != 1:
             raise ConfigError(f"domain '{name}': records mix scoring kinds {sorted(kinds)}; split them by domain")
-        how = scorer_of(recs[0])
+        how = found[0]
         if how.check is not None:
             how.check(name, recs)
         out[name] = _Domain(recs, how, (max_new_tokens or {}).get(name, how.max_new_tokens))

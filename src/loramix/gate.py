@@ -91,9 +91,7 @@ class ArrowRouter(_Gate):
         if probes is None:
             raise ValueError("ArrowRouter needs the probes that the adapted layers write in the scaling pass")
         k = min(self.config.top_k or self.n_experts, self.n_experts)
-        values, index = probes.topk(k, dim=-1)
-        weights = torch.softmax(values.float() / self.config.temperature, dim=-1).to(probes.dtype)
-        return torch.zeros_like(probes).scatter(-1, index, weights)
+        return apply_top_k(probes.float() / self.config.temperature, k, renormalise=True).to(probes.dtype)
 
 
 def build_gate(config: GateConfig, hidden_size: int, n_layers: int, n_experts: int) -> nn.Module:

@@ -39,11 +39,12 @@ def _two_segment(records: Records, answers: list[str], context: dict[str, Any]) 
     for a, r in zip(answers, records):
         first_text, _, result_text = a.partition(r["then"])
         first = parse_number(first_text)
-        if first is not None:
-            errors.append(abs(first - float(r["first"])))
         expected = r["completion"].split(r["then"])[-1].strip()
         exact += result_text.strip() == expected
-        if first is not None and abs(first - float(r["first"])) <= DESIGN_TOLERANCE:
+        if first is None:
+            continue
+        errors.append(abs(first - float(r["first"])))
+        if errors[-1] <= DESIGN_TOLERANCE:
             solved += result_text.strip() == second_segment(r["then"], first)
     return {
         "solved": solved / n,
