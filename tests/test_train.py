@@ -341,7 +341,7 @@ def test_gate_objective_terms_have_their_documented_values(llama_dir, llama_expe
 def test_trainable_experts_with_a_lower_rate_an_anchor_and_the_best_evaluation(world, experts, tmp_path):
     """The safety options of --trainable-experts: a lower learning rate moves the experts less, the anchor term has
     its documented value, and keep_best ends with exactly the weights of the best evaluation."""
-    from loramix.train.gate import GateObjective
+    from loramix.train.gate import ExpertAnchor, GateObjective, gate_loss
 
     expert_dirs = {n: p for n, (p, _) in experts.items()}
     mixed, heldout = world / "mixed.jsonl", world / "heldout.jsonl"
@@ -361,14 +361,16 @@ def test_trainable_experts_with_a_lower_rate_an_anchor_and_the_best_evaluation(w
     _, _, full = run("full", GateObjective())
     _, _, slow = run("slow", GateObjective(expert_lr_scale=0.01))
     assert 0 < slow < 0.01 * full  # Adam: the distance moved scales with the rate
+    logged = [json.loads(x) for x in (tmp_path / "slow.run" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["lr"] for r in logged if "lr" in r} == {0.05}  # the gate's (configured) rate, not the experts'
 
     mix = loramix.from_pretrained(world / "base", expert_dirs, config)
     layer = next(mix.mixed_layers())
-    anchor = {"a": (layer.lora_A, layer.lora_A.detach() * 0.5)}  # W0 = W/2: ||W - W0||^2 / ||W0||^2 = 1
+    anchor = ExpertAnchor({"a": layer.lora_A})
+    with torch.no_grad():
+        layer.lora_A.mul_(2)  # W = 2 W0: ||W - W0||^2 / ||W0||^2 = 1
     batch = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
              "labels": torch.tensor([[-100, 6, 7]]), "domain": torch.tensor([0])}
-    from loramix.train.gate import gate_loss
-
     _, parts = gate_loss(mix, batch, GateObjective(expert_anchor_weight=2.0), anchor=anchor)
     assert parts["anchor"] == pytest.approx(1.0, rel=1e-5)
 

@@ -86,18 +86,29 @@ class GateObjective:
             raise ConfigError(f"expert_anchor_weight={self.expert_anchor_weight} must be a finite number >= 0")
 
 
+class ExpertAnchor:
+    """The trainable experts' starting values, and how far they have moved: sum ||W - W0||^2 / sum ||W0||^2 over
+    their LoRA matrices (the denominator is fixed, computed once)."""
+
+    def __init__(self, params: Mapping[str, torch.nn.Parameter]) -> None:
+        self.pairs = [(p, p.detach().clone()) for p in params.values()]
+        self.norm = sum(float((p0**2).sum()) for _, p0 in self.pairs)
+
+    def distance(self) -> torch.Tensor:
+        return sum(((p - p0) ** 2).sum() for p, p0 in self.pairs) / self.norm
+
+
 def gate_loss(
     model: Any,
     batch: dict[str, torch.Tensor],
     objective: GateObjective | None = None,
     expert_of_domain: torch.Tensor | None = None,
-    anchor: dict[str, tuple[torch.nn.Parameter, torch.Tensor]] | None = None,
+    anchor: ExpertAnchor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss of the gate for one batch (see `GateObjective`), and the logged parts.
 
     expert_of_domain: [number of domains] expert index of each domain id of the batch ("domain"), -1 for none;
-    needed by route_weight. anchor: name -> (trainable expert matrix, its starting value); needed by
-    expert_anchor_weight.
+    needed by route_weight. anchor: the trainable experts' starting values; needed by expert_anchor_weight.
     """
     objective = objective or GateObjective()
     if objective.loss_weighting == "example":
@@ -135,9 +146,8 @@ def gate_loss(
         r = (nll * keep).sum() / keep.sum().clamp_min(1)
         loss = loss + objective.route_weight * r
         extras["route"] = float(r.detach())
-    if objective.expert_anchor_weight and anchor:
-        moved = sum(((p - p0) ** 2).sum() for p, p0 in anchor.values())
-        a = moved / sum(float((p0**2).sum()) for _, p0 in anchor.values())
+    if objective.expert_anchor_weight and anchor is not None:
+        a = anchor.distance()
         loss = loss + objective.expert_anchor_weight * a
         extras["anchor"] = float(a.detach())
     return loss, extras
@@ -197,7 +207,7 @@ def train_gate(
     experts = {n: p for n, p in trainable.items() if n.endswith((".lora_A", ".lora_B"))}
     if (objective.expert_lr_scale != 1.0 or objective.expert_anchor_weight) and not experts:
         raise ConfigError("expert_lr_scale and expert_anchor_weight apply to trainable experts: set trainable_experts")
-    anchor = {n: (p, p.detach().clone()) for n, p in experts.items()} if objective.expert_anchor_weight else None
+    anchor = ExpertAnchor(experts) if objective.expert_anchor_weight else None
 
     def loss_fn(m, batch):
         return gate_loss(m, batch, objective, expert_of_domain, anchor)

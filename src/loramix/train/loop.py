@@ -199,6 +199,7 @@ class Trainer:
             raise ConfigError("the training data is empty")
         self.model = model
         self.trainable = trainable
+        self._params = list(trainable.values())  # what the optimizer steps and the gradient clipping covers
         self.train_data = train_data
         self.eval_data = eval_data if eval_data is not None and len(eval_data) > 0 else None
         self.config = config
@@ -457,11 +458,11 @@ class Trainer:
         acc.wait_for_everyone()
         torch.manual_seed(config.seed)
         random.seed(config.seed)
-        groups: dict[float, list[nn.Parameter]] = {}
+        groups: dict[float, list[nn.Parameter]] = {1.0: []}  # the configured rate first: the one logged as "lr"
         for name, p in self.trainable.items():
             groups.setdefault(self.lr_scale.get(name, 1.0), []).append(p)
         optimizer = torch.optim.AdamW(
-            [{"params": params, "lr": config.learning_rate * scale} for scale, params in groups.items()],
+            [{"params": params, "lr": config.learning_rate * scale} for scale, params in groups.items() if params],
             lr=config.learning_rate,
             weight_decay=config.weight_decay,
         )
@@ -496,7 +497,7 @@ class Trainer:
             loss, extras = self.loss_fn(model, batch)
             acc.backward(loss)
             if acc.sync_gradients and self.config.max_grad_norm is not None:
-                acc.clip_grad_norm_(list(self.trainable.values()), self.config.max_grad_norm)
+                acc.clip_grad_norm_(self._params, self.config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         self.micro_done_in_epoch += 1
