@@ -219,3 +219,16 @@ def test_expert_with_different_targets_still_round_trips(llama_dir, tmp_path, in
     again = loramix.load(mix.save(tmp_path / "ck"))
     with torch.no_grad():
         assert torch.equal(again(input_ids).logits, mix(input_ids).logits)
+
+
+def test_fingerprint_positions_of_a_large_tensor():
+    """A real model's embedding table has more than 2**24 elements (SmolLM2: 49152 x 576), where float32 positions
+    overran the end; the positions stay in range, evenly spaced, from the first element to the last."""
+    from loramix.checkpoint import sample_index
+
+    for numel in (2**24 + 1, 49152 * 576, 152064 * 3584):
+        index = sample_index(numel)
+        assert index[0] == 0 and index[-1] == numel - 1
+        assert (index.diff() > 0).all() and int(index.max()) < numel
+    # small tensors keep the positions that earlier checkpoints recorded
+    assert sample_index(10496).tolist() == torch.linspace(0, 10495, 64).round().long().tolist()

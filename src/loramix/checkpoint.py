@@ -59,9 +59,20 @@ def _weight_of(model: nn.Module, path: str) -> torch.Tensor | None:
     return dense_weight(getattr(module, "base_layer", module))
 
 
+def sample_index(numel: int) -> torch.Tensor:
+    """The evenly spaced positions that the fingerprint samples in a tensor of `numel` elements. Beyond 2**24
+    elements float32 cannot hold every position (the last one rounded past the end, an IndexError on a real
+    model's embeddings), so those are computed exactly in integers; smaller tensors keep the float positions that
+    earlier checkpoints recorded."""
+    n = min(_SAMPLE, numel)
+    if numel <= 2**24 or n < 2:
+        return torch.linspace(0, numel - 1, n).round().long()
+    return (torch.arange(n, dtype=torch.int64) * (numel - 1) + (n - 1) // 2) // (n - 1)
+
+
 def _sample(t: torch.Tensor) -> list[float]:
     flat = t.detach().reshape(-1)
-    index = torch.linspace(0, flat.numel() - 1, min(_SAMPLE, flat.numel())).round().long().to(flat.device)
+    index = sample_index(flat.numel()).to(flat.device)
     return [float(f"{v:.6g}") for v in flat.index_select(0, index).float().cpu().tolist()]
 
 
