@@ -136,6 +136,7 @@ def gate_loss(
             raise ConfigError("route_weight needs the experts of the domains (train_gate provides them)")
         domain = batch["domain"].to(expert_of_domain.device)
         target = torch.where(domain >= 0, expert_of_domain[domain.clamp_min(0)], torch.full_like(domain, -1))
+        target = target.to(s.device)  # expert_of_domain lives on the CPU; the scalings on the model's device
         keep = (target >= 0).to(s.dtype)[:, None] * batch["attention_mask"].to(s.dtype)  # [B, T]
         if objective.route_tokens == "answer":  # positions whose next token is trained
             predicts = torch.zeros_like(keep)
