@@ -162,6 +162,7 @@ def prefill(
         scalings=mix_with,
         past_key_values=LoraMixCache(None, cache.mixed),
         use_cache=True,
+        **model.last_logits_only,
     )
     buffers.cache_position.fill_(T - 1)  # those of the last token fed; `advance` moves them on to the next one
     buffers.positions.copy_(positions[:, -1:])

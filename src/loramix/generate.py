@@ -446,7 +446,9 @@ class Generation:
                     if mode == "prompt":
                         prompt_scalings, hold = s, s[:, -1:]
                 with torch.no_grad():
-                    out = model(ids_now, attention_mask=mask_now, position_ids=pos_now, scalings=s)
+                    out = model(
+                        ids_now, attention_mask=mask_now, position_ids=pos_now, scalings=s, **model.last_logits_only
+                    )
                 yield out.logits[:, -1], s[:, -1]
         config = text_config(model.model)
         cache = LoraMixCache(
@@ -479,6 +481,7 @@ class Generation:
                     scalings=mix_with,
                     past_key_values=cache,
                     use_cache=True,
+                    **model.last_logits_only,
                 )
             yield out.logits[:, -1], s[:, -1]
             step_input = st.sequences[:, st.length - 1 : st.length]

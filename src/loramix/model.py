@@ -431,6 +431,18 @@ class LoraMixModel(nn.Module):
             return True
         return tokens <= 2 and 4 * k <= self.n_experts and self._mean_expert_elements >= 1_000_000
 
+    @property
+    def last_logits_only(self) -> dict[str, int]:
+        """Forward kwargs that compute the logits of the last position only, where the base model supports it
+        (transformers' `logits_to_keep`): a prompt's prefill in generation needs no more, and the [B, T, V] logits
+        of a long batch are the largest tensor of the step (SmolLM2, 32 prompts of 70 tokens: 440 MB)."""
+        if not hasattr(self, "_last_logits_only"):
+            import inspect
+
+            keeps = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+            self._last_logits_only = {"logits_to_keep": 1} if keeps else {}
+        return self._last_logits_only
+
     def new_cache(self) -> LoraMixCache:
         """Two empty transformers `DynamicCache`s, one per pass."""
         config = text_config(self.model)
