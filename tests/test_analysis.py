@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 import loramix
+import loramix.errors
 from loramix.analysis import ScalingStats, analyze, token_entropy
 from loramix.analysis.converse import converse
 from loramix.cli import app
@@ -235,3 +236,30 @@ def test_cli_analyze_and_converse(llama_dir, llama_experts, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "c" / "transcript.json").read_text())["turns"][1]["agent"] == "B"
     assert math.isfinite(json.loads((tmp_path / "a" / "summary.json").read_text())["groups"]["qa"]["usage"]["qa"])
+
+
+def test_conversation_relays(llama_dir, llama_experts, tmp_path, monkeypatch):
+    """relay_a / relay_b phrase each agent's turn for the other (the designer's peptide reaches the critic as a
+    question); without a relay the turn is passed verbatim, and B hears the opening."""
+    from loramix.analysis import converse as module
+
+    mix = _model(llama_dir, llama_experts)
+    seen = []
+    real = module.encode_prompts
+
+    def spy(tokenizer, prompts, **kwargs):
+        seen.extend(prompts)
+        return real(tokenizer, prompts, **kwargs)
+
+    monkeypatch.setattr(module, "encode_prompts", spy)
+    record = converse(mix, tmp_path / "relayed", opening="OPEN", turns=3, max_new_tokens=3, fmt="csv",
+                      eos_token_id=[], relay_a="Q[{text}]", relay_b="R[{text}]")
+    a1, b2, _ = (t["text"] for t in record["turns"])
+    assert f"Q[{a1}]" in seen[1] and "OPEN" not in seen[1]
+    assert f"R[{b2}]" in seen[2] and f"Q[{a1}]" not in seen[2] and "OPEN" in seen[2]
+    assert record["relays"] == {"A": "Q[{text}]", "B": "R[{text}]"}
+    seen.clear()
+    converse(mix, tmp_path / "verbatim", opening="OPEN", turns=2, max_new_tokens=3, fmt="csv", eos_token_id=[])
+    assert "OPEN" in seen[1] and "Q[" not in seen[1]
+    with pytest.raises(loramix.errors.ConfigError, match="relay_a"):
+        converse(mix, tmp_path / "bad", opening="OPEN", turns=2, relay_a="no placeholder")

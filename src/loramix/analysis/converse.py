@@ -53,12 +53,20 @@ def converse(
     max_new_tokens: int = 64,
     summary_prompt: str | None = None,
     fmt: str = "parquet",
+    relay_a: str | None = None,
+    relay_b: str | None = None,
     **generate_kwargs: Any,
 ) -> dict[str, Any]:
     """Run `turns` turns (A, B, A, ...), then optionally a summary by agent A. Writes transcript.json and
-    transcript.md, scalings table and summary per agent, and figures/trajectory.{png,svg}. Returns the transcript."""
+    transcript.md, scalings table and summary per agent, and figures/trajectory.{png,svg}. Returns the transcript.
+
+    relay_a / relay_b: how A's (B's) turns reach the other agent, a template with "{text}" (e.g. "What is the GRAVY
+    of the peptide {text}?"); None: verbatim. With relay_a, B hears only the relayed turns, not the opening."""
     if turns < 1:
         raise ConfigError(f"turns={turns} must be >= 1")
+    for name, relay in (("relay_a", relay_a), ("relay_b", relay_b)):
+        if relay is not None and "{text}" not in relay:
+            raise ConfigError(f'{name}={relay!r} must contain "{{text}}", where the other agent\'s turn goes')
     model_b = model_b if model_b is not None else model_a
     agents = {"A": (model_a, persona_a), "B": (model_b, persona_b)}
     for name, (model, _) in agents.items():
@@ -78,9 +86,12 @@ def converse(
             messages = [{"role": "system", "content": persona}]
             if agent == "A":
                 messages.append({"role": "user", "content": opening})
+            relay = {"A": relay_a, "B": relay_b}
             for speaker, text in history:
                 role = "assistant" if speaker == agent else "user"
-                if agent == "B" and not any(m["role"] == "user" for m in messages[1:]) and role == "user":
+                if role == "user" and relay[speaker] is not None:
+                    text = relay[speaker].replace("{text}", text)
+                elif agent == "B" and not any(m["role"] == "user" for m in messages[1:]) and role == "user":
                     text = f"{opening}\n\n{text}"  # B hears the opening together with A's first turn
                 messages.append({"role": role, "content": text})
             if extra_user is not None:
@@ -133,6 +144,7 @@ def converse(
         )
         record = {
             "personas": {"A": persona_a, "B": persona_b},
+            "relays": {"A": relay_a, "B": relay_b},
             "opening": opening,
             "turns": transcript,
             "figures": [str(p.relative_to(out)) for p in figures],

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .world import DOMAINS, World
+from .world import DOMAINS, World, repeat_records
 
 logger = logging.getLogger(__name__)
 
@@ -145,11 +145,7 @@ def _pretrain(base_dir: Path, world: World, cfg: BuildConfig, progress: bool) ->
 
 def domain_training_data(world: World, domain: str, n: int) -> list[dict[str, Any]]:
     records = world.domain_records(domain, "train", n=None if domain != "compare" else n)
-    rng = random.Random(f"{world.seed}-repeat-{domain}")
-    out = list(records)
-    while len(out) < n:  # small domains (QA) are repeated
-        out.extend(rng.sample(records, len(records)))
-    return out[:n]
+    return repeat_records(records, n, f"{world.seed}-repeat-{domain}")  # small domains (QA) are repeated
 
 
 def build(out_dir: str | Path, cfg: BuildConfig | None = None, *, progress: bool = True) -> dict[str, Any]:

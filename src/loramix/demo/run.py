@@ -65,16 +65,16 @@ def _label(system: str) -> str:
     return SYSTEM_LABELS.get(system, system)
 
 
-def _summary(result: Any) -> dict[str, Any]:
-    """Mean of the primary metrics over the four domains, and the targets of the demo."""
-    mean = {s: sum(result.primary(s, d) for d in DOMAINS) / len(DOMAINS) for s in result.metrics}
+def summary_of(result: Any, domains: tuple[str, ...] = DOMAINS) -> dict[str, Any]:
+    """Mean of the primary metrics over the task domains, and the targets of the demo."""
+    mean = {s: sum(result.primary(s, d) for d in domains) / len(domains) for s in result.metrics}
     experts = [s for s in result.metrics if s.startswith("expert:")]
     best_expert = max(experts, key=lambda s: mean[s])
     ratio = {
         d: result.primary("granular", d) / result.primary("oracle", d)
         if result.primary("oracle", d) > 0
         else float("nan")
-        for d in DOMAINS
+        for d in domains
     }
     targets = {
         "granular >= 95% of oracle on every domain": all(r >= 0.95 for r in ratio.values()),
@@ -86,19 +86,31 @@ def _summary(result: Any) -> dict[str, Any]:
     return {"mean_primary": mean, "best_single_expert": best_expert, "granular_over_oracle": ratio, "targets": targets}
 
 
-def _markdown(
-    result: Any, summary: dict[str, Any], examples: list[dict[str, str]], seconds: float, sizes: dict[str, int]
+def results_markdown(
+    result: Any,
+    summary: dict[str, Any],
+    examples: list[dict[str, str]],
+    seconds: float,
+    sizes: dict[str, int],
+    *,
+    title: str = "the protein mini-world",
+    columns: list[tuple[str, str, str, str]] = COLUMNS,
+    extra: dict[str, dict[str, str]] | None = None,
 ) -> str:
+    """results.md: the table (`columns` of the metrics, then `extra` columns: header -> system -> cell), the
+    targets and the examples."""
+    extra = extra or {}
     lines = [
-        "# loramix demo: the protein mini-world",
+        f"# loramix demo: {title}",
         "",
         f"Evaluation on a fixed test subset ({', '.join(f'{d} {n}' for d, n in sizes.items())}), greedy.",
         "",
-        "| system | " + " | ".join(c[2] for c in COLUMNS) + " | mean | tokens/s |",
-        "|---|" + "---|" * (len(COLUMNS) + 2),
+        "| system | " + " | ".join([c[2] for c in columns] + list(extra)) + " | mean | tokens/s |",
+        "|---|" + "---|" * (len(columns) + len(extra) + 2),
     ]
     for system in result.metrics:
-        cells = [c[3].format(result.metrics[system][c[0]][c[1]]) for c in COLUMNS]
+        cells = [c[3].format(result.metrics[system][c[0]][c[1]]) for c in columns]
+        cells += [by_system.get(system, "-") for by_system in extra.values()]
         lines.append(
             f"| {_label(system)} | "
             + " | ".join(cells)
@@ -182,7 +194,7 @@ def run_demo(
     sizes = sizes or EVAL_SIZES
     records = test_records(world, sizes)
     result = evaluate(model, records, truncated=trunc, train_peptides=set(world.splits["train"]), progress=progress)
-    summary = _summary(result)
+    summary = summary_of(result)
     # the console shows the primary metric of each domain (results.md has every column)
     primary = [c for c in COLUMNS if c[0] in result.kinds and c[1] == primary_metric(result.kinds[c[0]])]
     table = Table("system", *[c[2] for c in primary], "mean", "tok/s", title="baselines on the test subset")
@@ -213,7 +225,7 @@ def run_demo(
         "eval_sizes": sizes,
         "analysis": {"figures": analysis["figures"], "usage": {g: v["usage"] for g, v in analysis["groups"].items()}},
     }
-    markdown = _markdown(result, summary, examples, seconds, sizes)
+    markdown = results_markdown(result, summary, examples, seconds, sizes)
     write_owned_files(out, {"results.json": json.dumps(payload, indent=2), "results.md": markdown}, what="--out")
     console.print(
         f"[green]wrote[/green] {out}/results.json, {out}/results.md and {len(analysis['figures'])} figure "

