@@ -195,6 +195,14 @@ class _Gate(nn.Module):
 
     reads_probes = False
 
+    def __init__(self, config: GateConfig, hidden_size: int, n_layers: int, n_experts: int) -> None:
+        super().__init__()
+        self.config = config
+        self.hidden_size = hidden_size
+        self.n_layers = n_layers
+        self.n_experts = n_experts
+        self.context: nn.Module | None = None  # what reads the tokens before (ScalingHead, GateConfig.context)
+
     @property
     def has_context(self) -> bool:
         """Whether a token's scalings depend on the tokens before it (then decoding needs a `GateCache`)."""
@@ -215,13 +223,6 @@ class _Gate(nn.Module):
         weight = context.key.weight
         keys = torch.zeros(batch, slots, context.width, device=device, dtype=weight.dtype)
         return GateCache(keys=keys, values=torch.zeros_like(keys), offset=offset)
-
-    def __init__(self, config: GateConfig, hidden_size: int, n_layers: int, n_experts: int) -> None:
-        super().__init__()
-        self.config = config
-        self.hidden_size = hidden_size
-        self.n_layers = n_layers
-        self.n_experts = n_experts
 
 
 class ScalingHead(_Gate):
