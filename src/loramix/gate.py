@@ -219,7 +219,8 @@ class _Gate(nn.Module):
         device = next(iter(self.parameters()), torch.empty(0)).device
         offset = torch.zeros(1, dtype=torch.long, device=device)
         if isinstance(context, EmaContext):
-            return GateCache(ema=torch.zeros(batch, self.hidden_size + 1, device=device), offset=offset)
+            ema = torch.zeros(batch, self.hidden_size + 1, device=device, dtype=torch.float32)
+            return GateCache(ema=ema, offset=offset)
         weight = context.key.weight
         keys = torch.zeros(batch, slots, context.width, device=device, dtype=weight.dtype)
         return GateCache(keys=keys, values=torch.zeros_like(keys), offset=offset)
