@@ -64,6 +64,17 @@ def test_parameter_count_matches_the_module(llama_dir, llama_experts, context):
     assert names == ({"last", "context"} if context == "attention" else {"last"})  # "none": the old tensor names
 
 
+def test_an_untrained_attention_gate_is_the_plain_gate(llama_dir, llama_experts):
+    plain = loramix.from_pretrained(llama_dir, llama_experts, MixConfig(gate=GateConfig(layerwise=True)))
+    attention = loramix.from_pretrained(
+        llama_dir, llama_experts, MixConfig(gate=GateConfig(layerwise=True, context="attention"))
+    )
+    attention.gate.last.load_state_dict(plain.gate.last.state_dict())
+    ids = ids_of(2, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(attention(ids).scalings, plain(ids).scalings)
+
+
 def reference_context(mix, hidden, mask):
     """The context's output from its definition, one token at a time (docs/gates.md), [B, T, H]."""
     g = mix.config.gate
@@ -83,7 +94,8 @@ def reference_context(mix, hidden, mask):
                 ctx = mix.gate.context
                 seen = sorted(set(before) | {t})
                 q, k, v = ctx.query(hidden[b, t]), ctx.key(hidden[b, seen]), ctx.value(hidden[b, seen])
-                a = torch.softmax(k @ q / g.context_width**0.5, 0)
+                q, k = q / q.norm(), k / k.norm(dim=-1, keepdim=True)  # unit queries and keys
+                a = torch.softmax(k @ q * g.context_width**0.5, 0)
                 out[b, t] = hidden[b, t] + ctx.out(a @ v)
     return out
 
@@ -114,7 +126,7 @@ def test_a_tokens_scalings_never_depend_on_later_tokens(mix):
         other = mix(changed).scalings
         prefix = mix(ids[:, :7]).scalings
     torch.testing.assert_close(other[:, :7], full[:, :7], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(prefix, full[:, :7], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(prefix, full[:, :7], rtol=1e-5, atol=1e-5)  # other shapes: float rounding
     assert (other[:, 7:] - full[:, 7:]).abs().max() > 1e-3
     early = ids.clone()
     early[:, 2] = (ids[:, 2] + 1 - 3) % 93 + 3  # a change before: every later token's routing sees it

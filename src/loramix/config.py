@@ -98,7 +98,8 @@ class GateConfig:
     """What the MLP reads of the tokens before (docs/gates.md, "Gates that see the context"). "none": each token's
     own hidden state h_t, the paper's gate. "ema": a moving average over the row's tokens so far,
     sum_i a^(t-i) h_i / sum_i a^(t-i) (a = `context_decay`; padding skipped). "attention": h_t plus a one-head causal
-    attention over the row's hidden states so far (width `context_width`). Causal either way; loramix only (the
+    attention over the row's hidden states so far (width `context_width`, unit queries and keys, the output
+    projection zero at first). Causal either way; loramix only (the
     PEFT and mistral.rs exports refuse it)."""
 
     context_decay: float = 0.9
