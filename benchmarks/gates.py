@@ -1,10 +1,15 @@
-"""Gate variants on the demo's mini-world: the shipped MLP gate against the training-free Arrow router.
+"""Gate variants on the demo's mini-world: the shipped MLP gate against the training-free Arrow router and against
+MLP gates that read the tokens before (GateConfig.context "ema" / "attention").
 
 The Arrow mixtures are built from the shipped checkpoint's own experts (written back as PEFT adapters) over its
 bundled base; every variant answers the same records greedily in granular mode (and prompt mode). Settings of Arrow
 (top-k, temperature) are chosen on the validation split; the test split is the demo's fixed test subset.
+`--contexts ema attention` trains one gate per context over the same experts and base with the shipped gate's recipe
+(loramix.demo.build: the same gate mixture, depth 2, width 64, layer-wise, lr 0.01, batch 32, 1,500 steps, the
+example-weighted loss with domain supervision, seed 0), so that only the context differs from the shipped gate.
 
     python benchmarks/gates.py --threads 2 [--json-out gates.jsonl]
+    python benchmarks/gates.py --threads 1 --no-arrow --contexts ema attention
 
 Prints a Markdown table (primary metric per domain, mean over the four single domains, composite solved, tokens/s)
 and appends one JSON line per (variant, split) to --json-out.
@@ -21,10 +26,12 @@ from pathlib import Path
 import torch
 
 import loramix
+from loramix.demo.build import BuildConfig, domain_training_data
 from loramix.demo.run import EVAL_SIZES, shipped_checkpoint
 from loramix.demo.world import DOMAINS, World
 from loramix.evaluate import evaluate
 from loramix.interop.peft import write_peft_experts
+from loramix.train import GateObjective, TrainConfig, train_gate
 
 ARROW_GRID = [(k, t) for k in (1, 2, 4) for t in (1.0, 0.3)]
 
@@ -48,11 +55,36 @@ def score(model, recs, train_peptides, systems=("granular",)) -> dict:
     return out
 
 
+def train_context_gate(context: str, base: Path, experts: dict, tokenizer, world: World, steps: int, out: Path):
+    """A gate reading `context`, trained with the shipped gate's recipe (loramix.demo.build.build)."""
+    import random
+
+    cfg = BuildConfig()
+    per_domain = steps * cfg.gate_batch // len(DOMAINS) + 1
+    mixture = [r for d in DOMAINS for r in domain_training_data(world, d, per_domain)]
+    random.Random(cfg.seed).shuffle(mixture)
+    torch.manual_seed(cfg.seed)
+    gate = loramix.GateConfig(depth=cfg.gate_depth, width=cfg.gate_width, layerwise=True, dropout=0.0, context=context)
+    model = loramix.from_pretrained(base, experts, loramix.MixConfig(gate=gate), tokenizer=tokenizer)
+    train = TrainConfig(learning_rate=cfg.gate_lr, max_steps=steps, batch_size=cfg.gate_batch, warmup_steps=20,
+                        seed=cfg.seed, max_length=cfg.context, progress=False, log_every=100)
+    start = time.perf_counter()
+    metrics = train_gate(model, mixture, out, train=train,
+                         objective=GateObjective(loss_weighting="example", route_weight=cfg.route_weight))
+    seconds = time.perf_counter() - start
+    print(json.dumps({"trained": context, "steps": steps, "seconds": seconds, "metrics": metrics}, default=str),
+          flush=True)
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--splits", nargs="+", default=["val", "test"])
+    parser.add_argument("--no-arrow", action="store_true", help="leave out the Arrow grid")
+    parser.add_argument("--contexts", nargs="*", default=[], choices=["ema", "attention"])
+    parser.add_argument("--steps", type=int, default=BuildConfig().gate_steps)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     world = World()
@@ -64,7 +96,11 @@ def main() -> None:
         dirs = write_peft_experts(mlp, Path(tmp) / "experts", mlp.expert_names)
         experts = dict(zip(mlp.expert_names, dirs))
         variants = {"mlp (shipped)": mlp}
-        for k, t in ARROW_GRID:
+        for context in args.contexts:
+            variants[f"mlp + {context} context"] = train_context_gate(
+                context, ckpt / "base", experts, mlp.tokenizer, world, args.steps, Path(tmp) / context
+            )
+        for k, t in [] if args.no_arrow else ARROW_GRID:
             config = loramix.MixConfig(gate=loramix.GateConfig(router="arrow", top_k=k, temperature=t))
             variants[f"arrow k={k} T={t}"] = loramix.from_pretrained(
                 ckpt / "base", experts, config, tokenizer=mlp.tokenizer

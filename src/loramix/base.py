@@ -37,11 +37,13 @@ class LoraMixCache:
     """The two KV caches of generation: one per pass (they see different hidden states, so one cache is wrong).
 
     Either may be a transformers `DynamicCache` (eager generation) or `StaticCache` (the decode engine). `scaling` is
-    None where no scaling pass runs after the prompt (prompt and fixed modes).
+    None where no scaling pass runs after the prompt (prompt and fixed modes). `gate` is the gate's own memory of the
+    earlier tokens (a `gate.GateCache`) when the gate reads context (`GateConfig.context`), else None.
     """
 
     scaling: Any | None  # transformers Cache of the scaling pass
     mixed: Any  # transformers Cache of the mixed pass
+    gate: Any | None = None  # gate.GateCache of a context gate
 
 
 def text_config(model: nn.Module) -> Any:

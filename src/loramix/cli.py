@@ -449,7 +449,8 @@ def train_gate_cmd(
 def _mix_options(command: Any) -> Any:
     from .config import GateConfig, MixConfig
 
-    mlp_only = ("hidden_size", "depth", "width", "dropout", "softmax", "topk_softmax", "layerwise", "bias")
+    mlp_only = ("hidden_size", "depth", "width", "dropout", "softmax", "topk_softmax", "layerwise", "bias", "context")
+    mlp_only += ("context_decay", "context_width")
     command = config_options(
         GateConfig, "gate", skip=mlp_only, help={"router": "arrow (needs no training)."}, defaults={"router": "arrow"}
     )(command)

@@ -22,6 +22,7 @@ MAX_GATE_DEPTH = 64
 MAX_GATE_WIDTH = 1 << 17
 SPARSE_TOP_K = ("auto", "always", "never")
 ROUTERS = ("mlp", "arrow")
+CONTEXTS = ("none", "ema", "attention")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -93,6 +94,21 @@ class GateConfig:
     hidden_size: int | None = None
     """Input size of the gate. Leave unset: it is inferred from the base model; a value given is checked."""
 
+    context: str = "none"
+    """What the MLP reads of the tokens before (docs/gates.md, "Gates that see the context"). "none": each token's
+    own hidden state h_t, the paper's gate. "ema": a moving average over the row's tokens so far,
+    sum_i a^(t-i) h_i / sum_i a^(t-i) (a = `context_decay`; padding skipped). "attention": h_t plus a one-head causal
+    attention over the row's hidden states so far (width `context_width`, unit queries and keys, the output
+    projection zero at first). Causal either way; loramix only (the
+    PEFT and mistral.rs exports refuse it)."""
+
+    context_decay: float = 0.9
+    """With context="ema": the decay a in (0, 1) per token; the average's weights halve every ln 2 / -ln a tokens
+    (6.6 tokens at 0.9)."""
+
+    context_width: int = 64
+    """With context="attention": the width of the attention's queries, keys and values."""
+
     def __post_init__(self) -> None:
         _check(self.router in ROUTERS, f"gate.router={self.router!r} must be one of {', '.join(map(repr, ROUTERS))}")
         _check(
@@ -128,6 +144,22 @@ class GateConfig:
             self.hidden_size is None or (is_int(self.hidden_size) and self.hidden_size >= 1),
             f"gate.hidden_size={self.hidden_size!r} must be an integer >= 1; leave it unset to infer it",
         )
+        _check(
+            self.context in CONTEXTS,
+            f"gate.context={self.context!r} must be one of {', '.join(map(repr, CONTEXTS))}",
+        )
+        _check(
+            self.context == "none" or self.router == "mlp",
+            f"gate.context={self.context!r} feeds the MLP gate; gate.router={self.router!r} reads no hidden states",
+        )
+        _check(
+            is_number(self.context_decay) and 0.0 < self.context_decay < 1.0,
+            f"gate.context_decay={self.context_decay!r} must be a number in (0, 1)",
+        )
+        _check(
+            is_int(self.context_width) and 1 <= self.context_width <= MAX_GATE_WIDTH,
+            f"gate.context_width={self.context_width!r} must be an integer from 1 to {MAX_GATE_WIDTH}",
+        )
 
     def parameter_count(self, hidden_size: int, n_layers: int, n_experts: int) -> int:
         """Number of gate parameters for a model of these sizes (computed before anything is allocated)."""
@@ -135,7 +167,8 @@ class GateConfig:
             return 0
         width = self.width or hidden_size
         sizes = [hidden_size] + [width] * (self.depth - 1) + [n_layers * n_experts if self.layerwise else n_experts]
-        return sum(a * b + (b if self.bias else 0) for a, b in itertools.pairwise(sizes))
+        context = 4 * hidden_size * self.context_width if self.context == "attention" else 0  # q, k, v, out
+        return context + sum(a * b + (b if self.bias else 0) for a, b in itertools.pairwise(sizes))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -5,11 +5,12 @@
         mask [B, C]                      attention mask over the cache slots; the step sets column cache_position
         scalings [B, 1, L, N]            what the mixed layers mix with (held modes: filled once)
         multipliers [B, 1, sum_l R_l]    their rank multipliers; every mixed layer reads its slice
-        cache: LoraMixCache of two transformers `StaticCache`s (scaling pass, mixed pass)
+        cache: LoraMixCache of two transformers `StaticCache`s (scaling pass, mixed pass), and with a context gate
+               its static `GateCache` (EMA sums [B, H + 1] or attention keys/values [B, C, d], same columns)
 
     decode_step(model, ...):   mask[:, cache_position] = live
         granular / truncated:  h = scaling_backbone(ids, cache.scaling)     (experts at the dummy scaling)
-                               s = gate(h); scalings.copy_(s); multipliers.copy_(rank_multipliers(s))
+                               s = gate(h, mask, cache.gate); scalings.copy_(s); multipliers.copy_(...)
         prompt / fixed (held): nothing: scalings and multipliers were filled once after the prompt
         mixed pass:            logits = model(ids, cache.mixed) with every mixed layer reading `multipliers`
         -> logits [B, V], scalings [B, L, N]
@@ -103,6 +104,7 @@ def new_buffers(model: LoraMixModel, batch: int, slots: int, *, held: bool, text
     cache = LoraMixCache(
         scaling=None if held else StaticCache(config=text_config, max_cache_len=slots),
         mixed=StaticCache(config=text_config, max_cache_len=slots),
+        gate=None if held else model.gate.new_cache(batch, slots),
     )
     buffers = DecodeBuffers(
         ids=torch.zeros(batch, 1, dtype=torch.long, device=device),
@@ -119,8 +121,8 @@ def new_buffers(model: LoraMixModel, batch: int, slots: int, *, held: bool, text
     if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs replay them without copies
         for t in (buffers.ids, buffers.positions, buffers.cache_position, buffers.live, buffers.mask):
             torch._dynamo.mark_static_address(t)
-        torch._dynamo.mark_static_address(scalings)
-        torch._dynamo.mark_static_address(multipliers)
+        for t in (scalings, multipliers, *(cache.gate.tensors() if cache.gate is not None else ())):
+            torch._dynamo.mark_static_address(t)
     return buffers
 
 
@@ -153,7 +155,9 @@ def prefill(
         hold(model, buffers, s[:, -1:])
         mix_with = s
     else:
-        s = model.compute_scalings(input_ids, buffers.mask, positions, past_key_values=cache.scaling, use_cache=True)
+        s = model.compute_scalings(
+            input_ids, buffers.mask, positions, past_key_values=cache.scaling, use_cache=True, gate_cache=cache.gate
+        )
         mix_with = s
     out = model(
         input_ids,
@@ -202,7 +206,7 @@ def decode_step(
                 use_cache=True,
                 return_dict=True,
             )
-        s = model.gate(out.last_hidden_state, probes)  # [B, 1, L, N]
+        s = model.gate(out.last_hidden_state, probes, mask, cache.gate)  # [B, 1, L, N]
         if hold_rows is not None:
             s = torch.where(hold_rows, hold_values, s)
         scalings.copy_(s)

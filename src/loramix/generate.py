@@ -2,7 +2,7 @@
 
 Every decode step, for the new token x_t:
     scaling pass:  backbone(x_t, cache_1) -> h_t          (cache_1 holds the scaling pass's keys/values)
-    gate:          s_t = gate(h_t)                         [B, 1, L, N]
+    gate:          s_t = gate(h_t)                         [B, 1, L, N]  (a context gate: gate(h_t, cache_3))
     mixed pass:    model(x_t, cache_2, scalings=s_t)      (cache_2 holds the mixed pass's keys/values)
 This equals recomputing the whole prefix through both passes (tests check it token for token). One shared cache
 would be wrong: the two passes see different hidden states.
@@ -451,9 +451,11 @@ class Generation:
                     )
                 yield out.logits[:, -1], s[:, -1]
         config = text_config(model.model)
+        granular = self.fixed is None and mode != "prompt"  # a scaling pass after the prompt
         cache = LoraMixCache(
-            scaling=new_dynamic_cache(config) if self.fixed is None and mode != "prompt" else None,
+            scaling=new_dynamic_cache(config) if granular else None,
             mixed=new_dynamic_cache(config),
+            gate=model.gate.new_cache() if granular else None,
         )
         held = None
         step_input, step_pos = st.ids, st.positions[:, : st.length]
@@ -469,6 +471,7 @@ class Generation:
                     step_pos,
                     past_key_values=cache.scaling,
                     use_cache=cache.scaling is not None,
+                    gate_cache=cache.gate,
                 )
                 mix_with = s
                 if mode == "prompt":

@@ -29,7 +29,7 @@ from .base import LoraMixCache, load_base_model, load_tokenizer, new_dynamic_cac
 from .config import MixConfig
 from .errors import ConfigError, LoramixError
 from .experts import ExpertInfo, StackedLoRA, linear_features, read_adapter, stack_experts
-from .gate import arrow_prototypes, build_gate
+from .gate import GateCache, arrow_prototypes, build_gate
 from .layers import MixedLoRALinear, MixState, PreparedScalings
 from .quant import compute_dtype
 
@@ -282,16 +282,26 @@ class LoraMixModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         past_key_values: Any = None,
         use_cache: bool = False,
+        gate_cache: GateCache | None = None,
     ) -> torch.Tensor:
-        """Scaling pass + gate: scalings [B, T, L, N] (with gradients to the gate only)."""
+        """Scaling pass + gate: scalings [B, T, L, N] (with gradients to the gate only).
+
+        `gate_cache`: with `past_key_values` and a gate that reads context (`GateConfig.context`), the gate's own
+        cache of the earlier tokens (`LoraMixCache.gate`, from `new_cache`), read and extended."""
         if inputs_embeds is not None and not bool(torch.isfinite(inputs_embeds).all()):
             raise ConfigError("inputs_embeds contain NaN or infinite values; they would reach the gate")
+        if past_key_values is not None and gate_cache is None and self.gate.has_context:
+            raise ConfigError(
+                f"gate.context={self.config.gate.context!r}: a cached scaling pass needs the gate's cache too "
+                "(gate_cache=, the `gate` of a LoraMixCache from model.new_cache()), or the gate would not see "
+                "the earlier tokens"
+            )
         reference = input_ids if input_ids is not None else inputs_embeds
         probes = self.new_probes(reference.shape[0], reference.shape[1]) if reference is not None else None
         hidden = self.scaling_pass(
             input_ids, attention_mask, position_ids, inputs_embeds, past_key_values, use_cache, probes
         )
-        return self.gate(hidden, probes)
+        return self.gate(hidden, probes, attention_mask, gate_cache)
 
     def new_probes(self, batch: int, tokens: int) -> torch.Tensor | None:
         """The buffer [B, T, L, N] that the adapted layers fill in the scaling pass when the gate reads it (the
@@ -331,6 +341,7 @@ class LoraMixModel(nn.Module):
                 inputs_embeds,
                 past_key_values.scaling if past_key_values is not None else None,
                 use_cache,
+                past_key_values.gate if past_key_values is not None else None,
             )
         prepared = self.prepare_scalings(scalings) if isinstance(scalings, torch.Tensor) else scalings
         with self.state.use(prepared):
@@ -444,9 +455,11 @@ class LoraMixModel(nn.Module):
         return self._last_logits_only
 
     def new_cache(self) -> LoraMixCache:
-        """Two empty transformers `DynamicCache`s, one per pass."""
+        """Two empty transformers `DynamicCache`s, one per pass (and the gate's own, when it reads context)."""
         config = text_config(self.model)
-        return LoraMixCache(scaling=new_dynamic_cache(config), mixed=new_dynamic_cache(config))
+        return LoraMixCache(
+            scaling=new_dynamic_cache(config), mixed=new_dynamic_cache(config), gate=self.gate.new_cache()
+        )
 
     @contextlib.contextmanager
     def experts_disabled(self) -> Iterator[None]:

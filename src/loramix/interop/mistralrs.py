@@ -165,6 +165,11 @@ def _check_gate(model: LoraMixModel) -> None:
         raise ExportError(
             f"gate.router={gate.router!r}: mistral.rs's X-LoRA runs the MLP gate only; export to a static LoRA instead"
         )
+    if gate.context != "none":
+        raise ExportError(
+            f"gate.context={gate.context!r}: mistral.rs's X-LoRA runs the per-token MLP gate only (no context); "
+            "export to a static LoRA instead"
+        )
     width = gate.width or model.hidden_size
     if gate.depth > 1 and width != model.hidden_size:
         raise ExportError(

@@ -175,6 +175,11 @@ def to_peft(model: LoraMixModel, adapter_dir: str | Path | None = None) -> nn.Mo
             "routing lives in LoraConfig(arrow_config=...), with one rank for every expert); export to a static LoRA "
             "instead"
         )
+    if model.config.gate.context != "none":
+        raise ConfigError(
+            f"gate.context={model.config.gate.context!r}: PEFT's XLoraModel runs the per-token MLP gate only (no "
+            "context); export to a static LoRA instead"
+        )
     if model.config.scaling_layer is not None:
         raise ConfigError(
             f"scaling_layer={model.config.scaling_layer}: PEFT's XLoraModel always runs the full scaling pass, and a "

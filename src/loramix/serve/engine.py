@@ -13,6 +13,10 @@ every decode step has the same shapes whatever the occupancy (free slots are pad
     a row ends            -> EOS, a stop string, max_tokens, cancellation (`Job.cancelled`, the client hung up) or its
                              deadline: its slot is free before the next step
 
+A gate that reads context (`GateConfig.context`) has a third cache with the same slots (gate.GateCache): its
+running EMA sums per row (set from the prompt's when a row joins, overwritten by the next row to take the slot), or
+its attention keys/values per column (copied, rolled and masked like the KV caches' rows).
+
 The caches share one write column (the decode step writes every row at `cache_position`): a row's tokens fill a
 contiguous range of columns ending at the current one, its own positions (RoPE) start at 0, and its mask hides the
 columns before its range. When a joining prompt is longer than the columns behind the current one, or the cache
@@ -426,6 +430,8 @@ class Engine:
                 if layer.is_initialized:
                     layer.keys.copy_(torch.roll(layer.keys, d, 2))
                     layer.values.copy_(torch.roll(layer.values, d, 2))
+        if b.cache.gate is not None:
+            b.cache.gate.roll(d)
         b.mask.copy_(torch.roll(b.mask, d, 1))
         for row in self._rows:
             if row is not None:
@@ -442,12 +448,16 @@ class Engine:
         positions = torch.arange(ids.shape[1], device=model.device)[None]
         held = job.mode in HELD_MODES
         cache = LoraMixCache(
-            scaling=None if held else new_dynamic_cache(self._config), mixed=new_dynamic_cache(self._config)
+            scaling=None if held else new_dynamic_cache(self._config),
+            mixed=new_dynamic_cache(self._config),
+            gate=None if held else model.gate.new_cache(),
         )
         if held:
             s = model.compute_scalings(ids, mask, positions)
         else:
-            s = model.compute_scalings(ids, mask, positions, past_key_values=cache.scaling, use_cache=True)
+            s = model.compute_scalings(
+                ids, mask, positions, past_key_values=cache.scaling, use_cache=True, gate_cache=cache.gate
+            )
         out = model(
             ids,
             attention_mask=mask,
@@ -490,6 +500,7 @@ class Engine:
             for layer, src in zip(static.layers, dynamic.layers):
                 layer.keys[slot, :, start : self._col] = src.keys[0]
                 layer.values[slot, :, start : self._col] = src.values[0]
+        _join_gate_cache(b.cache.gate, cache.gate, slot, start, self._col)
         b.mask[slot].zero_()
         b.mask[slot, start : self._col] = 1
         b.positions[slot] = T
@@ -553,7 +564,11 @@ class Engine:
                 mask=b.mask[:k],
                 scalings=b.scalings[:k],
                 multipliers=b.multipliers[:k],
-                cache=LoraMixCache(scaling=_cache_rows(b.cache.scaling, k), mixed=_cache_rows(b.cache.mixed, k)),
+                cache=LoraMixCache(
+                    scaling=_cache_rows(b.cache.scaling, k),
+                    mixed=_cache_rows(b.cache.mixed, k),
+                    gate=b.cache.gate.rows(k) if b.cache.gate is not None else None,
+                ),
                 prepared=PreparedScalings(b.scalings[:k], b.multipliers[:k], sizes=self.model.rank_sizes),
                 held=False,
                 hold_rows=b.hold_rows[:k],
@@ -566,6 +581,8 @@ class Engine:
         """Point both caches' write offsets and the step's cache_position at the current column."""
         b = self._buffers
         b.cache_position.fill_(self._col)
+        if b.cache.gate is not None:
+            b.cache.gate.offset.fill_(self._col)
         for cache in (b.cache.scaling, b.cache.mixed):
             for layer in cache.layers:
                 if layer.is_initialized:
@@ -601,6 +618,19 @@ class Engine:
                 self.metrics.inter_token(now - row.last_token_at)
             token = greedy[row.slot] if row.greedy else row.choose(scores[row.slot])
             self._accept(row, token, logits[row.slot], scalings[row.slot])
+
+
+def _join_gate_cache(static: Any, prompt: Any, slot: int, start: int, end: int) -> None:
+    """Put a prompt's gate cache (a dynamic `GateCache`, batch 1; None for a held row) in `slot` of the engine's
+    static one, its attention keys/values at columns [start, end) like its KV cache rows; the columns before are
+    masked, those after are written by the coming steps."""
+    if static is None or prompt is None:
+        return
+    if static.ema is not None:
+        static.ema[slot] = prompt.ema[0]
+    if static.keys is not None:
+        static.keys[slot, start:end] = prompt.keys[0]
+        static.values[slot, start:end] = prompt.values[0]
 
 
 def _cache_rows(cache: Any, k: int) -> Any:
