@@ -179,3 +179,12 @@ def run_cli(*args, cwd=None):
         env={**os.environ, "COLUMNS": "300"},
         cwd=cwd,
     )
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Every test starts with torch.compile's caches empty: the decode step is compiled per test with other shapes,
+    and over the whole suite one process would reach dynamo's recompile limit (8 per function), where a fullgraph
+    compile fails hard (test_serve_load's compiled slots did, after the context-gate tests)."""
+    torch._dynamo.reset()
+    yield

@@ -136,17 +136,14 @@ class SmolBuildConfig:
 
 
 def _cli(args: list[str]) -> None:
-    """Run one loramix command in this process, as a user would type it (no re-import per stage)."""
-    from typer.main import get_command
-
-    from ..cli import app
+    """Run one loramix command exactly as a user types it (`python -m loramix ...`, in a child process)."""
+    import subprocess
+    import sys
 
     logger.info("loramix %s", " ".join(args))
-    try:
-        get_command(app).main(args, prog_name="loramix", standalone_mode=False)
-    except SystemExit as exc:
-        if exc.code:
-            raise ConfigError(f"loramix {args[0]} failed (exit {exc.code})") from None
+    done = subprocess.run([sys.executable, "-m", "loramix", *args], check=False)
+    if done.returncode:
+        raise ConfigError(f"loramix {args[0]} failed (exit {done.returncode}); its error is printed above")
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
