@@ -589,7 +589,7 @@ def converse(
         seed=seed,
     )
     for t in record["turns"]:
-        dominant = max(t["mean_scalings"], key=t["mean_scalings"].get) if t["mean_scalings"] else "-"
+        dominant = t["dominant"] or "-"
         console.print(f"[bold]{t['turn']} {t['agent']}[/bold] [dim]({dominant})[/dim] {t['text']}", highlight=False)
     console.print(f"[green]wrote[/green] {out}/transcript.json, transcript.md and {out}/figures/trajectory.png")
 

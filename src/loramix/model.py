@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -128,6 +129,11 @@ class LoraMixModel(nn.Module):
         self.base_reference = base_reference
         self.state = MixState(config.global_scaling_weight)
         self.model = model
+        # forward kwargs that compute the logits of the last position only, where the base supports it
+        # (transformers' `logits_to_keep`): a prompt's prefill in generation needs no more, and the [B, T, V] logits
+        # of a long batch are the largest tensor of the step (SmolLM2, 32 prompts of 70 tokens: 440 MB)
+        keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.last_logits_only: dict[str, int] = {"logits_to_keep": 1} if keeps else {}
         self.layer_names = list(stacked)
         for index, (path, st) in enumerate(stacked.items()):
             base_layer = model.get_submodule(path)
@@ -441,18 +447,6 @@ class LoraMixModel(nn.Module):
         if self.sparse_top_k == "always":
             return True
         return tokens <= 2 and 4 * k <= self.n_experts and self._mean_expert_elements >= 1_000_000
-
-    @property
-    def last_logits_only(self) -> dict[str, int]:
-        """Forward kwargs that compute the logits of the last position only, where the base model supports it
-        (transformers' `logits_to_keep`): a prompt's prefill in generation needs no more, and the [B, T, V] logits
-        of a long batch are the largest tensor of the step (SmolLM2, 32 prompts of 70 tokens: 440 MB)."""
-        if not hasattr(self, "_last_logits_only"):
-            import inspect
-
-            keeps = "logits_to_keep" in inspect.signature(self.model.forward).parameters
-            self._last_logits_only = {"logits_to_keep": 1} if keeps else {}
-        return self._last_logits_only
 
     def new_cache(self) -> LoraMixCache:
         """Two empty transformers `DynamicCache`s, one per pass (and the gate's own, when it reads context)."""

@@ -78,6 +78,7 @@ def converse(
             for name, (m, _) in agents.items()
         }
         history: list[tuple[str, str]] = []  # (agent, text)
+        relay = {"A": relay_a, "B": relay_b}  # how each agent's turns reach the other
         transcript: list[dict[str, Any]] = []
         trajectory: dict[str, list[tuple[int, torch.Tensor]]] = {"A": [], "B": []}
 
@@ -86,7 +87,6 @@ def converse(
             messages = [{"role": "system", "content": persona}]
             if agent == "A":
                 messages.append({"role": "user", "content": opening})
-            relay = {"A": relay_a, "B": relay_b}
             for speaker, text in history:
                 role = "assistant" if speaker == agent else "user"
                 if role == "user" and relay[speaker] is not None:
@@ -111,13 +111,15 @@ def converse(
                     s, new.tolist(), sequence=f"turn-{turn}", domain=f"agent-{agent}", sources="generated", turn=turn
                 )
                 trajectory[agent].append((turn, s.mean((0, 1))))
+            mean = dict(zip(model.expert_names, s.mean((0, 1)).tolist())) if len(new) else {}
             transcript.append(
                 {
                     "turn": turn,
                     "agent": agent,
                     "text": text,
                     "tokens": len(new),
-                    "mean_scalings": dict(zip(model.expert_names, s.mean((0, 1)).tolist())) if len(new) else {},
+                    "mean_scalings": mean,
+                    "dominant": max(mean, key=mean.get) if mean else None,
                 }
             )
             return text
@@ -161,7 +163,7 @@ def converse(
             "",
         ]
         for t in transcript:
-            dominant = max(t["mean_scalings"], key=t["mean_scalings"].get) if t["mean_scalings"] else "-"
+            dominant = t["dominant"] or "-"
             tag = " (summary)" if t.get("summary") else ""
             lines += [
                 f"### Turn {t['turn']}: agent {t['agent']}{tag} (dominant expert: {dominant})",

@@ -46,6 +46,34 @@ COLUMNS = [  # (domain, metric, header, format)
 ]
 
 
+def example_answers(model: Any, world: Any, domains: tuple[str, ...], n: int) -> list[dict[str, str]]:
+    """loramix granular's greedy answers to the first n test records of each domain (one prompt at a time: no
+    padding)."""
+    from ..evaluate import generate_answers
+
+    examples = []
+    for domain in domains:
+        records = world.domain_records(domain, "test", n)
+        answers = generate_answers(model, records, domain, batch_size=1)
+        examples += [
+            {"domain": domain, "prompt": r["prompt"], "answer": a, "reference": r["completion"]}
+            for r, a in zip(records, answers)
+        ]
+    return examples
+
+
+def primary_columns(result: Any, columns: list[tuple[str, str, str, str]]) -> list[tuple[str, str, str, str]]:
+    """The columns that show each evaluated domain's primary metric (what the console table prints)."""
+    from ..evaluate import primary_metric
+
+    return [c for c in columns if c[0] in result.kinds and c[1] == primary_metric(result.kinds[c[0]])]
+
+
+def analysis_record(analysis: dict[str, Any]) -> dict[str, Any]:
+    """What results.json keeps of an `analyze` summary: the figures and each group's expert usage."""
+    return {"figures": analysis["figures"], "usage": {g: v["usage"] for g, v in analysis["groups"].items()}}
+
+
 def weights_dir() -> Path:
     return Path(str(resources.files("loramix.demo").joinpath("weights")))
 
@@ -154,7 +182,7 @@ def run_demo(
 
     from ..analysis import analyze
     from ..analysis.report import ANALYSIS_FILES
-    from ..evaluate import evaluate, generate_answers, primary_metric
+    from ..evaluate import evaluate
     from ..loading import load
 
     console = console or Console()
@@ -178,14 +206,7 @@ def run_demo(
         + (f"; truncated gate at k={trunc.config.scaling_layer}" if trunc else "")
     )
 
-    examples = []
-    for domain in (*DOMAINS, "composite"):
-        records = world.domain_records(domain, "test", 2)
-        answers = generate_answers(model, records, domain, batch_size=1)  # one prompt at a time: no padding
-        examples += [
-            {"domain": domain, "prompt": r["prompt"], "answer": a, "reference": r["completion"]}
-            for r, a in zip(records, answers)
-        ]
+    examples = example_answers(model, world, (*DOMAINS, "composite"), 2)
     table = Table("domain", "prompt", "loramix answer", "reference", title="examples (loramix granular, greedy)")
     for e in examples:
         table.add_row(e["domain"], e["prompt"], e["answer"], e["reference"])
@@ -196,7 +217,7 @@ def run_demo(
     result = evaluate(model, records, truncated=trunc, train_peptides=set(world.splits["train"]), progress=progress)
     summary = summary_of(result)
     # the console shows the primary metric of each domain (results.md has every column)
-    primary = [c for c in COLUMNS if c[0] in result.kinds and c[1] == primary_metric(result.kinds[c[0]])]
+    primary = primary_columns(result, COLUMNS)
     table = Table("system", *[c[2] for c in primary], "mean", "tok/s", title="baselines on the test subset")
     for system in result.metrics:
         style = "bold green" if system == "granular" else None
@@ -223,7 +244,7 @@ def run_demo(
         "examples": examples,
         "seconds": seconds,
         "eval_sizes": sizes,
-        "analysis": {"figures": analysis["figures"], "usage": {g: v["usage"] for g, v in analysis["groups"].items()}},
+        "analysis": analysis_record(analysis),
     }
     markdown = results_markdown(result, summary, examples, seconds, sizes)
     write_owned_files(out, {"results.json": json.dumps(payload, indent=2), "results.md": markdown}, what="--out")

@@ -16,7 +16,16 @@ import torch
 
 from ..io import check_owned_files, check_replaceable, write_owned_files
 from .chat_world import ChatWorld, read_references
-from .run import COLUMNS, RESULT_FILES, SHORT_LABELS, results_markdown, summary_of
+from .run import (
+    COLUMNS,
+    RESULT_FILES,
+    SHORT_LABELS,
+    analysis_record,
+    example_answers,
+    primary_columns,
+    results_markdown,
+    summary_of,
+)
 from .world import DOMAINS
 
 __all__ = [
@@ -150,7 +159,7 @@ def run_smollm2_demo(
     from ..analysis import analyze
     from ..analysis.converse import CONVERSE_FILES
     from ..analysis.report import ANALYSIS_FILES
-    from ..evaluate import evaluate, generate_answers
+    from ..evaluate import evaluate
 
     console = console or Console()
     torch.set_num_threads(threads)
@@ -168,14 +177,7 @@ def run_smollm2_demo(
         f"({expert_params / 1e6:.2f}M), {mix.n_layers} adapted modules, {mix.config.gate.depth}-layer gate; "
         f"truncated gate at k={trunc.config.scaling_layer}"
     )
-    examples = []
-    for domain in (*DOMAINS, "composite", "chat"):
-        records = world.domain_records(domain, "test", 1)
-        answers = generate_answers(mix, records, domain, batch_size=1)
-        examples += [
-            {"domain": domain, "prompt": r["prompt"], "answer": a, "reference": r["completion"]}
-            for r, a in zip(records, answers)
-        ]
+    examples = example_answers(mix, world, (*DOMAINS, "composite", "chat"), 1)
     table = Table("domain", "user turn", "loramix answer", "reference", title="examples (loramix granular, greedy)")
     for e in examples:
         table.add_row(e["domain"], _user_turn(e["prompt"]), e["answer"], e["reference"])
@@ -195,9 +197,10 @@ def run_smollm2_demo(
     summary["targets"]["granular solves >= 20 points more composites than the per-prompt oracle"] = (
         result.primary("granular", "composite") - result.primary("oracle", "composite") >= 0.20
     )
+    primary = primary_columns(result, CHAT_COLUMNS)
     table = Table(
         "system",
-        *[c[2] for c in CHAT_COLUMNS if c[1] in ("r2", "within_tolerance", "exact_match", "solved", "agreement")],
+        *[c[2] for c in primary],
         "chat NLL / base",
         "mean",
         "tok/s",
@@ -206,11 +209,7 @@ def run_smollm2_demo(
     for system in result.metrics:
         table.add_row(
             SHORT_LABELS.get(system, system.replace("expert:", "expert ")),
-            *[
-                c[3].format(result.metrics[system][c[0]][c[1]])
-                for c in CHAT_COLUMNS
-                if c[1] in ("r2", "within_tolerance", "exact_match", "solved", "agreement")
-            ],
+            *[c[3].format(result.metrics[system][c[0]][c[1]]) for c in primary],
             f"{summary['chat_nll_over_base'][system]:.2f}",
             f"{summary['mean_primary'][system]:.2f}",
             f"{result.speed[system]:.0f}",
@@ -228,9 +227,8 @@ def run_smollm2_demo(
     with console.status("two agents: a designer and a critic"):
         talk = conversation(mix, out / "converse")
     for t in talk["turns"]:
-        dominant = max(t["mean_scalings"], key=t["mean_scalings"].get)
         console.print(
-            f"[bold]{t['turn']} {AGENTS[t['agent']]}[/bold] [dim]({dominant})[/dim] {t['text']}", highlight=False
+            f"[bold]{t['turn']} {AGENTS[t['agent']]}[/bold] [dim]({t['dominant']})[/dim] {t['text']}", highlight=False
         )
     seconds = time.perf_counter() - start
     payload = {
@@ -240,7 +238,7 @@ def run_smollm2_demo(
         "examples": examples,
         "seconds": seconds,
         "eval_sizes": sizes,
-        "analysis": {"figures": analysis["figures"], "usage": {g: v["usage"] for g, v in analysis["groups"].items()}},
+        "analysis": analysis_record(analysis),
         "conversation": {
             "turns": talk["turns"],
             "figures": talk["figures"],
