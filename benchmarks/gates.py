@@ -7,9 +7,12 @@ bundled base; every variant answers the same records greedily in granular mode (
 `--contexts ema attention` trains one gate per context over the same experts and base with the shipped gate's recipe
 (loramix.demo.build: the same gate mixture, depth 2, width 64, layer-wise, lr 0.01, batch 32, 1,500 steps, the
 example-weighted loss with domain supervision, seed 0), so that only the context differs from the shipped gate.
+`--trained-arrow` trains the Arrow router (all experts, temperature 1) from Arrow's prototypes with the same data,
+rate, steps and loss (Arrow as the initialisation of a trained router).
 
-    python benchmarks/gates.py --threads 2 [--json-out gates.jsonl]
-    python benchmarks/gates.py --threads 1 --no-arrow --contexts ema attention
+    python benchmarks/gates.py --threads 2 [--json-out gates.jsonl] [--trained-arrow]
+    python benchmarks/gates.py --threads 1 --no-arrow --contexts ema attention [--context-decays 0.9 0.5]
+        [--context-lr-scales 1.0 0.1]
 
 Prints a Markdown table (primary metric per domain, mean over the four single domains, composite solved, tokens/s)
 and appends one JSON line per (variant, split) to --json-out.
@@ -55,8 +58,11 @@ def score(model, recs, train_peptides, systems=("granular",)) -> dict:
     return out
 
 
-def train_context_gate(context: str, base: Path, experts: dict, tokenizer, world: World, steps: int, out: Path):
-    """A gate reading `context`, trained with the shipped gate's recipe (loramix.demo.build.build)."""
+def train_context_gate(context: str, base: Path, experts: dict, tokenizer, world: World, steps: int, out: Path,
+                       decay: float = 0.9, lr_scale: float = 1.0):
+    """A gate reading `context` ("arrow": the Arrow router over all experts, trained from Arrow's prototypes; EMA
+    decay `decay`; the attention's rate x `lr_scale`), trained with the shipped gate's recipe
+    (loramix.demo.build.build)."""
     import random
 
     cfg = BuildConfig()
@@ -64,16 +70,21 @@ def train_context_gate(context: str, base: Path, experts: dict, tokenizer, world
     mixture = [r for d in DOMAINS for r in domain_training_data(world, d, per_domain)]
     random.Random(cfg.seed).shuffle(mixture)
     torch.manual_seed(cfg.seed)
-    gate = loramix.GateConfig(depth=cfg.gate_depth, width=cfg.gate_width, layerwise=True, dropout=0.0, context=context)
+    if context == "arrow":
+        gate = loramix.GateConfig(router="arrow")
+    else:
+        gate = loramix.GateConfig(depth=cfg.gate_depth, width=cfg.gate_width, layerwise=True, dropout=0.0,
+                                  context=context, context_decay=decay)
     model = loramix.from_pretrained(base, experts, loramix.MixConfig(gate=gate), tokenizer=tokenizer)
     train = TrainConfig(learning_rate=cfg.gate_lr, max_steps=steps, batch_size=cfg.gate_batch, warmup_steps=20,
                         seed=cfg.seed, max_length=cfg.context, progress=False, log_every=100)
     start = time.perf_counter()
     metrics = train_gate(model, mixture, out, train=train,
-                         objective=GateObjective(loss_weighting="example", route_weight=cfg.route_weight))
+                         objective=GateObjective(loss_weighting="example", route_weight=cfg.route_weight,
+                                                 context_lr_scale=lr_scale if context == "attention" else 1.0))
     seconds = time.perf_counter() - start
-    print(json.dumps({"trained": context, "steps": steps, "seconds": seconds, "metrics": metrics}, default=str),
-          flush=True)
+    record = {"trained": context, "decay": decay, "lr_scale": lr_scale, "steps": steps, "seconds": seconds}
+    print(json.dumps({**record, "metrics": metrics}, default=str), flush=True)
     return model
 
 
@@ -85,6 +96,11 @@ def main() -> None:
     parser.add_argument("--no-arrow", action="store_true", help="leave out the Arrow grid")
     parser.add_argument("--contexts", nargs="*", default=[], choices=["ema", "attention"])
     parser.add_argument("--steps", type=int, default=BuildConfig().gate_steps)
+    parser.add_argument("--trained-arrow", action="store_true",
+                        help="also train an Arrow router (all experts, T=1) from Arrow's prototypes")
+    parser.add_argument("--context-decays", nargs="+", type=float, default=[0.9], help="EMA decays to train")
+    parser.add_argument("--context-lr-scales", nargs="+", type=float, default=[1.0],
+                        help="attention learning-rate factors to train")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     world = World()
@@ -97,8 +113,17 @@ def main() -> None:
         experts = dict(zip(mlp.expert_names, dirs))
         variants = {"mlp (shipped)": mlp}
         for context in args.contexts:
-            variants[f"mlp + {context} context"] = train_context_gate(
-                context, ckpt / "base", experts, mlp.tokenizer, world, args.steps, Path(tmp) / context
+            settings = args.context_decays if context == "ema" else args.context_lr_scales
+            for value in settings:
+                label = f"a={value}" if context == "ema" else f"lr x{value}"
+                kwargs = {"decay": value} if context == "ema" else {"lr_scale": value}
+                variants[f"mlp + {context} context ({label})"] = train_context_gate(
+                    context, ckpt / "base", experts, mlp.tokenizer, world, args.steps, Path(tmp) / f"{context}{value}",
+                    **kwargs,
+                )
+        if args.trained_arrow:
+            variants["arrow, trained from Arrow"] = train_context_gate(
+                "arrow", ckpt / "base", experts, mlp.tokenizer, world, args.steps, Path(tmp) / "arrow"
             )
         for k, t in [] if args.no_arrow else ARROW_GRID:
             config = loramix.MixConfig(gate=loramix.GateConfig(router="arrow", top_k=k, temperature=t))

@@ -5,9 +5,12 @@ layerwise, the example-weighted loss and domain supervision, lr 0.01, batch 32) 
 peptide record of 20 residues or more (compare and Q&A records carry no peptide and are kept as they are). The peptide
 domains (forward, design, composite) of the test split are then scored on their short peptides (< 20 residues: the
 shift) and on their long ones (the gate's own distribution), for the oracle, the per-prompt router, loramix granular,
-and the training-free Arrow router (top-2).
+and the training-free Arrow router (top-2). `--contexts ema attention` trains one more long-only gate per context
+(GateConfig.context; the attention's weights at `--context-lr-scale` times the rate) and scores its per-prompt
+router and granular rows; `--no-references` leaves out the shipped gate and Arrow.
 
     python benchmarks/shift_split.py --threads 2 [--steps 1500] [--json-out shift.jsonl]
+    python benchmarks/shift_split.py --threads 2 --contexts none ema attention --no-references
 """
 
 from __future__ import annotations
@@ -47,6 +50,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument("--contexts", nargs="+", default=["none"], choices=["none", "ema", "attention"],
+                        help="one long-only gate per context")
+    parser.add_argument("--context-decay", type=float, default=0.9)
+    parser.add_argument("--context-lr-scale", type=float, default=0.1)
+    parser.add_argument("--no-references", action="store_true", help="leave out the shipped gate and Arrow")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     world = World()
@@ -71,33 +79,43 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         experts = dict(zip(shipped.expert_names, write_peft_experts(shipped, Path(tmp) / "e", shipped.expert_names)))
         base = shipped_checkpoint() / "base"
-        torch.manual_seed(0)
-        gate = loramix.GateConfig(depth=2, width=64, layerwise=True, dropout=0.0)
-        model = loramix.from_pretrained(base, experts, loramix.MixConfig(gate=gate), tokenizer=shipped.tokenizer)
         train = TrainConfig(learning_rate=0.01, max_steps=args.steps, batch_size=32, warmup_steps=20, seed=0,
                             max_length=96, progress=False, log_every=100)
-        start = time.perf_counter()
-        train_gate(model, mixture, Path(tmp) / "long-only", train=train,
-                   objective=GateObjective(loss_weighting="example", route_weight=3.0))
-        seconds = time.perf_counter() - start
-        arrow_config = loramix.MixConfig(gate=loramix.GateConfig(router="arrow", top_k=2))
-        arrow = loramix.from_pretrained(base, experts, arrow_config, tokenizer=shipped.tokenizer)
+        systems = []  # (name, model, systems scored, training seconds)
+        seconds = {}
+        for context in args.contexts:
+            torch.manual_seed(0)
+            gate = loramix.GateConfig(depth=2, width=64, layerwise=True, dropout=0.0, context=context,
+                                      context_decay=args.context_decay)
+            model = loramix.from_pretrained(base, experts, loramix.MixConfig(gate=gate), tokenizer=shipped.tokenizer)
+            objective = GateObjective(loss_weighting="example", route_weight=3.0,
+                                      context_lr_scale=args.context_lr_scale if context == "attention" else 1.0)
+            start = time.perf_counter()
+            train_gate(model, mixture, Path(tmp) / f"long-only-{context}", train=train, objective=objective)
+            seconds[context] = time.perf_counter() - start
+            label = "gate trained on long peptides" + ("" if context == "none" else f" ({context} context)")
+            scored = ["oracle", "router", "granular"] if not systems else ["router", "granular"]
+            systems.append((label, model, scored, seconds[context]))
+        if not args.no_references:
+            arrow_config = loramix.MixConfig(gate=loramix.GateConfig(router="arrow", top_k=2))
+            arrow = loramix.from_pretrained(base, experts, arrow_config, tokenizer=shipped.tokenizer)
+            systems += [("shipped gate (all lengths)", shipped, ["granular"], 0.0),
+                        ("Arrow top-2", arrow, ["granular"], 0.0)]
         train_peptides = set(world.splits["train"])
         for split, records in tests.items():
-            for name, m, systems in (("gate trained on long peptides", model, ["oracle", "router", "granular"]),
-                                     ("shipped gate (all lengths)", shipped, ["granular"]),
-                                     ("Arrow top-2", arrow, ["granular"])):
-                result = evaluate(m, records, systems=systems, train_peptides=train_peptides, progress=False)
-                for system in systems:
+            for name, m, scored, train_seconds in systems:
+                result = evaluate(m, records, systems=scored, train_peptides=train_peptides, progress=False)
+                for system in scored:
                     row = {"gate": name, "split": split, "system": system, "records": len(records),
-                           "train_seconds": seconds,
+                           "train_seconds": train_seconds,
                            "primary": {d: result.primary(system, d) for d in result.kinds}}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     if args.json_out:
         with args.json_out.open("a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-    print(f"\n{args.steps} gate steps ({seconds:.0f} s), torch {torch.__version__}, {args.threads} threads\n")
+    trained = ", ".join(f"{c} {t:.0f} s" for c, t in seconds.items())
+    print(f"\n{args.steps} gate steps ({trained}), torch {torch.__version__}, {args.threads} threads\n")
     print("| gate | system | split | " + " | ".join(PEPTIDE_DOMAINS) + " |")
     print("|---" * (len(PEPTIDE_DOMAINS) + 3) + "|")
     for r in rows:

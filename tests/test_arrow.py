@@ -68,7 +68,11 @@ def test_arrow_equals_peft_arrow(one_block, monkeypatch):
 
 def test_causal_cached_and_saved(llama_dir, llama_experts, tmp_path):
     mix = loramix.from_pretrained(llama_dir, llama_experts, ARROW)
-    assert sum(p.numel() for p in mix.gate.parameters()) == 0  # nothing to train
+    # its weights are the prototypes, one [N, d_in] per adapted layer, exactly arrow_prototypes of the experts
+    assert len(mix.gate.prototypes) == mix.n_layers
+    for layer, proto in zip(mix.mixed_layers(), mix.gate.prototypes):
+        assert proto.shape == (mix.n_experts, layer.in_features)
+        assert torch.equal(proto, arrow_prototypes(layer.lora_A, layer.lora_B, layer.ranks, layer.scales))
     ids = torch.randint(3, 96, (1, 12))
     with torch.no_grad():
         full = mix(ids).scalings
@@ -128,3 +132,72 @@ def test_mix_command_builds_an_arrow_checkpoint(llama_dir, llama_experts, tmp_pa
         torch.testing.assert_close(loaded(ids).logits, direct(ids).logits)
     refused = CliRunner().invoke(app, [*args[:4], str(tmp_path / "other"), "--router", "mlp", *args[5:]])
     assert refused.exit_code == 2 and "an MLP gate must be trained" in refused.output
+
+
+def probe_reference(mix, ids):
+    """The Arrow scalings computed outside loramix's probes: every mixed layer's input in the scaling pass (the base
+    model, captured by hooks), scored against the router's prototypes with autograd, top-k, softmax."""
+    inputs = {}
+    hooks = [layer.register_forward_hook(lambda m, args, out, i=i: inputs.__setitem__(i, args[0]))
+             for i, layer in enumerate(mix.mixed_layers())]
+    try:
+        with torch.no_grad():
+            mix.scaling_pass(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    cfg = mix.config.gate
+    probes = torch.stack([torch.nn.functional.linear(inputs[i], p).abs() for i, p in enumerate(mix.gate.prototypes)],
+                         -2)  # [B, T, L, N]
+    values, index = (probes / cfg.temperature).topk(cfg.top_k, -1)
+    return torch.zeros_like(probes).scatter(-1, index, values.softmax(-1))
+
+
+def test_arrow_router_trains_from_arrow(llama_dir, llama_experts, tmp_path):
+    """Arrow as the initialisation of a trained router: the probes carry gradients to the prototypes (equal to those
+    of a reference computed from the layers' inputs), train_gate moves them, and the checkpoint keeps them."""
+    from loramix.train import TrainConfig, train_gate
+
+    from conftest import char_tokenizer
+
+    mix = loramix.from_pretrained(llama_dir, llama_experts, ARROW, tokenizer=char_tokenizer())
+    ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(3))
+    weights = torch.randn(2, 7, mix.n_layers, mix.n_experts, generator=torch.Generator().manual_seed(4))
+    got = mix.compute_scalings(ids)
+    (got * weights).sum().backward()
+    grads = [p.grad.clone() for p in mix.gate.prototypes]
+    mix.gate.zero_grad()
+    want = probe_reference(mix, ids)
+    (want * weights).sum().backward()
+    torch.testing.assert_close(got, want)
+    assert any(float(g.abs().sum()) > 0 for g in grads)
+    for g, p in zip(grads, mix.gate.prototypes):
+        torch.testing.assert_close(g, p.grad)
+    mix.gate.zero_grad()
+    with torch.no_grad():  # inference keeps no graph
+        assert not mix.compute_scalings(ids).requires_grad
+
+    before = [p.detach().clone() for p in mix.gate.prototypes]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"ACDK {i} WWQ{i * 7}"}) + "\n" for i in range(16)))
+    train_gate(mix, data, tmp_path / "ckpt", train=TrainConfig(learning_rate=1e-2, max_steps=3, batch_size=4, seed=0,
+                                                                 progress=False))
+    moved = [not torch.equal(p, b) for p, b in zip(mix.gate.prototypes, before)]
+    assert all(moved)
+    loaded = loramix.load(tmp_path / "ckpt")
+    assert loaded.config.gate.router == "arrow"
+    for p, q in zip(loaded.gate.prototypes, mix.gate.prototypes):
+        assert torch.equal(p, q)  # the trained prototypes, not Arrow's recomputed from the experts
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).scalings, mix(ids).scalings)
+
+
+def test_an_arrow_checkpoint_without_prototypes_recomputes_them(llama_dir, llama_experts, tmp_path):
+    from safetensors.torch import save_file
+
+    mix = loramix.from_pretrained(llama_dir, llama_experts, ARROW)
+    path = mix.save(tmp_path / "ckpt")
+    save_file({}, str(path / "gate.safetensors"), {"format": "pt"})  # as `loramix mix` wrote Arrow checkpoints before
+    loaded = loramix.load(path)
+    for p, q in zip(loaded.gate.prototypes, mix.gate.prototypes):
+        assert torch.equal(p, q)

@@ -317,3 +317,23 @@ def test_train_gate_moves_the_context_parameters(llama_dir, llama_experts, conte
                                                                    ("query", "key", "value", "out")}
     loaded = loramix.load(tmp_path / "ckpt")
     assert loaded.config.gate.context == context
+
+
+def test_context_lr_scale_slows_the_attention_only(llama_dir, llama_experts, tmp_path):
+    """GateObjective.context_lr_scale: the attention's weights step at that fraction of the MLP's rate (one Adam step
+    moves every weight with a gradient by about the rate), and a gate without attention weights refuses it."""
+    from loramix.train import GateObjective, TrainConfig, train_gate
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"ACDK {i} WWQ{i * 7}"}) + "\n" for i in range(8)))
+    train = TrainConfig(learning_rate=1e-2, max_steps=1, batch_size=8, schedule="constant", seed=0, progress=False)
+    mix = context_mix(llama_dir, llama_experts, "attention")
+    before = {n: p.detach().clone() for n, p in mix.gate.named_parameters()}
+    train_gate(mix, data, tmp_path / "ckpt", train=train, objective=GateObjective(context_lr_scale=0.01))
+    step = {n: float((p - before[n]).abs().max()) for n, p in mix.gate.named_parameters()}
+    assert step["last.weight"] == pytest.approx(1e-2, rel=0.05)
+    for name in ("query", "key", "value", "out"):
+        assert step[f"context.{name}.weight"] == pytest.approx(1e-4, rel=0.05), name
+    with pytest.raises(ConfigError, match="context_lr_scale applies to a gate with weights of its own context"):
+        train_gate(context_mix(llama_dir, llama_experts, "ema"), data, tmp_path / "other", train=train,
+                   objective=GateObjective(context_lr_scale=0.1))

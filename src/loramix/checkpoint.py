@@ -4,7 +4,8 @@
     ckpt/
       loramix_config.json    format_version, mix config, experts (names + original adapter configs),
                              adapted layers (module path, per-expert ranks and scales), base reference + fingerprint
-      gate.safetensors       the ScalingHead (inner.{i}.weight/bias ..., last.weight/bias)
+      gate.safetensors       the ScalingHead (inner.{i}.weight/bias ..., last.weight/bias), or the Arrow router's
+                             prototypes.{l} [N, d_in] per adapted layer
       experts.safetensors    per adapted module: "<module>.lora_A" [R, d_in], "<module>.lora_B" [d_out, R]
       tokenizer/             the tokenizer, when the model has one
       base/                  a copy of the base model, only with save(include_base=True)

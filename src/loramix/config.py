@@ -57,10 +57,11 @@ class GateConfig:
     that needs no training (`router`)."""
 
     router: str = "mlp"
-    """"mlp": the paper's learned gate (the fields below). "arrow": no training and no data (Arrow routing, Ostapenko
-    et al. 2024, PEFT's `arrow`): in the scaling pass each adapted layer scores its input x against every expert's
-    prototype, the top right-singular vector of B_e A_e, as |<x, prototype_e>|; the scalings are a softmax (with
-    `temperature`) over the `top_k` best (None: all experts). Uses only top_k and temperature."""
+    """"mlp": the paper's learned gate (the fields below). "arrow": no training and no data needed (Arrow routing,
+    Ostapenko et al. 2024, PEFT's `arrow`): in the scaling pass each adapted layer scores its input x against every
+    expert's prototype, the top right-singular vector of B_e A_e, as |<x, prototype_e>|; the scalings are a softmax
+    (with `temperature`) over the `top_k` best (None: all experts). Uses only top_k and temperature. The prototypes
+    are the router's weights: train-gate trains them from these values (Arrow as the initialisation)."""
 
     depth: int = 1
     """Number of linear layers. 1: a single linear map (PEFT `xlora_depth`). Deeper gates put ReLU (and dropout)
@@ -162,7 +163,9 @@ class GateConfig:
         )
 
     def parameter_count(self, hidden_size: int, n_layers: int, n_experts: int) -> int:
-        """Number of gate parameters for a model of these sizes (computed before anything is allocated)."""
+        """Number of gate parameters for a model of these sizes (computed before anything is allocated); 0 for the
+        Arrow router, whose weights (its prototypes, N x d_in per adapted layer) are as many as the experts' A rows
+        of rank 1."""
         if self.router == "arrow":
             return 0
         width = self.width or hidden_size

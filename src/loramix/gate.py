@@ -2,9 +2,10 @@
 
 Two kinds (`GateConfig.router`):
     ScalingHead    "mlp", the paper's learned gate: the scaling pass's last hidden states h [B, T, H] -> an MLP.
-    ArrowRouter    "arrow", no training: every adapted layer scores its input x in the scaling pass against each
-                   expert's prototype (`arrow_prototypes`), the probes [B, T, L, N] = |<x, prototype_e>|; the router
-                   keeps the top-k per (token, layer) and softmaxes them with a temperature.
+    ArrowRouter    "arrow", no training needed: every adapted layer scores its input x in the scaling pass against
+                   each expert's prototype (`arrow_prototypes`), the probes [B, T, L, N] = |<x, prototype_e>|; the
+                   router keeps the top-k per (token, layer) and softmaxes them with a temperature. The prototypes
+                   are its weights: `train_gate` can train them from Arrow's values.
 Both are called as gate(hidden_states, probes, mask, cache); `reads_probes` says which one the model must collect.
 
 The MLP gate can read the tokens before each one (`GateConfig.context`, `build_context`), causally:
@@ -285,10 +286,24 @@ class ScalingHead(_Gate):
 
 
 class ArrowRouter(_Gate):
-    """Arrow routing (no parameters): probes [B, T, L, N] -> softmax(top-k(probes) / temperature) over the experts,
-    zero outside the top k; as PEFT's `ArrowLoraLinearLayer` computes its coefficients."""
+    """Arrow routing: probes [B, T, L, N] -> softmax(top-k(probes) / temperature) over the experts, zero outside the
+    top k; as PEFT's `ArrowLoraLinearLayer` computes its coefficients.
+
+    Its weights are the prototypes, one [N, d_in] per adapted layer (`prototypes[l]`, set by the model from the
+    experts with `arrow_prototypes`): as built, the training-free router; `train_gate` trains them from there
+    (Arrow as the initialisation of a trained router; the probes then carry gradients to them)."""
 
     reads_probes = True
+
+    def __init__(self, config: GateConfig, hidden_size: int, n_layers: int, n_experts: int) -> None:
+        super().__init__(config, hidden_size, n_layers, n_experts)
+        self.prototypes = nn.ParameterList()
+
+    def set_prototypes(self, prototypes: list[torch.Tensor]) -> None:
+        """One [N, d_in] per adapted layer, in layer order."""
+        if len(prototypes) != self.n_layers:
+            raise ValueError(f"{len(prototypes)} prototypes for {self.n_layers} adapted layers")
+        self.prototypes = nn.ParameterList(nn.Parameter(p, requires_grad=False) for p in prototypes)
 
     def forward(
         self,

@@ -16,7 +16,7 @@ scalings come from an explicit `MixState` that the model sets for the duration o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -35,23 +35,29 @@ class MixState:
               a float c -> every expert at scaling c (the scaling pass's dummy value);
               a tensor [B, T, L, N] -> per token, per adapted layer, per expert;
               a `PreparedScalings` -> the same, with every layer's rank multiplier computed in advance.
-    probes:   None, or a tensor [B, T, L, N] that every layer with prototypes fills with |<x, prototype_e>| for its
-              input x (the Arrow router's input; see gate.py).
+    probes:   None, or a tensor [B, T, L, N] that every layer fills with |<x, prototype_e>| for its input x (the Arrow
+              router's input; see gate.py), from `prototypes`, the router's [N, d_in] per layer (by layer index);
+              with `probe_grad`, the probes carry gradients to the prototypes (training the router: the scaling pass
+              around them runs without gradients).
     """
 
     def __init__(self, global_scaling_weight: float = 1.0) -> None:
         self.scalings: torch.Tensor | float | None = None
         self.probes: torch.Tensor | None = None
+        self.prototypes: Sequence[torch.Tensor] | None = None
+        self.probe_grad = False
         self.global_scaling_weight = float(global_scaling_weight)
 
     @contextmanager
-    def use(self, scalings: torch.Tensor | float | None, probes: torch.Tensor | None = None) -> Iterator[None]:
-        previous = self.scalings, self.probes
-        self.scalings, self.probes = scalings, probes
+    def use(
+        self, scalings: torch.Tensor | float | None, probes: torch.Tensor | None = None, probe_grad: bool = False
+    ) -> Iterator[None]:
+        previous = self.scalings, self.probes, self.probe_grad
+        self.scalings, self.probes, self.probe_grad = scalings, probes, probe_grad
         try:
             yield
         finally:
-            self.scalings, self.probes = previous
+            self.scalings, self.probes, self.probe_grad = previous
 
 
 class PreparedScalings:
@@ -130,12 +136,6 @@ class MixedLoRALinear(nn.Module):
         rank_scale = torch.repeat_interleave(torch.tensor(stacked.scales, dtype=torch.float64), counts)
         self.register_buffer("rank_expert", rank_expert.to(device), persistent=False)
         self.register_buffer("rank_scale", rank_scale.to(device=device, dtype=stacked.lora_A.dtype), persistent=False)
-        self.register_buffer("prototypes", None, persistent=False)  # [N, d_in] with an Arrow router
-
-    def set_prototypes(self, prototypes: torch.Tensor | None) -> None:
-        """The experts' Arrow prototypes for this layer [N, d_in] (or None): what the layer scores its input against
-        when the state asks for probes."""
-        self.prototypes = None if prototypes is None else prototypes.to(self.lora_A.device, self.lora_A.dtype)
 
     def stacked(self) -> StackedLoRA:
         """The stacked experts as stored (detached), e.g. for saving."""
@@ -153,10 +153,8 @@ class MixedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)  # [..., d_out]
-        if self.state.probes is not None and self.prototypes is not None:
-            probes = self.state.probes  # [B, T, L, N]
-            scores = F.linear(x.to(self.prototypes.dtype), self.prototypes).abs()
-            probes.select(-2, self.layer_index).copy_(scores.reshape(probes.shape[0], probes.shape[1], -1))
+        if self.state.probes is not None:
+            self._probe(x)
         scalings = self.state.scalings
         if scalings is None or self.n_rank_rows == 0:
             return out  # experts off: the plain base layer, no expert matmul at all
@@ -180,6 +178,13 @@ class MixedLoRALinear(nn.Module):
             out.view(-1, out.shape[-1]).addmm_(z.view(-1, z.shape[-1]), self.lora_B.t())
             return out
         return out + F.linear(z, self.lora_B).to(out.dtype)
+
+    def _probe(self, x: torch.Tensor) -> None:
+        """Write |<x, prototype_e>| [B, T, N] into this layer's column of the state's probes [B, T, L, N]."""
+        probes, prototypes = self.state.probes, self.state.prototypes[self.layer_index]  # [N, d_in]
+        with torch.set_grad_enabled(self.state.probe_grad):
+            scores = F.linear(x.to(prototypes.device, prototypes.dtype), prototypes).abs()
+            probes.select(-2, self.layer_index).copy_(scores.reshape(probes.shape[0], probes.shape[1], -1))
 
     def _sparse_forward(
         self, x: torch.Tensor, out: torch.Tensor, mult: torch.Tensor, used: tuple[int, ...]

@@ -173,6 +173,8 @@ def _stacked_experts(
 def load_gate_state(mix: LoraMixModel, state: dict[str, torch.Tensor], where: Path | str) -> None:
     """Check gate tensors read from `where` against `mix.gate` (names, shapes, float dtype) and load them."""
     expected = mix.gate.state_dict()
+    if mix.gate.reads_probes and not any(k.startswith("prototypes.") for k in state):
+        state = {**state, **expected}  # an Arrow checkpoint saved before routers trained: Arrow's own prototypes
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{where}: missing tensors {missing}, unexpected tensors {unexpected}")

@@ -144,9 +144,10 @@ class LoraMixModel(nn.Module):
         first = next(iter(self.mixed_layers())).base_layer
         weight, dtype = first.weight, compute_dtype(first)  # never a quantized storage dtype
         self.gate = build_gate(config.gate, hidden_size, len(self.layer_names), len(names)).to(weight.device, dtype)
-        if self.gate.reads_probes:
-            for layer in self.mixed_layers():
-                layer.set_prototypes(arrow_prototypes(layer.lora_A, layer.lora_B, layer.ranks, layer.scales))
+        if self.gate.reads_probes:  # the router's weights, read by every mixed layer through the state
+            self.gate.set_prototypes([arrow_prototypes(layer.lora_A, layer.lora_B, layer.ranks, layer.scales)
+                                      for layer in self.mixed_layers()])
+            self.state.prototypes = self.gate.prototypes
         # One gather turns scalings [B, T, L, N] into every layer's rank multipliers (see prepare_scalings).
         layers = list(self.mixed_layers())
         self._rank_sizes = [layer.lora_A.shape[0] for layer in layers]
@@ -264,7 +265,8 @@ class LoraMixModel(nn.Module):
         probes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Pass 1, without gradients: the backbone at the dummy scaling -> hidden states [B, T, H] (and, with
-        `probes` [B, T, L, N], what every adapted layer scores its input at; see `new_probes`)."""
+        `probes` [B, T, L, N], what every adapted layer scores its input at; see `new_probes`: these carry gradients
+        to the router's prototypes when gradients are enabled)."""
         kwargs = dict(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -273,7 +275,8 @@ class LoraMixModel(nn.Module):
             past_key_values=past_key_values,
             use_cache=use_cache,
         )
-        with torch.no_grad(), self.state.use(self.dummy_scalings(), probes), self._truncated():
+        probe_grad = probes is not None and torch.is_grad_enabled()  # a router trained on the probes
+        with torch.no_grad(), self.state.use(self.dummy_scalings(), probes, probe_grad), self._truncated():
             backbone = self.backbone
             if backbone is not self.model:
                 return backbone(**kwargs, return_dict=True).last_hidden_state

@@ -70,6 +70,9 @@ class GateObjective:
     """With trainable_experts: weight of an L2 anchor to the experts' starting values, sum ||W - W0||^2 / sum ||W0||^2
     over their LoRA matrices."""
 
+    context_lr_scale: float = 1.0
+    """With gate.context="attention": the attention's learning rate relative to the MLP's (docs/gates.md)."""
+
     def __post_init__(self) -> None:
         if self.loss_weighting not in ("token", "example"):
             raise ConfigError(f"loss_weighting={self.loss_weighting!r}; expected 'token' or 'example'")
@@ -82,6 +85,8 @@ class GateObjective:
             raise ConfigError(f"route_tokens={self.route_tokens!r}; expected 'all' or 'answer'")
         if not (math.isfinite(self.expert_lr_scale) and self.expert_lr_scale > 0):
             raise ConfigError(f"expert_lr_scale={self.expert_lr_scale} must be a finite number > 0")
+        if not (math.isfinite(self.context_lr_scale) and self.context_lr_scale > 0):
+            raise ConfigError(f"context_lr_scale={self.context_lr_scale} must be a finite number > 0")
         if not (math.isfinite(self.expert_anchor_weight) and self.expert_anchor_weight >= 0):
             raise ConfigError(f"expert_anchor_weight={self.expert_anchor_weight} must be a finite number >= 0")
 
@@ -209,6 +214,10 @@ def train_gate(
     if (objective.expert_lr_scale != 1.0 or objective.expert_anchor_weight) and not experts:
         raise ConfigError("expert_lr_scale and expert_anchor_weight apply to trainable experts: set trainable_experts")
     anchor = ExpertAnchor(experts) if objective.expert_anchor_weight else None
+    context = {n: p for n, p in trainable.items() if n.startswith("gate.context.")}
+    if objective.context_lr_scale != 1.0 and not context:
+        raise ConfigError("context_lr_scale applies to a gate with weights of its own context: set gate.context "
+                          "'attention'")
 
     def loss_fn(m, batch):
         return gate_loss(m, batch, objective, expert_of_domain, anchor)
@@ -227,7 +236,8 @@ def train_gate(
         domains=train_set.domains,
         description=f"gate {out_dir.name}",
         hparams=hparams,
-        lr_scale={n: objective.expert_lr_scale for n in experts},
+        lr_scale={**{n: objective.expert_lr_scale for n in experts},
+                  **{n: objective.context_lr_scale for n in context}},
     )
     metrics = trainer.train(resume=resume, force=force_resume)
     if trainer.accelerator.is_main_process:
