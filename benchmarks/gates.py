@@ -2,13 +2,15 @@
 MLP gates that read the tokens before (GateConfig.context "ema" / "attention").
 
 The Arrow mixtures are built from the shipped checkpoint's own experts (written back as PEFT adapters) over its
-bundled base; every variant answers the same records greedily in granular mode (and prompt mode). Settings of Arrow
-(top-k, temperature) are chosen on the validation split; the test split is the demo's fixed test subset.
+bundled base; every variant answers the same records greedily in granular mode, in prompt mode and as the per-prompt
+router (its scalings averaged over the prompt; `--systems` chooses). Settings of Arrow (top-k, temperature) are
+chosen on the validation split; the test split is the demo's fixed test subset.
 `--contexts ema attention` trains one gate per context over the same experts and base with the shipped gate's recipe
 (loramix.demo.build: the same gate mixture, depth 2, width 64, layer-wise, lr 0.01, batch 32, 1,500 steps, the
 example-weighted loss with domain supervision, seed 0), so that only the context differs from the shipped gate.
-`--trained-arrow` trains the Arrow router (all experts, temperature 1) from Arrow's prototypes with the same data,
-rate, steps and loss (Arrow as the initialisation of a trained router).
+`--pack F` replaces a fraction F of the context gates' training records by packed pairs of two records of different
+domains (`packed_pairs`). `--trained-arrow` trains the Arrow router (all experts, temperature 1) from Arrow's
+prototypes with the same data, rate, steps and loss (Arrow as the initialisation of a trained router).
 
     python benchmarks/gates.py --threads 2 [--json-out gates.jsonl] [--trained-arrow]
     python benchmarks/gates.py --threads 1 --no-arrow --contexts ema attention [--context-decays 0.9 0.5]
@@ -58,8 +60,32 @@ def score(model, recs, train_peptides, systems=("granular",)) -> dict:
     return out
 
 
+def packed_pairs(records: list[dict], fraction: float, seed: int, max_chars: int = 90) -> list[dict]:
+    """Replace `fraction` of the records by pairs of two records of different domains, one after the other: the
+    prompt is the first record whole and the second's prompt, the completion the second's (no "domain", so no routing
+    term: only the second answer's loss, which needs the gate to switch to its expert after the first record). A pair
+    fits in `max_chars` characters (the world's tokenizer reads one token per character)."""
+    import random
+
+    rng = random.Random(seed)
+    n = int(len(records) * fraction)
+    out = records[n:]
+
+    def chars(r):
+        return len(r["prompt"]) + len(r["completion"])
+
+    for first in records[:n]:
+        second = rng.choice(records)
+        while second["domain"] == first["domain"] or chars(first) + chars(second) > max_chars:
+            second = rng.choice(records)
+        out.append({"prompt": first["prompt"] + first["completion"] + second["prompt"],
+                    "completion": second["completion"]})
+    rng.shuffle(out)
+    return out
+
+
 def train_context_gate(context: str, base: Path, experts: dict, tokenizer, world: World, steps: int, out: Path,
-                       decay: float = 0.9, lr_scale: float = 1.0):
+                       decay: float = 0.9, lr_scale: float = 1.0, pack: float = 0.0):
     """A gate reading `context` ("arrow": the Arrow router over all experts, trained from Arrow's prototypes; EMA
     decay `decay`; the attention's rate x `lr_scale`), trained with the shipped gate's recipe
     (loramix.demo.build.build)."""
@@ -69,6 +95,8 @@ def train_context_gate(context: str, base: Path, experts: dict, tokenizer, world
     per_domain = steps * cfg.gate_batch // len(DOMAINS) + 1
     mixture = [r for d in DOMAINS for r in domain_training_data(world, d, per_domain)]
     random.Random(cfg.seed).shuffle(mixture)
+    if pack:
+        mixture = packed_pairs(mixture, pack, cfg.seed)
     torch.manual_seed(cfg.seed)
     if context == "arrow":
         gate = loramix.GateConfig(router="arrow")
@@ -83,7 +111,8 @@ def train_context_gate(context: str, base: Path, experts: dict, tokenizer, world
                          objective=GateObjective(loss_weighting="example", route_weight=cfg.route_weight,
                                                  context_lr_scale=lr_scale if context == "attention" else 1.0))
     seconds = time.perf_counter() - start
-    record = {"trained": context, "decay": decay, "lr_scale": lr_scale, "steps": steps, "seconds": seconds}
+    record = {"trained": context, "decay": decay, "lr_scale": lr_scale, "pack": pack, "steps": steps,
+              "seconds": seconds}
     print(json.dumps({**record, "metrics": metrics}, default=str), flush=True)
     return model
 
@@ -94,8 +123,14 @@ def main() -> None:
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--splits", nargs="+", default=["val", "test"])
     parser.add_argument("--no-arrow", action="store_true", help="leave out the Arrow grid")
+    parser.add_argument("--no-shipped", action="store_true", help="leave out the shipped MLP gate")
     parser.add_argument("--contexts", nargs="*", default=[], choices=["ema", "attention"])
     parser.add_argument("--steps", type=int, default=BuildConfig().gate_steps)
+    parser.add_argument("--systems", nargs="+", default=["granular", "prompt", "router"],
+                        choices=["granular", "prompt", "router"], help="granular and prompt mode, per-prompt router")
+    parser.add_argument("--save-dir", type=Path, default=None, help="keep each trained gate's checkpoint here")
+    parser.add_argument("--pack", type=float, default=0.0,
+                        help="fraction of the context gates' training records replaced by packed pairs of two domains")
     parser.add_argument("--trained-arrow", action="store_true",
                         help="also train an Arrow router (all experts, T=1) from Arrow's prototypes")
     parser.add_argument("--context-decays", nargs="+", type=float, default=[0.9], help="EMA decays to train")
@@ -109,21 +144,24 @@ def main() -> None:
     mlp = loramix.load(ckpt)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        saved = args.save_dir or Path(tmp)
         dirs = write_peft_experts(mlp, Path(tmp) / "experts", mlp.expert_names)
         experts = dict(zip(mlp.expert_names, dirs))
-        variants = {"mlp (shipped)": mlp}
+        variants = {} if args.no_shipped else {"mlp (shipped)": mlp}
         for context in args.contexts:
             settings = args.context_decays if context == "ema" else args.context_lr_scales
             for value in settings:
                 label = f"a={value}" if context == "ema" else f"lr x{value}"
+                label += f", packed {args.pack}" if args.pack else ""
                 kwargs = {"decay": value} if context == "ema" else {"lr_scale": value}
+                kwargs["pack"] = args.pack
                 variants[f"mlp + {context} context ({label})"] = train_context_gate(
-                    context, ckpt / "base", experts, mlp.tokenizer, world, args.steps, Path(tmp) / f"{context}{value}",
+                    context, ckpt / "base", experts, mlp.tokenizer, world, args.steps, saved / f"{context}{value}",
                     **kwargs,
                 )
         if args.trained_arrow:
             variants["arrow, trained from Arrow"] = train_context_gate(
-                "arrow", ckpt / "base", experts, mlp.tokenizer, world, args.steps, Path(tmp) / "arrow"
+                "arrow", ckpt / "base", experts, mlp.tokenizer, world, args.steps, saved / "arrow"
             )
         for k, t in [] if args.no_arrow else ARROW_GRID:
             config = loramix.MixConfig(gate=loramix.GateConfig(router="arrow", top_k=k, temperature=t))
@@ -133,8 +171,8 @@ def main() -> None:
         for split in args.splits:
             recs = records(world, split)
             for name, model in variants.items():
-                result = score(model, recs, train_peptides, systems=("granular", "prompt"))
-                for system in ("granular", "prompt"):
+                result = score(model, recs, train_peptides, systems=args.systems)
+                for system in args.systems:
                     row = {"variant": name, "split": split, "system": system, **result[system]}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
