@@ -5,12 +5,14 @@ The Arrow mixtures are built from the shipped checkpoint's own experts (written 
 bundled base; every variant answers the same records greedily in granular mode, in prompt mode and as the per-prompt
 router (its scalings averaged over the prompt; `--systems` chooses). Settings of Arrow (top-k, temperature) are
 chosen on the validation split; the test split is the demo's fixed test subset.
-`--contexts ema attention` trains one gate per context over the same experts and base with the shipped gate's recipe
-(loramix.demo.build: the same gate mixture, depth 2, width 64, layer-wise, lr 0.01, batch 32, 1,500 steps, the
-example-weighted loss with domain supervision, seed 0), so that only the context differs from the shipped gate.
+`--contexts ema attention` (or `none`: the MLP again) trains one gate per context over the same experts and base
+with the shipped gate's recipe (loramix.demo.build: the same gate mixture, depth 2, width 64, layer-wise, lr 0.01,
+batch 32, 1,500 steps, the example-weighted loss with domain supervision, seed 0), so that only the context differs
+from the shipped gate.
 `--pack F` replaces a fraction F of the context gates' training records by packed pairs of two records of different
-domains (`packed_pairs`). `--trained-arrow` trains the Arrow router (all experts, temperature 1) from Arrow's
-prototypes with the same data, rate, steps and loss (Arrow as the initialisation of a trained router).
+domains (`packed_pairs`); `--route-weight W` changes their routing term's weight. `--trained-arrow` trains the Arrow
+router (all experts, temperature 1) from Arrow's prototypes with the same data, rate, steps and loss (Arrow as the
+initialisation of a trained router).
 
     python benchmarks/gates.py --threads 2 [--json-out gates.jsonl] [--trained-arrow]
     python benchmarks/gates.py --threads 1 --no-arrow --contexts ema attention [--context-decays 0.9 0.5]
@@ -85,7 +87,8 @@ def packed_pairs(records: list[dict], fraction: float, seed: int, max_chars: int
 
 
 def train_context_gate(context: str, base: Path, experts: dict, tokenizer, world: World, steps: int, out: Path,
-                       decay: float = 0.9, lr_scale: float = 1.0, pack: float = 0.0):
+                       decay: float = 0.9, lr_scale: float = 1.0, pack: float = 0.0,
+                       route_weight: float | None = None):
     """A gate reading `context` ("arrow": the Arrow router over all experts, trained from Arrow's prototypes; EMA
     decay `decay`; the attention's rate x `lr_scale`), trained with the shipped gate's recipe
     (loramix.demo.build.build)."""
@@ -107,12 +110,13 @@ def train_context_gate(context: str, base: Path, experts: dict, tokenizer, world
     train = TrainConfig(learning_rate=cfg.gate_lr, max_steps=steps, batch_size=cfg.gate_batch, warmup_steps=20,
                         seed=cfg.seed, max_length=cfg.context, progress=False, log_every=100)
     start = time.perf_counter()
-    metrics = train_gate(model, mixture, out, train=train,
-                         objective=GateObjective(loss_weighting="example", route_weight=cfg.route_weight,
-                                                 context_lr_scale=lr_scale if context == "attention" else 1.0))
+    objective = GateObjective(loss_weighting="example",
+                              route_weight=cfg.route_weight if route_weight is None else route_weight,
+                              context_lr_scale=lr_scale if context == "attention" else 1.0)
+    metrics = train_gate(model, mixture, out, train=train, objective=objective)
     seconds = time.perf_counter() - start
-    record = {"trained": context, "decay": decay, "lr_scale": lr_scale, "pack": pack, "steps": steps,
-              "seconds": seconds}
+    record = {"trained": context, "decay": decay, "lr_scale": lr_scale, "pack": pack, "route_weight": route_weight,
+              "steps": steps, "seconds": seconds}
     print(json.dumps({**record, "metrics": metrics}, default=str), flush=True)
     return model
 
@@ -124,11 +128,13 @@ def main() -> None:
     parser.add_argument("--splits", nargs="+", default=["val", "test"])
     parser.add_argument("--no-arrow", action="store_true", help="leave out the Arrow grid")
     parser.add_argument("--no-shipped", action="store_true", help="leave out the shipped MLP gate")
-    parser.add_argument("--contexts", nargs="*", default=[], choices=["ema", "attention"])
+    parser.add_argument("--contexts", nargs="*", default=[], choices=["none", "ema", "attention"])
     parser.add_argument("--steps", type=int, default=BuildConfig().gate_steps)
     parser.add_argument("--systems", nargs="+", default=["granular", "prompt", "router"],
                         choices=["granular", "prompt", "router"], help="granular and prompt mode, per-prompt router")
     parser.add_argument("--save-dir", type=Path, default=None, help="keep each trained gate's checkpoint here")
+    parser.add_argument("--route-weight", type=float, default=None,
+                        help="the context gates' routing-term weight (default: the shipped gate's, 3)")
     parser.add_argument("--pack", type=float, default=0.0,
                         help="fraction of the context gates' training records replaced by packed pairs of two domains")
     parser.add_argument("--trained-arrow", action="store_true",
@@ -149,12 +155,13 @@ def main() -> None:
         experts = dict(zip(mlp.expert_names, dirs))
         variants = {} if args.no_shipped else {"mlp (shipped)": mlp}
         for context in args.contexts:
-            settings = args.context_decays if context == "ema" else args.context_lr_scales
+            settings = {"none": [1.0], "ema": args.context_decays, "attention": args.context_lr_scales}[context]
             for value in settings:
-                label = f"a={value}" if context == "ema" else f"lr x{value}"
+                label = {"none": "retrained", "ema": f"a={value}", "attention": f"lr x{value}"}[context]
                 label += f", packed {args.pack}" if args.pack else ""
+                label += f", route weight {args.route_weight}" if args.route_weight is not None else ""
                 kwargs = {"decay": value} if context == "ema" else {"lr_scale": value}
-                kwargs["pack"] = args.pack
+                kwargs.update(pack=args.pack, route_weight=args.route_weight)
                 variants[f"mlp + {context} context ({label})"] = train_context_gate(
                     context, ckpt / "base", experts, mlp.tokenizer, world, args.steps, saved / f"{context}{value}",
                     **kwargs,
