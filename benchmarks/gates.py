@@ -10,9 +10,9 @@ with the shipped gate's recipe (loramix.demo.build: the same gate mixture, depth
 batch 32, 1,500 steps, the example-weighted loss with domain supervision, seed 0), so that only the context differs
 from the shipped gate.
 `--pack F` replaces a fraction F of the context gates' training records by packed pairs of two records of different
-domains (`packed_pairs`); `--route-weight W` changes their routing term's weight. `--trained-arrow` trains the Arrow
-router (all experts, temperature 1) from Arrow's prototypes with the same data, rate, steps and loss (Arrow as the
-initialisation of a trained router).
+domains (`packed_pairs`); `--route-weight W` and `--route-tokens answer` change their routing term. `--trained-arrow`
+trains the Arrow router (all experts, temperature 1) from Arrow's prototypes with the same data, rate, steps and loss
+(Arrow as the initialisation of a trained router).
 
     python benchmarks/gates.py --threads 2 [--json-out gates.jsonl] [--trained-arrow]
     python benchmarks/gates.py --threads 1 --no-arrow --contexts ema attention [--context-decays 0.9 0.5]
@@ -88,7 +88,7 @@ def packed_pairs(records: list[dict], fraction: float, seed: int, max_chars: int
 
 def train_context_gate(context: str, base: Path, experts: dict, tokenizer, world: World, steps: int, out: Path,
                        decay: float = 0.9, lr_scale: float = 1.0, pack: float = 0.0,
-                       route_weight: float | None = None):
+                       route_weight: float | None = None, route_tokens: str = "all"):
     """A gate reading `context` ("arrow": the Arrow router over all experts, trained from Arrow's prototypes; EMA
     decay `decay`; the attention's rate x `lr_scale`), trained with the shipped gate's recipe
     (loramix.demo.build.build)."""
@@ -112,11 +112,12 @@ def train_context_gate(context: str, base: Path, experts: dict, tokenizer, world
     start = time.perf_counter()
     objective = GateObjective(loss_weighting="example",
                               route_weight=cfg.route_weight if route_weight is None else route_weight,
+                              route_tokens=route_tokens,
                               context_lr_scale=lr_scale if context == "attention" else 1.0)
     metrics = train_gate(model, mixture, out, train=train, objective=objective)
     seconds = time.perf_counter() - start
     record = {"trained": context, "decay": decay, "lr_scale": lr_scale, "pack": pack, "route_weight": route_weight,
-              "steps": steps, "seconds": seconds}
+              "route_tokens": route_tokens, "steps": steps, "seconds": seconds}
     print(json.dumps({**record, "metrics": metrics}, default=str), flush=True)
     return model
 
@@ -135,6 +136,8 @@ def main() -> None:
     parser.add_argument("--save-dir", type=Path, default=None, help="keep each trained gate's checkpoint here")
     parser.add_argument("--route-weight", type=float, default=None,
                         help="the context gates' routing-term weight (default: the shipped gate's, 3)")
+    parser.add_argument("--route-tokens", default="all", choices=["all", "answer"],
+                        help="the tokens the context gates' routing term covers")
     parser.add_argument("--pack", type=float, default=0.0,
                         help="fraction of the context gates' training records replaced by packed pairs of two domains")
     parser.add_argument("--trained-arrow", action="store_true",
@@ -161,7 +164,8 @@ def main() -> None:
                 label += f", packed {args.pack}" if args.pack else ""
                 label += f", route weight {args.route_weight}" if args.route_weight is not None else ""
                 kwargs = {"decay": value} if context == "ema" else {"lr_scale": value}
-                kwargs.update(pack=args.pack, route_weight=args.route_weight)
+                label += ", routing term on the answer" if args.route_tokens == "answer" else ""
+                kwargs.update(pack=args.pack, route_weight=args.route_weight, route_tokens=args.route_tokens)
                 variants[f"mlp + {context} context ({label})"] = train_context_gate(
                     context, ckpt / "base", experts, mlp.tokenizer, world, args.steps, saved / f"{context}{value}",
                     **kwargs,
