@@ -74,6 +74,25 @@ def analysis_record(analysis: dict[str, Any]) -> dict[str, Any]:
     return {"figures": analysis["figures"], "usage": {g: v["usage"] for g, v in analysis["groups"].items()}}
 
 
+def write_results(
+    out: Path, markdown: str, result: Any, summary: dict[str, Any], examples: list[dict[str, str]], seconds: float,
+    sizes: dict[str, int], analysis: dict[str, Any], **fields: Any,
+) -> dict[str, Any]:
+    """Write a demo's results.json (the evaluation, its summary, example answers, time, subset sizes, the analysis'
+    record, then `fields`) and results.md (`markdown`) into `out`; returns the JSON payload."""
+    payload = {
+        "results": result.to_dict(),
+        "summary": summary,
+        "examples": examples,
+        "seconds": seconds,
+        "eval_sizes": sizes,
+        "analysis": analysis_record(analysis),
+        **fields,
+    }
+    write_owned_files(out, {"results.json": json.dumps(payload, indent=2), "results.md": markdown}, what="--out")
+    return payload
+
+
 def weights_dir() -> Path:
     return Path(str(resources.files("loramix.demo").joinpath("weights")))
 
@@ -238,16 +257,8 @@ def run_demo(
             model, out / "analysis", records=analysis_records, progress=False, fmt="csv", per_domain_figures=1
         )
     seconds = time.perf_counter() - start
-    payload = {
-        "results": result.to_dict(),
-        "summary": summary,
-        "examples": examples,
-        "seconds": seconds,
-        "eval_sizes": sizes,
-        "analysis": analysis_record(analysis),
-    }
     markdown = results_markdown(result, summary, examples, seconds, sizes)
-    write_owned_files(out, {"results.json": json.dumps(payload, indent=2), "results.md": markdown}, what="--out")
+    payload = write_results(out, markdown, result, summary, examples, seconds, sizes, analysis)
     console.print(
         f"[green]wrote[/green] {out}/results.json, {out}/results.md and {len(analysis['figures'])} figure "
         f"files in {out}/analysis/figures ({seconds:.0f} s)"

@@ -6,7 +6,6 @@ the floor)."""
 from __future__ import annotations
 
 import copy
-import json
 import time
 from importlib import resources
 from pathlib import Path
@@ -14,17 +13,17 @@ from typing import Any
 
 import torch
 
-from ..io import check_owned_files, check_replaceable, write_owned_files
+from ..io import check_owned_files, check_replaceable
 from .chat_world import ChatWorld, read_references
 from .run import (
     COLUMNS,
     RESULT_FILES,
     SHORT_LABELS,
-    analysis_record,
     example_answers,
     primary_columns,
     results_markdown,
     summary_of,
+    write_results,
 )
 from .world import DOMAINS
 
@@ -231,26 +230,13 @@ def run_smollm2_demo(
             f"[bold]{t['turn']} {AGENTS[t['agent']]}[/bold] [dim]({t['dominant']})[/dim] {t['text']}", highlight=False
         )
     seconds = time.perf_counter() - start
-    payload = {
-        "model": "SmolLM2-135M-Instruct",
-        "results": result.to_dict(),
-        "summary": summary,
-        "examples": examples,
-        "seconds": seconds,
-        "eval_sizes": sizes,
-        "analysis": analysis_record(analysis),
-        "conversation": {
-            "turns": talk["turns"],
-            "figures": talk["figures"],
-            "relays": talk["relays"],
-            "opening": talk["opening"],
-        },
-    }
     extra = {"chat NLL / base": {s: f"{v:.2f}" for s, v in summary["chat_nll_over_base"].items()}}
     markdown = results_markdown(
         result, summary, examples, seconds, sizes, title="SmolLM2-135M-Instruct", columns=CHAT_COLUMNS, extra=extra
     )
-    write_owned_files(out, {"results.json": json.dumps(payload, indent=2), "results.md": markdown}, what="--out")
+    talked = {key: talk[key] for key in ("turns", "figures", "relays", "opening")}
+    payload = write_results(out, markdown, result, summary, examples, seconds, sizes, analysis,
+                            model="SmolLM2-135M-Instruct", conversation=talked)
     console.print(
         f"[green]wrote[/green] {out}/results.json, {out}/results.md and the figures in "
         f"{out}/analysis/figures ({seconds:.0f} s)"
