@@ -86,20 +86,24 @@ def packed_pairs(records: list[dict], fraction: float, seed: int, max_chars: int
     return out
 
 
-def train_context_gate(context: str, base: Path, experts: dict, tokenizer, world: World, steps: int, out: Path,
-                       decay: float = 0.9, lr_scale: float = 1.0, pack: float = 0.0,
-                       route_weight: float | None = None, route_tokens: str = "all"):
-    """A gate reading `context` ("arrow": the Arrow router over all experts, trained from Arrow's prototypes; EMA
-    decay `decay`; the attention's rate x `lr_scale`), trained with the shipped gate's recipe
-    (loramix.demo.build.build)."""
+def gate_mixture(world: World, steps: int, pack: float = 0.0) -> list[dict]:
+    """The shipped gate's training mixture for `steps` steps (loramix.demo.build.build), `pack` of it packed."""
     import random
 
     cfg = BuildConfig()
     per_domain = steps * cfg.gate_batch // len(DOMAINS) + 1
     mixture = [r for d in DOMAINS for r in domain_training_data(world, d, per_domain)]
     random.Random(cfg.seed).shuffle(mixture)
-    if pack:
-        mixture = packed_pairs(mixture, pack, cfg.seed)
+    return packed_pairs(mixture, pack, cfg.seed) if pack else mixture
+
+
+def train_context_gate(context: str, base: Path, experts: dict, tokenizer, mixture: list[dict], steps: int,
+                       out: Path, decay: float = 0.9, lr_scale: float = 1.0, route_weight: float | None = None,
+                       route_tokens: str = "all", **label) -> tuple:
+    """A gate reading `context` ("arrow": the Arrow router over all experts, trained from Arrow's prototypes; EMA
+    decay `decay`; the attention's rate x `lr_scale`), trained on `mixture` with the shipped gate's recipe
+    (loramix.demo.build.build); returns it and its training seconds (`label`: more fields of its JSON line)."""
+    cfg = BuildConfig()
     torch.manual_seed(cfg.seed)
     if context == "arrow":
         gate = loramix.GateConfig(router="arrow")
@@ -116,10 +120,10 @@ def train_context_gate(context: str, base: Path, experts: dict, tokenizer, world
                               context_lr_scale=lr_scale if context == "attention" else 1.0)
     metrics = train_gate(model, mixture, out, train=train, objective=objective)
     seconds = time.perf_counter() - start
-    record = {"trained": context, "decay": decay, "lr_scale": lr_scale, "pack": pack, "route_weight": route_weight,
+    record = {"trained": context, "decay": decay, "lr_scale": lr_scale, **label, "route_weight": route_weight,
               "route_tokens": route_tokens, "steps": steps, "seconds": seconds}
     print(json.dumps({**record, "metrics": metrics}, default=str), flush=True)
-    return model
+    return model, seconds
 
 
 def main() -> None:
@@ -157,22 +161,24 @@ def main() -> None:
         dirs = write_peft_experts(mlp, Path(tmp) / "experts", mlp.expert_names)
         experts = dict(zip(mlp.expert_names, dirs))
         variants = {} if args.no_shipped else {"mlp (shipped)": mlp}
+        mixture = gate_mixture(world, args.steps)
+        packed = gate_mixture(world, args.steps, args.pack) if args.pack else mixture
         for context in args.contexts:
             settings = {"none": [1.0], "ema": args.context_decays, "attention": args.context_lr_scales}[context]
             for value in settings:
                 label = {"none": "retrained", "ema": f"a={value}", "attention": f"lr x{value}"}[context]
                 label += f", packed {args.pack}" if args.pack else ""
                 label += f", route weight {args.route_weight}" if args.route_weight is not None else ""
-                kwargs = {"decay": value} if context == "ema" else {"lr_scale": value}
                 label += ", routing term on the answer" if args.route_tokens == "answer" else ""
+                kwargs = {"decay": value} if context == "ema" else {"lr_scale": value}
                 kwargs.update(pack=args.pack, route_weight=args.route_weight, route_tokens=args.route_tokens)
-                variants[f"mlp + {context} context ({label})"] = train_context_gate(
-                    context, ckpt / "base", experts, mlp.tokenizer, world, args.steps, saved / f"{context}{value}",
+                variants[f"mlp + {context} context ({label})"], _ = train_context_gate(
+                    context, ckpt / "base", experts, mlp.tokenizer, packed, args.steps, saved / f"{context}{value}",
                     **kwargs,
                 )
         if args.trained_arrow:
-            variants["arrow, trained from Arrow"] = train_context_gate(
-                "arrow", ckpt / "base", experts, mlp.tokenizer, world, args.steps, saved / "arrow"
+            variants["arrow, trained from Arrow"], _ = train_context_gate(
+                "arrow", ckpt / "base", experts, mlp.tokenizer, mixture, args.steps, saved / "arrow", pack=0.0
             )
         for k, t in [] if args.no_arrow else ARROW_GRID:
             config = loramix.MixConfig(gate=loramix.GateConfig(router="arrow", top_k=k, temperature=t))

@@ -20,18 +20,17 @@ import json
 import random
 import re
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 import loramix
+from gates import train_context_gate
 from loramix.demo.build import domain_training_data
 from loramix.demo.run import shipped_checkpoint
 from loramix.demo.world import DOMAINS, World
 from loramix.evaluate import evaluate
 from loramix.interop.peft import write_peft_experts
-from loramix.train import GateObjective, TrainConfig, train_gate
 
 PEPTIDE_DOMAINS = ("forward", "inverse", "composite")
 LONG = 20
@@ -79,20 +78,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         experts = dict(zip(shipped.expert_names, write_peft_experts(shipped, Path(tmp) / "e", shipped.expert_names)))
         base = shipped_checkpoint() / "base"
-        train = TrainConfig(learning_rate=0.01, max_steps=args.steps, batch_size=32, warmup_steps=20, seed=0,
-                            max_length=96, progress=False, log_every=100)
         systems = []  # (name, model, systems scored, training seconds)
         seconds = {}
         for context in args.contexts:
-            torch.manual_seed(0)
-            gate = loramix.GateConfig(depth=2, width=64, layerwise=True, dropout=0.0, context=context,
-                                      context_decay=args.context_decay)
-            model = loramix.from_pretrained(base, experts, loramix.MixConfig(gate=gate), tokenizer=shipped.tokenizer)
-            objective = GateObjective(loss_weighting="example", route_weight=3.0,
-                                      context_lr_scale=args.context_lr_scale if context == "attention" else 1.0)
-            start = time.perf_counter()
-            train_gate(model, mixture, Path(tmp) / f"long-only-{context}", train=train, objective=objective)
-            seconds[context] = time.perf_counter() - start
+            model, seconds[context] = train_context_gate(
+                context, base, experts, shipped.tokenizer, mixture, args.steps, Path(tmp) / f"long-only-{context}",
+                decay=args.context_decay, lr_scale=args.context_lr_scale,
+            )
             label = "gate trained on long peptides" + ("" if context == "none" else f" ({context} context)")
             scored = ["oracle", "router", "granular"] if not systems else ["router", "granular"]
             systems.append((label, model, scored, seconds[context]))
