@@ -12,7 +12,7 @@ import torch
 
 import loramix
 from loramix import ConfigError, GateConfig, MixConfig
-from loramix.decode import compiled_step, decode_step, new_buffers, prefill, run_step
+from loramix.decode import Decoder, RowSpec, compiled_step, decode_step
 from loramix.text import encode_prompts
 
 from conftest import char_tokenizer
@@ -80,18 +80,23 @@ def test_inductor_compiled_step_equals_eager(llama_dir, llama_experts):
     torch.testing.assert_close(compiled.logits, eager.logits, **TOL)
 
 
+def _joined(mix, mode, slots=64):
+    """A decoder of two rows with the two prompts of `_batch` joined."""
+    ids, mask = _batch()
+    decoder = Decoder(mix, 2, slots, granular=mode not in ("prompt", "fixed"))
+    decoder.place(ids.shape[1], 10)
+    decoder.join([0, 1], ids, mask, [RowSpec(mode, max_new_tokens=10) for _ in range(2)])
+    return decoder
+
+
 @pytest.mark.parametrize("held", [False, True])
 def test_decode_step_has_no_graph_break(llama_mix_truncated, held):
     mix = llama_mix_truncated
-    ids, mask = _batch()
-    buffers = new_buffers(mix, 2, 64, held=held, text_config=mix.model.config)
-    buffers.mask[:, : ids.shape[1]] = mask
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    decoder = _joined(mix, "prompt" if held else "truncated")
+    decoder.buffers.held = held
+    decoder.step()  # the first step sets the columns; the one explained is a plain step
     with torch.no_grad():
-        prefill(mix, buffers, ids, positions, mode="prompt" if held else "truncated", fixed=None)
-        b = buffers
-        args = (mix, b.ids, b.positions, b.cache_position, b.live, b.mask, b.scalings, b.multipliers, b.cache)
-        explanation = torch._dynamo.explain(decode_step)(*args, b.prepared, b.held)
+        explanation = torch._dynamo.explain(decode_step)(mix, decoder.buffers)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
 
@@ -121,19 +126,16 @@ def test_one_compile_per_batch_size(llama_dir, llama_experts):
 def test_compiled_step_buffers_are_updated_in_place(llama_dir, llama_experts):
     """The step writes the mask column and both caches in place: called directly it advances the same buffers."""
     mix = _mix(llama_dir, llama_experts)
-    ids, mask = _batch()
-    buffers = new_buffers(mix, 2, 64, held=False, text_config=mix.model.config)
-    buffers.mask[:, : ids.shape[1]] = mask
+    ids, _ = _batch()
+    decoder = _joined(mix, "granular")
+    b = decoder.buffers
+    b.column.fill_(ids.shape[1])
+    decoder.slot_cache.set_column(ids.shape[1])
     with torch.no_grad():
-        logits, _ = prefill(mix, buffers, ids, (mask.cumsum(-1) - 1).clamp_min(0), mode="granular", fixed=None)
-        buffers.ids.copy_(logits.argmax(-1, keepdim=True))
-        buffers.positions.add_(1)
-        buffers.cache_position.add_(1)
-        step = compiled_step(mix, 2, 64, False, "aot_eager")
-        run_step(step, mix, buffers)
-    assert buffers.mask[:, ids.shape[1]].tolist() == [1, 1]
-    assert int(buffers.cache.mixed.layers[0].cumulative_length) == ids.shape[1] + 1
-    assert int(buffers.cache.scaling.layers[0].cumulative_length) == ids.shape[1] + 1
+        compiled_step(mix, 2, 64, False, "aot_eager")(mix, b)
+    assert b.mask[:, ids.shape[1]].tolist() == [1, 1]
+    assert int(b.cache.mixed.layers[0].cumulative_length) == ids.shape[1] + 1
+    assert int(b.cache.scaling.layers[0].cumulative_length) == ids.shape[1] + 1
 
 
 def test_compiled_eos_and_sampling(llama_dir, llama_experts):

@@ -325,29 +325,19 @@ def test_n_choices_are_distinct_samples(client):
 
 
 def test_logit_bias_and_penalties_are_applied(client, mix):
-    from loramix.generate import Generation
-    from loramix.serve.engine import PresenceFrequencyPenalty
+    from loramix.sampling import SamplingSettings
 
     forced = mix.tokenizer.convert_tokens_to_ids("Q")
     kwargs = dict(model="tiny", prompt="ACDK", max_tokens=5, temperature=0)
     assert client.completions.create(**kwargs, logit_bias={str(forced): 100}).choices[0].text == "QQQQQ"
     ids = torch.tensor([mix.tokenizer("ACDK").input_ids])
-    run = Generation(mix, ids, max_new_tokens=30)
-    run.processors.insert(0, PresenceFrequencyPenalty(0.5, 2.0, ids.shape[1]))
-    penalized = mix.tokenizer.decode([int(step.token[0]) for step in run], skip_special_tokens=True)
+    settings = SamplingSettings(presence_penalty=0.5, frequency_penalty=2.0)
+    out = mix.generate(ids, max_new_tokens=30, sampling=settings)
+    penalized = mix.tokenizer.decode(out.new_tokens[0, : out.lengths[0]].tolist(), skip_special_tokens=True)
     kwargs["max_tokens"] = 30
     assert penalized != client.completions.create(**kwargs).choices[0].text  # the penalties change this answer
     got = client.completions.create(**kwargs, presence_penalty=0.5, frequency_penalty=2.0).choices[0].text
     assert got == penalized
-
-
-def test_presence_frequency_penalty_processor():
-    from loramix.serve.engine import PresenceFrequencyPenalty
-
-    ids = torch.tensor([[5, 1, 1, 2], [5, 3, 3, 3]])  # prompt width 1: the penalties see tokens 1.. only
-    out = PresenceFrequencyPenalty(0.5, 0.25, prompt_length=1)(ids, torch.zeros(2, 6))
-    assert out[0].tolist() == [0, -1.0, -0.75, 0, 0, 0]
-    assert out[1].tolist() == [0, 0, 0, -1.25, 0, 0]
 
 
 def test_chat_content_parts_null_assistant_model_card_and_usage_chunk(client, server, mix):

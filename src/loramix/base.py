@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,13 @@ logger = logging.getLogger(__name__)
 quiet_backend_noise()  # before transformers imports torchao (it does whenever torchao is installed)
 
 __all__ = [
+    "GenerationDefaults",
     "LoraMixCache",
     "check_device",
     "load_base_model",
     "load_tokenizer",
     "new_dynamic_cache",
+    "resolve_defaults",
     "text_config",
 ]
 
@@ -60,6 +63,62 @@ def new_dynamic_cache(config: Any) -> Any:
         return DynamicCache(config=config)  # sliding-window / hybrid layouts where the model has them
     except TypeError:
         return DynamicCache()
+
+
+def _ids_list(value: int | Sequence[int] | None) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """The generation settings that come from the model when the caller leaves them out (`resolve_defaults`).
+
+    eos_token_ids: the ids that end a row ([] when the model names none: rows run to max_new_tokens).
+    pad_token_id:  what fills a row after it stopped, and the left padding of batched prompts.
+    context:       the model's maximum number of positions, or None if its config does not say.
+    """
+
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    context: int | None
+
+
+def resolve_defaults(
+    model: Any,
+    *,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    tokenizer: Any = None,
+) -> GenerationDefaults:
+    """The one resolution of eos, pad and context (of a LoraMixModel: `model.model` is its transformers model),
+    used by `generate`, the server, the CLI, the harness and the analysis.
+
+    eos: the argument; else the model's generation config, else its config. `[]` disables stopping on EOS.
+    pad: the argument; else the generation config, the config, the tokenizer's pad token, the first eos id, 0.
+    Nothing is written to the tokenizer or the model.
+    """
+    config = text_config(model.model)
+    gen_config = getattr(model.model, "generation_config", None)
+    eos = _ids_list(eos_token_id)
+    if eos_token_id is None:
+        eos = _ids_list(getattr(gen_config, "eos_token_id", None) or getattr(config, "eos_token_id", None))
+    if pad_token_id is None:
+        for candidate in (
+            getattr(gen_config, "pad_token_id", None),
+            getattr(config, "pad_token_id", None),
+            getattr(tokenizer, "pad_token_id", None),
+            eos[0] if eos else None,
+            0,
+        ):
+            if isinstance(candidate, int):
+                pad_token_id = candidate
+                break
+    context = getattr(config, "max_position_embeddings", None)
+    return GenerationDefaults(tuple(eos), int(pad_token_id), context if isinstance(context, int) else None)
 
 
 def _hf_dtype_kwargs(dtype: torch.dtype | str | None) -> dict[str, Any]:

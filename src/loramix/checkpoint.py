@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,9 +30,6 @@ from .experts import ExpertInfo
 from .io import atomic_directory, check_finite, save_tensors, write_json
 from .quant import dense_weight, describe_quantization
 from .version import __version__
-
-if TYPE_CHECKING:
-    from .model import LoraMixModel
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +159,7 @@ def check_fingerprint(
 
 
 def save_checkpoint(
-    model: LoraMixModel, path: str | Path, *, include_base: bool = False, overwrite: bool = True
+    model: Any, path: str | Path, *, include_base: bool = False, overwrite: bool = True
 ) -> Path:
     """Write `model` to the directory `path` atomically and return its path."""
     layers = []

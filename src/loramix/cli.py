@@ -174,7 +174,7 @@ EXPERT_COLOURS = ["cyan", "magenta", "green", "yellow", "blue", "red", "bright_c
 
 def _show_scalings(tokenizer: Any, tokens: list[int], scalings: Any, names: list[str]) -> None:
     """One row per generated token: the token, the dominant expert (mean over layers) and every expert's share."""
-    from .generate import dominant_experts
+    from .analysis.stats import dominant_experts
 
     index, share = dominant_experts(scalings)
     mean = scalings.float().mean(-2)
@@ -221,8 +221,9 @@ def generate(
     compile_: bool = typer.Option(False, "--compile", help=_COMPILE_HELP),
 ) -> None:
     """Generate text from prompts with a checkpoint, optionally streaming and showing the dominant expert per token."""
-    from .generate import MODES
+    from .decode import MODES
     from .generate import stream as stream_text
+    from .sampling import SamplingSettings
     from .text import encode_prompts, render_chat
 
     if mode not in MODES:
@@ -235,14 +236,12 @@ def generate(
 
         raise CheckpointError(f"{checkpoint}: the checkpoint has no tokenizer and its base provides none")
     texts = [render_chat(tokenizer, [{"role": "user", "content": p}]) for p in prompts] if chat else prompts
+    settings = SamplingSettings(
+        temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed
+    )
     sampling = dict(
         max_new_tokens=max_new_tokens,
-        do_sample=temperature > 0,
-        temperature=temperature or 1.0,
-        top_p=top_p,
-        top_k=top_k,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
+        sampling=settings,
         stop_strings=stop or None,
         mode=mode,
         compile=compile_,
@@ -568,6 +567,7 @@ def converse(
 ) -> None:
     """Two agents talk for a fixed number of turns; save the transcript and plot each agent's expert trajectory."""
     from .analysis.converse import converse as run_conversation
+    from .sampling import SamplingSettings
 
     model_a = _load(checkpoint, device, None, base, quantize)
     model_b = _load(checkpoint_b, device, None, base, quantize) if checkpoint_b else None
@@ -584,9 +584,7 @@ def converse(
         fmt=table_format,
         relay_a=relay_a,
         relay_b=relay_b,
-        do_sample=temperature > 0,
-        temperature=temperature or 1.0,
-        seed=seed,
+        sampling=SamplingSettings(temperature=temperature, seed=seed),
     )
     for t in record["turns"]:
         dominant = t["dominant"] or "-"

@@ -1,49 +1,68 @@
-"""The decode engine: one decode step as one function of preallocated tensors, compilable with `fullgraph=True`.
+"""The decoder: the one decode engine of loramix, behind `generate` and the server alike.
 
-    DecodeBuffers (allocated once per generation, C = cache slots, a bucket >= prompt + new tokens):
-        ids [B, 1], positions [B, 1], cache_position [1], live [B, 1]   the token to feed and where it goes
-        mask [B, C]                      attention mask over the cache slots; the step sets column cache_position
-        scalings [B, 1, L, N]            what the mixed layers mix with (held modes: filled once)
-        multipliers [B, 1, sum_l R_l]    their rank multipliers; every mixed layer reads its slice
-        cache: LoraMixCache of two transformers `StaticCache`s (scaling pass, mixed pass), and with a context gate
-               its static `GateCache` (EMA sums [B, H + 1] or attention keys/values [B, C, d], same columns)
+    Decoder(model, batch, slots)         B row slots x C cache columns (slots.SlotCache), a Sampler for B rows
+      join(rows, ids, mask, specs)       prompts (left padded, [J, T]) prefilled as ONE batch through both passes,
+                                         copied into their rows at columns [column - T, column); their first tokens
+      step()                             one decode step for every row: the token fed at `column`, the next chosen
+      leave(row)                         the row is free for the next join
+      place(T, need)                     the column a prompt of T tokens needing `need` more columns can join at,
+                                         moving every row along the columns (one roll) when that makes room
 
-    decode_step(model, ...):   mask[:, cache_position] = live
-        granular / truncated:  h = scaling_backbone(ids, cache.scaling)     (experts at the dummy scaling)
-                               s = gate(h, mask, cache.gate); scalings.copy_(s); multipliers.copy_(...)
-        prompt / fixed (held): nothing: scalings and multipliers were filled once after the prompt
-        mixed pass:            logits = model(ids, cache.mixed) with every mixed layer reading `multipliers`
-        -> logits [B, V], scalings [B, L, N]
+    decode_step(model, buffers)          one function of preallocated tensors (compilable with fullgraph=True):
+        mask[:, column] = 1                                    (every row, free ones too: none is all masked)
+        a row that is not held:  h = scaling_backbone(ids, cache.scaling)      (experts at the dummy scaling)
+                                 s = gate(h, mask, cache.gate); scalings, multipliers <- s
+        a held row (prompt mode, fixed scalings): the scalings of its last prompt token / its fixed mixture
+        mixed pass:              logits = model(ids, cache.mixed), every mixed layer reading `multipliers`
+      A batch whose rows are all held skips the scaling pass.
 
-Everything the step reads and writes is a tensor updated in place (the caches' own write offsets included), so the
-step has no host sync and no data-dependent Python branch: dynamo traces it whole (0 graph breaks), and it compiles
-once per (model, batch size, cache slots, held or not). On CUDA it is compiled with `mode="reduce-overhead"` (CUDA
-graphs). Both passes use transformers' `StaticCache`: its layers keep their own write offset as a device tensor,
-which is what the two passes need (each cache advances by one token per step), so no cache is written here.
+Everything the step reads and writes is a tensor updated in place (the caches' write offsets included), so it has no
+host sync and no data-dependent branch: dynamo traces it whole (0 graph breaks) and it compiles once per (model, rows,
+columns, held or not); on CUDA with mode="reduce-overhead" (CUDA graphs). The step runs over the first k rows, k the
+power of two covering the highest occupied row (a padded row costs as much as a real one). Sampling (sampling.py)
+follows the step on the device; the decoder reads nothing back: its caller reads each step's tokens when it needs
+them (the server every step, `generate` every few steps).
 
-Sparse top-k is not used inside the step (which experts a step needs is data the host would have to read): the
-compiled step always takes the dense stacked path. Its outputs are the same (tests check both paths agree).
+Rows share the write column: a row's tokens fill a contiguous range of columns ending at the current one, its
+positions (RoPE) start at 0 and its mask hides the columns before its range.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from .base import LoraMixCache
+from .base import LoraMixCache, new_dynamic_cache, text_config
 from .layers import PreparedScalings
-
-if TYPE_CHECKING:
-    from .model import LoraMixModel
+from .sampling import Sampler, SamplingSettings
+from .slots import SlotCache, static_cache_support
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DecodeBuffers", "cache_slots", "compile_support", "compiled_step", "decode_step", "new_buffers", "prefill"]
+__all__ = [
+    "HELD_MODES",
+    "MODES",
+    "DecodeBuffers",
+    "Decoder",
+    "Joined",
+    "RowSpec",
+    "Stepped",
+    "cache_slots",
+    "compile_support",
+    "compiled_step",
+    "decode_step",
+]
+
+MODES = ("granular", "prompt", "truncated")
+"""The speed modes a caller names (generate.py's docstring); "fixed" is what a row given its own scalings runs."""
+HELD_MODES = ("prompt", "fixed")
+"""Modes whose rows mix with scalings held after the prompt (no scaling pass while decoding)."""
 
 SLOT_BUCKET = 64
 """Cache lengths are rounded up to a multiple of this, so that generations of similar length share a compiled step."""
@@ -55,223 +74,386 @@ def cache_slots(needed: int, context: int | None) -> int:
     return min(slots, context) if context is not None and context >= needed else slots
 
 
+def compile_support(model: Any) -> str | None:
+    """None if the decode step of this model can be compiled; otherwise the reason, in a few words."""
+    if model.sparse_top_k == "always":
+        return 'sparse_top_k="always" forces the sparse top-k path, which cannot run in a compiled step'
+    return static_cache_support(model)
+
+
 @dataclass
 class DecodeBuffers:
-    """The preallocated tensors of one generation, read and written in place by `decode_step` (shapes above)."""
+    """What `decode_step` reads and writes in place (B rows, C columns):
+
+    ids [B, 1], positions [B, 1]      the token each row feeds and its position
+    column [1]                        the cache column every row writes
+    mask [B, C]                       attention mask over the columns (the step sets `column`)
+    scalings [B, 1, L, N]             what the mixed layers mix with; multipliers [B, 1, sum_l R_l] their rank form
+    hold_rows [B, 1, 1, 1] bool       rows that mix with `hold_values` [B, 1, L, N] instead of the gate's scalings
+    cache                             the LoraMixCache of the slot caches (views of the first B rows)
+    held                              every row is held: no scaling pass
+    """
 
     ids: torch.Tensor
     positions: torch.Tensor
-    cache_position: torch.Tensor
-    live: torch.Tensor
+    column: torch.Tensor
     mask: torch.Tensor
     scalings: torch.Tensor
     multipliers: torch.Tensor
+    hold_rows: torch.Tensor
+    hold_values: torch.Tensor
     cache: LoraMixCache
     prepared: PreparedScalings
-    held: bool
-    hold_rows: torch.Tensor | None = None
-    hold_values: torch.Tensor | None = None
+    held: bool = False
 
-    @property
-    def batch(self) -> int:
-        return self.ids.shape[0]
-
-    @property
-    def slots(self) -> int:
-        return self.mask.shape[1]
-
-
-def compile_support(model: LoraMixModel) -> str | None:
-    """None if the decode step of this model can be compiled; otherwise the reason, in a few words."""
-    if not getattr(model.model, "_can_compile_fullgraph", False):
-        return f"{type(model.model).__name__} does not support static caches (transformers' _can_compile_fullgraph)"
-    if model.backbone is model.model:
-        return f"{type(model.model).__name__} has no separate backbone for the scaling pass"
-    if model.sparse_top_k == "always":
-        return 'sparse_top_k="always" forces the sparse top-k path, which cannot run in a compiled step'
-    return None
+    def first(self, k: int, cache: LoraMixCache, sizes: list[int]) -> DecodeBuffers:
+        """The buffers of the first k rows (views: same storage)."""
+        rows = {
+            f.name: getattr(self, f.name)[:k]
+            for f in dataclasses.fields(self)
+            if f.name not in ("column", "cache", "prepared", "held")
+        }
+        prepared = PreparedScalings(rows["scalings"], rows["multipliers"], sizes=sizes)
+        return DecodeBuffers(**rows, column=self.column, cache=cache, prepared=prepared)
 
 
-def new_buffers(model: LoraMixModel, batch: int, slots: int, *, held: bool, text_config: Any) -> DecodeBuffers:
-    """Allocate the buffers and the two static caches for `batch` rows and `slots` cache positions."""
-    from transformers import StaticCache
-
-    device, dtype = model.device, model.dtype
-    if not held:
-        model.scaling_backbone()  # builds the truncated view now (outside any compiled region)
-    scalings = torch.zeros(batch, 1, model.n_layers, model.n_experts, device=device, dtype=dtype)
-    multipliers = torch.zeros(batch, 1, sum(model.rank_sizes), device=device, dtype=model.multiplier_dtype)
-    cache = LoraMixCache(
-        scaling=None if held else StaticCache(config=text_config, max_cache_len=slots),
-        mixed=StaticCache(config=text_config, max_cache_len=slots),
-        gate=None if held else model.gate.new_cache(batch, slots),
-    )
-    buffers = DecodeBuffers(
-        ids=torch.zeros(batch, 1, dtype=torch.long, device=device),
-        positions=torch.zeros(batch, 1, dtype=torch.long, device=device),
-        cache_position=torch.zeros(1, dtype=torch.long, device=device),
-        live=torch.ones(batch, 1, dtype=torch.long, device=device),
-        mask=torch.zeros(batch, slots, dtype=torch.long, device=device),
-        scalings=scalings,
-        multipliers=multipliers,
-        cache=cache,
-        prepared=PreparedScalings(scalings, multipliers, sizes=model.rank_sizes),
-        held=held,
-    )
-    if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs replay them without copies
-        for t in (buffers.ids, buffers.positions, buffers.cache_position, buffers.live, buffers.mask):
-            torch._dynamo.mark_static_address(t)
-        for t in (scalings, multipliers, *(cache.gate.tensors() if cache.gate is not None else ())):
-            torch._dynamo.mark_static_address(t)
-    return buffers
-
-
-def hold(model: LoraMixModel, buffers: DecodeBuffers, scalings: torch.Tensor) -> None:
-    """Fill the scalings buffer (and its rank multipliers) with `scalings` [B, 1, L, N], in place."""
-    buffers.scalings.copy_(scalings)
-    buffers.multipliers.copy_(model.rank_multipliers(buffers.scalings))
-
-
-@torch.no_grad()
-def prefill(
-    model: LoraMixModel,
-    buffers: DecodeBuffers,
-    input_ids: torch.Tensor,
-    positions: torch.Tensor,
-    *,
-    mode: str,
-    fixed: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prompt's forward (eager, not compiled) into the static caches: input_ids [B, T] with `buffers.mask`
-    already holding the prompt's mask in columns [0, T). Leaves `buffers` ready for the first `decode_step`.
-    Returns the logits [B, V] and scalings [B, L, N] of the last prompt position."""
-    T = input_ids.shape[1]
-    cache = buffers.cache
-    if fixed is not None:
-        hold(model, buffers, fixed)
-        s, mix_with = fixed, buffers.prepared
-    elif mode == "prompt":
-        s = model.compute_scalings(input_ids, buffers.mask[:, :T], positions)
-        hold(model, buffers, s[:, -1:])
-        mix_with = s
-    else:
-        s = model.compute_scalings(
-            input_ids, buffers.mask, positions, past_key_values=cache.scaling, use_cache=True, gate_cache=cache.gate
-        )
-        mix_with = s
-    out = model(
-        input_ids,
-        attention_mask=buffers.mask,
-        position_ids=positions,
-        scalings=mix_with,
-        past_key_values=LoraMixCache(None, cache.mixed),
-        use_cache=True,
-        **model.last_logits_only,
-    )
-    buffers.cache_position.fill_(T - 1)  # those of the last token fed; `advance` moves them on to the next one
-    buffers.positions.copy_(positions[:, -1:])
-    return out.logits[:, -1], s[:, -1]
-
-
-def decode_step(
-    model: LoraMixModel,
-    ids: torch.Tensor,
-    positions: torch.Tensor,
-    cache_position: torch.Tensor,
-    live: torch.Tensor,
-    mask: torch.Tensor,
-    scalings: torch.Tensor,
-    multipliers: torch.Tensor,
-    cache: LoraMixCache,
-    prepared: PreparedScalings,
-    held: bool,
-    hold_rows: torch.Tensor | None = None,
-    hold_values: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decode step, in place over the buffers (see the module docstring). ids [B, 1] is the token at
-    `positions` [B, 1], written at column `cache_position` of both caches. Returns logits [B, V] and the scalings
-    [B, L, N] it mixed with (views of buffers that the next step overwrites: copy what you keep).
-
-    A batch that mixes modes (the server's slots) passes `hold_rows` [B, 1, 1, 1] bool and `hold_values`
-    [B, 1, L, N]: the rows marked mix with their held scalings (prompt / fixed modes), the others with the gate's."""
-    mask.index_copy_(1, cache_position, live)
-    if not held:
-        probes = model.new_probes(ids.shape[0], 1)
+def decode_step(model: Any, b: DecodeBuffers, sparse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step in place over the buffers (module docstring). Returns logits [B, V] and the scalings
+    [B, L, N] mixed with (views of buffers the next step overwrites: copy what you keep). `sparse` (eager only):
+    let a top-k gate compute only the chosen experts (`LoraMixModel.use_sparse_top_k`)."""
+    b.mask.index_fill_(1, b.column, 1)
+    prepared = b.prepared
+    if not b.held:
+        probes = model.new_probes(b.ids.shape[0], 1)
         with model.state.use(model.dummy_scalings(), probes):
             out = model.scaling_backbone()(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache.scaling,
+                input_ids=b.ids,
+                attention_mask=b.mask,
+                position_ids=b.positions,
+                past_key_values=b.cache.scaling,
                 use_cache=True,
                 return_dict=True,
             )
-        s = model.gate(out.last_hidden_state, probes, mask, cache.gate)  # [B, 1, L, N]
-        if hold_rows is not None:
-            s = torch.where(hold_rows, hold_values, s)
-        scalings.copy_(s)
-        multipliers.copy_(model.rank_multipliers(s))
+        s = model.gate(out.last_hidden_state, probes, b.mask, b.cache.gate)  # [B, 1, L, N]
+        b.scalings.copy_(torch.where(b.hold_rows, b.hold_values, s))
+        b.multipliers.copy_(model.rank_multipliers(b.scalings))
+        if sparse:
+            prepared = model.prepare_scalings(b.scalings)
     with model.state.use(prepared):
         out = model.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache.mixed,
+            input_ids=b.ids,
+            attention_mask=b.mask,
+            position_ids=b.positions,
+            past_key_values=b.cache.mixed,
             use_cache=True,
             return_dict=True,
         )
-    return out.logits[:, -1], scalings[:, 0]
-
-
-def run_step(
-    step: Callable[..., Any], model: LoraMixModel, buffers: DecodeBuffers
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Call `step` (decode_step, compiled or not) on the buffers."""
-    b = buffers
-    return step(
-        model,
-        b.ids,
-        b.positions,
-        b.cache_position,
-        b.live,
-        b.mask,
-        b.scalings,
-        b.multipliers,
-        b.cache,
-        b.prepared,
-        b.held,
-        b.hold_rows,
-        b.hold_values,
-    )
-
-
-def advance(buffers: DecodeBuffers, token: torch.Tensor, live: torch.Tensor) -> None:
-    """After a step: feed `token` [B] next, one position on; `live` [B] bool (rows still generating)."""
-    buffers.ids.copy_(token[:, None])
-    buffers.positions.add_(1)
-    buffers.cache_position.add_(1)
-    buffers.live.copy_(live[:, None])
+    return out.logits[:, -1], b.scalings[:, 0]
 
 
 _COMPILED: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], Callable[..., Any]]] = weakref.WeakKeyDictionary()
 
 
-def compiled_step(model: LoraMixModel, batch: int, slots: int, held: bool, backend: Any = None) -> Callable[..., Any]:
-    """`decode_step` compiled with `fullgraph=True` (and `mode="reduce-overhead"` on CUDA) for this model, batch
-    size, cache slots and kind (held or not); `backend` is a torch.compile backend (default "inductor"). Compiled
-    once per key; a new batch size or bucket compiles anew
-    (shapes are static), so a larger batch is never run through a step traced for a smaller one."""
+def compiled_step(model: Any, rows: int, slots: int, held: bool, backend: Any = None) -> Callable[..., Any]:
+    """`decode_step` compiled with `fullgraph=True` (and `mode="reduce-overhead"` on CUDA) for this model, number of
+    rows, columns and kind (held or not); `backend` a torch.compile backend (default "inductor"). Compiled once per
+    key: a new shape compiles anew, so a larger batch never runs through a step traced for a smaller one."""
     backend = backend or "inductor"
-    key = (batch, slots, held, backend)
+    key = (rows, slots, held, backend)
     per_model = _COMPILED.setdefault(model, {})
     step = per_model.get(key)
     if step is None:
         options: dict[str, Any] = dict(fullgraph=True, dynamic=False, backend=backend)
         if backend == "inductor" and model.device.type == "cuda":
             options["mode"] = "reduce-overhead"
-        logger.info(
-            "compiling the decode step: batch %d, %d cache slots, %s", batch, slots, "held" if held else "granular"
-        )
+        logger.info("compiling the decode step: %d rows, %d cache slots, %s", rows, slots, "held" if held else "gated")
         step = torch.compile(decode_step, **options)
         per_model[key] = step
     return step
+
+
+@dataclass
+class RowSpec:
+    """How one row decodes: its mode ("granular", "prompt", "truncated", or "fixed" with `fixed` scalings [1, L, N]),
+    its sampling settings, its own random stream (or None) and how many tokens it may still generate."""
+
+    mode: str = "granular"
+    sampling: SamplingSettings = dataclasses.field(default_factory=SamplingSettings)
+    generator: torch.Generator | None = None
+    max_new_tokens: int = 0
+    fixed: torch.Tensor | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.mode in HELD_MODES
+
+
+@dataclass
+class Joined:
+    """What a join gives back: per joining row, its first token [J] (chosen from the prefill), the raw logits and
+    scalings of its last prompt position ([J, V], [J, L, N]), `prompt_logits` [J, T, V] when asked for, and
+    `bad` [J] (non-finite logits or scalings)."""
+
+    tokens: torch.Tensor
+    logits: torch.Tensor
+    scalings: torch.Tensor
+    bad: torch.Tensor
+    prompt_logits: torch.Tensor | None = None
+
+
+@dataclass
+class Stepped:
+    """One step of rows 0..k-1: tokens [k] chosen, their raw logits [k, V], the scalings [k, L, N] mixed with,
+    `eos` [k] (the token ends the row) and `bad` [k] (non-finite logits or scalings). All on the device."""
+
+    tokens: torch.Tensor
+    logits: torch.Tensor
+    scalings: torch.Tensor
+    eos: torch.Tensor
+    bad: torch.Tensor
+
+
+@dataclass
+class _Row:
+    spec: RowSpec
+    start: int  # the first column of its prompt
+    generated: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.spec.max_new_tokens - self.generated
+
+
+class Decoder:
+    """B row slots over C cache columns (module docstring). `compile`: False, True (inductor) or a torch.compile
+    backend name. `granular=False` makes a decoder whose rows are all held (no scaling-pass cache). `eos`: the token
+    ids that end a row. `generator`: the random stream of rows without their own."""
+
+    def __init__(
+        self,
+        model: Any,
+        batch: int,
+        slots: int,
+        *,
+        granular: bool = True,
+        compile: Any = False,
+        eos: tuple[int, ...] = (),
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.model, self.batch, self.slots, self.granular = model, batch, slots, granular
+        self.backend = None if compile is False or compile is None else ("inductor" if compile is True else compile)
+        device, config = model.device, text_config(model.model)
+        self.slot_cache = SlotCache(model, config, batch, slots, granular=granular)
+        if granular:
+            model.scaling_backbone()  # builds a truncated view now, outside any compiled region
+        scalings = torch.zeros(batch, 1, model.n_layers, model.n_experts, device=device, dtype=model.dtype)
+        multipliers = torch.zeros(batch, 1, sum(model.rank_sizes), device=device, dtype=model.multiplier_dtype)
+        self.buffers = DecodeBuffers(
+            ids=torch.zeros(batch, 1, dtype=torch.long, device=device),
+            positions=torch.zeros(batch, 1, dtype=torch.long, device=device),
+            column=torch.zeros(1, dtype=torch.long, device=device),
+            mask=torch.zeros(batch, slots, dtype=torch.long, device=device),
+            scalings=scalings,
+            multipliers=multipliers,
+            hold_rows=torch.zeros(batch, 1, 1, 1, dtype=torch.bool, device=device),
+            hold_values=torch.zeros_like(scalings),
+            cache=self.slot_cache.cache,
+            prepared=PreparedScalings(scalings, multipliers, sizes=model.rank_sizes),
+        )
+        if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs replay them without copies
+            b = self.buffers
+            for t in (
+                b.ids,
+                b.positions,
+                b.column,
+                b.mask,
+                b.scalings,
+                b.multipliers,
+                b.hold_rows,
+                b.hold_values,
+                *self.slot_cache.tensors(),
+            ):
+                torch._dynamo.mark_static_address(t)
+        vocab = model.model.get_output_embeddings().weight.shape[0]
+        self.sampler = Sampler(batch, vocab, device, generator)
+        self.eos = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
+        self.rows: list[_Row | None] = [None] * batch
+        self.column = 0  # the column the next step writes
+        self.steps = 0
+        self._views: dict[int, DecodeBuffers] = {}
+        self._column_moved = False  # set_column is due before the next step
+
+    # ------------------------------------------------------------------ rows
+
+    @property
+    def occupied(self) -> list[int]:
+        return [i for i, row in enumerate(self.rows) if row is not None]
+
+    def free_row(self) -> int | None:
+        return next((i for i, row in enumerate(self.rows) if row is None), None)
+
+    def target(self, prompt: int, need: int) -> int | None:
+        """The column at which prompts of `prompt` tokens that need `need` more columns can join (the rows already
+        there moved along to it), or None if they cannot join before rows finish. Changes nothing."""
+        rows = [row for row in self.rows if row is not None]
+        if not rows:
+            return prompt if prompt + need <= self.slots else None
+        need = max([need, *(row.remaining for row in rows)])
+        if self.column >= prompt and self.column + need <= self.slots:
+            return self.column
+        target = max([prompt, *(self.column - row.start for row in rows)])
+        return target if target + need <= self.slots else None
+
+    def place(self, prompt: int, need: int) -> int | None:
+        """`target`, then make it the current column: an empty decoder starts over there, otherwise every row moves
+        along by one roll of the caches and the mask. Returns the column, or None (nothing moved)."""
+        target = self.target(prompt, need)
+        if target is None:
+            return None
+        if self.occupied:
+            self._roll(target - self.column)
+        else:
+            self.column, self._column_moved = target, True
+        return target
+
+    def _roll(self, d: int) -> None:
+        if d == 0:
+            return
+        self.slot_cache.roll(d)
+        self.buffers.mask.copy_(torch.roll(self.buffers.mask, d, 1))
+        for row in self.rows:
+            if row is not None:
+                row.start += d
+        self.column += d
+        self._column_moved = True
+
+    @torch.no_grad()
+    def join(
+        self,
+        rows: list[int],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        specs: list[RowSpec],
+        *,
+        prompt_logits: bool = False,
+    ) -> Joined:
+        """Prefill prompts [J, T] (left padded; mask [J, T]) as one batch into the free `rows`, ending at the current
+        column (call `place` first); choose their first tokens. Raises ConfigError for a spec the decoder cannot run."""
+        model, b = self.model, self.buffers
+        T, device = input_ids.shape[1], model.device
+        if self.column < T:
+            raise ValueError(f"join at column {self.column} needs place() first: the prompts have {T} tokens")
+        ids, mask = input_ids.to(device), attention_mask.to(device=device, dtype=torch.long)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        fixed = [spec.fixed is not None for spec in specs]
+        if not self.granular and not all(spec.held for spec in specs):
+            raise ValueError("this decoder holds only prompt-mode or fixed rows")
+        config = text_config(model.model)
+        prompt = LoraMixCache(
+            scaling=new_dynamic_cache(config) if self.granular else None,
+            mixed=new_dynamic_cache(config),
+            gate=model.gate.new_cache() if self.granular else None,
+        )
+        if all(fixed):
+            s = torch.cat([spec.fixed for spec in specs]).to(device, model.dtype)[:, None].expand(-1, T, -1, -1)
+        else:
+            s = model.compute_scalings(
+                ids,
+                mask,
+                positions,
+                past_key_values=prompt.scaling,
+                use_cache=prompt.scaling is not None,
+                gate_cache=prompt.gate,
+            )
+            if any(fixed):
+                for j, spec in enumerate(specs):
+                    if spec.fixed is not None:
+                        s[j] = spec.fixed.to(s)
+        keep = {} if prompt_logits else model.last_logits_only
+        out = model(
+            ids,
+            attention_mask=mask,
+            position_ids=positions,
+            scalings=s,
+            past_key_values=LoraMixCache(None, prompt.mixed),
+            use_cache=True,
+            **keep,
+        )
+        start = self.column - T
+        self.slot_cache.write(rows, start, prompt)
+        index = torch.tensor(rows, device=device)
+        b.mask.index_fill_(0, index, 0)
+        b.mask[index, start : self.column] = mask
+        b.positions[index] = positions[:, -1:] + 1
+        held = torch.tensor([spec.held for spec in specs], device=device)
+        b.hold_rows[index] = held[:, None, None, None]
+        b.hold_values[index] = s[:, -1:]
+        b.scalings[index] = s[:, -1:]
+        b.multipliers[index] = model.rank_multipliers(s[:, -1:])
+        for j, (row, spec) in enumerate(zip(rows, specs)):
+            self.rows[row] = _Row(spec, start)
+            self.sampler.set_row(row, spec.sampling, ids[j][mask[j].bool()], spec.generator)
+        logits, last = out.logits[:, -1], s[:, -1]
+        tokens = self.sampler.choose(logits, rows)
+        self.sampler.record(rows, tokens)
+        b.ids[index] = tokens[:, None]
+        self._column_moved = True
+        return Joined(tokens, logits, last, _bad(logits, last), out.logits if prompt_logits else None)
+
+    def leave(self, row: int, *, failed: bool = False) -> None:
+        """Free `row` (finished, cancelled or failed). A free row keeps decoding as padding over finite values;
+        a `failed` row (non-finite logits or scalings) has its cache rows zeroed, since a masked NaN still poisons
+        attention (0 x NaN) for the next request in the row."""
+        self.rows[row] = None
+        self.buffers.hold_rows[row] = False
+        self.sampler.clear_row(row)
+        if failed:
+            self.slot_cache.clear(row)
+            self.buffers.scalings[row] = 0
+            self.buffers.multipliers[row] = 0
+
+    # ------------------------------------------------------------------ steps
+
+    def _view(self, k: int) -> DecodeBuffers:
+        if k == self.batch:
+            return self.buffers
+        view = self._views.get(k)
+        if view is None or view.cache is not self.slot_cache.rows(k):
+            view = self._views[k] = self.buffers.first(k, self.slot_cache.rows(k), self.model.rank_sizes)
+        return view
+
+    @torch.no_grad()
+    def step(self) -> Stepped:
+        """One decode step over rows 0..k-1 (k the power of two covering the highest occupied row): the tokens
+        chosen are fed at the next step. Nothing is read back to the host."""
+        occupied = self.occupied
+        k = min(self.batch, 1 << max(occupied).bit_length()) if occupied else self.batch
+        if self._column_moved:
+            self.buffers.column.fill_(self.column)
+            self.slot_cache.set_column(self.column)
+            self._column_moved = False
+        b = self._view(k)
+        b.held = all(self.rows[i].spec.held for i in occupied)
+        sparse = False
+        if self.backend is not None:
+            step = compiled_step(self.model, k, self.slots, b.held, self.backend)
+        else:
+            step, sparse = decode_step, self.model.use_sparse_top_k(1)
+        logits, scalings = step(self.model, b, sparse) if sparse else step(self.model, b)
+        rows = slice(0, k)
+        tokens = self.sampler.choose(logits, rows)
+        self.sampler.record(rows, tokens)
+        b.ids.copy_(tokens[:, None])
+        b.positions.add_(1)
+        b.column.add_(1)
+        self.column += 1
+        self.steps += 1
+        for i in occupied:
+            self.rows[i].generated += 1
+        eos = torch.isin(tokens, self.eos) if self.eos is not None else torch.zeros_like(tokens, dtype=torch.bool)
+        return Stepped(tokens, logits, scalings, eos, _bad(logits, scalings))
+
+
+def _bad(logits: torch.Tensor, scalings: torch.Tensor) -> torch.Tensor:
+    """[n] rows whose logits [n, V] or scalings [n, L, N] hold a NaN or an infinity."""
+    return ~(torch.isfinite(logits).all(-1) & torch.isfinite(scalings).flatten(1).all(-1))

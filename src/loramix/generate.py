@@ -1,4 +1,4 @@
-"""Generation with two KV caches (one per pass), streaming, and speed modes.
+"""Generation: a batch of prompts in, tokens out, on the decoder (decode.py) that the server runs too.
 
 Every decode step, for the new token x_t:
     scaling pass:  backbone(x_t, cache_1) -> h_t          (cache_1 holds the scaling pass's keys/values)
@@ -6,6 +6,10 @@ Every decode step, for the new token x_t:
     mixed pass:    model(x_t, cache_2, scalings=s_t)      (cache_2 holds the mixed pass's keys/values)
 This equals recomputing the whole prefix through both passes (tests check it token for token). One shared cache
 would be wrong: the two passes see different hidden states.
+
+`generate` is "every row joins the decoder, step until done": static caches sized to the prompt and the answer,
+eager by default, compiled with `compile=True` (CUDA graphs on CUDA). The recomputing path (`use_cache=False`) is
+the test oracle, and what a base without static-cache support runs (with a warning).
 
 Modes (recorded in the output):
     granular   scalings for every token; both passes every step (the method as published).
@@ -15,41 +19,29 @@ Modes (recorded in the output):
                trained for that k: the mode needs a model whose config records it.
     fixed      (when `scalings=` is given) one mixture for every token, prompt included; no scaling pass at all.
                Used for baselines: single experts, uniform merge, a per-prompt router.
-Sampling reuses transformers' logits processors and stopping criteria.
+Sampling: sampling.py (one batched sampler for greedy and sampled rows); stop strings: transformers' criteria.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from .base import LoraMixCache, new_dynamic_cache, text_config
+from .base import resolve_defaults, text_config
+from .decode import HELD_MODES, MODES, Decoder, RowSpec, cache_slots, compile_support
 from .errors import ConfigError
+from .sampling import Sampler, SamplingSettings, row_generator
+from .slots import static_cache_support
 from .text import IncrementalDecoder
-
-if TYPE_CHECKING:
-    from .model import LoraMixModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "MODES",
-    "DecodeState",
-    "Generation",
-    "GenerationDefaults",
-    "GenerationOutput",
-    "Step",
-    "generate",
-    "logits_processors",
-    "resolve_defaults",
-    "stream",
-]
-
-MODES = ("granular", "prompt", "truncated")
+__all__ = ["DecodeState", "Generation", "GenerationOutput", "Step", "generate", "stream"]
 
 
 @dataclass
@@ -80,48 +72,7 @@ class GenerationOutput:
         return self.sequences[:, self.prompt_length :]
 
 
-def _ids_list(value: int | Sequence[int] | None) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, int):
-        return [value]
-    return [int(v) for v in value]
-
-
-def logits_processors(do_sample: bool, temperature: float, top_k: int, top_p: float, repetition_penalty: float):
-    """transformers' logits processors for these settings (the server builds one list per row)."""
-    from transformers import LogitsProcessorList
-    from transformers.generation.logits_process import (
-        RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
-    processors = LogitsProcessorList()
-    if repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
-    if do_sample:
-        if temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(temperature))
-        if top_k > 0:
-            processors.append(TopKLogitsWarper(top_k))
-        if top_p < 1.0:
-            processors.append(TopPLogitsWarper(top_p))
-    return processors
-
-
-def _check_args(
-    model: LoraMixModel,
-    input_ids: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    repetition_penalty: float,
-    mode: str,
-    scaling_layer: int | None,
-) -> int:
+def _check_args(model: Any, input_ids: torch.Tensor, max_new_tokens: int, mode: str, scaling_layer: int | None) -> int:
     if (
         not isinstance(input_ids, torch.Tensor)
         or input_ids.dim() != 2
@@ -132,14 +83,6 @@ def _check_args(
         raise ConfigError("input_ids is empty: the prompt needs at least one token")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
-    if temperature < 0:
-        raise ConfigError(f"temperature={temperature} must be >= 0")
-    if top_k < 0:
-        raise ConfigError(f"top_k={top_k} must be >= 0 (0 disables top-k sampling)")
-    if not 0.0 < top_p <= 1.0:
-        raise ConfigError(f"top_p={top_p} must be in (0, 1]")
-    if repetition_penalty <= 0:
-        raise ConfigError(f"repetition_penalty={repetition_penalty} must be > 0")
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     trained_k = model.config.scaling_layer
@@ -184,53 +127,6 @@ def _fixed_scalings(scalings: torch.Tensor, batch: int, n_layers: int, n_experts
     if not bool(torch.isfinite(s).all()):
         raise ConfigError("scalings contain NaN or infinite values")
     return s.expand(batch, 1, n_layers, n_experts)
-
-
-@dataclass(frozen=True)
-class GenerationDefaults:
-    """The generation settings that come from the model when the caller leaves them out (`resolve_defaults`).
-
-    eos_token_ids: the ids that end a row ([] when the model names none: rows run to max_new_tokens).
-    pad_token_id:  what fills a row after it stopped, and the left padding of batched prompts.
-    context:       the model's maximum number of positions, or None if its config does not say.
-    """
-
-    eos_token_ids: tuple[int, ...]
-    pad_token_id: int
-    context: int | None
-
-
-def resolve_defaults(
-    model: LoraMixModel,
-    *,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    tokenizer: Any = None,
-) -> GenerationDefaults:
-    """The one resolution of eos, pad and context, used by `generate`, the server, the CLI and the analysis.
-
-    eos: the argument; else the model's generation config, else its config. `[]` disables stopping on EOS.
-    pad: the argument; else the generation config, the config, the tokenizer's pad token, the first eos id, 0.
-    Nothing is written to the tokenizer or the model.
-    """
-    config = text_config(model.model)
-    gen_config = getattr(model.model, "generation_config", None)
-    eos = _ids_list(eos_token_id)
-    if eos_token_id is None:
-        eos = _ids_list(getattr(gen_config, "eos_token_id", None) or getattr(config, "eos_token_id", None))
-    if pad_token_id is None:
-        for candidate in (
-            getattr(gen_config, "pad_token_id", None),
-            getattr(config, "pad_token_id", None),
-            getattr(tokenizer, "pad_token_id", None),
-            eos[0] if eos else None,
-            0,
-        ):
-            if isinstance(candidate, int):
-                pad_token_id = candidate
-                break
-    context = getattr(config, "max_position_embeddings", None)
-    return GenerationDefaults(tuple(eos), int(pad_token_id), context if isinstance(context, int) else None)
 
 
 @dataclass
@@ -296,7 +192,7 @@ class DecodeState:
 
 
 STOP_CHECK_EVERY = 8
-"""With compile=True, how many steps run between two reads of the stop flags (the only host sync of the loop)."""
+"""On an accelerator, how many steps run between two reads of the stop flags (the only host sync of the loop)."""
 
 
 class Generation:
@@ -308,7 +204,7 @@ class Generation:
 
     def __init__(
         self,
-        model: LoraMixModel,
+        model: Any,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         *,
@@ -318,6 +214,7 @@ class Generation:
         top_p: float = 1.0,
         top_k: int = 0,
         repetition_penalty: float = 1.0,
+        sampling: SamplingSettings | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         stop_strings: str | Sequence[str] | None = None,
@@ -335,13 +232,14 @@ class Generation:
         from transformers.generation.stopping_criteria import StopStringCriteria
 
         self.model = model
-        self.max_new_tokens = _check_args(
-            model, input_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, mode, scaling_layer
-        )
+        self.max_new_tokens = _check_args(model, input_ids, max_new_tokens, mode, scaling_layer)
+        if sampling is None:
+            sampling = SamplingSettings.for_generate(
+                do_sample, temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed
+            )
+        self.sampling = sampling
         tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         self.defaults = resolve_defaults(model, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-        self.do_sample = do_sample and temperature != 0  # temperature 0 means greedy, as in the OpenAI API
-        self.processors = logits_processors(self.do_sample, temperature, top_k, top_p, repetition_penalty)
         self.stops = StoppingCriteriaList()
         if stop_strings:
             if tokenizer is None:
@@ -350,8 +248,6 @@ class Generation:
                 )
             strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
             self.stops.append(StopStringCriteria(tokenizer, strings))
-        if generator is None and seed is not None:
-            generator = torch.Generator(device=model.device).manual_seed(int(seed))
         self.generator = generator
         self.streamer = streamer
         device = model.device
@@ -368,13 +264,10 @@ class Generation:
                 scalings.to(device, model.dtype), ids.shape[0], model.n_layers, model.n_experts
             )
         self.mode = "fixed" if self.fixed is not None else mode
-        self.use_cache = use_cache
-        self.backend = _compile_backend(model, compile, use_cache)
+        self.backend = _decoder_backend(model, compile, use_cache)
         self.prompt_length = ids.shape[1]
         columns = self.prompt_length + self.max_new_tokens
         if self.backend is not None:
-            from .decode import cache_slots
-
             columns = cache_slots(columns, self.defaults.context)
         self.state = DecodeState.start(ids, mask, columns, self.defaults.pad_token_id)
         self.eos = torch.tensor(self.defaults.eos_token_ids, device=device) if self.defaults.eos_token_ids else None
@@ -388,14 +281,12 @@ class Generation:
         st = self.state
         if self.streamer is not None:
             self.streamer.put(st.ids.cpu())
-        compiled = self.backend is not None
-        check_every = STOP_CHECK_EVERY if compiled and self.streamer is None else 1
-        forwards = self._engine_forwards() if compiled else self._eager_forwards()
+        on_host = self.model.device.type == "cpu" or self.streamer is not None
+        check_every = 1 if on_host else STOP_CHECK_EVERY
+        forwards = self._decoder_steps() if self.backend is not None else self._recomputed_steps()
         try:
             for index in range(self.max_new_tokens):
-                logits, step_scalings = next(forwards)
-                scores = self.processors(st.ids, logits.float())
-                token = self._choose(scores, sync_free=compiled)
+                logits, step_scalings, token = next(forwards)
                 token = torch.where(st.finished, torch.full_like(token, self.defaults.pad_token_id), token)
                 st.append(token)
                 if self.streamer is not None:
@@ -404,7 +295,7 @@ class Generation:
                 if self.eos is not None:
                     newly |= torch.isin(token, self.eos)
                 if len(self.stops):
-                    newly |= self.stops(st.ids, scores).to(newly.device)
+                    newly |= self.stops(st.ids, logits).to(newly.device)
                 st.stopped |= newly & ~st.finished
                 st.finished = st.finished | newly
                 yield Step(index, token, logits, step_scalings, st.finished)
@@ -416,100 +307,69 @@ class Generation:
             if self.streamer is not None:
                 self.streamer.end()
 
-    def _choose(self, scores: torch.Tensor, sync_free: bool) -> torch.Tensor:
-        """Greedy argmax, or a sample: `multinomial` (eager, the reference) or, without a host sync, the argmax of
-        probs / Exponential(1) noise (the same distribution; other draws for the same seed)."""
-        if not self.do_sample:
-            return scores.argmax(-1)
-        probs = torch.softmax(scores, dim=-1)
-        if sync_free:
-            noise = torch.empty_like(probs).exponential_(1.0, generator=self.generator)
-            return (probs / noise).argmax(-1)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+    def _specs(self) -> list[RowSpec]:
+        device, n = self.model.device, self.state.sequences.shape[0]
+        shared = self.generator is not None or self.sampling.seed is None
+        return [
+            RowSpec(
+                mode=self.mode,
+                sampling=self.sampling,
+                generator=None if shared else row_generator(self.sampling.seed, i, device),
+                max_new_tokens=self.max_new_tokens,
+                fixed=self.fixed[i] if self.fixed is not None else None,
+            )
+            for i in range(n)
+        ]
 
-    def _eager_forwards(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The reference path: (logits [B, V], scalings [B, L, N]) per position to predict from, with two growing
-        `DynamicCache`s (or, with use_cache=False, recomputing the whole prefix through both passes)."""
-        model, st, mode = self.model, self.state, self.mode
-        hold: torch.Tensor | None = self.fixed  # scalings held for every later token (prompt / fixed modes)
-        if not self.use_cache:
-            prompt_scalings = None
-            while True:
-                ids_now, mask_now, pos_now = st.ids, st.mask[:, : st.length], st.positions[:, : st.length]
-                if hold is not None and mode == "prompt":
-                    extra = ids_now.shape[1] - prompt_scalings.shape[1]
-                    s = torch.cat([prompt_scalings, hold.expand(-1, extra, -1, -1)], 1) if extra else prompt_scalings
-                elif hold is not None:
-                    s = hold.expand(-1, ids_now.shape[1], -1, -1)
-                else:
-                    s = model.compute_scalings(ids_now, mask_now, pos_now)
-                    if mode == "prompt":
-                        prompt_scalings, hold = s, s[:, -1:]
-                with torch.no_grad():
-                    out = model(
-                        ids_now, attention_mask=mask_now, position_ids=pos_now, scalings=s, **model.last_logits_only
-                    )
-                yield out.logits[:, -1], s[:, -1]
-        config = text_config(model.model)
-        granular = self.fixed is None and mode != "prompt"  # a scaling pass after the prompt
-        cache = LoraMixCache(
-            scaling=new_dynamic_cache(config) if granular else None,
-            mixed=new_dynamic_cache(config),
-            gate=model.gate.new_cache() if granular else None,
+    def _decoder_steps(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(logits [B, V], scalings [B, L, N], tokens [B]) per step: every row joins the decoder, then it steps."""
+        st, T = self.state, self.prompt_length
+        granular = self.mode not in HELD_MODES
+        backend = None if self.backend == "eager" else self.backend
+        decoder = Decoder(
+            self.model,
+            st.sequences.shape[0],
+            st.sequences.shape[1],
+            granular=granular,
+            compile=backend or False,
+            generator=self.generator,
         )
-        held = None
-        step_input, step_pos = st.ids, st.positions[:, : st.length]
+        decoder.place(T, self.max_new_tokens - 1)
+        joined = decoder.join(list(range(decoder.batch)), st.ids, st.mask[:, :T], self._specs())
+        yield joined.logits, joined.scalings, joined.tokens
         while True:
-            if hold is not None:
-                if held is None:  # rank multipliers of the held mixture, computed once for every later step
-                    held = model.prepare_scalings(hold)
-                s, mix_with = hold, held
+            out = decoder.step()
+            yield out.logits, out.scalings, out.tokens
+
+    def _recomputed_steps(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The reference: the whole prefix through both passes for every token (no cache)."""
+        model, st, mode = self.model, self.state, self.mode
+        sampler = Sampler(
+            st.sequences.shape[0], model.model.get_output_embeddings().weight.shape[0], model.device, self.generator
+        )
+        rows = slice(0, st.sequences.shape[0])
+        for i, spec in enumerate(self._specs()):
+            sampler.set_row(i, spec.sampling, st.ids[i][st.mask[i, : st.length].bool()], spec.generator)
+        prompt_scalings = None
+        while True:
+            ids_now, mask_now, pos_now = st.ids, st.mask[:, : st.length], st.positions[:, : st.length]
+            if self.fixed is not None:
+                s = self.fixed.expand(-1, ids_now.shape[1], -1, -1)
+            elif mode == "prompt" and prompt_scalings is not None:
+                extra = ids_now.shape[1] - prompt_scalings.shape[1]
+                s = torch.cat([prompt_scalings, prompt_scalings[:, -1:].expand(-1, extra, -1, -1)], 1)
             else:
-                s = model.compute_scalings(
-                    step_input,
-                    st.mask[:, : st.length],
-                    step_pos,
-                    past_key_values=cache.scaling,
-                    use_cache=cache.scaling is not None,
-                    gate_cache=cache.gate,
-                )
-                mix_with = s
+                s = model.compute_scalings(ids_now, mask_now, pos_now)
                 if mode == "prompt":
-                    hold = s[:, -1:]
+                    prompt_scalings = s
             with torch.no_grad():
                 out = model(
-                    step_input,
-                    attention_mask=st.mask[:, : st.length],
-                    position_ids=step_pos,
-                    scalings=mix_with,
-                    past_key_values=cache,
-                    use_cache=True,
-                    **model.last_logits_only,
+                    ids_now, attention_mask=mask_now, position_ids=pos_now, scalings=s, **model.last_logits_only
                 )
-            yield out.logits[:, -1], s[:, -1]
-            step_input = st.sequences[:, st.length - 1 : st.length]
-            step_pos = st.positions[:, st.length - 1 : st.length]
-
-    def _engine_forwards(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The decode engine (decode.py): the prompt eagerly into two static caches, then one compiled step per
-        token over preallocated buffers. No host sync per step."""
-        from .decode import advance, compiled_step, new_buffers, prefill, run_step
-
-        model, st = self.model, self.state
-        batch, slots = st.sequences.shape
-        held = self.mode in ("prompt", "fixed")
-        buffers = new_buffers(model, batch, slots, held=held, text_config=text_config(model.model))
-        buffers.mask.copy_(st.mask)
-        st.mask = buffers.mask  # one mask: the loop appends to it, the step reads it
-        T = self.prompt_length
-        logits, s = prefill(model, buffers, st.ids, st.positions[:, :T], mode=self.mode, fixed=self.fixed)
-        yield logits, s
-        step = compiled_step(model, batch, slots, held, self.backend)
-        while True:
-            at = st.length - 1
-            advance(buffers, st.sequences[:, at], st.mask[:, at])
-            logits, s = run_step(step, model, buffers)
-            yield logits.clone(), s.clone()  # the step's outputs are overwritten by the next one (CUDA graphs)
+            logits = out.logits[:, -1]
+            token = sampler.choose(logits, rows)
+            sampler.record(rows, token)
+            yield logits, s[:, -1], token
 
     # ------------------------------------------------------------------ the result
 
@@ -517,7 +377,7 @@ class Generation:
         self, scalings: torch.Tensor | None = None, logits: torch.Tensor | None = None, timings: dict | None = None
     ) -> GenerationOutput:
         """The `GenerationOutput` once the iteration ended (or was left early). Rows that ran past the last
-        stop check are trimmed: `sequences` ends with the last row's last token, as in eager generation."""
+        stop check are trimmed: `sequences` ends with the last row's last token."""
         st = self.state
         n = int(st.lengths.max()) if st.length > self.prompt_length else 0
         stopped = st.stopped.tolist()
@@ -534,26 +394,29 @@ class Generation:
         )
 
 
-def _compile_backend(model: LoraMixModel, compile: Any, use_cache: bool) -> Any:
-    """The torch.compile backend for the decode engine, or None for the eager path (with a warning where
-    compile was asked for but cannot apply)."""
-    if compile is False or compile is None:
-        return None
+def _decoder_backend(model: Any, compile: Any, use_cache: bool) -> Any:
+    """How the decoder runs: "eager" (static caches, no compile), a torch.compile backend, or None for the
+    recomputing path (use_cache=False, or a base without static caches: warned)."""
     if not use_cache:
-        raise ConfigError("compile=True needs use_cache=True: the compiled step decodes over static KV caches")
-    backend = "inductor" if compile is True else compile
-    from .decode import compile_support
-
+        if compile is not False and compile is not None:
+            raise ConfigError("compile=True needs use_cache=True: the compiled step decodes over static KV caches")
+        return None
+    reason = static_cache_support(model)
+    if reason is not None:
+        logger.warning("no static KV caches, so every token recomputes the whole prefix (slow): %s", reason)
+        return None
+    if compile is False or compile is None:
+        return "eager"
     reason = compile_support(model)
     if reason is not None:
         logger.warning("compile=True ignored, generating eagerly: %s", reason)
-        return None
-    return backend
+        return "eager"
+    return "inductor" if compile is True else compile
 
 
 @torch.no_grad()
 def generate(
-    model: LoraMixModel,
+    model: Any,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     *,
@@ -561,16 +424,15 @@ def generate(
     output_logits: bool = False,
     **kwargs: Any,
 ) -> GenerationOutput:
-    """Generate from a batch of (left-padded) prompts. Arguments as in transformers' `generate`:
+    """Generate from a batch of (left-padded) prompts of a LoraMixModel. Arguments as in transformers' `generate`:
 
-    max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty, eos_token_id, pad_token_id,
-    stop_strings (+ tokenizer), seed or generator, use_cache (default True), streamer (a transformers streamer),
-    plus `mode` ("granular", "prompt", "truncated"), `scalings` (fixed mixture, see module docstring),
-    `scaling_layer` (checked against the gate's), `return_scalings`, `output_logits`, and `compile` (True, or a
-    torch.compile backend name: decode with the compiled engine of decode.py; see docs/generation.md).
+    max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty (or `sampling=` a SamplingSettings),
+    eos_token_id, pad_token_id, stop_strings (+ tokenizer), seed or generator, use_cache (default True; False
+    recomputes the prefix for every token: the reference), streamer (a transformers streamer), plus `mode`
+    ("granular", "prompt", "truncated"), `scalings` (fixed mixture, see module docstring), `scaling_layer` (checked
+    against the gate's), `return_scalings`, `output_logits`, and `compile` (True, or a torch.compile backend name:
+    the decode step compiled; see docs/generation.md).
     """
-    import time
-
     start = time.perf_counter()
     step_scalings, step_logits = [], []
     first_token_at = None
@@ -579,9 +441,9 @@ def generate(
         if first_token_at is None:
             first_token_at = time.perf_counter()
         if return_scalings:
-            step_scalings.append(step.scalings)
+            step_scalings.append(step.scalings.clone())  # the decoder's buffers are overwritten by the next step
         if output_logits:
-            step_logits.append(step.logits)
+            step_logits.append(step.logits.clone())
     result = run.output(
         scalings=torch.stack(step_scalings, 1) if step_scalings else None,
         logits=torch.stack(step_logits, 1) if step_logits else None,
@@ -597,7 +459,7 @@ def generate(
 
 @torch.no_grad()
 def stream(
-    model: LoraMixModel,
+    model: Any,
     prompt: str | torch.Tensor,
     *,
     tokenizer: Any = None,
@@ -627,10 +489,3 @@ def stream(
     rest = decoder.flush()
     if rest:
         yield rest
-
-
-def dominant_experts(scalings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """scalings [..., L, N] -> (index [...], share [...]) of the expert with the largest mean scaling over layers."""
-    mean = scalings.float().mean(-2)
-    share, index = mean.max(-1)
-    return index, share

@@ -33,9 +33,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from .base import resolve_defaults
 from .errors import ConfigError
-from .generate import resolve_defaults
 from .loading import load
+from .sampling import SamplingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -212,12 +213,9 @@ class LoramixLM(TemplateLM):
             max_new = int(settings.pop("max_gen_toks", self.max_gen_toks))
             temperature = float(settings.pop("temperature", 0.0))
             do_sample = bool(settings.pop("do_sample", False)) or temperature > 0
-            kwargs: dict[str, Any] = {"max_new_tokens": max_new, "mode": self.mode}
-            if do_sample:
-                kwargs.update(do_sample=True, temperature=temperature or 1.0)
-            for key in ("top_p", "top_k", "seed"):
-                if key in settings:
-                    kwargs[key] = settings.pop(key)
+            picked = {key: settings.pop(key) for key in ("top_p", "top_k", "seed") if key in settings}
+            sampling = SamplingSettings.for_generate(do_sample, temperature or 1.0, **picked)
+            kwargs: dict[str, Any] = {"max_new_tokens": max_new, "mode": self.mode, "sampling": sampling}
             if settings:
                 logger.warning("generate_until: ignoring generation arguments %s", sorted(settings))
             for start in range(0, len(members), self.batch_size):

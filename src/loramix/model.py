@@ -20,22 +20,21 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
 from .base import LoraMixCache, load_base_model, load_tokenizer, new_dynamic_cache, text_config
+from .checkpoint import save_checkpoint
 from .config import MixConfig
 from .errors import ConfigError, LoramixError
 from .experts import ExpertInfo, StackedLoRA, linear_features, read_adapter, stack_experts
 from .gate import GateCache, arrow_prototypes, build_gate
+from .generate import GenerationOutput, generate, stream
 from .layers import MixedLoRALinear, MixState, PreparedScalings
 from .quant import compute_dtype
-
-if TYPE_CHECKING:
-    from .generate import GenerationOutput
 
 logger = logging.getLogger(__name__)
 
@@ -237,23 +236,6 @@ class LoraMixModel(nn.Module):
         value = self.config.resolved_scaling_pass_value(self.n_experts)
         return None if value == 0.0 else value
 
-    @contextlib.contextmanager
-    def _truncated(self) -> Iterator[None]:
-        """Run only the first `scaling_layer` decoder blocks (the backbone's own forward, with a shorter block list)."""
-        k = self.config.scaling_layer
-        if k is None or k == self.n_blocks:
-            yield
-            return
-        if self._blocks_attr is None or self.n_blocks is None or k > self.n_blocks:
-            raise ConfigError(f"scaling_layer={k} is out of range for {self.n_blocks} decoder blocks")
-        backbone = self.backbone
-        full = getattr(backbone, self._blocks_attr)
-        setattr(backbone, self._blocks_attr, nn.ModuleList(list(full)[:k]))
-        try:
-            yield
-        finally:
-            setattr(backbone, self._blocks_attr, full)
-
     def scaling_pass(
         self,
         input_ids: torch.Tensor | None = None,
@@ -276,11 +258,10 @@ class LoraMixModel(nn.Module):
             use_cache=use_cache,
         )
         probe_grad = probes is not None and torch.is_grad_enabled()  # a router trained on the probes
-        with torch.no_grad(), self.state.use(self.dummy_scalings(), probes, probe_grad), self._truncated():
-            backbone = self.backbone
-            if backbone is not self.model:
-                return backbone(**kwargs, return_dict=True).last_hidden_state
-            # No separate body: fall back to the full model's last hidden state.
+        with torch.no_grad(), self.state.use(self.dummy_scalings(), probes, probe_grad):
+            if self.backbone is not self.model:
+                return self.scaling_backbone()(**kwargs, return_dict=True).last_hidden_state
+            # No separate body (the constructor refuses scaling_layer there): the full model's last hidden state.
             return self.model(**kwargs, output_hidden_states=True, return_dict=True).hidden_states[-1]
 
     def compute_scalings(
@@ -376,14 +357,10 @@ class LoraMixModel(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
     ) -> GenerationOutput:
         """Generate with two KV caches; see `loramix.generate.generate` for the arguments and speed modes."""
-        from .generate import generate
-
         return generate(self, input_ids, attention_mask, **kwargs)
 
     def stream(self, prompt: str | torch.Tensor, **kwargs: Any) -> Iterator[str]:
         """Yield generated text piece by piece; see `loramix.generate.stream`."""
-        from .generate import stream
-
         return stream(self, prompt, **kwargs)
 
     def prepare_scalings(self, scalings: torch.Tensor) -> PreparedScalings:
@@ -418,8 +395,8 @@ class LoraMixModel(nn.Module):
 
     def scaling_backbone(self) -> nn.Module:
         """The module the scaling pass runs: the backbone, or with `config.scaling_layer` = k < blocks a view of it
-        that holds only the first k blocks (same parameters, built once). Unlike `_truncated`, nothing is swapped
-        during a pass, so a compiled decode step can call it."""
+        that holds only the first k blocks (same parameters, built once). Nothing is swapped
+        during a pass, so a compiled decode step can call it; the scaling pass runs it too."""
         k = self.config.scaling_layer
         backbone = self.backbone
         if k is None or k == self.n_blocks:
@@ -473,8 +450,6 @@ class LoraMixModel(nn.Module):
 
     def save(self, path: str | Path, *, include_base: bool = False, overwrite: bool = True) -> Path:
         """Write a self-contained checkpoint directory (atomically). See docs/checkpoint-format.md."""
-        from .checkpoint import save_checkpoint
-
         return save_checkpoint(self, path, include_base=include_base, overwrite=overwrite)
 
     @contextlib.contextmanager

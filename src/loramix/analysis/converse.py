@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from ..base import resolve_defaults
 from ..errors import ConfigError
-from ..generate import resolve_defaults
 from ..io import atomic_directory, write_json
 from ..text import encode_prompts, render_chat
 from .collect import ScalingsRecorder

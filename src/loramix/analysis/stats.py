@@ -13,7 +13,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["ScalingStats", "token_entropy"]
+__all__ = ["ScalingStats", "dominant_experts", "token_entropy"]
+
+
+def dominant_experts(scalings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """scalings [..., L, N] -> (index [...], share [...]) of the expert with the largest mean scaling over layers."""
+    mean = scalings.float().mean(-2)
+    share, index = mean.max(-1)
+    return index, share
 
 
 def token_entropy(scalings: torch.Tensor) -> torch.Tensor:

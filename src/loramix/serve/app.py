@@ -38,9 +38,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..decode import cache_slots
+from ..base import resolve_defaults, text_config
 from ..errors import ConfigError, LoramixError
-from ..generate import resolve_defaults
+from ..sampling import SamplingSettings
 from ..text import render_chat
 from .engine import Engine, Job, QueueFull, TokenLogprob
 from .metrics import Metrics
@@ -194,20 +194,33 @@ def _job(state: ServerState, body: CompletionRequest | ChatRequest, ids: list[in
         max_tokens=max_tokens,
         emit=lambda _: None,
         mode=body.loramix.mode,
-        do_sample=body.temperature > 0,
-        temperature=body.temperature or 1.0,
-        top_p=body.top_p,
-        top_k=body.loramix.top_k,
-        repetition_penalty=body.loramix.repetition_penalty,
-        seed=body.seed,
+        sampling=_sampling(body),
         stops=body.stop or [],
         return_scalings=body.loramix.return_scalings,
         stream=body.stream,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-        logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
         **extra,
     )
+
+
+_SAMPLING_PARAMS = {"top_k": "loramix.top_k", "repetition_penalty": "loramix.repetition_penalty"}
+
+
+def _sampling(body: CompletionRequest | ChatRequest) -> SamplingSettings:
+    """The request's sampling settings, validated once (a 400 naming the field if they cannot be computed)."""
+    try:
+        return SamplingSettings(
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.loramix.top_k,
+            repetition_penalty=body.loramix.repetition_penalty,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
+            seed=body.seed,
+        )
+    except ConfigError as exc:
+        field_name = str(exc).split("=")[0].split(":")[0].split("[")[0]
+        raise ApiError(400, str(exc), param=_SAMPLING_PARAMS.get(field_name, field_name)) from None
 
 
 def _submit(
@@ -585,7 +598,6 @@ def create_app(
     tokenizer = model.tokenizer
     context = resolve_defaults(model).context
     prompt_limit = max_prompt_tokens or (context - 1 if context else 4096)
-    text_config = model.model.config.get_text_config() if hasattr(model.model.config, "get_text_config") else None
     metrics = Metrics(model.expert_names)
     longest = min(context, prompt_limit + max_tokens_limit) if context else prompt_limit + max_tokens_limit
     engine = Engine(
@@ -594,7 +606,7 @@ def create_app(
         max_batch=max_batch,
         compile=compile,
         max_queue=max_queue,
-        cache_len=cache_slots(2 * longest, None),  # twice the longest request: a request always fits (engine.py)
+        longest=longest,
         metrics=metrics,
     )
     metrics.bind(engine)
@@ -607,7 +619,7 @@ def create_app(
         max_tokens_limit=max_tokens_limit,
         default_max_tokens=default_max_tokens,
         context=context,
-        vocab_size=getattr(text_config or model.model.config, "vocab_size", None),
+        vocab_size=getattr(text_config(model.model), "vocab_size", None),
         request_timeout=request_timeout,
         special_ids=set(getattr(tokenizer, "all_special_ids", [])) - {getattr(tokenizer, "unk_token_id", None)},
     )

@@ -1,33 +1,21 @@
-"""The generation engine behind the server: continuous batching over a fixed number of sequence slots.
+"""The generation engine behind the server: a scheduler around the decoder (decode.py), which `generate` runs too.
 
-One worker thread owns the model (its `MixState` holds the scalings of the current pass, so one thread at a time).
-The batch has `max_batch` slots, each with its rows in both static KV caches of the decode engine (decode.py), so
-every decode step has the same shapes whatever the occupancy (free slots are padding) and the compiled step is reused.
+One worker thread owns the model (its `MixState` holds the scalings of the current pass, so one thread at a time)
+and one `Decoder` of `max_batch` rows over `cache_len` cache columns.
 
-    a request arrives     -> it waits in a bounded queue (`max_queue` jobs; a full queue raises `QueueFull`: 503)
-    a slot is free        -> its prompt is prefilled alone (two DynamicCaches, batch 1), the keys/values are copied
-                             into the slot's rows of the static caches, its first token is chosen from the prefill,
-                             and it joins the running batch at the next step
-    every step            -> one `decode_step` over all slots; each row then chooses its token with its own settings
-                             (transformers' logits processors, its own seeded torch.Generator)
-    a row ends            -> EOS, a stop string, max_tokens, cancellation (`Job.cancelled`, the client hung up) or its
-                             deadline: its slot is free before the next step
+    a request arrives     -> its jobs wait in a bounded queue (`max_queue` jobs; a full queue raises `QueueFull`: 503)
+    before every step     -> cancelled and timed-out rows leave; the waiting jobs that fit join together, in order:
+                             one row each, prefilled as one left-padded batch (`Decoder.join`), first tokens chosen
+    every step            -> `Decoder.step()`: one forward over the occupied rows and every row's next token chosen on
+                             the device by the batched sampler (each row's own settings and seeded stream); then ONE
+                             host read for the whole batch: tokens, EOS and failure flags, the metrics' mean scalings
+    a row ends            -> EOS, a stop string, max_tokens, cancellation (`Job.cancelled`: the client hung up), its
+                             deadline, or a failure of its own (non-finite logits or scalings): an error for that
+                             request only; its row is free before the next step
 
-A gate that reads context (`GateConfig.context`) has a third cache with the same slots (gate.GateCache): its
-running EMA sums per row (set from the prompt's when a row joins, overwritten by the next row to take the slot), or
-its attention keys/values per column (copied, rolled and masked like the KV caches' rows).
-
-The caches share one write column (the decode step writes every row at `cache_position`): a row's tokens fill a
-contiguous range of columns ending at the current one, its own positions (RoPE) start at 0, and its mask hides the
-columns before its range. When a joining prompt is longer than the columns behind the current one, or the cache
-would run out before a row finishes, every row is moved along the column axis by the same shift (one roll of the
-caches and the mask: attention does not depend on which columns hold a row's keys, only on its mask and positions).
-The cache has `cache_len` columns (default: twice the longest request), so a request always fits once the rows
-before it have moved.
-
-Modes mix in one batch: granular and truncated rows get the gate's scalings every step; prompt-mode rows hold the
-scalings of their last prompt token (`DecodeBuffers.hold_rows` / `hold_values`). A step whose rows all hold their
-scalings skips the scaling pass.
+Every way out of a row or the queue goes through `_end` (the decoder's row freed, the metrics counted, one final
+message sent), so a failed request leaves nothing behind for the next one, and every job gets exactly one final
+message: a handler never waits forever.
 
 Stop strings are applied on the text; streamed text never shows a stop string or a part of one. Log probabilities
 are those of the raw logits (before temperature, top-p, penalties or biases): for generated tokens from each step's
@@ -36,7 +24,6 @@ logits; for the prompt (echo) from the prefill's logits (every prompt token has 
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import time
@@ -47,64 +34,45 @@ from typing import Any
 
 import torch
 
-from ..base import LoraMixCache, new_dynamic_cache, text_config
-from ..decode import DecodeBuffers, cache_slots, compiled_step, decode_step, new_buffers, run_step
+from ..base import resolve_defaults
+from ..decode import Decoder, RowSpec, cache_slots
 from ..errors import LoramixError
-from ..generate import logits_processors, resolve_defaults
-from ..layers import PreparedScalings
+from ..sampling import SamplingSettings, row_generator
 from ..text import IncrementalDecoder
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Engine", "Job", "PresenceFrequencyPenalty", "QueueFull", "TokenLogprob"]
-
-HELD_MODES = ("prompt",)
-"""Modes whose rows mix with scalings held after the prompt (no scaling pass while decoding)."""
+__all__ = ["Engine", "Job", "QueueFull", "TokenLogprob"]
 
 
 @dataclass
 class Job:
-    """One request: prompt token ids, settings, and where to send results (called from the worker thread).
+    """One request's choice: prompt token ids, settings, and where to send results (called from the worker thread).
 
     emit receives {"type": "piece", "text": str} while streaming, then {"type": "done", "text", "finish_reason",
-    "completion_tokens", "scalings", "logprobs"}, or {"type": "error", "message", "status"}.
+    "completion_tokens", "scalings", "logprobs"}, or {"type": "error", "message", "status"}: exactly one final one.
 
     logprobs: None (off) or how many alternatives to return per position (0 = the chosen token only); the result's
     "logprobs" is then {"prompt": [...], "completion": [...]} of `TokenLogprob`s (the prompt's only with
-    prompt_logprobs; its first token has no logprob). group: jobs of one request share it (and, when seeded, a batch).
+    prompt_logprobs; its first token has no logprob). group: jobs of one request share it. index: the choice's
+    number, which seeds its own random stream (`sampling.row_generator`).
     """
 
     ids: list[int]
     max_tokens: int
     emit: Callable[[dict[str, Any]], None]
     mode: str = "granular"
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
     stops: list[str] = field(default_factory=list)
     return_scalings: str = "none"
     stream: bool = False
     logprobs: int | None = None
     prompt_logprobs: bool = False
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[int, float] = field(default_factory=dict)
     group: object = None
     index: int = 0
     deadline: float | None = None
     cancelled: bool = False
     submitted: float = 0.0
-
-    def generator(self, device: torch.device) -> torch.Generator | None:
-        """The row's own random stream when seeded: `seed` for the first choice, a seed derived from (seed, index)
-        for the others, so that the choices differ and each is reproducible whatever else shares the batch."""
-        if self.seed is None:
-            return None
-        seed = self.seed if self.index == 0 else hash((self.seed, self.index)) & (2**63 - 1)
-        return torch.Generator(device=device).manual_seed(seed)
 
 
 class QueueFull(LoramixError):
@@ -132,19 +100,15 @@ def _logprobs_at(logprobs: torch.Tensor, tokens: torch.Tensor, k: int) -> list[T
     return [TokenLogprob(t, lp, top) for t, lp, top in zip(tokens.tolist(), chosen, tops)]
 
 
-class PresenceFrequencyPenalty:
-    """OpenAI's presence and frequency penalties as a logits processor: every generated token (not the prompt) lowers
-    its logit by `presence` once and by `frequency` per occurrence. `prompt_length` is the padded prompt width."""
-
-    def __init__(self, presence: float, frequency: float, prompt_length: int) -> None:
-        self.presence, self.frequency, self.prompt_length = presence, frequency, prompt_length
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        generated = input_ids[:, self.prompt_length :]
-        if generated.shape[1] == 0:
-            return scores
-        counts = torch.zeros_like(scores).scatter_add_(-1, generated, torch.ones_like(generated, dtype=scores.dtype))
-        return scores - self.presence * (counts > 0).to(scores.dtype) - self.frequency * counts
+def _logprobs_at(logprobs: torch.Tensor, tokens: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """logprobs [T, V] of the positions predicting tokens [T] -> one TokenLogprob per token (k alternatives)."""
+    chosen = logprobs.gather(-1, tokens[:, None].to(logprobs.device))[:, 0].tolist()
+    if k > 0:
+        values, ids = logprobs.topk(k, dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        tops = [[] for _ in chosen]
+    return [TokenLogprob(t, lp, top) for t, lp, top in zip(tokens.tolist(), chosen, tops)]
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -159,26 +123,11 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 
 class _Row:
-    """A job in a slot: its text, tokens, and the settings it chooses its tokens with."""
+    """A job in a decoder row: its text, tokens and what it returns."""
 
-    def __init__(self, job: Job, tokenizer: Any, slot: int, device: torch.device) -> None:
+    def __init__(self, job: Job, tokenizer: Any, slot: int) -> None:
         self.job = job
         self.slot = slot
-        self.start = 0  # the first cache column of its prompt
-        self.ids = list(job.ids)  # prompt + generated (what the logits processors see)
-        self.held = job.mode in HELD_MODES
-        self.do_sample = job.do_sample and job.temperature != 0
-        self.processors = logits_processors(
-            self.do_sample, job.temperature, job.top_k, job.top_p, job.repetition_penalty
-        )
-        # OpenAI's biases and penalties come first, on the raw logits: the logit bias is added by the engine to
-        # the whole batch at once (`Engine._bias`), the penalties here
-        if job.presence_penalty or job.frequency_penalty:
-            self.processors.insert(
-                0, PresenceFrequencyPenalty(job.presence_penalty, job.frequency_penalty, len(job.ids))
-            )
-        self.greedy = not self.do_sample and not len(self.processors)
-        self.generator = job.generator(device)
         self.last_token_at = 0.0
         self.decoder = IncrementalDecoder(tokenizer)
         self.text = ""
@@ -189,22 +138,6 @@ class _Row:
         self.scalings: list[torch.Tensor] = []
         self.logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: list[TokenLogprob] = []
-
-    @property
-    def remaining(self) -> int:
-        """Decode steps it may still need (each step feeds its last token and chooses the next one)."""
-        return 0 if self.done else self.job.max_tokens - self.tokens
-
-    def choose(self, logits: torch.Tensor) -> int:
-        """The next token from this row's logits [V] (float, its logit bias added), with its own processors and
-        random stream."""
-        scores = logits[None]
-        if len(self.processors):
-            scores = self.processors(torch.tensor([self.ids], device=logits.device), scores)
-        if not self.do_sample:
-            return int(scores.argmax(-1))
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
 
     def finish(self, reason: str) -> None:
         self.done = True
@@ -251,8 +184,8 @@ class _Row:
 
 
 class Engine:
-    """Continuous batching over `max_batch` slots in one worker thread (module docstring). `submit_group` is
-    thread-safe; `metrics` (optional) receives the engine's events (serve/metrics.py)."""
+    """Continuous batching over a `Decoder` of `max_batch` rows in one worker thread (module docstring).
+    `submit_group` is thread-safe; `metrics` (optional) receives the engine's events (serve/metrics.py)."""
 
     def __init__(
         self,
@@ -262,6 +195,7 @@ class Engine:
         batching: bool = True,
         compile: bool | str = False,
         max_queue: int = 256,
+        longest: int | None = None,
         cache_len: int | None = None,
         metrics: Any = None,
     ) -> None:
@@ -269,27 +203,16 @@ class Engine:
         self.tokenizer = model.tokenizer
         self.max_batch = max_batch if batching else 1
         self.max_queue = max_queue
-        # decode with the compiled step (compiled once per step size: the slots fix every shape); True: inductor, or
-        # a torch.compile backend name, as generate(compile=...)
-        self.compile = compile
         self.defaults = resolve_defaults(model, tokenizer=model.tokenizer)
-        self.context = self.defaults.context
-        self.cache_len = cache_len or cache_slots(2 * (self.context or 2048), None)
+        # twice the longest request (prompt + max_tokens; default: the context), so that a request always fits once
+        # the rows before it have moved along
+        self.cache_len = cache_len or cache_slots(2 * (longest or self.defaults.context or 2048), None)
         self.metrics = metrics
         self.batches = 0  # join rounds: steps before which one or more requests joined
         self.batched_requests = 0
-        self.steps = 0
-        self._eos = set(self.defaults.eos_token_ids)
-        self._config = text_config(model.model)
-        self._buffers = new_buffers(model, self.max_batch, self.cache_len, held=False, text_config=self._config)
-        b = self._buffers
-        b.hold_rows = torch.zeros(self.max_batch, 1, 1, 1, dtype=torch.bool, device=model.device)
-        b.hold_values = torch.zeros_like(b.scalings)
-        self._views: dict[int, DecodeBuffers] = {}
-        vocab = model.model.get_output_embeddings().weight.shape[0]
-        self._bias = torch.zeros(self.max_batch, vocab, device=model.device)  # each row's logit bias, dense
+        # compile: False, True (inductor) or a torch.compile backend name, as generate(compile=...)
+        self.decoder = Decoder(model, self.max_batch, self.cache_len, compile=compile, eos=self.defaults.eos_token_ids)
         self._rows: list[_Row | None] = [None] * self.max_batch
-        self._col = 0  # the cache column the next step writes
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -300,21 +223,25 @@ class Engine:
 
     @property
     def queued(self) -> int:
-        """Jobs waiting for a slot."""
+        """Jobs waiting for a row."""
         return len(self._pending)
 
     @property
     def active(self) -> int:
-        """Slots holding a job."""
+        """Rows holding a job."""
         return sum(row is not None for row in self._rows)
+
+    @property
+    def steps(self) -> int:
+        return self.decoder.steps
 
     def submit(self, job: Job) -> None:
         self.submit_group([job])
 
     def submit_group(self, jobs: list[Job]) -> None:
-        """Queue the jobs of one request together (they join in order as slots free). Raises `QueueFull` when more
-        than `max_queue` jobs would wait beyond the free slots (an empty queue takes any one request; jobs that free
-        slots will take at the next step do not count, however close together they arrive)."""
+        """Queue the jobs of one request together (they join in order as rows free). Raises `QueueFull` when more
+        than `max_queue` jobs would wait beyond the free rows (an empty queue takes any one request; jobs that free
+        rows will take at the next step do not count, however close together they arrive)."""
         with self._cond:
             if self._closed:
                 raise QueueFull("the server is shutting down")
@@ -347,193 +274,144 @@ class Engine:
                 self._admit()
                 if self.active:
                     self._step()
-            except Exception as exc:  # a failed step must not take the server down
+            except Exception as exc:  # a failed forward cannot be put on one row: every row in it ends
                 logger.exception("generation failed")
                 for row in self._rows:
                     if row is not None:
-                        row.job.emit({"type": "error", "message": f"generation failed: {exc}", "status": 500})
-                self._rows = [None] * self.max_batch
-        for job in [*self._pending, *(row.job for row in self._rows if row is not None)]:
-            job.emit({"type": "error", "message": "the server is shutting down", "status": 503})
-
-    def _expired(self, job: Job, now: float) -> bool:
-        if job.deadline is None or now < job.deadline:
-            return False
-        job.emit({"type": "error", "message": "the request timed out before it finished", "status": 504})
-        return True
-
-    def _release(self) -> None:
-        """Free the slots of cancelled and timed-out jobs (before the step)."""
-        now = time.monotonic()
+                        self._end(row.job, row, "error", f"generation failed: {exc}", 500, failed=True)
         for row in self._rows:
-            if row is not None and (row.job.cancelled or self._expired(row.job, now)):
-                self._free(row, "cancelled" if row.job.cancelled else "timeout")
+            if row is not None:
+                self._end(row.job, row, "shutdown", "the server is shutting down", 503)
+        while self._pending:
+            self._end(self._pending.popleft(), None, "shutdown", "the server is shutting down", 503)
 
-    def _free(self, row: _Row, why: str) -> None:
-        self._rows[row.slot] = None
-        self._buffers.hold_rows[row.slot] = False
+    def _end(
+        self,
+        job: Job,
+        row: _Row | None,
+        why: str,
+        message: str | None = None,
+        status: int = 500,
+        *,
+        failed: bool = False,
+    ) -> None:
+        """The one way out for a job: its row freed (`failed`: its caches cleared too), the reason counted, and its
+        final message sent (the result, or an error with `message` and `status`)."""
+        if row is not None and self._rows[row.slot] is row:
+            self._rows[row.slot] = None
+            self.decoder.leave(row.slot, failed=failed)
         if self.metrics is not None:
             self.metrics.finished(why)
+        if message is None and row is not None:
+            job.emit(row.result())
+        else:
+            job.emit({"type": "error", "message": message or why, "status": status})
 
-    def _admit(self) -> None:
-        """Let waiting jobs join, in order, while a slot is free and the head of the queue fits the cache."""
-        joined = 0
-        while None in self._rows:
-            with self._cond:
-                if not self._pending:
-                    break
+    def _expired(self, job: Job, now: float) -> bool:
+        return job.deadline is not None and now >= job.deadline
+
+    def _release(self) -> None:
+        """End the rows of cancelled and timed-out jobs (before the step)."""
+        now = time.monotonic()
+        for row in self._rows:
+            if row is None:
+                continue
+            if row.job.cancelled:
+                self._end(row.job, row, "cancelled", "the client closed the request", 499)
+            elif self._expired(row.job, now):
+                self._end(row.job, row, "timeout", "the request timed out before it finished", 504)
+
+    def _take(self) -> list[Job]:
+        """The waiting jobs that join at this step, in order: while a row is free and the next job fits the columns
+        with those before it (first come, first served). Cancelled and expired jobs end here."""
+        group: list[Job] = []
+        free = self._rows.count(None)
+        with self._cond:
+            while self._pending and len(group) < free:
                 job = self._pending[0]
                 if job.cancelled or self._expired(job, time.monotonic()):
                     self._pending.popleft()
+                    if job.cancelled:
+                        self._end(job, None, "cancelled", "the client closed the request", 499)
+                    else:
+                        self._end(job, None, "timeout", "the request timed out before it finished", 504)
                     continue
-                target = self._target_column(job)
-                if target is None and self.active == 0:  # can never fit (create_app's limits prevent this)
-                    self._pending.popleft()
-                    message = f"prompt + max_tokens exceed the engine's {self.cache_len} cache columns"
-                    job.emit({"type": "error", "message": message, "status": 400})
-                    continue
-                if target is None:
-                    break  # waits until rows before it finish (first come, first served)
-                self._pending.popleft()
-            slot = self._rows.index(None)
-            try:
-                self._join(job, slot, target)
-            except Exception as exc:
-                logger.exception("prefill failed")
-                job.emit({"type": "error", "message": f"generation failed: {exc}", "status": 500})
-                self._rows[slot] = None
-            joined += 1
-        if joined:
-            self.batches += 1
-            self.batched_requests += joined
+                trial = [*group, job]
+                if self._target(trial) is None:
+                    if not group and self.active == 0:  # can never fit (create_app's limits prevent this)
+                        self._pending.popleft()
+                        message = f"prompt + max_tokens exceed the engine's {self.cache_len} cache columns"
+                        self._end(job, None, "error", message, 400)
+                        continue
+                    break
+                group.append(self._pending.popleft())
+        return group
 
-    def _target_column(self, job: Job) -> int | None:
-        """The write column the batch must be at for `job` to join (its prompt fills the columns before it), or
-        None if it cannot join before other rows finish."""
-        rows = [row for row in self._rows if row is not None]
-        T, need = len(job.ids), job.max_tokens - 1
-        if not rows:
-            return T if T + need <= self.cache_len else None
-        need = max([need, *(row.remaining for row in rows)])
-        if self._col >= T and self._col + need <= self.cache_len:
-            return self._col
-        target = max([T, *(self._col - row.start for row in rows)])
-        return target if target + need <= self.cache_len else None
-
-    def _shift(self, d: int) -> None:
-        """Move every row d columns along the caches and the mask (one roll; no row wraps around: see _admit)."""
-        if d == 0:
-            return
-        b = self._buffers
-        for cache in (b.cache.scaling, b.cache.mixed):
-            for layer in cache.layers:
-                if layer.is_initialized:
-                    layer.keys.copy_(torch.roll(layer.keys, d, 2))
-                    layer.values.copy_(torch.roll(layer.values, d, 2))
-        if b.cache.gate is not None:
-            b.cache.gate.roll(d)
-        b.mask.copy_(torch.roll(b.mask, d, 1))
-        for row in self._rows:
-            if row is not None:
-                row.start += d
-        self._col += d
+    def _target(self, jobs: list[Job]) -> int | None:
+        return self.decoder.target(max(len(j.ids) for j in jobs), max(j.max_tokens for j in jobs) - 1)
 
     @torch.no_grad()
-    def _prefill(self, job: Job) -> tuple[torch.Tensor, torch.Tensor, LoraMixCache]:
-        """The prompt alone (batch 1) through both passes into two DynamicCaches: logits [T, V], scalings
-        [T, L, N], the caches."""
-        model = self.model
-        ids = torch.tensor([job.ids], device=model.device)
-        mask = torch.ones_like(ids)
-        positions = torch.arange(ids.shape[1], device=model.device)[None]
-        held = job.mode in HELD_MODES
-        cache = LoraMixCache(
-            scaling=None if held else new_dynamic_cache(self._config),
-            mixed=new_dynamic_cache(self._config),
-            gate=None if held else model.gate.new_cache(),
-        )
-        if held:
-            s = model.compute_scalings(ids, mask, positions)
-        else:
-            s = model.compute_scalings(
-                ids, mask, positions, past_key_values=cache.scaling, use_cache=True, gate_cache=cache.gate
-            )
-        out = model(
-            ids,
-            attention_mask=mask,
-            position_ids=positions,
-            scalings=s,
-            past_key_values=LoraMixCache(None, cache.mixed),
-            use_cache=True,
-        )
-        return out.logits[0], s[0], cache
-
-    @torch.no_grad()
-    def _join(self, job: Job, slot: int, target: int) -> None:
-        """Prefill `job`, copy its keys/values into `slot` ending at column `target`, choose its first token."""
-        logits, scalings, cache = self._prefill(job)
-        b, T = self._buffers, len(job.ids)
-        row = _Row(job, self.tokenizer, slot, self.model.device)
-        if job.prompt_logprobs:
-            lp = torch.log_softmax(logits[:-1].float(), -1)
-            prompt = torch.tensor(job.ids, device=logits.device)
-            row.prompt_logprobs = [TokenLogprob(job.ids[0], None)] + _logprobs_at(lp, prompt[1:], job.logprobs or 0)
-        if job.max_tokens <= 0:  # the prompt only (echo): it never takes the slot
-            row.finish("length")
-            job.emit(row.result())
+    def _admit(self) -> None:
+        """Let waiting jobs join as one prefilled batch, then take their first tokens."""
+        jobs = self._take()
+        if not jobs:
             return
-        if self.active == 0:
-            self._col = target
-        else:
-            self._shift(target - self._col)
-        start = row.start = self._col - T
-        like = cache.mixed.layers[0]
-        for layer in (*b.cache.scaling.layers, *b.cache.mixed.layers):  # all at once: the views share them
-            if not layer.is_initialized:
-                shape = (self.max_batch, like.keys.shape[1], 1)
-                layer.lazy_initialization(
-                    like.keys.new_zeros(*shape, like.keys.shape[3]), like.values.new_zeros(*shape, like.values.shape[3])
+        self.batches += 1
+        self.batched_requests += len(jobs)
+        T = max(len(j.ids) for j in jobs)
+        self.decoder.place(T, max(j.max_tokens for j in jobs) - 1)
+        slots = [i for i, row in enumerate(self._rows) if row is None][: len(jobs)]
+        rows = [_Row(job, self.tokenizer, slot) for job, slot in zip(jobs, slots)]
+        pad = self.defaults.pad_token_id
+        ids = torch.tensor([[pad] * (T - len(j.ids)) + j.ids for j in jobs])
+        mask = torch.tensor([[0] * (T - len(j.ids)) + [1] * len(j.ids) for j in jobs])
+        device = self.model.device
+        specs = [
+            RowSpec(j.mode, j.sampling, row_generator(j.sampling.seed, j.index, device), j.max_tokens) for j in jobs
+        ]
+        for row in rows:
+            self._rows[row.slot] = row
+        try:
+            joined = self.decoder.join(slots, ids, mask, specs, prompt_logits=any(j.prompt_logprobs for j in jobs))
+            tokens, bad = torch.stack([joined.tokens, joined.bad.long()]).tolist()
+        except Exception as exc:
+            logger.exception("prefill failed")
+            for row in rows:
+                self._end(row.job, row, "error", f"generation failed: {exc}", 500, failed=True)
+            return
+        now = time.monotonic()
+        for j, row in enumerate(rows):
+            job = row.job
+            if job.prompt_logprobs:
+                lp = torch.log_softmax(joined.prompt_logits[j, T - len(job.ids) : T - 1].float(), -1)
+                prompt = torch.tensor(job.ids[1:], device=lp.device)
+                row.prompt_logprobs = [TokenLogprob(job.ids[0], None), *_logprobs_at(lp, prompt, job.logprobs or 0)]
+            if self.metrics is not None:
+                self.metrics.first_token(now - job.submitted)
+            if job.max_tokens <= 0:  # the prompt only (echo)
+                row.finish("length")
+                self._end(job, row, "length")
+            elif bad[j]:
+                self._end(job, row, "error", "the model produced non-finite values for this request", 500, failed=True)
+            else:
+                self._accept(
+                    row, tokens[j], tokens[j] in self.defaults.eos_token_ids, joined.logits[j], joined.scalings[j]
                 )
-        for static, dynamic in ((b.cache.scaling, cache.scaling), (b.cache.mixed, cache.mixed)):
-            if dynamic is None:
-                continue
-            for layer, src in zip(static.layers, dynamic.layers):
-                layer.keys[slot, :, start : self._col] = src.keys[0]
-                layer.values[slot, :, start : self._col] = src.values[0]
-        _join_gate_cache(b.cache.gate, cache.gate, slot, start, self._col)
-        b.mask[slot].zero_()
-        b.mask[slot, start : self._col] = 1
-        b.positions[slot] = T
-        if row.held:
-            b.hold_rows[slot] = True
-            b.hold_values[slot, 0] = scalings[-1]
-            b.scalings[slot, 0] = scalings[-1]
-            b.multipliers[slot] = self.model.rank_multipliers(b.scalings[slot : slot + 1])[0]
-        self._rows[slot] = row
-        self._bias[slot].zero_()
-        for t, value in job.logit_bias.items():
-            self._bias[slot, t] = value
-        token = row.choose(logits[-1].float() + self._bias[slot])
-        if self.metrics is not None:
-            self.metrics.first_token(time.monotonic() - job.submitted)
-        self._accept(row, token, logits[-1], scalings[-1])
 
-    def _accept(self, row: _Row, token: int, logits: torch.Tensor, scalings: torch.Tensor) -> None:
-        """Record the row's new token (its text, logprobs, scalings); emit and free the slot if the row ended."""
+    def _accept(self, row: _Row, token: int, eos: bool, logits: torch.Tensor, scalings: torch.Tensor) -> None:
+        """Record the row's new token (its text, logprobs, scalings); end the row if it is done."""
         job = row.job
         row.last_token_at = time.monotonic()
         if job.logprobs is not None:  # the EOS token too, as vLLM does
             lp = torch.log_softmax(logits[None].float(), -1)
             row.logprobs += _logprobs_at(lp, torch.tensor([token], device=lp.device), job.logprobs)
-        if token in self._eos:
+        if eos:
             row.finish("stop")
             row.flush(final=True)
         else:
             if job.return_scalings != "none":
                 row.scalings.append(scalings.detach().cpu().clone())
             row.tokens += 1
-            row.ids.append(token)
-            self._buffers.ids[row.slot, 0] = token
             row.add_text(row.decoder.push(token))
             if not row.done and row.tokens >= job.max_tokens:
                 row.add_text(row.decoder.flush())
@@ -543,103 +421,29 @@ class Engine:
         if self.metrics is not None:
             self.metrics.tokens(1)
         if row.done:
-            job.emit(row.result())
-            self._free(row, row.finish_reason)
-
-    def _view(self, occupied: int) -> DecodeBuffers:
-        """The buffers of the first k slots (views: same storage), k the power of two (at most max_batch) that covers
-        the occupied slots: on a CPU a padded row costs as much as a real one, so a step runs over the slots in use
-        (rows take the lowest free slot), in a few fixed shapes (one compiled step each)."""
-        k = min(self.max_batch, 1 << (occupied - 1).bit_length())
-        if k == self.max_batch:
-            return self._buffers
-        view = self._views.get(k)
-        if view is None:
-            b = self._buffers
-            view = DecodeBuffers(
-                ids=b.ids[:k],
-                positions=b.positions[:k],
-                cache_position=b.cache_position,
-                live=b.live[:k],
-                mask=b.mask[:k],
-                scalings=b.scalings[:k],
-                multipliers=b.multipliers[:k],
-                cache=LoraMixCache(
-                    scaling=_cache_rows(b.cache.scaling, k),
-                    mixed=_cache_rows(b.cache.mixed, k),
-                    gate=b.cache.gate.rows(k) if b.cache.gate is not None else None,
-                ),
-                prepared=PreparedScalings(b.scalings[:k], b.multipliers[:k], sizes=self.model.rank_sizes),
-                held=False,
-                hold_rows=b.hold_rows[:k],
-                hold_values=b.hold_values[:k],
-            )
-            self._views[k] = view
-        return view
-
-    def _sync(self) -> None:
-        """Point both caches' write offsets and the step's cache_position at the current column."""
-        b = self._buffers
-        b.cache_position.fill_(self._col)
-        if b.cache.gate is not None:
-            b.cache.gate.offset.fill_(self._col)
-        for cache in (b.cache.scaling, b.cache.mixed):
-            for layer in cache.layers:
-                if layer.is_initialized:
-                    layer.cumulative_length.fill_(self._col)
+            self._end(job, row, row.finish_reason)
 
     @torch.no_grad()
     def _step(self) -> None:
-        """One decode step over every slot; each active row chooses its next token."""
+        """One decode step over the occupied rows, one host read, then each row's new token."""
         rows = [row for row in self._rows if row is not None]
-        held = all(row.held for row in rows)
-        self._sync()
-        b = self._view(max(row.slot for row in rows) + 1)
-        b.held = held
-        if self.compile:
-            backend = self.compile if isinstance(self.compile, str) else None
-            step = compiled_step(self.model, b.batch, self.cache_len, held, backend)
-        else:
-            step = decode_step
-        logits, scalings = run_step(step, self.model, b)
-        self.steps += 1
-        self._col += 1
-        b.positions.add_(1)
-        scores = logits.float()
-        if any(row.job.logit_bias for row in rows):
-            scores = scores + self._bias[: scores.shape[0]]
-        greedy = scores.argmax(-1).tolist()  # one host sync per step: every row's text is streamed as it comes
+        out = self.decoder.step()
+        occupied = torch.tensor([row.slot for row in rows], device=out.tokens.device)
+        mean = out.scalings.index_select(0, occupied).float().mean((0, 1))  # [N], for the metrics
+        k = out.tokens.shape[0]
+        host = torch.cat([out.tokens.float(), out.eos.float(), out.bad.float(), mean]).tolist()  # the one sync
+        tokens, eos, bad = host[:k], host[k : 2 * k], host[2 * k : 3 * k]
         now = time.monotonic()
         if self.metrics is not None:
-            active = torch.tensor([row.slot for row in rows], device=scalings.device)
-            self.metrics.step(len(rows), scalings.index_select(0, active).float().mean((0, 1)))
+            self.metrics.step(len(rows), torch.tensor(host[3 * k :]))
         for row in rows:
             if self.metrics is not None:
                 self.metrics.inter_token(now - row.last_token_at)
-            token = greedy[row.slot] if row.greedy else row.choose(scores[row.slot])
-            self._accept(row, token, logits[row.slot], scalings[row.slot])
-
-
-def _join_gate_cache(static: Any, prompt: Any, slot: int, start: int, end: int) -> None:
-    """Put a prompt's gate cache (a dynamic `GateCache`, batch 1; None for a held row) in `slot` of the engine's
-    static one, its attention keys/values at columns [start, end) like its KV cache rows; the columns before are
-    masked, those after are written by the coming steps."""
-    if static is None or prompt is None:
-        return
-    if static.ema is not None:
-        static.ema[slot] = prompt.ema[0]
-    if static.keys is not None:
-        static.keys[slot, start:end] = prompt.keys[0]
-        static.values[slot, start:end] = prompt.values[0]
-
-
-def _cache_rows(cache: Any, k: int) -> Any:
-    """A StaticCache over the first k batch rows of `cache` (views of its initialized layers; the write offsets are
-    the same tensors, so syncing the full cache syncs the view)."""
-    view = copy.copy(cache)
-    view.layers = []
-    for layer in cache.layers:
-        part = copy.copy(layer)
-        part.keys, part.values, part.batch_size = layer.keys[:k], layer.values[:k], k
-        view.layers.append(part)
-    return view
+            if bad[row.slot]:
+                self._end(
+                    row.job, row, "error", "the model produced non-finite values for this request", 500, failed=True
+                )
+            else:
+                self._accept(
+                    row, int(tokens[row.slot]), bool(eos[row.slot]), out.logits[row.slot], out.scalings[row.slot]
+                )
