@@ -288,7 +288,7 @@ def test_a_non_streaming_client_that_hangs_up_frees_its_slot(server):
     body = b'{"model": "tiny", "prompt": "GRAVY", "max_tokens": 90, "temperature": 0, "logit_bias": {"2": -100}}'
     head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     head += f"Content-Length: {len(body)}\r\n\r\n"
-    with slow(state.model, 0.01):
+    with slow(state.model, 0.05):  # 90 tokens take 4.5 s: the hang-up is seen long before, even on a busy machine
         with socket.create_connection(("127.0.0.1", server.port)) as s:
             s.sendall(head.encode() + body)
             wait_for(lambda: state.engine.active == 1)
@@ -435,3 +435,111 @@ def test_the_queue_bound_counts_only_jobs_waiting_beyond_the_free_slots(mix):
         assert all(sink.result["type"] == "done" for _, sink in made[:3])
     finally:
         engine.close()
+
+
+# ---------------------------------------------------------------------- one request never harms another (issue 29)
+
+
+@contextmanager
+def nan_logits_after(mix, token):
+    """The mixed model gives NaN logits to every row whose last input token is `token` (a failure of that row's
+    own, e.g. a corrupt expert it routes to)."""
+
+    def hook(module, args, kwargs, output):
+        ids = kwargs.get("input_ids")
+        if ids is not None:
+            output.logits[ids[:, -1] == token] = float("nan")
+        return output
+
+    handle = mix.model.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@pytest.fixture(scope="module")
+def wide(mix):
+    srv = Server(create_app(mix, model_id="tiny", max_tokens_limit=100, max_batch=4))
+    yield srv
+    srv.stop()
+
+
+def _together(server, bodies):
+    results = {}
+    threads = [threading.Thread(target=lambda i=i, b=b: results.__setitem__(i, _ask(server, **b)))
+               for i, b in enumerate(bodies)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [results[i] for i in range(len(bodies))]
+
+
+def test_a_failing_request_fails_alone_and_leaves_its_row_clean(wide, mix):
+    long = dict(prompt="ACDK", max_tokens=40, logit_bias=NO_EOS)
+    bad = dict(prompt="GRAVY<LLLLLLLL>=", max_tokens=20, loramix={"mode": "prompt"})
+    equals = mix.tokenizer.convert_tokens_to_ids("=")
+    with slow(mix, 0.002), nan_logits_after(mix, equals):
+        results = _together(wide, [long, long, bad, long])
+    assert results[2].status_code == 500 and "non-finite" in results[2].json()["error"]["message"]
+    want = mix.tokenizer.decode(
+        mix.generate(torch.tensor([mix.tokenizer("ACDK").input_ids]), max_new_tokens=40,
+                     sampling=SamplingSettings(logit_bias=NO_EOS)).new_tokens[0].tolist(),
+        skip_special_tokens=True,
+    )
+    assert [r.json()["choices"][0]["text"] for r in (results[0], results[1], results[3])] == [want] * 3
+    # every row, the failed one's included, then serves a greedy granular request as the library does
+    prompt = "GRAVY<MKTAYIAK>="
+    again = _together(wide, [dict(prompt=prompt, max_tokens=12)] * 4)
+    assert {r.json()["choices"][0]["text"] for r in again} == {_greedy(mix, mix.tokenizer(prompt).input_ids, 12)[0]}
+    failed = _state(wide).metrics.finished_total.labels("error")._value.get()
+    assert failed == 1
+
+
+def test_a_tiny_temperature_is_greedy_and_an_uncomputable_penalty_is_refused(wide, mix):
+    prompt = "GRAVY<LLLLLLLL>="
+    tiny = _ask(wide, prompt=prompt, max_tokens=20, temperature=1e-300, loramix={"mode": "prompt"})
+    greedy = _ask(wide, prompt=prompt, max_tokens=20, temperature=0, loramix={"mode": "prompt"})
+    assert tiny.status_code == 200 and tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+    refused = _ask(wide, prompt=prompt, temperature=1, loramix={"repetition_penalty": 1e-300})
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["param"] == "loramix.repetition_penalty" and "must be in [0.01, 100]" in error["message"]
+
+
+def test_a_queued_job_whose_client_hangs_up_gets_a_final_message(mix):
+    engine = Engine(mix, max_batch=1)
+    try:
+        with slow(mix, 0.002):
+            long, long_sink = make_job(mix, "GRAVY", max_tokens=60, stream=True, logit_bias=NO_EOS)
+            engine.submit(long)
+            assert long_sink.started.wait(30)
+            queued, queued_sink = make_job(mix, "ACDK", max_tokens=8)
+            engine.submit(queued)
+            assert engine.queued == 1
+            queued.cancelled = True  # the client hung up while the job waited for a row
+            assert queued_sink.result == {"type": "error", "message": "the client closed the request", "status": 499}
+            assert long_sink.result["completion_tokens"] == 60
+    finally:
+        engine.close()
+
+
+def test_a_non_streaming_client_that_hangs_up_while_queued_leaves_no_handler(wide):
+    """The request's handler ends (uvicorn has no task left once the running requests finish): before, it waited
+    on its queue forever and SIGTERM never completed."""
+    state = _state(wide)
+    body = b'{"model": "tiny", "prompt": "ACDK", "max_tokens": 8, "temperature": 0}'
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += f"Content-Length: {len(body)}\r\n\r\n"
+    longs = [dict(prompt="GRAVY", max_tokens=60, logit_bias=NO_EOS)] * 4
+    with slow(state.model, 0.01):
+        runner = threading.Thread(target=_together, args=(wide, longs))
+        runner.start()
+        wait_for(lambda: state.engine.active == 4)
+        with socket.create_connection(("127.0.0.1", wide.port)) as s:
+            s.sendall(head.encode() + body)
+            wait_for(lambda: state.engine.queued == 1)
+        runner.join()
+    wait_for(lambda: not wide.server.server_state.tasks)
+    assert state.engine.queued == 0 and state.engine.active == 0
