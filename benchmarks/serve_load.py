@@ -17,12 +17,15 @@ Scenarios (--scenarios):
     hangup        24 streaming clients of 300 tokens hang up after 1 s; then one 4-token request: its latency
                   against the idle latency
     body          a 10 MB JSON body: time to the refusal, server RSS before and after
+    library       (alone) the server against the library on the ~25M Llama of issue "one decoder": generate at
+                  batch 1 and 16 and the server at 1 and 16 concurrent clients, greedy, 96 tokens, interleaved
 
 The poisson, short and hangup scenarios need 300 tokens of context: they run on a tiny random Llama (4 layers,
 hidden 128, context 512, the demo's tokenizer, 3 random experts, a random gate) built in a temporary directory;
 throughput runs on the demo checkpoint (context 96) as in the earlier runs.
 
     python benchmarks/serve_load.py --today-src /path/to/main/src --threads 1
+    python benchmarks/serve_load.py --scenarios library --threads 1 --rounds 3
 """
 
 from __future__ import annotations
@@ -268,6 +271,77 @@ def body_refusal(url: str, port: int, rss: callable) -> dict:
     }
 
 
+# ---------------------------------------------------------------------- server against the library
+
+
+LIBRARY_PROMPTS = [f"GRAVY<{p}>=" for p in (
+    "GLWSKIKEVGKEAAKAAAKAAG", "YVPLPNVPQPGRRPFPTFPGQG", "MKTAYIAKQRQISFVKSHFSRQ", "ACDEFGHIKLMNPQRSTVWYAC",
+    "KKLLMMNNPPQQRRSSTTVVWW", "GAVLIPFMWSTCYNQDEKRHGA", "WWYYFFLLIIVVMMAACCGGPP", "DESIGNPEPTIDEACDKLMNPQ",
+    "RRKKHHDDEESSTTNNQQGGAA", "PPGGAAVVLLIIMMFFWWYYCC", "STNQCGPAVLIMFYWHKRDEST", "QWERTYIPASDFGHKLCVNMQW",
+    "MNPQRSTVWYACDEFGHIKLMN", "LIVFMWYCAGPSTNQDEKRHLL", "HKRDESTNQCGPAVLIMFYWHK", "AAAAKKKKLLLLEEEEGGGGWW",
+)]  # 30 characters each
+
+
+def library_checkpoint(root: Path) -> Path:
+    """The ~25M-parameter random Llama (hidden 512, 8 layers), 4 rank-8 experts on q/k/v/o, the demo's tokenizer,
+    no EOS (every request runs to its max_tokens)."""
+    from transformers import AutoTokenizer
+
+    import loramix
+    from loramix.demo import shipped_checkpoint
+
+    tokenizer = AutoTokenizer.from_pretrained(shipped_checkpoint() / "tokenizer")
+    base = build_base(root, eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    experts = build_experts(base, root, n=4, rank=8, targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+    model = loramix.from_pretrained(base, experts, loramix.MixConfig(), tokenizer=tokenizer)
+    return model.save(root / "library-checkpoint", include_base=True)
+
+
+async def _clients(url: str, prompts: list[str], new: int) -> float:
+    """len(prompts) greedy requests sent at once; tokens/s over the wall time."""
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        start = time.perf_counter()
+        replies = await asyncio.gather(*(client.post("/v1/completions", json=_body(p, new, no_eos=False))
+                                         for p in prompts))
+        elapsed = time.perf_counter() - start
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200]
+    return sum(r.json()["usage"]["completion_tokens"] for r in replies) / elapsed
+
+
+def server_vs_library(src: Path, threads: int, rounds: int, new: int = 96, clients: int = 16) -> dict:
+    """tokens/s of the library's `generate` at batch 1 and `clients` (one left-padded call) and of `loramix serve
+    --max-batch clients` at 1 and `clients` concurrent clients, interleaved over `rounds` rounds (medians)."""
+    import torch
+
+    import loramix
+    from loramix.text import encode_prompts
+
+    torch.set_num_threads(threads)
+    root = Path(tempfile.mkdtemp(prefix="serve_vs_library_"))
+    checkpoint = library_checkpoint(root)
+    model = loramix.load(checkpoint)
+    served = Served(checkpoint, src, ["--max-batch", str(clients), "--max-queue", "4096"], threads)
+    prompts = LIBRARY_PROMPTS[:clients]
+
+    def library(batch: int) -> float:
+        ids, mask = encode_prompts(model.tokenizer, prompts[:batch])
+        start = time.perf_counter()
+        out = model.generate(ids, mask, max_new_tokens=new)
+        return out.new_tokens.numel() / (time.perf_counter() - start)
+
+    library(clients)  # warm up
+    rows: dict[str, list[float]] = {"library 1": [], f"library {clients}": [], "server 1": [], f"server {clients}": []}
+    try:
+        for _ in range(rounds):
+            rows["library 1"].append(library(1))
+            rows["server 1"].append(asyncio.run(_clients(served.url, prompts[:1], new)))
+            rows[f"library {clients}"].append(library(clients))
+            rows[f"server {clients}"].append(asyncio.run(_clients(served.url, prompts, new)))
+    finally:
+        served.close()
+    return {k: statistics.median(v) for k, v in rows.items()}
+
+
 # ---------------------------------------------------------------------- the random long-context checkpoint
 
 
@@ -309,7 +383,18 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="library: interleaved rounds (medians)")
     args = parser.parse_args()
+    if args.scenarios == ["library"]:  # the server against the library, in this process and its server
+        print(f"machine: {machine()}; torch threads {args.threads}; load average {os.getloadavg()}")
+        r = server_vs_library(SRC if args.today_src is None else args.today_src, args.threads, args.rounds)
+        one, many = r["library 1"], r["library 16"]
+        print("| | tokens/s | vs the library |\n|---|---|---|")
+        print(f"| library generate, batch 1 | {one:.1f} | |\n| library generate, batch 16 | {many:.1f} | |")
+        print(f"| serve, 1 client | {r['server 1']:.1f} | {r['server 1'] / one:.2f}x |")
+        print(f"| serve, 16 clients | {r['server 16']:.1f} | {r['server 16'] / many:.2f}x |")
+        print(f"load average after: {os.getloadavg()}")
+        return
     from loramix.demo import shipped_checkpoint
 
     servers = {"continuous": (SRC, ["--max-batch", str(args.max_batch), "--max-queue", "4096"])}

@@ -18,8 +18,10 @@
 
 Everything the step reads and writes is a tensor updated in place (the caches' write offsets included), so it has no
 host sync and no data-dependent branch: dynamo traces it whole (0 graph breaks) and it compiles once per (model, rows,
-columns, held or not); on CUDA with mode="reduce-overhead" (CUDA graphs). The step runs over the first k rows, k the
-power of two covering the highest occupied row (a padded row costs as much as a real one). Sampling (sampling.py)
+columns, held or not); on CUDA with mode="reduce-overhead" (CUDA graphs). The step runs over views of the first k
+rows, k the power of two covering the highest occupied row (a padded row costs as much as a real one), and the first
+c columns, c the bucket of SLOT_BUCKET covering the columns in use: a server allocates twice its longest request,
+but a step attends to what its rows hold (rows move left when the first ones leave). Sampling (sampling.py)
 follows the step on the device; the decoder reads nothing back: its caller reads each step's tokens when it needs
 them (the server every step, `generate` every few steps).
 
@@ -106,13 +108,14 @@ class DecodeBuffers:
     prepared: PreparedScalings
     held: bool = False
 
-    def first(self, k: int, cache: LoraMixCache, sizes: list[int]) -> DecodeBuffers:
-        """The buffers of the first k rows (views: same storage)."""
+    def first(self, k: int, c: int, cache: LoraMixCache, sizes: list[int]) -> DecodeBuffers:
+        """The buffers of the first k rows and c columns (views: same storage)."""
         rows = {
             f.name: getattr(self, f.name)[:k]
             for f in dataclasses.fields(self)
             if f.name not in ("column", "cache", "prepared", "held")
         }
+        rows["mask"] = rows["mask"][:, :c]
         prepared = PreparedScalings(rows["scalings"], rows["multipliers"], sizes=sizes)
         return DecodeBuffers(**rows, column=self.column, cache=cache, prepared=prepared)
 
@@ -317,10 +320,15 @@ class Decoder:
         return target
 
     def _roll(self, d: int) -> None:
+        """Move every row d columns along (right to make room for a longer prompt, left to keep the columns in use
+        few): the columns from the first row's start to the current one, in the caches and the mask."""
         if d == 0:
             return
-        self.slot_cache.roll(d)
-        self.buffers.mask.copy_(torch.roll(self.buffers.mask, d, 1))
+        lo = min(row.start for row in self.rows if row is not None)
+        self.slot_cache.move(lo, self.column, d)
+        mask = torch.zeros_like(self.buffers.mask)
+        mask[:, lo + d : self.column + d] = self.buffers.mask[:, lo : self.column]
+        self.buffers.mask.copy_(mask)
         for row in self.rows:
             if row is not None:
                 row.start += d
@@ -414,13 +422,23 @@ class Decoder:
 
     # ------------------------------------------------------------------ steps
 
-    def _view(self, k: int) -> DecodeBuffers:
-        if k == self.batch:
+    def _view(self, k: int, c: int) -> DecodeBuffers:
+        if (k, c) == (self.batch, self.slots):
             return self.buffers
-        view = self._views.get(k)
-        if view is None or view.cache is not self.slot_cache.rows(k):
-            view = self._views[k] = self.buffers.first(k, self.slot_cache.rows(k), self.model.rank_sizes)
+        cache = self.slot_cache.view(k, c)
+        view = self._views.get((k, c))
+        if view is None or view.cache is not cache:
+            view = self._views[(k, c)] = self.buffers.first(k, c, cache, self.model.rank_sizes)
         return view
+
+    def _columns(self, occupied: list[int]) -> int:
+        """How many columns the next step attends to: the bucket covering the columns in use (after moving every
+        row left when the first row's start has passed a bucket: rows that left free their columns)."""
+        if occupied:
+            lo = min(self.rows[i].start for i in occupied)
+            if lo > 0 and cache_slots(self.column + 1 - lo, None) < cache_slots(self.column + 1, None):
+                self._roll(-lo)
+        return min(self.slots, cache_slots(self.column + 1, None))
 
     @torch.no_grad()
     def step(self) -> Stepped:
@@ -428,15 +446,16 @@ class Decoder:
         chosen are fed at the next step. Nothing is read back to the host."""
         occupied = self.occupied
         k = min(self.batch, 1 << max(occupied).bit_length()) if occupied else self.batch
+        c = self._columns(occupied)
         if self._column_moved:
             self.buffers.column.fill_(self.column)
             self.slot_cache.set_column(self.column)
             self._column_moved = False
-        b = self._view(k)
+        b = self._view(k, c)
         b.held = all(self.rows[i].spec.held for i in occupied)
         sparse = False
         if self.backend is not None:
-            step = compiled_step(self.model, k, self.slots, b.held, self.backend)
+            step = compiled_step(self.model, k, c, b.held, self.backend)
         else:
             step, sparse = decode_step, self.model.use_sparse_top_k(1)
         logits, scalings = step(self.model, b, sparse) if sparse else step(self.model, b)

@@ -3,9 +3,10 @@ cache. The only code that knows how transformers lays out a cache (`layer.keys` 
 `cumulative_length`, lazy initialisation); decode.py asks it to write, move and view rows.
 
     write(rows, start, prompt)   a batch of prompts prefilled into DynamicCaches -> those rows, columns [start, +T)
-    roll(d)                      every row d columns along (attention reads a row's mask and positions, not columns)
+    move(lo, hi, d)              columns [lo, hi) of every row d columns along (attention reads a row's mask and
+                                 positions, not which columns hold it)
     set_column(c)                the column the next token of every row writes (both caches and the gate's)
-    rows(k)                      a LoraMixCache over the first k rows (views: same storage, same offsets)
+    view(k, c)                   a LoraMixCache over the first k rows and c columns (views: same storage, offsets)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from .base import LoraMixCache
+from .gate import GateCache
 
 __all__ = ["SlotCache", "static_cache_support"]
 
@@ -104,15 +106,17 @@ class SlotCache:
                 if t is not None:
                     t[row].zero_()
 
-    def roll(self, d: int) -> None:
-        """Move every row d columns along (no row may wrap around: the caller keeps them clear of the edge)."""
+    def move(self, lo: int, hi: int, d: int) -> None:
+        """Move columns [lo, hi) of every row d columns along (either way; the caller keeps them inside)."""
         for static, _ in self._kv():
             for layer in static.layers:
                 if layer.is_initialized:
-                    layer.keys.copy_(torch.roll(layer.keys, d, 2))
-                    layer.values.copy_(torch.roll(layer.values, d, 2))
-        if self.cache.gate is not None:
-            self.cache.gate.roll(d)
+                    for t in (layer.keys, layer.values):
+                        t[:, :, lo + d : hi + d] = t[:, :, lo:hi].clone()
+        gate = self.cache.gate
+        if gate is not None and gate.keys is not None:
+            for t in (gate.keys, gate.values):
+                t[:, lo + d : hi + d] = t[:, lo:hi].clone()
 
     def set_column(self, column: int) -> None:
         """The column every cache writes next (in place: a compiled step keeps reading the same tensors)."""
@@ -127,22 +131,27 @@ class SlotCache:
         """The gate cache's tensors (those a compiled step must see at fixed addresses; the KV layers mark theirs)."""
         return self.cache.gate.tensors() if self.cache.gate is not None else []
 
-    def rows(self, k: int) -> LoraMixCache:
-        """The caches of the first k rows (views of the same storage, sharing the write offsets)."""
-        if k == self.batch:
+    def view(self, k: int, c: int) -> LoraMixCache:
+        """The caches of the first k rows and c columns (views of the same storage, sharing the write offsets): a
+        step over them attends to c columns, not to all of them."""
+        if (k, c) == (self.batch, self.slots):
             return self.cache
-        view = self._views.get(k)
+        view = self._views.get((k, c))
         if view is None:
-            view = LoraMixCache(
-                scaling=_first_rows(self.cache.scaling, k),
-                mixed=_first_rows(self.cache.mixed, k),
-                gate=self.cache.gate.rows(k) if self.cache.gate is not None else None,
-            )
-            self._views[k] = view
+            gate = self.cache.gate
+            if gate is not None:
+                gate = GateCache(*(t[:k, :c] if t is not None and t.dim() == 3 else t[:k] if t is not None else None
+                                   for t in (gate.ema, gate.keys, gate.values)), gate.offset)
+            view = LoraMixCache(_part(self.cache.scaling, k, c), _part(self.cache.mixed, k, c), gate)
+            if not torch.compiler.is_compiling():
+                for t in _tensors(view):
+                    torch._dynamo.mark_static_address(t)
+            self._views[(k, c)] = view
         return view
 
 
-def _first_rows(cache: Any, k: int) -> Any:
+def _part(cache: Any, k: int, c: int) -> Any:
+    """A StaticCache over the first k rows and c columns of `cache` (views of its initialised layers)."""
     if cache is None:
         return None
     view = copy.copy(cache)
@@ -150,6 +159,16 @@ def _first_rows(cache: Any, k: int) -> Any:
     for layer in cache.layers:
         part = copy.copy(layer)
         if layer.is_initialized:
-            part.keys, part.values, part.batch_size = layer.keys[:k], layer.values[:k], k
+            part.keys, part.values = layer.keys[:k, :, :c], layer.values[:k, :, :c]
+            part.batch_size, part.max_cache_len = k, c
         view.layers.append(part)
     return view
+
+
+def _tensors(cache: LoraMixCache) -> list[torch.Tensor]:
+    out = [t for t in (cache.gate.ema, cache.gate.keys, cache.gate.values) if t is not None] if cache.gate else []
+    for static in (cache.scaling, cache.mixed):
+        for layer in static.layers if static is not None else ():
+            if layer.is_initialized:
+                out += [layer.keys, layer.values]
+    return out
