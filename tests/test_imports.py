@@ -1,5 +1,5 @@
 """The module graph: every module imports on its own, no module imports another in a circle (lazy imports inside
-functions count; imports under TYPE_CHECKING do not), and no module imports a private name from another."""
+functions and imports under TYPE_CHECKING count too), and no module imports a private name from another."""
 
 import ast
 import subprocess
@@ -21,16 +21,13 @@ def _modules() -> dict[str, Path]:
 
 
 def _imports(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[str, str]]:
-    """(module imported, name imported) for every runtime `from ... import` of a loramix module in `path`."""
+    """(module imported, name imported) for every `from ... import` of a loramix module in `path`: at the top, inside
+    functions (lazy) and under TYPE_CHECKING alike."""
     tree = ast.parse(path.read_text())
-    typing_only = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
-            typing_only.update(id(n) for statement in node.body for n in ast.walk(statement))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = []
     for node in ast.walk(tree):
-        if not isinstance(node, ast.ImportFrom) or id(node) in typing_only:
+        if not isinstance(node, ast.ImportFrom):
             continue
         if node.level:
             base = package.split(".")[: len(package.split(".")) - node.level + 1]

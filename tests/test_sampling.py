@@ -46,7 +46,12 @@ def test_penalties_and_bias_as_computed_by_hand():
     sampler.record([0, 1, 2, 3], torch.tensor([1, 1, 1, 2]))
     sampler.record([0, 1, 2, 3], torch.tensor([1, 2, 1, 2]))
     logits = torch.tensor(
-        [[0.0, 1.2, 0.5, 0.0, 0.0, 0.0], [0.0, 3.0, -1.0, 0.0, 2.0, 1.6], [0, 0, 0, 9.0, 0, 0], [-9, -9, -1.0, -9, -9, -1.5]]
+        [
+            [0.0, 1.2, 0.5, 0.0, 0.0, 0.0],
+            [0.0, 3.0, -1.0, 0.0, 2.0, 1.6],
+            [0, 0, 0, 9.0, 0, 0],
+            [-9, -9, -1.0, -9, -9, -1.5],
+        ]
     )
     # row 0: token 1 seen twice: 1.2 - 0.5 - 0.5 = 0.2 < 0.5 -> token 2
     # row 1: 3.0 / 2 = 1.5 (generated), 2.0 / 2 = 1.0 (prompt), -1 * 2 (generated) -> token 5 (1.6)
