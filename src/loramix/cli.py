@@ -287,11 +287,17 @@ def generate(
 
 
 def _parse_experts(values: list[str]) -> dict[str, str]:
+    """NAME=ADAPTER_DIR options as {name: dir}; a name given twice is a usage error (a dict would keep the last)."""
     experts: dict[str, str] = {}
     for value in values:
         name, sep, path = value.partition("=")
         if not sep or not name or not path:
             raise typer.BadParameter(f"{value!r}: expected NAME=ADAPTER_DIR", param_hint="--expert")
+        if name in experts:
+            raise typer.BadParameter(
+                f"expert name {name!r} is given twice ({experts[name]} and {path}); give each expert a unique name",
+                param_hint="--expert",
+            )
         experts[name] = path
     return experts
 
@@ -477,9 +483,10 @@ def mix_cmd(
         raise typer.BadParameter(
             "an MLP gate must be trained: use 'loramix train-gate', or --router arrow here", param_hint="--router"
         )
+    experts = _parse_experts(expert)
     check_replaceable(out, marker=CONFIG_NAME, owned=CHECKPOINT_FILES, what="--out")  # before loading anything
     with err_console.status("building the mixture"):
-        model = from_pretrained(base, _parse_experts(expert), dataclasses.replace(mix, gate=gate))
+        model = from_pretrained(base, experts, dataclasses.replace(mix, gate=gate))
         path = model.save(out, include_base=include_base)
     console.print(f"[green]saved[/green] {path}: {model.n_experts} experts over {model.n_layers} adapted layers, "
                   f"router {gate.router} (top-k {gate.top_k or model.n_experts}, temperature {gate.temperature})")
