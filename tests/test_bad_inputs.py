@@ -122,7 +122,13 @@ CHECKPOINT_CASES = [
         "malformed gate field",
         lambda d: _edit_json(d / "loramix_config.json", lambda m: m["mix_config"]["gate"].update(temperature="hot")),
         CheckpointError,
-        r"gate\.temperature='hot' must be a number > 0",
+        r"gate\.temperature='hot' must be a number >= 0\.001",
+    ),
+    (
+        "gate temperature that underflows the softmax",
+        lambda d: _edit_json(d / "loramix_config.json", lambda m: m["mix_config"]["gate"].update(temperature=1e-300)),
+        CheckpointError,
+        r"loramix_config\.json: gate\.temperature=1e-300 must be a number >= 0\.001",
     ),
     (
         "config not JSON",
@@ -640,6 +646,12 @@ def test_cli_bad_arguments_give_one_line(good, llama_dir, tmp_path, monkeypatch,
          "only --scaling-layer and --trainable-experts can"),
         (2, ["train-gate", "--base", llama_dir, "-e", f"a={llama_dir}", "--data", data, "-o", tmp_path / "e",
              "--lr", "0"], "Invalid value for --lr: learning_rate=0.0 must be > 0"),
+        (2, ["train-gate", "--base", llama_dir, "-e", f"a={llama_dir}", "-e", f"a={afile}", "--data", data,
+             "-o", tmp_path / "e"], "Invalid value for --expert: expert name 'a' is given twice"),
+        (2, ["mix", "--base", llama_dir, "-e", f"a={llama_dir}", "-e", f"a={afile}", "-o", tmp_path / "e"],
+         "Invalid value for --expert: expert name 'a' is given twice"),
+        (2, ["mix", "--base", llama_dir, "-e", f"a={llama_dir}", "-o", tmp_path / "e", "--temperature", "1e-300"],
+         "Invalid value for --temperature: gate.temperature=1e-300 must be a number >= 0.001"),
     ]
     for code, args, message in cases:
         got, lines = _main(monkeypatch, capsys, *args)
