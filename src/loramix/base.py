@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 quiet_backend_noise()  # before transformers imports torchao (it does whenever torchao is installed)
 
 __all__ = [
+    "DTYPES",
     "LoraMixCache",
     "check_device",
     "load_base_model",
@@ -30,6 +31,16 @@ __all__ = [
     "new_dynamic_cache",
     "text_config",
 ]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+"""The dtype names the command line and the lm-eval model accept (`--dtype`, `dtype=`)."""
 
 
 @dataclass

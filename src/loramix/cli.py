@@ -131,16 +131,8 @@ _BASE = typer.Option(
 def _dtype(name: str | None) -> Any:
     if name is None:
         return None
-    import torch
+    from .base import DTYPES as table
 
-    table = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
     if name not in table:
         raise typer.BadParameter(f"unknown dtype {name!r}; expected one of {', '.join(table)}", param_hint="--dtype")
     return table[name]
