@@ -163,6 +163,43 @@ CHECKPOINT_CASES = [
         r"layers\[1\] .* finite numeric scales",
     ),
     (
+        "negative scale",
+        lambda d: _edit_json(d / "loramix_config.json", lambda m: m["layers"][0]["scales"].__setitem__(0, -2.0)),
+        CheckpointError,
+        r"layers\[0\] \('model\.layers\.0\.self_attn\.q_proj'\): scales\[0\]=-2\.0 must be in \(0, 65504\]",
+    ),
+    (
+        "scale of 1e30",
+        lambda d: _edit_json(d / "loramix_config.json", lambda m: m["layers"][0]["scales"].__setitem__(1, 1e30)),
+        CheckpointError,
+        r"layers\[0\] \('model\.layers\.0\.self_attn\.q_proj'\): scales\[1\]=1e\+30 must be in \(0, 65504\]",
+    ),
+    (
+        "adapter_config rank that disagrees with the tensors",
+        lambda d: _edit_json(d / "loramix_config.json", lambda m: m["experts"][0]["adapter_config"].update(r=8)),
+        CheckpointError,
+        r"experts\[0\] \('protein'\): its adapter_config gives rank 8 at 'model\.layers\.0\.self_attn\.q_proj', "
+        r"but its tensors there have rank 4",
+    ),
+    (
+        "adapter_config alpha that disagrees with the scales",
+        lambda d: _edit_json(
+            d / "loramix_config.json", lambda m: m["experts"][0]["adapter_config"].update(lora_alpha=80)
+        ),
+        CheckpointError,
+        r"experts\[0\] \('protein'\): its adapter_config gives the scale 20\.0 \(lora_alpha / r\) at "
+        r"'model\.layers\.0\.self_attn\.q_proj', but layers\[0\] records 2\.0",
+    ),
+    (
+        "adapter_config targets that disagree with the tensors",
+        lambda d: _edit_json(
+            d / "loramix_config.json", lambda m: m["experts"][2]["adapter_config"].update(target_modules=["q_proj"])
+        ),
+        CheckpointError,
+        r"experts\[2\] \('qa'\): has tensors at 'model\.layers\.0\.self_attn\.v_proj', which its adapter_config "
+        r"target_modules \['q_proj'\] does not match",
+    ),
+    (
         "expert name that is not a string",
         lambda d: _edit_json(d / "loramix_config.json", lambda m: m["experts"][0].update(name=7)),
         CheckpointError,
@@ -244,6 +281,12 @@ ADAPTER_CASES = [
         lambda d: _edit_json(d / "adapter_config.json", lambda c: c.update(alpha_pattern={"q_proj": float("nan")})),
         AdapterError,
         r"field 'alpha_pattern'\['q_proj'\]=nan must be a finite number > 0",
+    ),
+    (
+        "alpha of 1e30",
+        lambda d: _edit_json(d / "adapter_config.json", lambda c: c.update(lora_alpha=1e30)),
+        AdapterError,
+        r"expert 'x' .*: module '.*' has the scale 2\.5e\+29 \(lora_alpha / r\); expected at most 65504",
     ),
     (
         "NaN in an adapter weight",
