@@ -753,6 +753,18 @@ def test_unreadable_files_say_permission_denied(good, tmp_path, monkeypatch):
         ("max_tokens", True, "max_tokens: Input should be a valid integer"),
         ("loramix", {"repetition_penalty": float("inf")}, "repetition_penalty: Input should be a finite number"),
         ("temperature", float("nan"), "temperature: Input should be a finite number"),
+        ("model", "\ud800", "model: Value error, holds the lone surrogate U+D800 at character 0"),
+        ("logit_bias", {"\u00b2": 1}, "logit_bias: Value error, keys must be token ids written as ASCII digits"),
+        ("logit_bias", {"\u0663": 1}, "keys must be token ids written as ASCII digits without leading zeros"),
+        ("logit_bias", {"000000000003": 1}, "got '000000000003'"),
+        ("logit_bias", {"7" * 5000: 1}, "keys must be token ids written as ASCII digits"),
+        ("logit_bias", {"\ud800": "x"}, "Input should be a valid number"),
+        ("logit_bias", {"3": float("inf")}, "Input should be a finite number"),
+        ("logit_bias", {"3": 101}, "Input should be less than or equal to 100"),
+        ("presence_penalty", 2.5, "presence_penalty: Input should be less than or equal to 2"),
+        ("frequency_penalty", float("-inf"), "frequency_penalty: Input should be a finite number"),
+        ("loramix", {"repetition_penalty": 1e-300}, "repetition_penalty: Input should be greater than or equal to 0.0"),
+        ("loramix", {"repetition_penalty": 1e6}, "repetition_penalty: Input should be less than or equal to 100"),
     ],
 )
 def test_server_refuses_bad_fields_with_400(good, field, value, message):

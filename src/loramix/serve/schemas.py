@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -31,6 +32,13 @@ TokenIds = list[Annotated[int, Field(strict=True, ge=0)]]
 """A prompt given as token ids."""
 MAX_CHOICES = 16
 """The most choices one request may ask for (prompts x n)."""
+REPETITION_PENALTY = (0.01, 100.0)
+"""The range of `loramix.repetition_penalty`. The penalty divides positive logits and multiplies negative ones, so
+1e-300 turns a logit of 1 into Inf and the probabilities into NaN; within [0.01, 100] a logit of magnitude up to 655
+stays finite even in float16 (65504), and no useful penalty lies outside (transformers' docs suggest 1.0 to 1.2)."""
+TOKEN_ID_KEY = re.compile(r"0|[1-9][0-9]{0,17}")
+"""A logit_bias key: a token id as canonical ASCII digits ("3"; not "03", "٣" or "²"), at most 18 of them (any id
+beyond fits no vocabulary; the vocabulary size is checked when the request is served)."""
 
 
 class LoramixOptions(BaseModel):
@@ -44,7 +52,8 @@ class LoramixOptions(BaseModel):
     """Scalings in the response: per generated token [n][L][N], per layer [L][N] (mean over the generated tokens), or
     per expert [N] (mean over tokens and layers)."""
     top_k: Count = Field(0, ge=0)
-    repetition_penalty: Real = Field(1.0, gt=0)
+    repetition_penalty: Real = Field(1.0, ge=REPETITION_PENALTY[0], le=REPETITION_PENALTY[1])
+    """transformers' repetition penalty (> 1 discourages repeats), in [0.01, 100] (`REPETITION_PENALTY`)."""
 
 
 class StreamOptions(BaseModel):
@@ -56,7 +65,7 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    model: Text
     max_tokens: Count | None = Field(None, ge=0)
     max_completion_tokens: Count | None = Field(None, ge=0)
     temperature: Real = Field(1.0, ge=0, le=2)
@@ -96,8 +105,12 @@ class _Sampling(BaseModel):
     @classmethod
     def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key in value or {}:
-            if not key.isdigit():
-                raise ValueError(f"keys must be token ids (decimal integers as strings); got {key!r}")
+            if not TOKEN_ID_KEY.fullmatch(key):
+                shown = repr(key) if len(key) <= 24 else f"{key[:12]!r}... ({len(key)} characters)"
+                raise ValueError(
+                    f"keys must be token ids written as ASCII digits without leading zeros, at most 18 (e.g. \"42\"); "
+                    f"got {shown}"
+                )
         return value
 
     def unsupported(self) -> tuple[str, str] | None:
