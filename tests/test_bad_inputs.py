@@ -778,3 +778,28 @@ def test_server_refuses_bad_fields_with_400(good, field, value, message):
         response = client.post("/v1/completions", content=json.dumps(body), headers=headers)
     assert response.status_code == 400, response.text
     assert message in response.json()["error"]["message"]
+
+
+def test_a_missing_quantization_backend_is_one_line_naming_the_extra(good, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # as if torchao were not installed
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    code, lines = _main(monkeypatch, capsys, "generate", good["ckpt"], "-p", "x", "--quantize", "int8")
+    assert (code, len(lines)) == (1, 1), lines
+    assert lines[0] == (
+        "error: quantize=int8 needs the 'torchao' package, which is not installed: pip install 'loramix[quant]'"
+    )
+
+
+def test_a_library_that_fails_to_import_is_one_line(tmp_path, monkeypatch, capsys):
+    from loramix import cli
+
+    def broken(path):  # what transformers raises when an installed backend (torchao) is broken inside
+        raise ImportError("cannot import name '_C' from partially initialized module 'torchao'")
+
+    monkeypatch.setattr(cli, "_read_checkpoint_meta", broken)
+    code, lines = _main(monkeypatch, capsys, "info", tmp_path)
+    assert (code, len(lines)) == (1, 1), lines
+    assert lines[0].startswith("error: a library failed to import (ImportError: cannot import name '_C' from "), lines
+    monkeypatch.setattr(sys, "argv", ["loramix", "--debug", "info", str(tmp_path)])
+    with pytest.raises(ImportError):  # --debug: the exception itself, with its traceback
+        cli.main()

@@ -11,6 +11,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import LoramixError
@@ -877,7 +878,7 @@ def main() -> None:
         if session.debug:
             raise
         hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-        err_console.print(f"[red]error:[/red] {exc.format_message()}{hint}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(exc.format_message() + hint)}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except typer.Abort:
         err_console.print("[red]interrupted[/red]")
@@ -886,7 +887,14 @@ def main() -> None:
         if session.debug:
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except ImportError as exc:  # an installed library that fails to import (a broken backend under transformers)
+        if session.debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
+        message = f"a library failed to import ({type(exc).__name__}: {first}); reinstall it, or run with --debug"
+        err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("[red]interrupted[/red]")
