@@ -495,18 +495,30 @@ def test_training_refuses_an_output_directory_before_the_first_step(good, llama_
 
 
 def test_output_directories_respect_the_umask_and_stale_temporaries_are_cleaned(good, tmp_path):
+    from loramix.interop.peft import write_peft_experts
+
     mix = loramix.load(good["ckpt"])
     stale = tmp_path / ".ckpt.tmp-999999999-deadbeef"  # left by a killed save (no such process)
     live = tmp_path / f".ckpt.tmp-{os.getpid()}-cafecafe"  # a save in progress (this process is alive)
-    stale.mkdir()
-    live.mkdir()
+    # a save killed between its two renames leaves the previous directory renamed aside
+    stale_old = tmp_path / ".ckpt.old-999999999-deadbeef"
+    legacy_old = tmp_path / ".ckpt.old-0badcafe"  # named so by earlier versions, without the process id
+    live_old = tmp_path / f".ckpt.old-{os.getpid()}-cafecafe"
+    for folder in (stale, live, stale_old, legacy_old, live_old):
+        folder.mkdir()
     old = os.umask(0o022)
     try:
         mix.save(tmp_path / "ckpt")
+        write_peft_experts(mix, tmp_path / "adapters")
     finally:
         os.umask(old)
     assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o755
     assert not stale.exists() and live.exists()
+    assert not stale_old.exists() and not legacy_old.exists() and live_old.exists()
+    files = [*(tmp_path / "ckpt").rglob("*"), *(tmp_path / "adapters").rglob("*")]
+    modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in files if p.is_file()}
+    assert "ckpt/experts.safetensors" in modes and "adapters/0/adapter_model.safetensors" in modes
+    assert {name: mode for name, mode in modes.items() if mode != "0o644"} == {}  # safetensors files were 0600
 
 
 def test_an_interrupted_analysis_leaves_nothing(good, tmp_path, monkeypatch):
