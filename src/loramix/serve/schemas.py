@@ -108,7 +108,7 @@ class _Sampling(BaseModel):
             if not TOKEN_ID_KEY.fullmatch(key):
                 shown = repr(key) if len(key) <= 24 else f"{key[:12]!r}... ({len(key)} characters)"
                 raise ValueError(
-                    f"keys must be token ids written as ASCII digits without leading zeros, at most 18 (e.g. \"42\"); "
+                    f'keys must be token ids written as ASCII digits without leading zeros, at most 18 (e.g. "42"); '
                     f"got {shown}"
                 )
         return value
