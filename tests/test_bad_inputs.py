@@ -122,7 +122,13 @@ CHECKPOINT_CASES = [
         "malformed gate field",
         lambda d: _edit_json(d / "loramix_config.json", lambda m: m["mix_config"]["gate"].update(temperature="hot")),
         CheckpointError,
-        r"gate\.temperature='hot' must be a number > 0",
+        r"gate\.temperature='hot' must be a number >= 0\.001",
+    ),
+    (
+        "gate temperature that underflows the softmax",
+        lambda d: _edit_json(d / "loramix_config.json", lambda m: m["mix_config"]["gate"].update(temperature=1e-300)),
+        CheckpointError,
+        r"loramix_config\.json: gate\.temperature=1e-300 must be a number >= 0\.001",
     ),
     (
         "config not JSON",
@@ -155,6 +161,43 @@ CHECKPOINT_CASES = [
         lambda d: _edit_json(d / "loramix_config.json", lambda m: m["layers"][1].update(scales=[float("nan"), 1, 1])),
         CheckpointError,
         r"layers\[1\] .* finite numeric scales",
+    ),
+    (
+        "negative scale",
+        lambda d: _edit_json(d / "loramix_config.json", lambda m: m["layers"][0]["scales"].__setitem__(0, -2.0)),
+        CheckpointError,
+        r"layers\[0\] \('model\.layers\.0\.self_attn\.q_proj'\): scales\[0\]=-2\.0 must be in \(0, 65504\]",
+    ),
+    (
+        "scale of 1e30",
+        lambda d: _edit_json(d / "loramix_config.json", lambda m: m["layers"][0]["scales"].__setitem__(1, 1e30)),
+        CheckpointError,
+        r"layers\[0\] \('model\.layers\.0\.self_attn\.q_proj'\): scales\[1\]=1e\+30 must be in \(0, 65504\]",
+    ),
+    (
+        "adapter_config rank that disagrees with the tensors",
+        lambda d: _edit_json(d / "loramix_config.json", lambda m: m["experts"][0]["adapter_config"].update(r=8)),
+        CheckpointError,
+        r"experts\[0\] \('protein'\): its adapter_config gives rank 8 at 'model\.layers\.0\.self_attn\.q_proj', "
+        r"but its tensors there have rank 4",
+    ),
+    (
+        "adapter_config alpha that disagrees with the scales",
+        lambda d: _edit_json(
+            d / "loramix_config.json", lambda m: m["experts"][0]["adapter_config"].update(lora_alpha=80)
+        ),
+        CheckpointError,
+        r"experts\[0\] \('protein'\): its adapter_config gives the scale 20\.0 \(lora_alpha / r\) at "
+        r"'model\.layers\.0\.self_attn\.q_proj', but layers\[0\] records 2\.0",
+    ),
+    (
+        "adapter_config targets that disagree with the tensors",
+        lambda d: _edit_json(
+            d / "loramix_config.json", lambda m: m["experts"][2]["adapter_config"].update(target_modules=["q_proj"])
+        ),
+        CheckpointError,
+        r"experts\[2\] \('qa'\): has tensors at 'model\.layers\.0\.self_attn\.v_proj', which its adapter_config "
+        r"target_modules \['q_proj'\] does not match",
     ),
     (
         "expert name that is not a string",
@@ -238,6 +281,12 @@ ADAPTER_CASES = [
         lambda d: _edit_json(d / "adapter_config.json", lambda c: c.update(alpha_pattern={"q_proj": float("nan")})),
         AdapterError,
         r"field 'alpha_pattern'\['q_proj'\]=nan must be a finite number > 0",
+    ),
+    (
+        "alpha of 1e30",
+        lambda d: _edit_json(d / "adapter_config.json", lambda c: c.update(lora_alpha=1e30)),
+        AdapterError,
+        r"expert 'x' .*: module '.*' has the scale 2\.5e\+29 \(lora_alpha / r\); expected at most 65504",
     ),
     (
         "NaN in an adapter weight",
@@ -446,18 +495,30 @@ def test_training_refuses_an_output_directory_before_the_first_step(good, llama_
 
 
 def test_output_directories_respect_the_umask_and_stale_temporaries_are_cleaned(good, tmp_path):
+    from loramix.interop.peft import write_peft_experts
+
     mix = loramix.load(good["ckpt"])
     stale = tmp_path / ".ckpt.tmp-999999999-deadbeef"  # left by a killed save (no such process)
     live = tmp_path / f".ckpt.tmp-{os.getpid()}-cafecafe"  # a save in progress (this process is alive)
-    stale.mkdir()
-    live.mkdir()
+    # a save killed between its two renames leaves the previous directory renamed aside
+    stale_old = tmp_path / ".ckpt.old-999999999-deadbeef"
+    legacy_old = tmp_path / ".ckpt.old-0badcafe"  # named so by earlier versions, without the process id
+    live_old = tmp_path / f".ckpt.old-{os.getpid()}-cafecafe"
+    for folder in (stale, live, stale_old, legacy_old, live_old):
+        folder.mkdir()
     old = os.umask(0o022)
     try:
         mix.save(tmp_path / "ckpt")
+        write_peft_experts(mix, tmp_path / "adapters")
     finally:
         os.umask(old)
     assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o755
     assert not stale.exists() and live.exists()
+    assert not stale_old.exists() and not legacy_old.exists() and live_old.exists()
+    files = [*(tmp_path / "ckpt").rglob("*"), *(tmp_path / "adapters").rglob("*")]
+    modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in files if p.is_file()}
+    assert "ckpt/experts.safetensors" in modes and "adapters/0/adapter_model.safetensors" in modes
+    assert {name: mode for name, mode in modes.items() if mode != "0o644"} == {}  # safetensors files were 0600
 
 
 def test_an_interrupted_analysis_leaves_nothing(good, tmp_path, monkeypatch):
@@ -640,6 +701,12 @@ def test_cli_bad_arguments_give_one_line(good, llama_dir, tmp_path, monkeypatch,
          "only --scaling-layer and --trainable-experts can"),
         (2, ["train-gate", "--base", llama_dir, "-e", f"a={llama_dir}", "--data", data, "-o", tmp_path / "e",
              "--lr", "0"], "Invalid value for --lr: learning_rate=0.0 must be > 0"),
+        (2, ["train-gate", "--base", llama_dir, "-e", f"a={llama_dir}", "-e", f"a={afile}", "--data", data,
+             "-o", tmp_path / "e"], "Invalid value for --expert: expert name 'a' is given twice"),
+        (2, ["mix", "--base", llama_dir, "-e", f"a={llama_dir}", "-e", f"a={afile}", "-o", tmp_path / "e"],
+         "Invalid value for --expert: expert name 'a' is given twice"),
+        (2, ["mix", "--base", llama_dir, "-e", f"a={llama_dir}", "-o", tmp_path / "e", "--temperature", "1e-300"],
+         "Invalid value for --temperature: gate.temperature=1e-300 must be a number >= 0.001"),
     ]
     for code, args, message in cases:
         got, lines = _main(monkeypatch, capsys, *args)
@@ -698,6 +765,18 @@ def test_unreadable_files_say_permission_denied(good, tmp_path, monkeypatch):
         ("max_tokens", True, "max_tokens: Input should be a valid integer"),
         ("loramix", {"repetition_penalty": float("inf")}, "repetition_penalty: Input should be a finite number"),
         ("temperature", float("nan"), "temperature: Input should be a finite number"),
+        ("model", "\ud800", "model: Value error, holds the lone surrogate U+D800 at character 0"),
+        ("logit_bias", {"\u00b2": 1}, "logit_bias: Value error, keys must be token ids written as ASCII digits"),
+        ("logit_bias", {"\u0663": 1}, "keys must be token ids written as ASCII digits without leading zeros"),
+        ("logit_bias", {"000000000003": 1}, "got '000000000003'"),
+        ("logit_bias", {"7" * 5000: 1}, "keys must be token ids written as ASCII digits"),
+        ("logit_bias", {"\ud800": "x"}, "Input should be a valid number"),
+        ("logit_bias", {"3": float("inf")}, "Input should be a finite number"),
+        ("logit_bias", {"3": 101}, "Input should be less than or equal to 100"),
+        ("presence_penalty", 2.5, "presence_penalty: Input should be less than or equal to 2"),
+        ("frequency_penalty", float("-inf"), "frequency_penalty: Input should be a finite number"),
+        ("loramix", {"repetition_penalty": 1e-300}, "repetition_penalty: Input should be greater than or equal to 0.0"),
+        ("loramix", {"repetition_penalty": 1e6}, "repetition_penalty: Input should be less than or equal to 100"),
     ],
 )
 def test_server_refuses_bad_fields_with_400(good, field, value, message):
@@ -711,3 +790,28 @@ def test_server_refuses_bad_fields_with_400(good, field, value, message):
         response = client.post("/v1/completions", content=json.dumps(body), headers=headers)
     assert response.status_code == 400, response.text
     assert message in response.json()["error"]["message"]
+
+
+def test_a_missing_quantization_backend_is_one_line_naming_the_extra(good, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # as if torchao were not installed
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    code, lines = _main(monkeypatch, capsys, "generate", good["ckpt"], "-p", "x", "--quantize", "int8")
+    assert (code, len(lines)) == (1, 1), lines
+    assert lines[0] == (
+        "error: quantize=int8 needs the 'torchao' package, which is not installed: pip install 'loramix[quant]'"
+    )
+
+
+def test_a_library_that_fails_to_import_is_one_line(tmp_path, monkeypatch, capsys):
+    from loramix import cli
+
+    def broken(path):  # what transformers raises when an installed backend (torchao) is broken inside
+        raise ImportError("cannot import name '_C' from partially initialized module 'torchao'")
+
+    monkeypatch.setattr(cli, "_read_checkpoint_meta", broken)
+    code, lines = _main(monkeypatch, capsys, "info", tmp_path)
+    assert (code, len(lines)) == (1, 1), lines
+    assert lines[0].startswith("error: a library failed to import (ImportError: cannot import name '_C' from "), lines
+    monkeypatch.setattr(sys, "argv", ["loramix", "--debug", "info", str(tmp_path)])
+    with pytest.raises(ImportError):  # --debug: the exception itself, with its traceback
+        cli.main()

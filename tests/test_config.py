@@ -35,6 +35,8 @@ def test_defaults_match_peft_xlora_config():
         ({"dropout": -0.1}, "gate.dropout"),
         ({"temperature": 0}, "gate.temperature"),
         ({"temperature": float("nan")}, "gate.temperature"),
+        ({"temperature": 1e-300}, "gate.temperature=1e-300 must be a number >= 0.001"),
+        ({"temperature": 9e-4}, "gate.temperature"),
         ({"top_k": 0}, "gate.top_k"),
         ({"top_k": 1.5}, "gate.top_k"),
         ({"topk_softmax": True}, "gate.topk_softmax"),
@@ -50,6 +52,7 @@ def test_gate_config_rejects_bad_values_naming_the_field(kwargs, field):
 def test_gate_config_bounds_are_inclusive():
     for kwargs in ({"depth": 1}, {"depth": 64}, {"width": 1}, {"width": 131072}, {"top_k": 1}, {"dropout": 0.0}):
         GateConfig(**kwargs)  # the edges are valid
+    GateConfig(temperature=1e-3)  # MIN_TEMPERATURE
     for kwargs in ({"depth": 65}, {"width": 131073}):
         with pytest.raises(ConfigError):
             GateConfig(**kwargs)

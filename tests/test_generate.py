@@ -280,3 +280,14 @@ def test_repetition_penalty_matches_transformers(llama_dir, llama_experts):
                                         eos_token_id=None, min_new_tokens=12)
         assert ours.sequences.tolist() == theirs.tolist(), penalty
 
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_non_finite_scalings_raise_instead_of_returning_padding(llama_dir, llama_experts, use_cache):
+    from loramix import LoramixError
+
+    mix = _mix(llama_dir, llama_experts)
+    with torch.no_grad():
+        mix.gate.last.bias.fill_(float("nan"))  # e.g. a gate that overflowed: NaN scalings for every token
+    with pytest.raises(LoramixError, match=r"non-finite logits or scalings by step 1 \(rows \[0\]\)"):
+        mix.generate(PROMPT, max_new_tokens=4, eos_token_id=[], use_cache=use_cache)

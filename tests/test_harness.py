@@ -156,3 +156,40 @@ def test_lm_eval_native_and_through_the_server_agree(tasks, demo, tmp_path):
             assert float(a) == pytest.approx(float(b), abs=1e-4) and str(greedy_a) == str(greedy_b)
     answers = [s["resps"][0][0] for s in _samples(native, "demo_qa")]
     assert answers == [s["resps"][0][0] for s in sorted(api["samples"]["demo_qa"], key=lambda s: s["doc_id"])]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ("bogus_key=1", "unknown model_args ['bogus_key']; known: "),
+        ("mod=prompt", "unknown model_args ['mod']; known: "),
+        ("quantize=fp3", "quantize='fp3': expected one of int8, int4, nf4 or none"),
+        ("batch_size=-3", "batch_size=-3 must be an integer >= 1 or 'auto'"),
+        ("batch_size=many", "batch_size='many' must be an integer >= 1 or 'auto'"),
+        ("dtype=float7", "dtype='float7': expected one of float32, fp32, bfloat16, bf16, float16, fp16"),
+        ("max_length=0", "max_length=0 must be an integer >= 1"),
+    ],
+)
+def test_native_model_args_are_checked(args, message):
+    from loramix.harness import LoramixLM
+
+    with pytest.raises(loramix.ConfigError) as error:
+        # as lm-eval builds the model from --model_args, with its own batch_size / max_batch_size / device
+        LoramixLM.create_from_arg_string(f"checkpoint={shipped_checkpoint()},{args}", {"device": "cpu"})
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_native_model_errors_are_one_line(monkeypatch, capsys):
+    import lm_eval.__main__
+
+    from loramix import harness
+
+    def evaluate():  # lm-eval's command line, as far as building the model from --model_args
+        harness.LoramixLM.create_from_arg_string(f"checkpoint={shipped_checkpoint()},bogus_key=1", {"batch_size": 1})
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", evaluate)
+    with pytest.raises(SystemExit) as exit_:
+        harness.main()
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert exit_.value.code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("error: unknown model_args ['bogus_key']; known: base, batch_size, checkpoint")

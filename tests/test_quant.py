@@ -289,3 +289,20 @@ def test_cli_train_gate_over_a_quantized_base(qworld, tmp_path):
     assert result.returncode == 0, result.stderr
     meta = json.loads((tmp_path / "ckpt" / "loramix_config.json").read_text())
     assert meta["base"]["quantization"]["name"] == "int8"
+
+
+def test_a_missing_backend_and_a_broken_one_are_told_apart(tmp_path, monkeypatch):
+    from loramix.quant import _need
+
+    missing = r"needs the 'loramix_no_such_backend' package, which is not installed: pip install 'loramix\[quant\]'"
+    with pytest.raises(ConfigError, match=missing):
+        _need("loramix_no_such_backend.quantization", "quantize=int8")
+    broken = tmp_path / "loramix_broken_backend"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("from torch import _no_such_name  # a backend built for another torch\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError) as error:
+        _need("loramix_broken_backend", "quantize=int8")
+    message = str(error.value)
+    assert "the 'loramix_broken_backend' package is installed but importing it fails" in message, message
+    assert "cannot import name '_no_such_name' from 'torch'" in message and "\n" not in message

@@ -1,5 +1,6 @@
 """The OpenAI-compatible server, with the official openai client and raw httpx, on a free loopback port."""
 
+import json
 import socket
 import threading
 import time
@@ -216,8 +217,21 @@ def test_api_key(mix):
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         assert httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert httpx.get(srv.url + "/health").status_code == 200
+        assert httpx.get(srv.url + "/metrics").status_code == 200
+        # everything else needs the key too: the API's description, and paths that do not exist
+        assert httpx.get(srv.url + "/openapi.json").status_code == 401
+        assert httpx.get(srv.url + "/openapi.json", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(srv.url + "/nothing").status_code == 401
     finally:
         srv.stop()
+
+
+def test_error_messages_with_a_lone_surrogate_are_sent_escaped():
+    from loramix.serve.app import ApiError
+
+    response = ApiError(404, "model '\ud800' does not exist").response()
+    assert response.status_code == 404
+    assert json.loads(response.body)["error"]["message"] == "model '\\ud800' does not exist"
 
 
 def test_scalings_per_token_and_expert(client, mix):

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 quiet_backend_noise()  # before transformers imports torchao (it does whenever torchao is installed)
 
 __all__ = [
+    "DTYPES",
     "GenerationDefaults",
     "LoraMixCache",
     "check_device",
@@ -33,6 +34,16 @@ __all__ = [
     "resolve_defaults",
     "text_config",
 ]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+"""The dtype names the command line and the lm-eval model accept (`--dtype`, `dtype=`)."""
 
 
 @dataclass

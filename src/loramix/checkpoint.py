@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +27,21 @@ from torch import nn
 from .base import text_config
 from .config import is_number
 from .errors import BaseModelMismatchError, CheckpointError
-from .experts import ExpertInfo
+from .experts import MAX_SCALE, ExpertInfo, module_rank, module_scale, scale_rule, targets_module
 from .io import atomic_directory, check_finite, save_tensors, write_json
 from .quant import dense_weight, describe_quantization
 from .version import __version__
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["base_fingerprint", "check_fingerprint", "expert_infos", "layer_table", "save_checkpoint"]
+__all__ = [
+    "base_fingerprint",
+    "check_expert_configs",
+    "check_fingerprint",
+    "expert_infos",
+    "layer_table",
+    "save_checkpoint",
+]
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "loramix_config.json"
@@ -260,5 +268,47 @@ def layer_table(meta: dict[str, Any], where: Path, n_experts: int) -> list[tuple
                 f"{where}: layers[{i}] ('{module}') needs a module path and {n_experts} non-negative integer ranks "
                 f"and {n_experts} finite numeric scales"
             )
+        for e, (rank, scale) in enumerate(zip(ranks, scales)):
+            if not (0 < scale <= MAX_SCALE or (rank == 0 and scale == 0)):
+                raise CheckpointError(
+                    f"{where}: layers[{i}] ('{module}'): scales[{e}]={float(scale)!r} must be in (0, {MAX_SCALE:g}] "
+                    "(alpha / r of the expert; 0 where its rank is 0)"
+                )
         out.append((module, ranks, [float(s) for s in scales]))
     return out
+
+
+def check_expert_configs(
+    infos: list[ExpertInfo], table: list[tuple[str, list[int], list[float]]], where: Path | str
+) -> None:
+    """Refuse a checkpoint whose experts' adapter configs contradict its tensors: the rank (r, rank_pattern) and the
+    targets (target_modules) of every module an expert adapts, and its scale (lora_alpha, alpha_pattern, use_rslora)
+    against the recorded one. The exports write these configs, so a contradiction would change the model on the way
+    out. Fields a config lacks (an X-LoRA model built in memory may record none) are not checked."""
+    for e, info in enumerate(infos):
+        config, label = info.adapter_config, f"{where}: experts[{e}] ('{info.name}')"
+        for i, (module, ranks, scales) in enumerate(table):
+            rank = ranks[e]
+            if rank == 0:
+                continue
+            if targets_module(config, module) is False:
+                raise CheckpointError(
+                    f"{label}: has tensors at '{module}', which its adapter_config target_modules "
+                    f"{config.get('target_modules')!r} does not match"
+                )
+            expected = module_rank(config, module)
+            if not is_number(expected):
+                continue
+            if expected != rank:
+                raise CheckpointError(
+                    f"{label}: its adapter_config gives rank {expected!r} at '{module}', but its tensors there have "
+                    f"rank {rank}"
+                )
+            if not is_number(config.get("lora_alpha")):
+                continue
+            scale = module_scale(config, module, rank)
+            if not math.isclose(scale, scales[e], rel_tol=1e-6):
+                raise CheckpointError(
+                    f"{label}: its adapter_config gives the scale {scale!r} ({scale_rule(config)}) at '{module}', "
+                    f"but layers[{i}] records {scales[e]!r}"
+                )

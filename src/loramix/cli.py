@@ -11,6 +11,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import LoramixError
@@ -131,16 +132,8 @@ _BASE = typer.Option(
 def _dtype(name: str | None) -> Any:
     if name is None:
         return None
-    import torch
+    from .base import DTYPES as table
 
-    table = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
     if name not in table:
         raise typer.BadParameter(f"unknown dtype {name!r}; expected one of {', '.join(table)}", param_hint="--dtype")
     return table[name]
@@ -286,11 +279,17 @@ def generate(
 
 
 def _parse_experts(values: list[str]) -> dict[str, str]:
+    """NAME=ADAPTER_DIR options as {name: dir}; a name given twice is a usage error (a dict would keep the last)."""
     experts: dict[str, str] = {}
     for value in values:
         name, sep, path = value.partition("=")
         if not sep or not name or not path:
             raise typer.BadParameter(f"{value!r}: expected NAME=ADAPTER_DIR", param_hint="--expert")
+        if name in experts:
+            raise typer.BadParameter(
+                f"expert name {name!r} is given twice ({experts[name]} and {path}); give each expert a unique name",
+                param_hint="--expert",
+            )
         experts[name] = path
     return experts
 
@@ -476,9 +475,10 @@ def mix_cmd(
         raise typer.BadParameter(
             "an MLP gate must be trained: use 'loramix train-gate', or --router arrow here", param_hint="--router"
         )
+    experts = _parse_experts(expert)
     check_replaceable(out, marker=CONFIG_NAME, owned=CHECKPOINT_FILES, what="--out")  # before loading anything
     with err_console.status("building the mixture"):
-        model = from_pretrained(base, _parse_experts(expert), dataclasses.replace(mix, gate=gate))
+        model = from_pretrained(base, experts, dataclasses.replace(mix, gate=gate))
         path = model.save(out, include_base=include_base)
     console.print(f"[green]saved[/green] {path}: {model.n_experts} experts over {model.n_layers} adapted layers, "
                   f"router {gate.router} (top-k {gate.top_k or model.n_experts}, temperature {gate.temperature})")
@@ -876,7 +876,7 @@ def main() -> None:
         if session.debug:
             raise
         hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-        err_console.print(f"[red]error:[/red] {exc.format_message()}{hint}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(exc.format_message() + hint)}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except typer.Abort:
         err_console.print("[red]interrupted[/red]")
@@ -885,7 +885,14 @@ def main() -> None:
         if session.debug:
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except ImportError as exc:  # an installed library that fails to import (a broken backend under transformers)
+        if session.debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
+        message = f"a library failed to import ({type(exc).__name__}: {first}); reinstall it, or run with --debug"
+        err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("[red]interrupted[/red]")

@@ -23,6 +23,12 @@ MAX_GATE_WIDTH = 1 << 17
 SPARSE_TOP_K = ("auto", "always", "never")
 ROUTERS = ("mlp", "arrow")
 CONTEXTS = ("none", "ema", "attention")
+MIN_TEMPERATURE = 1e-3
+"""The smallest gate temperature. The gate computes softmax(logits / temperature) in the model's dtype: at 1e-3 a
+logit of magnitude up to 65 stays below float16's largest value (65504) and any logit bfloat16/float32 can hold past
+3.4e35 stays finite; below it ordinary logits overflow float16 to Inf and the softmax gives NaN scalings (at 1e-300
+the temperature itself rounds to 0 in float32). Nothing is lost: at 1e-3 the softmax is already a hard argmax for any
+logit gap above 0.05 (a ratio of e^50)."""
 
 
 def _check(condition: bool, message: str) -> None:
@@ -78,7 +84,7 @@ class GateConfig:
     """Softmax over the experts of each (token, layer) (PEFT `enable_softmax`)."""
 
     temperature: float = 1.0
-    """Softmax temperature; lower is sharper (PEFT `softmax_temperature`)."""
+    """Softmax temperature; lower is sharper (PEFT `softmax_temperature`). At least 1e-3 (`MIN_TEMPERATURE`)."""
 
     top_k: int | None = None
     """Keep only the k largest scalings per (token, layer), zeroing the rest (PEFT `top_k_lora`). None: dense."""
@@ -127,8 +133,9 @@ class GateConfig:
         )
         _check(isinstance(self.softmax, bool), f"gate.softmax={self.softmax!r} must be true or false")
         _check(
-            is_number(self.temperature) and self.temperature > 0,
-            f"gate.temperature={self.temperature!r} must be a number > 0",
+            is_number(self.temperature) and self.temperature >= MIN_TEMPERATURE,
+            f"gate.temperature={self.temperature!r} must be a number >= {MIN_TEMPERATURE} (smaller temperatures "
+            "overflow the gate's softmax in half precision; 1e-3 is already a hard argmax)",
         )
         _check(
             self.top_k is None or (is_int(self.top_k) and self.top_k >= 1),

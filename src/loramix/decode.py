@@ -59,6 +59,7 @@ __all__ = [
     "compile_support",
     "compiled_step",
     "decode_step",
+    "non_finite_rows",
 ]
 
 MODES = ("granular", "prompt", "truncated")
@@ -406,7 +407,7 @@ class Decoder:
         self.sampler.record(rows, tokens)
         b.ids[index] = tokens[:, None]
         self._column_moved = True
-        return Joined(tokens, logits, last, _bad(logits, last), out.logits if prompt_logits else None)
+        return Joined(tokens, logits, last, non_finite_rows(logits, last), out.logits if prompt_logits else None)
 
     def leave(self, row: int, *, failed: bool = False) -> None:
         """Free `row` (finished, cancelled or failed). A free row keeps decoding as padding over finite values;
@@ -470,9 +471,9 @@ class Decoder:
         for i in occupied:
             self.rows[i].generated += 1
         eos = torch.isin(tokens, self.eos) if self.eos is not None else torch.zeros_like(tokens, dtype=torch.bool)
-        return Stepped(tokens, logits, scalings, eos, _bad(logits, scalings))
+        return Stepped(tokens, logits, scalings, eos, non_finite_rows(logits, scalings))
 
 
-def _bad(logits: torch.Tensor, scalings: torch.Tensor) -> torch.Tensor:
+def non_finite_rows(logits: torch.Tensor, scalings: torch.Tensor) -> torch.Tensor:
     """[n] rows whose logits [n, V] or scalings [n, L, N] hold a NaN or an infinity."""
     return ~(torch.isfinite(logits).all(-1) & torch.isfinite(scalings).flatten(1).all(-1))

@@ -33,13 +33,18 @@ from .quant import compute_dtype
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "MAX_SCALE",
     "ExpertInfo",
     "ExpertModule",
     "LoraExpert",
     "StackedLoRA",
     "linear_features",
+    "module_rank",
+    "module_scale",
     "read_adapter",
+    "scale_rule",
     "stack_experts",
+    "targets_module",
     "unstack_experts",
 ]
 
@@ -48,6 +53,11 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 # What loramix writes into an adapter directory (PEFT's save_pretrained adds its README.md; static exports a report).
 PEFT_ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_NAME, "README.md", "loramix_static.json")
+
+MAX_SCALE = 65504.0
+"""The largest expert scale c_e (alpha / r, or alpha / sqrt(r) with rsLoRA): float16's largest value. The scales are
+multiplied in the compute dtype (layers.py), so a larger one is Inf in a float16 model; no LoRA recipe comes near it
+(PEFT's defaults give 2), while a hand-edited 1e30 would make every output NaN."""
 
 # adapter_config.json options that change what a LoRA module computes: mixing them would silently give wrong outputs.
 _UNSUPPORTED_OPTIONS: dict[str, str] = {
@@ -117,6 +127,42 @@ def _pattern_match(patterns: Mapping[str, Any], module_path: str) -> Any | None:
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", module_path):
             return value
+    return None
+
+
+def module_rank(config: Mapping[str, Any], module: str) -> Any:
+    """The rank `config` (a PEFT adapter config) gives the module at path `module`: its rank_pattern, else r."""
+    return _pattern_match(config.get("rank_pattern") or {}, module) or config.get("r")
+
+
+def module_scale(config: Mapping[str, Any], module: str, rank: int) -> float:
+    """The scale c of a rank-`rank` update of `module` under `config`: alpha / r, or alpha / sqrt(r) with rsLoRA
+    (alpha from alpha_pattern, else lora_alpha), as PEFT computes it."""
+    alpha = float(_pattern_match(config.get("alpha_pattern") or {}, module) or config["lora_alpha"])
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def scale_rule(config: Mapping[str, Any]) -> str:
+    """How `config` turns alpha and r into the scale, for messages."""
+    return "lora_alpha / sqrt(r)" if config.get("use_rslora") else "lora_alpha / r"
+
+
+def targets_module(config: Mapping[str, Any], module: str) -> bool | None:
+    """Whether `config`'s target_modules name the module at path `module` (PEFT's rule: a string is a regular
+    expression for the whole path, a list names modules by their last parts, "all-linear" any linear module).
+    None when the config has no target_modules to check. A path may carry a prefix the adapter's did not (an adapter
+    trained on the bare backbone), so a regular expression may also match a tail of the path."""
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return True
+        parts = module.split(".")
+        try:
+            return any(re.fullmatch(targets, ".".join(parts[i:])) for i in range(len(parts)))
+        except re.error:
+            return None
+    if isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+        return any(module == t or module.endswith("." + t) for t in targets)
     return None
 
 
@@ -220,10 +266,6 @@ def expert_from_state_dict(
     if not pairs:
         raise AdapterError(f"expert '{name}' ({source}): the adapter holds no LoRA tensors")
 
-    alpha = float(config["lora_alpha"])
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    rslora = bool(config.get("use_rslora", False))
     expert = LoraExpert(name=name, source=source, adapter_config=dict(config))
     for module, pair in pairs.items():
         if set(pair) != {"lora_A", "lora_B"}:
@@ -241,14 +283,18 @@ def expert_from_state_dict(
                 f"{tuple(b.shape)}; expected [r, d_in] and [d_out, r] with the same r"
             )
         rank = a.shape[0]
-        expected_rank = _pattern_match(rank_pattern, module) or config["r"]
+        expected_rank = module_rank(config, module)
         if rank != expected_rank:
             raise ShapeMismatchError(
                 f"expert '{name}' ({source}): module '{module}' has rank {rank} but adapter_config.json says "
                 f"r={expected_rank}"
             )
-        module_alpha = float(_pattern_match(alpha_pattern, module) or alpha)
-        scale = module_alpha / math.sqrt(rank) if rslora else module_alpha / rank
+        scale = module_scale(config, module, rank)
+        if scale > MAX_SCALE:
+            raise AdapterError(
+                f"expert '{name}' ({source}): module '{module}' has the scale {scale:g} ({scale_rule(config)}); "
+                f"expected at most {MAX_SCALE:g} (float16's largest value)"
+            )
         expert.modules[module] = ExpertModule(lora_A=a, lora_B=b, scale=scale)
     return expert
 

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 
 from .base import resolve_defaults, text_config
-from .decode import HELD_MODES, MODES, Decoder, RowSpec, cache_slots, compile_support
-from .errors import ConfigError
+from .decode import HELD_MODES, MODES, Decoder, RowSpec, cache_slots, compile_support, non_finite_rows
+from .errors import ConfigError, LoramixError
 from .sampling import Sampler, SamplingSettings, row_generator
 from .slots import static_cache_support
 from .text import IncrementalDecoder
@@ -284,9 +284,11 @@ class Generation:
         on_host = self.model.device.type == "cpu" or self.streamer is not None
         check_every = 1 if on_host else STOP_CHECK_EVERY
         forwards = self._decoder_steps() if self.backend is not None else self._recomputed_steps()
+        broken = torch.zeros_like(st.finished)  # rows whose logits or scalings were not finite
         try:
             for index in range(self.max_new_tokens):
                 logits, step_scalings, token = next(forwards)
+                broken = broken | non_finite_rows(logits, step_scalings)
                 token = torch.where(st.finished, torch.full_like(token, self.defaults.pad_token_id), token)
                 st.append(token)
                 if self.streamer is not None:
@@ -299,8 +301,16 @@ class Generation:
                 st.stopped |= newly & ~st.finished
                 st.finished = st.finished | newly
                 yield Step(index, token, logits, step_scalings, st.finished)
-                if (index + 1) % check_every == 0 and bool(st.finished.all()):
-                    break
+                if (index + 1) % check_every == 0 or index + 1 == self.max_new_tokens:
+                    done, bad = torch.stack([st.finished.all(), broken.any()]).tolist()  # the one host read
+                    if bad:
+                        rows = broken.nonzero().flatten().tolist()
+                        raise LoramixError(
+                            f"generation produced non-finite logits or scalings by step {index + 1} (rows {rows}) in "
+                            f"{self.model.dtype}: check the gate and experts for NaN or overflow, or run in float32"
+                        )
+                    if done:
+                        break
         finally:
             forwards.close()
             self._done = True

@@ -13,9 +13,14 @@ Model arguments (`--model_args k=v,...`):
                  continuation is scored with the scalings of the context's last token held, as if generated.
     system       mixture (default: the gate, in `mode`), base (every expert at 0), uniform (1/N each), or
                  expert:NAME (that expert alone): the baseline rows of `loramix eval`, as fixed scalings
-    base, device, dtype   as for `loramix.load`
+    base, device, dtype, quantize   as for `loramix.load` (dtype: float32, bfloat16 or float16; quantize: int8,
+                 int4, nf4 or none)
     batch_size   rows per forward (lm-eval's --batch_size; "auto" means 8)
     max_length   the longest sequence scored (default: the model's context)
+
+Any other key is refused, naming the known ones (a typo such as `mod=prompt` would otherwise run the default); lm-eval's
+own `max_batch_size` and `trust_remote_code` are accepted and ignored. Errors are one line (`python -m loramix.harness`
+exits 1).
 
 Log probabilities are those of the raw logits of the mixed model, over left-padded batches; they equal the server's
 (`/v1/completions` with echo and logprobs) within float tolerance.
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (lm-eval's own models first: its registry loads them only while it is empty)
@@ -33,9 +39,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from .base import resolve_defaults
-from .errors import ConfigError
+from .base import DTYPES, resolve_defaults
+from .errors import ConfigError, LoramixError
 from .loading import load
+from .quant import QUANTIZE_CHOICES
 from .sampling import SamplingSettings
 
 logger = logging.getLogger(__name__)
@@ -43,6 +50,39 @@ logger = logging.getLogger(__name__)
 __all__ = ["LoramixLM", "main"]
 
 SYSTEMS = ("mixture", "base", "uniform", "expert:NAME")
+MODES = ("granular", "prompt", "truncated")
+MODEL_ARGS = ("base", "batch_size", "checkpoint", "device", "dtype", "max_length", "mode", "quantize", "system")
+"""The `--model_args` keys of the "loramix" model."""
+LM_EVAL_ARGS = ("max_batch_size", "trust_remote_code")
+"""What lm-eval itself adds to the model arguments (--max_batch_size, --trust_remote_code): accepted, ignored."""
+
+
+def _batch_size(value: Any) -> int:
+    """lm-eval's batch size: an integer >= 1 (also as a string), or "auto" / "auto:N" (8 here)."""
+    if isinstance(value, str) and value.startswith("auto"):
+        return 8
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"batch_size={value!r} must be an integer >= 1 or 'auto'")
+    return value
+
+
+def _check_args(mode: str, dtype: Any, quantize: Any, max_length: Any, rest: dict[str, Any]) -> None:
+    """Refuse unknown keys and malformed values of --model_args before anything is loaded."""
+    unknown = sorted(set(rest) - set(LM_EVAL_ARGS))
+    if unknown:
+        raise ConfigError(f"unknown model_args {unknown}; known: {', '.join(MODEL_ARGS)}")
+    if rest:
+        logger.info("ignoring lm-eval arguments %s", sorted(rest))
+    if mode not in MODES:
+        raise ConfigError(f"mode={mode!r}; expected {', '.join(MODES)}")
+    if dtype is not None and not isinstance(dtype, torch.dtype) and dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+    if quantize is not None and str(quantize).lower() not in (*QUANTIZE_CHOICES, "none"):
+        raise ConfigError(f"quantize={quantize!r}: expected one of {', '.join(QUANTIZE_CHOICES)} or none")
+    if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1):
+        raise ConfigError(f"max_length={max_length!r} must be an integer >= 1, or unset for the model's context")
 
 
 @register_model("loramix")
@@ -60,22 +100,21 @@ class LoramixLM(TemplateLM):
         batch_size: int | str = 8,
         max_length: int | None = None,
         model: Any = None,
+        quantize: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        if kwargs:
-            logger.info("ignoring lm-eval arguments %s", sorted(kwargs))
+        _check_args(mode, dtype, quantize, max_length, kwargs)
+        self.batch_size = _batch_size(batch_size)
         if model is None:
             if not checkpoint:
                 raise ConfigError("--model_args needs checkpoint=DIR (a loramix checkpoint directory)")
             if device and device.startswith("cuda") and not torch.cuda.is_available():
                 logger.info("device=%s: no CUDA device here, using the CPU (lm-eval passes cuda:0 by default)", device)
                 device = None
-            model = load(checkpoint, base=base, device=device, dtype=dtype)
+            model = load(checkpoint, base=base, device=device, dtype=DTYPES.get(dtype, dtype), quantize=quantize)
         if model.tokenizer is None:
             raise ConfigError("the checkpoint has no tokenizer; lm-eval needs one")
-        if mode not in ("granular", "prompt", "truncated"):
-            raise ConfigError(f"mode={mode!r}; expected granular, prompt or truncated")
         if mode == "truncated" and model.config.scaling_layer is None:
             raise ConfigError("mode=truncated needs a gate trained on a truncated scaling pass (config.scaling_layer)")
         self.mix = model
@@ -83,7 +122,6 @@ class LoramixLM(TemplateLM):
         self.mode = mode
         self.system = system
         self.fixed = self._fixed_weights(system)
-        self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         defaults = resolve_defaults(model, tokenizer=self.tokenizer)
         self.pad = defaults.pad_token_id
         self.eos_ids = defaults.eos_token_ids
@@ -239,10 +277,16 @@ class LoramixLM(TemplateLM):
 
 
 def main() -> None:
-    """lm-eval's command line with the "loramix" model registered (`python -m loramix.harness ...`)."""
+    """lm-eval's command line with the "loramix" model registered (`python -m loramix.harness ...`); loramix's
+    errors (bad model_args, a broken checkpoint) are one line and exit code 1, as in the `loramix` command."""
     from lm_eval.__main__ import cli_evaluate
 
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except LoramixError as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ __all__ = [
     "check_finite",
     "check_owned_files",
     "check_replaceable",
+    "follow_umask",
     "fsync_tree",
     "read_json",
     "read_tensors",
@@ -146,12 +147,43 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _clean_stale(target: Path) -> None:
-    """Remove temporary siblings `.NAME.tmp-PID-*` left by a killed write to `target` whose process is gone."""
-    prefix = f".{target.name}{_TMP_TAG}"
-    for entry in target.parent.glob(f"{prefix}*"):
-        pid = entry.name[len(prefix) :].split("-", 1)[0]
-        if entry.is_dir() and not entry.is_symlink() and pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(entry, ignore_errors=True)
+    """Remove the siblings a killed write to `target` left behind, once its process is gone: `.NAME.tmp-PID-*` (the
+    new directory being written) and `.NAME.old-PID-*` (the previous one, renamed aside between the two renames that
+    replace it; earlier versions named it `.NAME.old-XXXXXXXX`, without the process id)."""
+    for tag in (_TMP_TAG, _OLD_TAG):
+        prefix = f".{target.name}{tag}"
+        for entry in target.parent.glob(f"{prefix}*"):
+            if not entry.is_dir() or entry.is_symlink():
+                continue
+            rest = entry.name[len(prefix) :]
+            pid, sep, _ = rest.partition("-")
+            legacy = tag == _OLD_TAG and not sep and len(rest) == 8  # an old-style name: no process to ask
+            if legacy or (pid.isascii() and pid.isdigit() and not _pid_alive(int(pid))):
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def _umask() -> int:
+    """The process's umask (read from /proc where it can be, without changing it; else set and restored)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(root: Path) -> None:
+    """Give every file under `root` the mode a new file gets from the umask (0644 under 022): safetensors and
+    `save_pretrained` write their files 0600 whatever the umask, unlike every other file of an output directory."""
+    mode = 0o666 & ~_umask()
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, mode)
 
 
 @contextlib.contextmanager
@@ -161,8 +193,9 @@ def atomic_directory(
     """Yield a temporary sibling directory; on success it replaces `path` in one rename, on failure it is removed.
 
     `path` must pass `check_replaceable` (so a directory that is not loramix's is never deleted). The new directory
-    gets a manifest of the files written into it, is created with the process's umask, and readers never see it
-    half-written. Temporary siblings of earlier writes that were killed are cleaned up first.
+    gets a manifest of the files written into it, is created with the process's umask (its files too, see
+    `follow_umask`), and readers never see it half-written. Siblings left by earlier writes that were killed are
+    cleaned up first.
     """
     target = check_replaceable(path, marker=marker, owned=owned, overwrite=overwrite, what=what)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -171,11 +204,12 @@ def atomic_directory(
     tmp.mkdir()  # not mkdtemp: its 0700 would ignore the umask
     try:
         yield tmp
+        follow_umask(tmp)
         write_json(tmp / MANIFEST, {"written_by": "loramix", "files": [f for f in _files_under(tmp) if f != MANIFEST]})
         fsync_tree(tmp)
         if target.exists():
             check_replaceable(target, marker=marker, owned=owned, overwrite=overwrite, what=what)  # changed meanwhile?
-            old = target.parent / f".{target.name}{_OLD_TAG}{uuid.uuid4().hex[:8]}"
+            old = target.parent / f".{target.name}{_OLD_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.rename(target, old)
             os.rename(tmp, target)
             shutil.rmtree(old, ignore_errors=True)

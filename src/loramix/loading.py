@@ -17,6 +17,7 @@ from .checkpoint import (
     FORMAT_VERSION,
     GATE_NAME,
     TOKENIZER_DIR,
+    check_expert_configs,
     check_fingerprint,
     expert_infos,
     layer_table,
@@ -92,6 +93,7 @@ def load(
         mix = LoraMixModel(model, stacked, infos, config, tokenizer=tokenizer, base_reference=reference)
     except LoramixError as exc:
         raise type(exc)(f"{config_path}: {exc}") from None
+    check_expert_configs(infos, table, config_path)  # once the tensors are known to fit the recorded ranks
     gate_meta = meta.get("gate") or {}
     for key, actual in (("hidden_size", mix.hidden_size), ("n_layers", mix.n_layers), ("n_experts", mix.n_experts)):
         if key in gate_meta and gate_meta[key] != actual:

@@ -84,12 +84,20 @@ def _need(module: str, what: str) -> Any:
     import importlib
 
     quiet_backend_noise()
+    package = module.split(".")[0]
     try:
         return importlib.import_module(module)
-    except ImportError:
+    except ImportError as exc:
+        named = exc.name if isinstance(exc, ModuleNotFoundError) else None  # the module that was not found
+        if named is not None and (module + ".").startswith(named + "."):  # the backend itself (or its parent)
+            raise ConfigError(
+                f"{what} needs the '{package}' package, which is not installed: pip install 'loramix[quant]'"
+            ) from None
+        # installed, but something inside it fails (built for another torch, a missing dependency of its own)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
-            f"{what} needs the '{module.split('.')[0]}' package, which is not installed: "
-            "pip install 'loramix[quant]'"
+            f"{what}: the '{package}' package is installed but importing it fails ({first}); reinstall it: "
+            "pip install --force-reinstall 'loramix[quant]'"
         ) from None
 
 

@@ -33,7 +33,9 @@ GREEDY_BELOW = 1e-5
 """A temperature below this is greedy decoding (0 is the OpenAI API's way to ask for it)."""
 
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
-"""Beyond it a penalised logit overflows float16 or leaves a distribution that is all one token."""
+"""The range of the repetition penalty. It divides positive logits and multiplies negative ones, so 1e-300 turns a
+logit of 1 into Inf and the probabilities into NaN; within [0.01, 100] a logit of magnitude up to 655 stays finite
+even in float16 (65504), and no useful penalty lies outside (transformers' docs suggest 1.0 to 1.2)."""
 
 
 def _finite(name: str, value: Any, low: float | None = None, high: float | None = None) -> float:

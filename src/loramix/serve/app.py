@@ -50,6 +50,8 @@ __all__ = ["ApiError", "ServerState", "create_app"]
 
 RETRY_AFTER_S = 1
 """What a 503 (queue full) tells the client to wait, in seconds."""
+OPEN_PATHS = ("/health", "/metrics")
+"""The paths served without the API key; every other one (the API, /openapi.json, unknown paths) needs it."""
 
 
 class ApiError(Exception):
@@ -69,9 +71,10 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         """The error as OpenAI's API answers it: {"error": {message, type, param, code}} with the status."""
+        message = self.message.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate cannot be sent
         return JSONResponse(
             status_code=self.status,
-            content={"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}},
+            content={"error": {"message": message, "type": self.type, "param": self.param, "code": self.code}},
             headers=self.headers,
         )
 
@@ -512,7 +515,7 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        if self.api_key is not None and scope["path"].startswith("/v1/"):
+        if self.api_key is not None and scope["path"] not in OPEN_PATHS:
             header = headers.get(b"authorization", b"").decode("latin-1")
             token = header[7:] if header.lower().startswith("bearer ") else ""
             if not secrets.compare_digest(token.encode(), self.api_key.encode()):

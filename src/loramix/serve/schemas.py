@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..sampling import REPETITION_PENALTY_RANGE
 
 # torch.Generator.manual_seed's range
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
@@ -31,6 +34,9 @@ TokenIds = list[Annotated[int, Field(strict=True, ge=0)]]
 """A prompt given as token ids."""
 MAX_CHOICES = 16
 """The most choices one request may ask for (prompts x n)."""
+TOKEN_ID_KEY = re.compile(r"0|[1-9][0-9]{0,17}")
+"""A logit_bias key: a token id as canonical ASCII digits ("3"; not "03", "٣" or "²"), at most 18 of them (any id
+beyond fits no vocabulary; the vocabulary size is checked when the request is served)."""
 
 
 class LoramixOptions(BaseModel):
@@ -44,7 +50,8 @@ class LoramixOptions(BaseModel):
     """Scalings in the response: per generated token [n][L][N], per layer [L][N] (mean over the generated tokens), or
     per expert [N] (mean over tokens and layers)."""
     top_k: Count = Field(0, ge=0)
-    repetition_penalty: Real = Field(1.0, gt=0)
+    repetition_penalty: Real = Field(1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1])
+    """transformers' repetition penalty (> 1 discourages repeats), in `sampling.REPETITION_PENALTY_RANGE`."""
 
 
 class StreamOptions(BaseModel):
@@ -56,7 +63,7 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    model: Text
     max_tokens: Count | None = Field(None, ge=0)
     max_completion_tokens: Count | None = Field(None, ge=0)
     temperature: Real = Field(1.0, ge=0, le=2)
@@ -96,8 +103,12 @@ class _Sampling(BaseModel):
     @classmethod
     def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key in value or {}:
-            if not key.isdigit():
-                raise ValueError(f"keys must be token ids (decimal integers as strings); got {key!r}")
+            if not TOKEN_ID_KEY.fullmatch(key):
+                shown = repr(key) if len(key) <= 24 else f"{key[:12]!r}... ({len(key)} characters)"
+                raise ValueError(
+                    f'keys must be token ids written as ASCII digits without leading zeros, at most 18 (e.g. "42"); '
+                    f"got {shown}"
+                )
         return value
 
     def unsupported(self) -> tuple[str, str] | None:
