@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from .console import make_console
 from .errors import LoramixError
 from .options import config_options
 from .version import __version__
@@ -25,8 +25,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()  # tables at their natural width when stdout is a log file or a pipe (console.py)
+err_console = make_console(stderr=True)
 
 
 def _version(value: bool) -> None:
