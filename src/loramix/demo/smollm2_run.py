@@ -13,10 +13,12 @@ from typing import Any
 
 import torch
 
+from ..console import make_console
 from ..io import check_owned_files, check_replaceable
 from .chat_world import ChatWorld, read_references
 from .run import (
     COLUMNS,
+    MEAN_NOTE,
     RESULT_FILES,
     SHORT_LABELS,
     example_answers,
@@ -152,15 +154,14 @@ def run_smollm2_demo(
     sizes: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Run the SmolLM2 demo with the shipped (or given) weights; returns what results.json holds."""
-    from rich.console import Console
     from rich.table import Table
 
     from ..analysis import analyze
     from ..analysis.converse import CONVERSE_FILES
     from ..analysis.report import ANALYSIS_FILES
-    from ..evaluate import evaluate
+    from ..evaluate import cell, evaluate
 
-    console = console or Console()
+    console = console or make_console()
     torch.set_num_threads(threads)
     start = time.perf_counter()
     out = check_owned_files(out_dir, RESULT_FILES, what="--out")
@@ -202,19 +203,18 @@ def run_smollm2_demo(
         *[c[2] for c in primary],
         "chat NLL / base",
         "mean",
-        "tok/s",
         title="baselines on the test subset",
     )
     for system in result.metrics:
         table.add_row(
             SHORT_LABELS.get(system, system.replace("expert:", "expert ")),
-            *[c[3].format(result.metrics[system][c[0]][c[1]]) for c in primary],
+            *[cell(result.metrics[system][c[0]][c[1]], c[3]) for c in primary],
             f"{summary['chat_nll_over_base'][system]:.2f}",
-            f"{summary['mean_primary'][system]:.2f}",
-            f"{result.speed[system]:.0f}",
+            cell(summary["mean_score"][system], "{:.2f}"),
             style="bold green" if system == "granular" else None,
         )
     console.print(table)
+    console.print(MEAN_NOTE, highlight=False)
     for name, ok in summary["targets"].items():
         console.print(f"  {'[green]met[/green]' if ok else '[red]not met[/red]'}: {name}")
 
