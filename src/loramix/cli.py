@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .console import make_console
 from .errors import LoramixError
 from .options import config_options
 from .version import __version__
@@ -26,8 +26,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()  # tables at their natural width when stdout is a log file or a pipe (console.py)
+err_console = make_console(stderr=True)
 
 
 def _version(value: bool) -> None:
@@ -756,17 +756,27 @@ def demo(
         "cores, minutes on a GPU; docs/demo-smollm2.md)."
     ),
     threads: int = typer.Option(2, min=1, help="torch threads."),
+    export: Path | None = typer.Option(
+        None, "--export", help="smollm2 only: write the shipped mixture as one checkpoint (base bundled) to this "
+        "directory for loramix serve / generate / analyze, instead of running the demo."
+    ),
 ) -> None:
     """The protein world: LoRA experts and a gate, evaluated against the baselines (docs/demo.md,
     docs/demo-smollm2.md)."""
     if model not in ("mini", "smollm2"):
         raise typer.BadParameter(f"{model!r}; expected mini or smollm2", param_hint="--model")
+    if export is not None and (model != "smollm2" or rebuild):
+        raise typer.BadParameter("goes with --model smollm2 and without --rebuild (the mini-world's checkpoint is "
+                                 "loramix/demo/weights/checkpoint in the package)", param_hint="--export")
     if model == "smollm2":
         from .demo.rebuild import rebuild_smollm2
         from .demo.smollm2 import gguf_file
-        from .demo.smollm2_run import run_smollm2_demo
+        from .demo.smollm2_run import export_checkpoint, run_smollm2_demo
 
         gguf_file()  # the one-line install message before anything else
+        if export is not None:
+            export_checkpoint(export, console=console)
+            return
         out = out or Path("loramix-demo-smollm2")
         if rebuild:
             rebuild_smollm2(out, threads=threads, console=console)

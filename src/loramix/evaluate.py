@@ -32,7 +32,7 @@ from .scoring import Scorer, scorer, scorer_of
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SYSTEMS", "EvalResult", "evaluate", "generate_answers", "primary_metric"]
+__all__ = ["SYSTEMS", "EvalResult", "cell", "evaluate", "generate_answers", "primary_metric"]
 
 SYSTEMS = ("base", "experts", "uniform", "oracle", "router", "granular", "prompt", "truncated")
 
@@ -40,6 +40,12 @@ SYSTEMS = ("base", "experts", "uniform", "oracle", "router", "granular", "prompt
 def primary_metric(kind: str) -> str:
     """The metric that ranks systems for a scoring kind."""
     return scorer(kind).primary
+
+
+def cell(value: float, fmt: str = "{:.3f}") -> str:
+    """A metric as a table cell: `fmt`, or "n/a" where it is undefined (NaN: R^2 of fewer than 2 records, an MAE
+    over no parsed answer)."""
+    return fmt.format(value) if math.isfinite(value) else "n/a"
 
 
 @dataclass
@@ -58,7 +64,7 @@ class EvalResult:
         """Header and rows of the table of primary metrics: one row per system, one column per domain, tokens/s."""
         header = ["system", *[f"{d} {primary_metric(k)}" for d, k in self.kinds.items()], "tokens/s"]
         rows = [
-            [system, *[f"{self.primary(system, d):.3f}" for d in self.kinds], f"{self.speed[system]:.0f}"]
+            [system, *[cell(self.primary(system, d)) for d in self.kinds], cell(self.speed[system], "{:.0f}")]
             for system in self.metrics
         ]
         return header, rows
@@ -239,8 +245,8 @@ def _oracle(
     runs = [runner.answers("oracle", group, w) for w in options]
     best = []
     for i, r in enumerate(group.records):
-        scored = [(group.how.score([r], [run[i]], context)[group.how.primary], run[i]) for run, _ in runs]
-        best.append(max(scored, key=lambda x: x[0])[1])
+        scored = [(group.how.rank_one(r, run[i], context), run[i]) for run, _ in runs]
+        best.append(max(scored, key=lambda x: x[0])[1])  # ties: the first option
     return best, sum(n for _, n in runs)
 
 

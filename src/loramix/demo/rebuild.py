@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..console import make_console
 from ..io import check_owned_files, write_owned_files
 from .build import BuildConfig, build
 from .run import RESULT_FILES, run_demo, weights_dir
@@ -26,9 +27,7 @@ def rebuild_and_compare(
 ) -> dict[str, Any]:
     """Build every weight into OUT/build (BuildConfig defaults: the shipped weights' recipe), run the demo on them,
     and compare each system's primary metrics with the shipped results.json; writes OUT/rebuild.json."""
-    from rich.console import Console
-
-    console = console or Console()
+    console = console or make_console()
     out = check_owned_files(out_dir, ("rebuild.json", *RESULT_FILES), what="--out")
     config = config or BuildConfig(threads=threads)
     start = time.perf_counter()
@@ -102,13 +101,12 @@ def rebuild_smollm2(
     import shutil
 
     import torch
-    from rich.console import Console
 
     from .smollm2 import build as build_smollm2
     from .smollm2 import ship
     from .smollm2_run import run_smollm2_demo, smollm2_weights
 
-    console = console or Console()
+    console = console or make_console()
     torch.set_num_threads(threads)
     out = check_owned_files(out_dir, ("rebuild.json", *RESULT_FILES), what="--out")
     start = time.perf_counter()

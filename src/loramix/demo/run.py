@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from importlib import resources
 from pathlib import Path
@@ -12,12 +13,13 @@ from typing import Any
 
 import torch
 
+from ..console import make_console
 from ..io import check_owned_files, check_replaceable, write_owned_files
 from .world import DOMAINS, World
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EVAL_SIZES", "run_demo", "shipped_checkpoint", "test_records"]
+__all__ = ["EVAL_SIZES", "MEAN_NOTE", "mean_score", "run_demo", "shipped_checkpoint", "test_records"]
 
 RESULT_FILES = ("results.json", "results.md")
 # the fixed test subset: records per domain (the first ones of the shuffled test split)
@@ -31,6 +33,11 @@ SYSTEM_LABELS = {
     "prompt": "loramix prompt mode",
     "truncated": "loramix truncated scaling pass",
 }
+MEAN_NOTE = (
+    "mean = the mean over forward, design, compare and Q&A of each one's primary metric as a score in [0, 1]: the "
+    "shares as they are, forward R² clipped to [0, 1] (below 0, no better than always answering the mean GRAVY, "
+    "it counts 0; the R² column keeps the raw value)."
+)
 SHORT_LABELS = {"uniform": "uniform 1/N", "router": "router (per prompt)", "granular": "loramix granular",
                 "prompt": "loramix prompt mode", "truncated": "loramix truncated"}
 COLUMNS = [  # (domain, metric, header, format)
@@ -112,9 +119,18 @@ def _label(system: str) -> str:
     return SYSTEM_LABELS.get(system, system)
 
 
+def mean_score(result: Any, system: str, domains: tuple[str, ...] = DOMAINS) -> float:
+    """The mean over `domains` of each primary metric as a score in [0, 1] (`loramix.scoring.bounded`: R² is
+    clipped to [0, 1], the shares are already there), over the domains where it is defined; NaN if none is."""
+    from ..scoring import bounded
+
+    scores = [v for v in (bounded(result.primary(system, d)) for d in domains) if math.isfinite(v)]
+    return sum(scores) / len(scores) if scores else math.nan
+
+
 def summary_of(result: Any, domains: tuple[str, ...] = DOMAINS) -> dict[str, Any]:
-    """Mean of the primary metrics over the task domains, and the targets of the demo."""
-    mean = {s: sum(result.primary(s, d) for d in domains) / len(domains) for s in result.metrics}
+    """The mean score over the task domains (`mean_score`), and the targets of the demo."""
+    mean = {s: mean_score(result, s, domains) for s in result.metrics}
     experts = [s for s in result.metrics if s.startswith("expert:")]
     best_expert = max(experts, key=lambda s: mean[s])
     ratio = {
@@ -130,7 +146,7 @@ def summary_of(result: Any, domains: tuple[str, ...] = DOMAINS) -> dict[str, Any
         "granular beats the per-prompt oracle on composite prompts": result.primary("granular", "composite")
         > result.primary("oracle", "composite"),
     }
-    return {"mean_primary": mean, "best_single_expert": best_expert, "granular_over_oracle": ratio, "targets": targets}
+    return {"mean_score": mean, "best_single_expert": best_expert, "granular_over_oracle": ratio, "targets": targets}
 
 
 def results_markdown(
@@ -146,26 +162,28 @@ def results_markdown(
 ) -> str:
     """results.md: the table (`columns` of the metrics, then `extra` columns: header -> system -> cell), the
     targets and the examples."""
+    from ..evaluate import cell
+
     extra = extra or {}
     lines = [
         f"# loramix demo: {title}",
         "",
         f"Evaluation on a fixed test subset ({', '.join(f'{d} {n}' for d, n in sizes.items())}), greedy.",
         "",
-        "| system | " + " | ".join([c[2] for c in columns] + list(extra)) + " | mean | tokens/s |",
-        "|---|" + "---|" * (len(columns) + len(extra) + 2),
+        "| system | " + " | ".join([c[2] for c in columns] + list(extra)) + " | mean |",
+        "|---|" + "---|" * (len(columns) + len(extra) + 1),
     ]
     for system in result.metrics:
-        cells = [c[3].format(result.metrics[system][c[0]][c[1]]) for c in columns]
+        cells = [cell(result.metrics[system][c[0]][c[1]], c[3]) for c in columns]
         cells += [by_system.get(system, "-") for by_system in extra.values()]
-        lines.append(
-            f"| {_label(system)} | "
-            + " | ".join(cells)
-            + f" | {summary['mean_primary'][system]:.2f} | {result.speed[system]:.0f} |"
-        )
+        cells.append(cell(summary["mean_score"][system], "{:.2f}"))
+        lines.append(f"| {_label(system)} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "mean = mean over forward (R²), design (share within ±0.25), compare and Q&A (exact match).",
+        MEAN_NOTE,
+        "",
+        "Speeds are not measured here (the evaluation batches prompts and shares the machine with whatever runs): "
+        "the decode benchmark's are in benchmarks/RESULTS.md. results.json keeps this run's tokens/s per system.",
         "",
         "## Targets",
         "",
@@ -196,15 +214,14 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo with the shipped weights (or the given checkpoints); returns what results.json holds.
     sizes: records per domain of the test subset (default EVAL_SIZES)."""
-    from rich.console import Console
     from rich.table import Table
 
     from ..analysis import analyze
     from ..analysis.report import ANALYSIS_FILES
-    from ..evaluate import evaluate
+    from ..evaluate import cell, evaluate
     from ..loading import load
 
-    console = console or Console()
+    console = console or make_console()
     torch.set_num_threads(threads)
     start = time.perf_counter()
     out = check_owned_files(out_dir, RESULT_FILES, what="--out")  # before the run: never overwrite a user's file
@@ -237,17 +254,17 @@ def run_demo(
     summary = summary_of(result)
     # the console shows the primary metric of each domain (results.md has every column)
     primary = primary_columns(result, COLUMNS)
-    table = Table("system", *[c[2] for c in primary], "mean", "tok/s", title="baselines on the test subset")
+    table = Table("system", *[c[2] for c in primary], "mean", title="baselines on the test subset")
     for system in result.metrics:
         style = "bold green" if system == "granular" else None
         table.add_row(
             SHORT_LABELS.get(system, system.replace("expert:", "expert ")),
-            *[c[3].format(result.metrics[system][c[0]][c[1]]) for c in primary],
-            f"{summary['mean_primary'][system]:.2f}",
-            f"{result.speed[system]:.0f}",
+            *[cell(result.metrics[system][c[0]][c[1]], c[3]) for c in primary],
+            cell(summary["mean_score"][system], "{:.2f}"),
             style=style,
         )
     console.print(table)
+    console.print(MEAN_NOTE, highlight=False)
     for name, ok in summary["targets"].items():
         console.print(f"  {'[green]met[/green]' if ok else '[red]not met[/red]'}: {name}")
 

