@@ -48,7 +48,7 @@ def child(checkpoint: str, compile_: bool, new: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--before", type=Path, required=True, help="src/ of the checkout to compare against")
+    parser.add_argument("--before", type=Path, default=None, help="src/ of the checkout to compare against")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=96)
@@ -61,6 +61,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         child(args.child, args.compile, args.new_tokens)
         return
+    if args.before is None:
+        parser.error("--before SRC is required")
     from serve_load import library_checkpoint
 
     print(f"machine: {machine()}; torch threads {args.threads}; load average {os.getloadavg()}")
@@ -84,7 +86,9 @@ def main() -> None:
                 str(args.new_tokens),
                 *(["--compile"] if args.compile else []),
             ]
-            result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if result.returncode:
+                sys.exit(f"the {name} child failed: {result.stderr[-2000:]}")
             runs[name].append(json.loads(result.stdout.strip().splitlines()[-1]))
     print(
         f"| generate{' (compile=True)' if args.compile else ''} | before tokens/s | after tokens/s | after / before |"

@@ -58,8 +58,8 @@ class GateCache:
     Dynamic (eager generation, `GateCache()`): empty at first, replaced or grown by every call; the attention mask
     given with a call covers the S earlier columns and the new tokens. Static (the decode engine,
     `gate.new_cache(batch, slots)`): preallocated over the `slots` columns of the static KV caches, written in place
-    at `offset`, which advances by the tokens written; the mask given covers all the slots. A server moves rows along
-    the columns (`roll`) and sets `offset` as it does with the KV caches."""
+    at `offset`, which advances by the tokens written; the mask given covers all the slots. The decoder's SlotCache
+    moves rows along the columns and sets `offset` as it does with the KV caches (slots.py)."""
 
     def __init__(
         self,
@@ -77,16 +77,6 @@ class GateCache:
     def tensors(self) -> list[torch.Tensor]:
         """The tensors it holds (those a compiled step must see at fixed addresses)."""
         return [t for t in (self.ema, self.keys, self.values, self.offset) if t is not None]
-
-    def rows(self, k: int) -> GateCache:
-        """The first k rows (views: same storage and the same offset)."""
-        return GateCache(*(t[:k] if t is not None else None for t in (self.ema, self.keys, self.values)), self.offset)
-
-    def roll(self, d: int) -> None:
-        """Move every row d columns along (static caches; as the server rolls its KV caches)."""
-        for t in (self.keys, self.values):
-            if t is not None:
-                t.copy_(torch.roll(t, d, 1))
 
     def columns(self, tokens: int, device: torch.device) -> torch.Tensor:
         """The columns [T] that the next `tokens` tokens take."""
