@@ -100,17 +100,6 @@ def _logprobs_at(logprobs: torch.Tensor, tokens: torch.Tensor, k: int) -> list[T
     return [TokenLogprob(t, lp, top) for t, lp, top in zip(tokens.tolist(), chosen, tops)]
 
 
-def _logprobs_at(logprobs: torch.Tensor, tokens: torch.Tensor, k: int) -> list[TokenLogprob]:
-    """logprobs [T, V] of the positions predicting tokens [T] -> one TokenLogprob per token (k alternatives)."""
-    chosen = logprobs.gather(-1, tokens[:, None].to(logprobs.device))[:, 0].tolist()
-    if k > 0:
-        values, ids = logprobs.topk(k, dim=-1)
-        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
-    else:
-        tops = [[] for _ in chosen]
-    return [TokenLogprob(t, lp, top) for t, lp, top in zip(tokens.tolist(), chosen, tops)]
-
-
 def _held_back(text: str, stops: list[str]) -> int:
     """How many trailing characters of `text` could be the start of a stop string (not safe to stream yet)."""
     keep = 0
