@@ -36,8 +36,10 @@ def test_a_log_file_gets_the_tables_natural_width(monkeypatch):
 def test_a_terminal_keeps_richs_width(monkeypatch):
     monkeypatch.delenv("COLUMNS", raising=False)
     assert make_console(file=_Terminal()).width != LOG_WIDTH
-    monkeypatch.setenv("COLUMNS", "100")  # a width the user asks for is kept, terminal or not
-    assert make_console(file=io.StringIO()).width == 100
+    monkeypatch.setenv("COLUMNS", "100")  # on a terminal rich's own rules hold (COLUMNS included)
+    assert make_console(file=_Terminal()).width == 100
+    monkeypatch.setenv("COLUMNS", "80")  # a log stays wide even where CI (or pytest-xdist) exports COLUMNS=80
+    assert make_console(file=io.StringIO()).width == LOG_WIDTH
 
 
 def test_eval_table_is_not_folded_in_a_log(tmp_path, monkeypatch):

@@ -3,12 +3,12 @@
 On a terminal, rich fits the output to the terminal's width (and tables fold their cells to fit it). Anywhere else
 (`loramix demo > log`, `| tee`, CI logs, a notebook) rich would assume 80 columns and cut or fold every wide table
 ("expe…", headers over six lines); there the console is as wide as `LOG_WIDTH`, so tables print at their natural
-width, one row per line, and text is not wrapped. A width the user sets through `COLUMNS` is kept.
+width, one row per line, and text is not wrapped, whatever `COLUMNS` says (CI runners and pytest-xdist's workers set
+it to 80 for output that is not a terminal).
 """
 
 from __future__ import annotations
 
-import os
 from typing import IO
 
 from rich.console import Console
@@ -22,6 +22,6 @@ LOG_WIDTH = 1000
 def make_console(*, stderr: bool = False, file: IO[str] | None = None) -> Console:
     """A rich console on stdout (stderr, or `file`): the terminal's width on a terminal, else `LOG_WIDTH`."""
     console = Console(stderr=stderr, file=file)
-    if console.is_terminal or os.environ.get("COLUMNS", "").isdigit():
+    if console.is_terminal:
         return console
     return Console(stderr=stderr, file=file, width=LOG_WIDTH)
