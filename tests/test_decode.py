@@ -187,3 +187,26 @@ def test_tokenizer_without_pad_keeps_its_settings():
     ids, _ = encode_prompts(tokenizer, ["GRAVY", "AC"])
     assert tokenizer.pad_token is None and tokenizer.padding_side == "right"
     assert ids[1, :3].tolist() == [tokenizer.eos_token_id] * 3  # padded with eos, on the left
+
+
+def test_rows_move_left_when_the_first_ones_leave(llama_dir, llama_experts):
+    """A short row joins beside a long prompt; once the long one leaves, the short one's columns move to the left
+    edge (the steps attend to fewer columns) and its tokens stay those of generating it alone."""
+    mix = _mix(llama_dir, llama_experts)
+    torch.manual_seed(3)
+    long, short = torch.randint(3, 90, (1, 70)), torch.tensor([[5, 17, 33]])
+    decoder = Decoder(mix, 2, 256)
+    decoder.place(70, 10)
+    decoder.join([0], long, torch.ones_like(long), [RowSpec(max_new_tokens=10)])
+    for _ in range(3):
+        decoder.step()
+    assert decoder.place(3, 40) == 73  # it fits where the columns are
+    tokens = decoder.join([1], short, torch.ones_like(short), [RowSpec(max_new_tokens=40)]).tokens.tolist()
+    decoder.leave(0)
+    columns = []
+    for _ in range(39):
+        tokens.append(int(decoder.step().tokens[1]))
+        columns.append(decoder.column)
+    assert columns[0] == 4 and decoder.rows[1].start == 0  # moved 70 columns left at the first step after
+    want = mix.generate(short, max_new_tokens=40, eos_token_id=[]).new_tokens[0].tolist()
+    assert tokens == want

@@ -20,8 +20,9 @@ Everything the step reads and writes is a tensor updated in place (the caches' w
 host sync and no data-dependent branch: dynamo traces it whole (0 graph breaks) and it compiles once per (model, rows,
 columns, held or not); on CUDA with mode="reduce-overhead" (CUDA graphs). The step runs over views of the first k
 rows, k the power of two covering the highest occupied row (a padded row costs as much as a real one), and the first
-c columns, c the bucket of SLOT_BUCKET covering the columns in use: a server allocates twice its longest request,
-but a step attends to what its rows hold (rows move left when the first ones leave). Sampling (sampling.py)
+c columns, c the bucket covering the columns in use (a multiple of SLOT_BUCKET eagerly, a power of two compiled, so
+that a long generation compiles a few shapes): a server allocates twice its longest request, but a step attends to
+what its rows hold (rows move left when the first ones leave). Sampling (sampling.py)
 follows the step on the device; the decoder reads nothing back: its caller reads each step's tokens when it needs
 them (the server every step, `generate` every few steps).
 
@@ -432,14 +433,21 @@ class Decoder:
             view = self._views[(k, c)] = self.buffers.first(k, c, cache, self.model.rank_sizes)
         return view
 
+    def _bucket(self, columns: int) -> int:
+        """The columns a step over `columns` columns in use attends to: a multiple of SLOT_BUCKET eagerly; compiled,
+        a power of two (at least SLOT_BUCKET), so that a long generation compiles a few shapes, not one per 64."""
+        if self.backend is None:
+            return cache_slots(columns, None)
+        return max(SLOT_BUCKET, 1 << (columns - 1).bit_length())
+
     def _columns(self, occupied: list[int]) -> int:
         """How many columns the next step attends to: the bucket covering the columns in use (after moving every
         row left when the first row's start has passed a bucket: rows that left free their columns)."""
         if occupied:
             lo = min(self.rows[i].start for i in occupied)
-            if lo > 0 and cache_slots(self.column + 1 - lo, None) < cache_slots(self.column + 1, None):
+            if lo > 0 and self._bucket(self.column + 1 - lo) < self._bucket(self.column + 1):
                 self._roll(-lo)
-        return min(self.slots, cache_slots(self.column + 1, None))
+        return min(self.slots, self._bucket(self.column + 1))
 
     @torch.no_grad()
     def step(self) -> Stepped:
