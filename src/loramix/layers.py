@@ -25,7 +25,18 @@ from torch import nn
 
 from .experts import StackedLoRA, linear_features
 
-__all__ = ["MixState", "MixedLoRALinear", "PreparedScalings"]
+__all__ = ["MixState", "MixedLoRALinear", "PreparedScalings", "rank_multipliers"]
+
+
+def rank_multipliers(scalings: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, g: float) -> torch.Tensor:
+    """The one formula of the rank multipliers: g * s[index[j]] * scale[j] for every rank row j.
+
+    scalings [..., K] (one layer's N experts, or all L * N flattened), index [R] into its last axis, scale [R] the
+    rows' c_e -> [..., R] in scale's dtype. A layer passes its own rows; the model passes every layer's at once.
+    """
+    if scalings.device != scale.device:
+        scalings = scalings.to(scale.device)
+    return scalings.index_select(-1, index).to(scale.dtype) * (scale * g)
 
 
 class MixState:
@@ -144,11 +155,8 @@ class MixedLoRALinear(nn.Module):
     def rank_multiplier(self, scalings: torch.Tensor | float) -> torch.Tensor:
         """g * s[expert(j)] * c[expert(j)] for each rank row j: [..., R] for tensor scalings, [R] for a constant."""
         g = self.state.global_scaling_weight
-        if isinstance(scalings, torch.Tensor):
-            s = scalings[..., self.layer_index, :]  # [B, T, N]
-            if s.device != self.rank_scale.device:
-                s = s.to(self.rank_scale.device)
-            return s.index_select(-1, self.rank_expert).to(self.rank_scale.dtype) * (self.rank_scale * g)
+        if isinstance(scalings, torch.Tensor):  # [B, T, L, N] -> this layer's [B, T, N]
+            return rank_multipliers(scalings[..., self.layer_index, :], self.rank_expert, self.rank_scale, g)
         return self.rank_scale * (float(scalings) * g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from .errors import ConfigError, LoramixError
 from .experts import ExpertInfo, StackedLoRA, linear_features, read_adapter, stack_experts
 from .gate import GateCache, arrow_prototypes, build_gate
 from .generate import GenerationOutput, generate, stream
-from .layers import MixedLoRALinear, MixState, PreparedScalings
+from .layers import MixedLoRALinear, MixState, PreparedScalings, rank_multipliers
 from .quant import compute_dtype
 
 logger = logging.getLogger(__name__)
@@ -390,8 +390,7 @@ class LoraMixModel(nn.Module):
     def rank_multipliers(self, scalings: torch.Tensor) -> torch.Tensor:
         """Scalings [B, T, L, N] -> every layer's rank multipliers side by side, [B, T, sum_l R_l] (one gather)."""
         flat = scalings.reshape(*scalings.shape[:2], self.n_layers * self.n_experts)
-        mult = flat.index_select(-1, self._rank_index).to(self._rank_scale.dtype)
-        return mult * (self._rank_scale * self.state.global_scaling_weight)
+        return rank_multipliers(flat, self._rank_index, self._rank_scale, self.state.global_scaling_weight)
 
     def scaling_backbone(self) -> nn.Module:
         """The module the scaling pass runs: the backbone, or with `config.scaling_layer` = k < blocks a view of it
