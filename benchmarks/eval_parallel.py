@@ -39,8 +39,16 @@ def main() -> None:
     rows = test_records(World(), {d: max(1, round(n * args.scale)) for d, n in EVAL_SIZES.items()})
     records.write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": str(args.threads)}
-    eval_args = ["-m", "loramix", "eval", str(shipped_checkpoint()), "--data", str(records),
-                 "--batch-size", str(args.batch_size)]
+    eval_args = [
+        "-m",
+        "loramix",
+        "eval",
+        str(shipped_checkpoint()),
+        "--data",
+        str(records),
+        "--batch-size",
+        str(args.batch_size),
+    ]
     # torchrun: `accelerate launch --cpu` starts one process (docs/scaling.md); --standalone picks a free port
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.processes)]
     env["ACCELERATE_USE_CPU"] = "true"
@@ -56,11 +64,29 @@ def main() -> None:
             times[name].append(seconds)
             result = json.loads((out / "results.json").read_text())
             metrics.setdefault(name, json.dumps(result["metrics"]))
-            print(json.dumps({"processes": int(name), "run": run, "seconds": round(seconds, 2),
-                              "metrics_equal_to_1": json.dumps(result["metrics"]) == metrics.get("1")}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "processes": int(name),
+                        "run": run,
+                        "seconds": round(seconds, 2),
+                        "metrics_equal_to_1": json.dumps(result["metrics"]) == metrics.get("1"),
+                    }
+                ),
+                flush=True,
+            )
     one, many = statistics.median(times["1"]), statistics.median(times[str(args.processes)])
-    print(json.dumps({"records": len(rows), "median_1": round(one, 2), f"median_{args.processes}": round(many, 2),
-                      "ratio": round(many / one, 3), "metrics_equal": len(set(metrics.values())) == 1}))
+    print(
+        json.dumps(
+            {
+                "records": len(rows),
+                "median_1": round(one, 2),
+                f"median_{args.processes}": round(many, 2),
+                "ratio": round(many / one, 3),
+                "metrics_equal": len(set(metrics.values())) == 1,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
