@@ -193,3 +193,51 @@ def test_native_model_errors_are_one_line(monkeypatch, capsys):
     lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
     assert exit_.value.code == 1 and len(lines) == 1, lines
     assert lines[0].startswith("error: unknown model_args ['bogus_key']; known: base, batch_size, checkpoint")
+
+
+class _Launch:
+    """What `accelerate launch --num_processes 2` tells process 1 (Accelerate's PartialState, as the model reads it)."""
+
+    num_processes = 2
+    process_index = 1
+    is_main_process = False
+    device = torch.device("cpu")
+
+
+def test_native_model_takes_rank_and_world_size_from_the_launch(monkeypatch):
+    """Under a launch the model reports Accelerate's global process index and count (lm-eval's evaluator splits the
+    documents by them) and loads on the process's device, whatever device lm-eval passes; alone, rank 0 of 1."""
+    from loramix import harness
+
+    alone = harness.LoramixLM(model=loramix.load(shipped_checkpoint()))
+    assert (alone.rank, alone.world_size) == (0, 1)
+    monkeypatch.setattr(harness, "processes", lambda: _Launch())
+    lm = harness.LoramixLM.create_from_arg_string(f"checkpoint={shipped_checkpoint()}", {"device": "cuda:0"})
+    assert (lm.rank, lm.world_size, lm.device) == (1, 2, torch.device("cpu"))
+
+
+def test_native_model_in_two_processes_equals_one_process(tasks, demo, tmp_path):
+    """`python -m loramix.harness` in two processes (torchrun; accelerate launch starts the same): each rank scores
+    half of the documents, rank 0 alone writes the results, and they equal one process's."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import loramix.harness
+
+    src = str(Path(loramix.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "two"
+    env["ACCELERATE_USE_CPU"] = "true"  # CPU processes (gloo) on a machine with GPUs too
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "loramix.harness", "--model", "loramix",
+               "--model_args", f"checkpoint={shipped_checkpoint()}", "--tasks", "demo_compare,demo_qa",
+               "--include_path", str(tasks), "--batch_size", "4", "--output_path", str(out), "--log_samples"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list(out.rglob("results_*.json"))) == 1
+    two = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
+    one = lm_eval.simple_evaluate(model=loramix.harness.LoramixLM(model=demo, batch_size=4),
+                                  tasks=["demo_compare", "demo_qa"], task_manager=TaskManager(include_path=str(tasks)))
+    for task, metric in (("demo_compare", "acc,none"), ("demo_qa", "exact_match,none")):
+        assert two[task][metric] == one["results"][task][metric], task
+    assert [s["doc_id"] for s in _samples(out, "demo_qa")] == list(range(8))

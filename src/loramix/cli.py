@@ -807,33 +807,70 @@ def eval_cmd(
     quantize: str | None = _QUANTIZE,
 ) -> None:
     """Score a checkpoint against the baselines (base, each expert, uniform merge, oracle, per-prompt router,
-    loramix granular / prompt / truncated) per domain; see docs/demo.md for the record format."""
+    loramix granular / prompt / truncated) per domain; see docs/demo.md for the record format.
+
+    Data parallel under `accelerate launch` (one machine or several): every process answers a share of the records,
+    the main process prints the table and alone writes --out (docs/scaling.md)."""
     from . import demo  # noqa: F401  (registers the demo's record kinds, "design" and "two_segment")
     from .data import load_records
+    from .errors import CheckpointError
     from .evaluate import SYSTEMS, evaluate
-    from .io import check_owned_files, write_owned_files
+    from .io import check_owned_files
+    from .parallel import finish, processes, same_on_every_process, threads_for_processes
 
     unknown = sorted(set(systems or []) - set(SYSTEMS))
     if unknown:
         raise typer.BadParameter(
             f"unknown system(s) {unknown}; expected some of {', '.join(SYSTEMS)}", param_hint="--system"
         )
-    if out is not None:
-        check_owned_files(out, ("results.json", "results.md"), what="--out")  # before the run, not after it
+    state = processes()
+    threads_for_processes(state)
+    if out is not None:  # before the run, not after it; by the process that writes, its verdict for all
+        refused = None
+        if state.is_main_process:
+            try:
+                check_owned_files(out, ("results.json", "results.md"), what="--out")
+            except CheckpointError as exc:
+                refused = str(exc)
+        refused = same_on_every_process(refused, state)
+        if refused is not None:
+            raise CheckpointError(refused)
     records = load_records(data)
     records = records[:limit] if limit else records
-    model = _load(checkpoint, None, None, base, quantize)
+    device = str(state.device) if state.num_processes > 1 else None  # one GPU per process under a launcher
+    model = _load(checkpoint, device, None, base, quantize)
     trunc = None
     if truncated is not None:
         from .loading import load
 
-        trunc = load(truncated, base, quantize=quantize)
-    result = evaluate(model, records, truncated=trunc, systems=systems or SYSTEMS, batch_size=batch_size)
+        trunc = load(truncated, base, device=device, quantize=quantize)
+    result = evaluate(
+        model,
+        records,
+        truncated=trunc,
+        systems=systems or SYSTEMS,
+        batch_size=batch_size,
+        progress=state.is_main_process,
+        state=state,
+    )
+    try:
+        if state.is_main_process:
+            _report_eval(result, len(records), state.num_processes, out)
+    finally:
+        finish(state)
+
+
+def _report_eval(result: Any, n_records: int, n_processes: int, out: Path | None) -> None:
+    """The table of `loramix eval` and its --out files (the main process's part)."""
+    from .io import write_owned_files
+
     header, rows = result.primary_table()
     table = Table(*header, title="primary metric per domain")
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    if n_processes > 1:
+        console.print(f"{n_records} records shared by {n_processes} processes")
     if out is not None:
         results = {"results.json": json.dumps(result.to_dict(), indent=2), "results.md": result.to_markdown()}
         write_owned_files(out, results, what="--out")

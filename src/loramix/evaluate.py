@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
+from .parallel import processes, split_map
 from .scoring import Scorer, scorer, scorer_of
 
 logger = logging.getLogger(__name__)
@@ -98,11 +99,16 @@ class _Domain:
 
 
 class _Runner:
-    def __init__(self, model: Any, truncated: Any, batch_size: int) -> None:
+    """Answers of one system to one domain's records, in batches of `batch_size`. With `state` (Accelerate's
+    `PartialState`) of several processes, each process answers a contiguous share of the records and every process
+    gets all the answers back in the records' order (`parallel.split_map`)."""
+
+    def __init__(self, model: Any, truncated: Any, batch_size: int, state: Any = None) -> None:
         self.model = model
         self.truncated = truncated
         self.batch_size = batch_size
         self.tokenizer = model.tokenizer
+        self.state = state
 
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         from .text import encode_prompts
@@ -111,8 +117,9 @@ class _Runner:
 
     def _generate(
         self, system: str, texts: list[str], n_new: int, weights: torch.Tensor | None, router: torch.Tensor | None
-    ) -> tuple[list[str], int]:
-        """Greedy answers (text up to EOS) for a batch of prompts under one system; also the generated token count."""
+    ) -> tuple[list[str], list[int]]:
+        """Greedy answers (text up to EOS) for a batch of prompts under one system; also each row's generated token
+        count."""
         model = self.truncated if system == "truncated" else self.model
         ids, mask = self._encode(texts)
         kwargs: dict[str, Any] = {"max_new_tokens": n_new}
@@ -129,7 +136,7 @@ class _Runner:
         for row in range(len(texts)):
             tokens = out.new_tokens[row, : out.lengths[row]].tolist()
             texts_out.append(self.tokenizer.decode(tokens, skip_special_tokens=True))
-        return texts_out, sum(out.lengths)
+        return texts_out, [int(out.lengths[row]) for row in range(len(texts))]
 
     def _router(self, texts: list[str]) -> torch.Tensor:
         ids, mask = self._encode(texts)
@@ -139,25 +146,33 @@ class _Runner:
         return (s * m).sum(1) / m.sum(1)  # [B, L, N], mean over the prompt's real tokens
 
     def answers(self, system: str, domain: _Domain, weights: torch.Tensor | None) -> tuple[list[str], int]:
-        out: list[str] = []
-        tokens = 0
+        """Every record's answer, in the records' order, and the tokens generated (by all processes)."""
+        pairs = split_map(
+            lambda rows: self._answer_rows(system, domain, weights, rows), range(len(domain.records)), self.state
+        )
+        return [answer for answer, _ in pairs], sum(n for _, n in pairs)
+
+    def _answer_rows(
+        self, system: str, domain: _Domain, weights: torch.Tensor | None, rows: list[int]
+    ) -> list[tuple[str, int]]:
+        """(answer, tokens generated) of the records at `rows` (indices into the domain's records)."""
+        out: list[tuple[str, int]] = []
         then = domain.how.continuation
-        for start in range(0, len(domain.records), self.batch_size):
-            chunk = domain.records[start : start + self.batch_size]
-            w = weights[start : start + self.batch_size] if weights is not None else None
+        for start in range(0, len(rows), self.batch_size):
+            at = rows[start : start + self.batch_size]
+            chunk = [domain.records[i] for i in at]
+            w = weights[at] if weights is not None else None
             prompts = [r["prompt"] for r in chunk]
             router = self._router(prompts) if system == "router" else None
             first, n = self._generate(system, prompts, domain.max_new, w, router)
-            tokens += n
             if then is None:
-                out += first
+                out += zip(first, n)
                 continue
             # two segments: the harness appends the continuation, the model writes the rest
             second_prompts = [p + a.strip() + r[then] for p, a, r in zip(prompts, first, chunk)]
-            second, n = self._generate(system, second_prompts, DEFAULT_MAX_NEW, w, router)
-            tokens += n
-            out += [a.strip() + r[then] + b.strip() for a, r, b in zip(first, chunk, second)]
-        return out, tokens
+            second, m = self._generate(system, second_prompts, DEFAULT_MAX_NEW, w, router)
+            out += [(a.strip() + r[then] + b.strip(), i + j) for a, r, b, i, j in zip(first, chunk, second, n, m)]
+        return out
 
 
 DEFAULT_MAX_NEW = 12  # new tokens of a continuation's answer
@@ -261,9 +276,16 @@ def evaluate(
     batch_size: int = 64,
     train_peptides: set[str] | None = None,
     progress: bool = True,
+    state: Any = None,
 ) -> EvalResult:
     """Run every system over the records (grouped by their "domain") and score them; see the module docstring.
-    max_new_tokens: budgets by domain name (default: each scorer's). train_peptides: passed to scorers as context."""
+    max_new_tokens: budgets by domain name (default: each scorer's). train_peptides: passed to scorers as context.
+
+    Data parallel: under `accelerate launch` (or with `state`, Accelerate's `PartialState`) every process must call
+    this with the same records; each answers a contiguous share of every domain's records, the answers are gathered
+    in the records' order and every process scores all of them, so the metrics are those of one process (for greedy
+    answers that do not depend on the rows batched with them). tokens/s is then the processes' total over the wall
+    time."""
     from tqdm.auto import tqdm
 
     if model.tokenizer is None:
@@ -273,7 +295,7 @@ def evaluate(
     names = model.expert_names
     domains = _domains(records, max_new_tokens)
     result = EvalResult(kinds={name: group.how.name for name, group in domains.items()})
-    runner = _Runner(model, truncated, batch_size)
+    runner = _Runner(model, truncated, batch_size, processes(state))
     context = {"train_peptides": train_peptides or set()}
     rows = _rows(systems, names, truncated)
     bar = tqdm(total=len(rows) * len(domains), desc="evaluating", disable=not progress)

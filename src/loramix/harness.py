@@ -24,6 +24,11 @@ exits 1).
 
 Log probabilities are those of the raw logits of the mixed model, over left-padded batches; they equal the server's
 (`/v1/completions` with echo and logprobs) within float tolerance.
+
+Data parallel: under `accelerate launch` (one machine or several) the model reports the launch's `rank` and
+`world_size` (Accelerate's global process index and process count) and loads on its process's device, as lm-eval's
+`hf` model does on GPUs; lm-eval's evaluator then gives each rank its share of the documents, gathers the results
+with the model's `all_gather` / `gather_object` and writes them on rank 0 alone (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from .base import DTYPES, resolve_defaults
 from .errors import ConfigError, LoramixError
 from .loading import load
+from .parallel import finish, processes, threads_for_processes
 from .quant import QUANTIZE_CHOICES
 from .sampling import SamplingSettings
 
@@ -106,6 +112,14 @@ class LoramixLM(TemplateLM):
         super().__init__()
         _check_args(mode, dtype, quantize, max_length, kwargs)
         self.batch_size = _batch_size(batch_size)
+        self.state = processes()
+        if self.state.num_processes > 1:  # a launch: the evaluator splits the documents by rank
+            self._rank = self.state.process_index  # global (hf uses the local index: one node's share per node)
+            self._world_size = self.state.num_processes
+            threads_for_processes(self.state)
+            if device and str(device) != str(self.state.device):
+                logger.info("accelerate launch: device=%s is replaced by this process's %s", device, self.state.device)
+            device = str(self.state.device)
         if model is None:
             if not checkpoint:
                 raise ConfigError("--model_args needs checkpoint=DIR (a loramix checkpoint directory)")
@@ -118,6 +132,7 @@ class LoramixLM(TemplateLM):
         if mode == "truncated" and model.config.scaling_layer is None:
             raise ConfigError("mode=truncated needs a gate trained on a truncated scaling pass (config.scaling_layer)")
         self.mix = model
+        self._device = model.device
         self.tokenizer = model.tokenizer
         self.mode = mode
         self.system = system
@@ -139,6 +154,36 @@ class LoramixLM(TemplateLM):
         if system.startswith("expert:") and system[7:] in names:
             return torch.eye(n)[names.index(system[7:])]
         raise ConfigError(f"system={system!r}; expected {', '.join(SYSTEMS)} with NAME one of {', '.join(names)}")
+
+    # ------------------------------------------------------------------ data parallel (lm-eval's evaluator calls them)
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's `tensor`, concatenated along the first dimension (a 0-d tensor counts as one row)."""
+        if self.world_size <= 1:
+            return tensor
+        from accelerate.utils import gather
+
+        return gather(tensor)
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        """Every rank's `obj` as a list on rank `dst`, None on the others."""
+        if self.world_size <= 1:
+            return [obj]
+        out: list[Any] | None = [None] * self.world_size if self.rank == dst else None
+        torch.distributed.gather_object(obj, out, dst=dst)
+        return out
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            self.state.wait_for_everyone()
 
     # ------------------------------------------------------------------ what TemplateLM needs
 
@@ -283,6 +328,8 @@ def main() -> None:
 
     try:
         cli_evaluate()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            finish(processes())  # under a launch: every rank waits for rank 0's results, then the group goes down
     except LoramixError as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"error: {message}", file=sys.stderr)
