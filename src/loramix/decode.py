@@ -294,9 +294,6 @@ class Decoder:
     def occupied(self) -> list[int]:
         return [i for i, row in enumerate(self.rows) if row is not None]
 
-    def free_row(self) -> int | None:
-        return next((i for i, row in enumerate(self.rows) if row is None), None)
-
     def target(self, prompt: int, need: int) -> int | None:
         """The column at which prompts of `prompt` tokens that need `need` more columns can join (the rows already
         there moved along to it), or None if they cannot join before rows finish. Changes nothing."""
@@ -348,7 +345,8 @@ class Decoder:
         prompt_logits: bool = False,
     ) -> Joined:
         """Prefill prompts [J, T] (left padded; mask [J, T]) as one batch into the free `rows`, ending at the current
-        column (call `place` first); choose their first tokens. Raises ConfigError for a spec the decoder cannot run."""
+        column (call `place` first); choose their first tokens. Raises ValueError when called out of turn (no `place`,
+        or a gated row in a decoder made for held rows only)."""
         model, b = self.model, self.buffers
         T, device = input_ids.shape[1], model.device
         if self.column < T:
@@ -462,12 +460,10 @@ class Decoder:
             self._column_moved = False
         b = self._view(k, c)
         b.held = all(self.rows[i].spec.held for i in occupied)
-        sparse = False
         if self.backend is not None:
-            step = compiled_step(self.model, k, c, b.held, self.backend)
+            logits, scalings = compiled_step(self.model, k, c, b.held, self.backend)(self.model, b)
         else:
-            step, sparse = decode_step, self.model.use_sparse_top_k(1)
-        logits, scalings = step(self.model, b, sparse) if sparse else step(self.model, b)
+            logits, scalings = decode_step(self.model, b, self.model.use_sparse_top_k(1))
         rows = slice(0, k)
         tokens = self.sampler.choose(logits, rows)
         self.sampler.record(rows, tokens)

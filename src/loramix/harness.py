@@ -50,6 +50,7 @@ from .loading import load
 from .parallel import finish, processes, threads_for_processes
 from .quant import QUANTIZE_CHOICES
 from .sampling import SamplingSettings
+from .text import left_pad
 
 logger = logging.getLogger(__name__)
 
@@ -210,9 +211,7 @@ class LoramixLM(TemplateLM):
 
     def _batch(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Left-padded ids, mask and positions [B, T]."""
-        width = max(len(r) for r in rows)
-        ids = torch.tensor([[self.pad] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        ids, mask = left_pad(rows, self.pad)
         device = self.mix.device
         return ids.to(device), mask.to(device), (mask.cumsum(-1) - 1).clamp_min(0).to(device)
 

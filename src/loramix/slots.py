@@ -65,7 +65,7 @@ class SlotCache:
     def write(self, rows: list[int], start: int, prompt: LoraMixCache) -> None:
         """Copy a prefilled batch (DynamicCaches of len(rows) rows and T columns) into `rows`, columns
         [start, start + T). The other columns of those rows keep what they had (the mask hides them)."""
-        index = None
+        index, initialised = None, False
         for static, name in self._kv():
             source = getattr(prompt, name)
             if source is None:
@@ -78,12 +78,14 @@ class SlotCache:
                     layer.lazy_initialization(
                         src.keys.new_zeros(*shape, src.keys.shape[3]), src.values.new_zeros(*shape, src.values.shape[3])
                     )
+                    initialised = True
                 if index is None:
                     index = torch.tensor(rows, device=layer.keys.device)
                 end = start + src.keys.shape[2]
                 layer.keys[index, :, start:end] = src.keys
                 layer.values[index, :, start:end] = src.values
-        self._views.clear()  # views made before initialisation hold no tensors
+        if initialised:
+            self._views.clear()  # views made before a layer's initialisation hold no tensors for it
         gate, source = self.cache.gate, prompt.gate
         if gate is None or source is None:
             return
@@ -140,8 +142,8 @@ class SlotCache:
         if view is None:
             gate = self.cache.gate
             if gate is not None:
-                gate = GateCache(*(t[:k, :c] if t is not None and t.dim() == 3 else t[:k] if t is not None else None
-                                   for t in (gate.ema, gate.keys, gate.values)), gate.offset)
+                keys, values = (t[:k, :c] if t is not None else None for t in (gate.keys, gate.values))
+                gate = GateCache(gate.ema[:k] if gate.ema is not None else None, keys, values, gate.offset)
             view = LoraMixCache(_part(self.cache.scaling, k, c), _part(self.cache.mixed, k, c), gate)
             if not torch.compiler.is_compiling():
                 for t in _tensors(view):

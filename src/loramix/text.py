@@ -11,7 +11,7 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["PLAIN_CHAT_FORMAT", "IncrementalDecoder", "encode_prompts", "render_chat"]
+__all__ = ["PLAIN_CHAT_FORMAT", "IncrementalDecoder", "encode_prompts", "left_pad", "render_chat"]
 
 PLAIN_CHAT_FORMAT = "{role}: {content}\n"
 """Used for chat messages when the tokenizer has no chat template: one line per message, then 'assistant:'."""
@@ -40,6 +40,11 @@ def encode_prompts(
     if not rows or any(len(row) == 0 for row in rows):
         raise ConfigError("a prompt is empty after tokenization")
     pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    return left_pad(rows, pad)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows of any lengths -> (input_ids [B, T], attention_mask [B, T]), padded with `pad` on the left."""
     width = max(len(row) for row in rows)
     ids = torch.tensor([[pad] * (width - len(row)) + list(row) for row in rows], dtype=torch.long)
     mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], dtype=torch.long)

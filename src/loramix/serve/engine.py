@@ -38,7 +38,7 @@ from ..base import resolve_defaults
 from ..decode import Decoder, RowSpec, cache_slots
 from ..errors import LoramixError
 from ..sampling import SamplingSettings, row_generator
-from ..text import IncrementalDecoder
+from ..text import IncrementalDecoder, left_pad
 
 logger = logging.getLogger(__name__)
 
@@ -296,19 +296,21 @@ class Engine:
         else:
             job.emit({"type": "error", "message": message or why, "status": status})
 
-    def _expired(self, job: Job, now: float) -> bool:
-        return job.deadline is not None and now >= job.deadline
+    def _ended_early(self, job: Job, row: _Row | None) -> bool:
+        """End `job` (in its row, or queued) if its client hung up or its deadline passed; whether it did."""
+        if job.cancelled:
+            self._end(job, row, "cancelled", "the client closed the request", 499)
+        elif job.deadline is not None and time.monotonic() >= job.deadline:
+            self._end(job, row, "timeout", "the request timed out before it finished", 504)
+        else:
+            return False
+        return True
 
     def _release(self) -> None:
         """End the rows of cancelled and timed-out jobs (before the step)."""
-        now = time.monotonic()
         for row in self._rows:
-            if row is None:
-                continue
-            if row.job.cancelled:
-                self._end(row.job, row, "cancelled", "the client closed the request", 499)
-            elif self._expired(row.job, now):
-                self._end(row.job, row, "timeout", "the request timed out before it finished", 504)
+            if row is not None:
+                self._ended_early(row.job, row)
 
     def _take(self) -> list[Job]:
         """The waiting jobs that join at this step, in order: while a row is free and the next job fits the columns
@@ -318,12 +320,8 @@ class Engine:
         with self._cond:
             while self._pending and len(group) < free:
                 job = self._pending[0]
-                if job.cancelled or self._expired(job, time.monotonic()):
+                if self._ended_early(job, None):
                     self._pending.popleft()
-                    if job.cancelled:
-                        self._end(job, None, "cancelled", "the client closed the request", 499)
-                    else:
-                        self._end(job, None, "timeout", "the request timed out before it finished", 504)
                     continue
                 trial = [*group, job]
                 if self._target(trial) is None:
@@ -347,13 +345,11 @@ class Engine:
             return
         self.batches += 1
         self.batched_requests += len(jobs)
-        T = max(len(j.ids) for j in jobs)
+        ids, mask = left_pad([j.ids for j in jobs], self.defaults.pad_token_id)
+        T = ids.shape[1]
         self.decoder.place(T, max(j.max_tokens for j in jobs) - 1)
         slots = [i for i, row in enumerate(self._rows) if row is None][: len(jobs)]
         rows = [_Row(job, self.tokenizer, slot) for job, slot in zip(jobs, slots)]
-        pad = self.defaults.pad_token_id
-        ids = torch.tensor([[pad] * (T - len(j.ids)) + j.ids for j in jobs])
-        mask = torch.tensor([[0] * (T - len(j.ids)) + [1] * len(j.ids) for j in jobs])
         device = self.model.device
         specs = [
             RowSpec(j.mode, j.sampling, row_generator(j.sampling.seed, j.index, device), j.max_tokens) for j in jobs
