@@ -144,13 +144,14 @@ def input_ids() -> torch.Tensor:
     return torch.randint(3, 96, (2, 7), generator=g)
 
 
-def char_tokenizer(add_bos: bool = True):
+def char_tokenizer(add_bos: bool = True, last: str = "{", without: str = ""):
     """A character-level transformers tokenizer with 96 ids: <pad>=0, <s>=1, </s>=2, then newline and 92 printable
-    characters. It adds <s> in front, as Llama tokenizers do (unless add_bos=False, as GPT-2's does not)."""
+    characters (space to `last`, except those in `without`; "~" gives every printable ASCII character, 99 ids, as
+    JSON needs). It adds <s> in front, as Llama tokenizers do (unless add_bos=False, as GPT-2's does not)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    chars = ["\n"] + [chr(c) for c in range(32, 124)]
+    chars = ["\n"] + [chr(c) for c in range(32, ord(last) + 1) if chr(c) not in without]
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")

@@ -381,10 +381,10 @@ def test_chat_content_parts_null_assistant_model_card_and_usage_chunk(client, se
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice: tool_choice 'auto'"),
+        ({"tool_choice": "auto"}, "tool_choice: tool_choice needs tools"),
         ({"functions": [{"name": "f"}]}, "functions"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_object"}}, "response_format: the tokenizer has no token for '}'"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": True, "stream": True}, "logprobs"),
         ({"messages": [{"role": "user", "content": "caf\u00e9"}]}, "messages"),

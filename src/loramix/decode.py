@@ -26,6 +26,9 @@ what its rows hold (rows move left when the first ones leave). Sampling (samplin
 follows the step on the device; the decoder reads nothing back: its caller reads each step's tokens when it needs
 them (the server every step, `generate` every few steps).
 
+A row with a grammar (RowSpec.grammar, grammar.py) has its tokens constrained by the sampler, which then reads
+the chosen tokens back every step (the grammar advances on the host); rows without one change nothing.
+
 Rows share the write column: a row's tokens fill a contiguous range of columns ending at the current one, its
 positions (RoPE) start at 0 and its mask hides the columns before its range.
 """
@@ -180,13 +183,15 @@ def compiled_step(model: Any, rows: int, slots: int, held: bool, backend: Any = 
 @dataclass
 class RowSpec:
     """How one row decodes: its mode ("granular", "prompt", "truncated", or "fixed" with `fixed` scalings [1, L, N]),
-    its sampling settings, its own random stream (or None) and how many tokens it may still generate."""
+    its sampling settings, its own random stream (or None), how many tokens it may still generate, and the
+    `grammar.Grammar` its tokens must follow (or None)."""
 
     mode: str = "granular"
     sampling: SamplingSettings = dataclasses.field(default_factory=SamplingSettings)
     generator: torch.Generator | None = None
     max_new_tokens: int = 0
     fixed: torch.Tensor | None = None
+    grammar: Any = None
 
     @property
     def held(self) -> bool:
@@ -294,6 +299,12 @@ class Decoder:
     def occupied(self) -> list[int]:
         return [i for i, row in enumerate(self.rows) if row is not None]
 
+    @property
+    def grammar_failures(self) -> dict[int, str]:
+        """Constrained rows whose grammar could go no further (row -> why; host state, no sync): their last token
+        is not valid output, and the row should end as failed."""
+        return self.sampler.failures
+
     def target(self, prompt: int, need: int) -> int | None:
         """The column at which prompts of `prompt` tokens that need `need` more columns can join (the rows already
         there moved along to it), or None if they cannot join before rows finish. Changes nothing."""
@@ -400,7 +411,7 @@ class Decoder:
         b.multipliers[index] = model.rank_multipliers(s[:, -1:])
         for j, (row, spec) in enumerate(zip(rows, specs)):
             self.rows[row] = _Row(spec, start)
-            self.sampler.set_row(row, spec.sampling, ids[j][mask[j].bool()], spec.generator)
+            self.sampler.set_row(row, spec.sampling, ids[j][mask[j].bool()], spec.generator, spec.grammar)
         logits, last = out.logits[:, -1], s[:, -1]
         tokens = self.sampler.choose(logits, rows)
         self.sampler.record(rows, tokens)

@@ -35,6 +35,7 @@ import torch
 from .base import resolve_defaults, text_config
 from .decode import HELD_MODES, MODES, Decoder, RowSpec, cache_slots, compile_support, non_finite_rows
 from .errors import ConfigError, LoramixError
+from .grammar import Grammar
 from .sampling import Sampler, SamplingSettings, row_generator
 from .slots import static_cache_support
 from .text import IncrementalDecoder
@@ -227,6 +228,8 @@ class Generation:
         scaling_layer: int | None = None,
         streamer: Any = None,
         compile: Any = False,
+        json_schema: Any = None,
+        grammar: Any = None,
     ) -> None:
         from transformers import StoppingCriteriaList
         from transformers.generation.stopping_criteria import StopStringCriteria
@@ -264,6 +267,7 @@ class Generation:
                 scalings.to(device, model.dtype), ids.shape[0], model.n_layers, model.n_experts
             )
         self.mode = "fixed" if self.fixed is not None else mode
+        self.grammars = self._grammars(tokenizer, json_schema, grammar, ids.shape[0])
         self.backend = _decoder_backend(model, compile, use_cache)
         self.prompt_length = ids.shape[1]
         columns = self.prompt_length + self.max_new_tokens
@@ -271,7 +275,23 @@ class Generation:
             columns = cache_slots(columns, self.defaults.context)
         self.state = DecodeState.start(ids, mask, columns, self.defaults.pad_token_id)
         self.eos = torch.tensor(self.defaults.eos_token_ids, device=device) if self.defaults.eos_token_ids else None
+        self._sampler: Sampler | None = None
         self._done = False
+
+    def _grammars(self, tokenizer: Any, json_schema: Any, grammar: Any, batch: int) -> list[Grammar | None]:
+        """Each row's grammar: `json_schema` for every row (compiled here), or `grammar`, one Grammar for every row
+        or a list with one per row (None: unconstrained)."""
+        if json_schema is not None and grammar is not None:
+            raise ConfigError("pass json_schema or grammar, not both")
+        if json_schema is not None:
+            vocab = self.model.model.get_output_embeddings().weight.shape[0]
+            grammar = Grammar.json(tokenizer, json_schema, vocab=vocab, eos=self.defaults.eos_token_ids)
+        if grammar is None or isinstance(grammar, Grammar):
+            return [grammar] * batch
+        grammars = list(grammar)
+        if len(grammars) != batch or not all(g is None or isinstance(g, Grammar) for g in grammars):
+            raise ConfigError(f"grammar must be a Grammar, or a list of {batch} (one per row, None for no grammar)")
+        return grammars
 
     # ------------------------------------------------------------------ the loop
 
@@ -301,6 +321,11 @@ class Generation:
                 st.stopped |= newly & ~st.finished
                 st.finished = st.finished | newly
                 yield Step(index, token, logits, step_scalings, st.finished)
+                if self._sampler is not None and self._sampler.failures:
+                    rows = sorted(self._sampler.failures)
+                    raise LoramixError(
+                        f"structured output failed at step {index + 1} (rows {rows}): {self._sampler.failures[rows[0]]}"
+                    )
                 if (index + 1) % check_every == 0 or index + 1 == self.max_new_tokens:
                     done, bad = torch.stack([st.finished.all(), broken.any()]).tolist()  # the one host read
                     if bad:
@@ -327,6 +352,7 @@ class Generation:
                 generator=None if shared else row_generator(self.sampling.seed, i, device),
                 max_new_tokens=self.max_new_tokens,
                 fixed=self.fixed[i] if self.fixed is not None else None,
+                grammar=self.grammars[i],
             )
             for i in range(n)
         ]
@@ -344,6 +370,7 @@ class Generation:
             compile=backend or False,
             generator=self.generator,
         )
+        self._sampler = decoder.sampler
         decoder.place(T, self.max_new_tokens - 1)
         joined = decoder.join(list(range(decoder.batch)), st.ids, st.mask[:, :T], self._specs())
         yield joined.logits, joined.scalings, joined.tokens
@@ -357,9 +384,10 @@ class Generation:
         sampler = Sampler(
             st.sequences.shape[0], model.model.get_output_embeddings().weight.shape[0], model.device, self.generator
         )
+        self._sampler = sampler
         rows = slice(0, st.sequences.shape[0])
         for i, spec in enumerate(self._specs()):
-            sampler.set_row(i, spec.sampling, st.ids[i][st.mask[i, : st.length].bool()], spec.generator)
+            sampler.set_row(i, spec.sampling, st.ids[i][st.mask[i, : st.length].bool()], spec.generator, spec.grammar)
         prompt_scalings = None
         while True:
             ids_now, mask_now, pos_now = st.ids, st.mask[:, : st.length], st.positions[:, : st.length]
@@ -441,7 +469,9 @@ def generate(
     recomputes the prefix for every token: the reference), streamer (a transformers streamer), plus `mode`
     ("granular", "prompt", "truncated"), `scalings` (fixed mixture, see module docstring), `scaling_layer` (checked
     against the gate's), `return_scalings`, `output_logits`, and `compile` (True, or a torch.compile backend name:
-    the decode step compiled; see docs/generation.md).
+    the decode step compiled; see docs/generation.md), and structured output: `json_schema` (a dict, a JSON string
+    or a pydantic model class; every row's answer is JSON valid against it) or `grammar` (a `grammar.Grammar`, or
+    one per row with None for an unconstrained row); see docs/generation.md.
     """
     start = time.perf_counter()
     step_scalings, step_logits = [], []

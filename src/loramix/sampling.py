@@ -11,6 +11,8 @@
     sampled rows: scores / temperature, top-k, then top-p (on the renormalised top-k), then
                   argmax(probs / E), E ~ Exponential(1)     (the same distribution as multinomial, without a sync)
 
+    a row with a grammar (grammar.py): the tokens its grammar forbids get -inf first; the chosen token advances it
+
 A seeded row draws E from its own `torch.Generator` (`row_generator`), so it samples the same tokens alone and in
 any batch; unseeded rows share one draw. A temperature below `GREEDY_BELOW` is greedy (vLLM's rule), so that a tiny
 temperature cannot overflow the softmax.
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
+from .grammar import allowed_tokens, why_dead
 
 __all__ = ["GREEDY_BELOW", "Sampler", "SamplingSettings", "row_generator"]
 
@@ -141,6 +144,9 @@ class Sampler:
         self.bias: torch.Tensor | None = None  # [B, V]
         self.seen: torch.Tensor | None = None  # [B, V] bool: prompt + generated (repetition penalty)
         self.counts: torch.Tensor | None = None  # [B, V]: generated only (presence / frequency)
+        self.grammars: list[Any] = [None] * batch  # a constrained row's grammar.Grammar
+        self.matchers: list[Any] = [None] * batch  # and its state
+        self.failures: dict[int, str] = {}  # constrained rows whose grammar could go no further: why
         self._update_flags()
 
     def _update_flags(self) -> None:
@@ -151,12 +157,21 @@ class Sampler:
         self.any_repetition = any(s.repetition_penalty != 1.0 for s in live)
         self.any_sampled = any(not s.greedy for s in live)
         self.any_filtered = any(s.filtered for s in live)
+        self.constrained = [row for row, m in enumerate(self.matchers) if m is not None]
 
     def set_row(
-        self, row: int, settings: SamplingSettings, prompt: torch.Tensor, generator: torch.Generator | None
+        self,
+        row: int,
+        settings: SamplingSettings,
+        prompt: torch.Tensor,
+        generator: torch.Generator | None,
+        grammar: Any = None,
     ) -> None:
-        """A row joins: its settings, its prompt's real tokens [T] and its own random stream (or None)."""
+        """A row joins: its settings, its prompt's real tokens [T], its own random stream (or None) and its
+        `grammar.Grammar` (or None)."""
         self.settings[row], self.generators[row] = settings, generator
+        self.grammars[row], self.matchers[row] = grammar, (grammar.matcher() if grammar is not None else None)
+        self.failures.pop(row, None)
         self.temperature[row] = 1.0 if settings.greedy else settings.temperature
         self.top_k[row] = settings.top_k if settings.top_k > 0 else self.vocab
         self.top_p[row] = settings.top_p
@@ -184,7 +199,8 @@ class Sampler:
         self._update_flags()
 
     def clear_row(self, row: int) -> None:
-        self.settings[row], self.generators[row] = None, None
+        self.settings[row], self.generators[row], self.grammars[row], self.matchers[row] = None, None, None, None
+        self.failures.pop(row, None)
         if self.bias is not None:
             self.bias[row].zero_()
         self._update_flags()
@@ -196,6 +212,39 @@ class Sampler:
         if self.counts is not None:
             ones = torch.ones(tokens.shape[0], 1, device=tokens.device)
             self.counts[rows] = self.counts[rows].scatter_add(1, tokens[:, None], ones)
+        if self.constrained:  # the grammars need the tokens on the host: a read only when a row has one
+            at = self._constrained_at(rows)
+            if at:
+                chosen = tokens[[i for i, _ in at]].tolist()
+                for (_, row), token in zip(at, chosen):
+                    matcher = self.matchers[row]
+                    if not matcher.is_stopped() and not matcher.consume_token(token) and row not in self.failures:
+                        why = why_dead(matcher) or f"token {token} does not fit"
+                        self.failures[row] = f"the grammar cannot go on with this tokenizer ({why})"
+
+    def _constrained_at(self, rows: slice | list[int]) -> list[tuple[int, int]]:
+        """(position in `rows`, row) of the constrained rows among `rows`."""
+        indices = range(len(self.settings))[rows] if isinstance(rows, slice) else rows
+        return [(i, row) for i, row in enumerate(indices) if self.matchers[row] is not None]
+
+    def _constrain(self, scores: torch.Tensor, rows: slice | list[int]) -> torch.Tensor:
+        """-inf for the tokens the constrained rows' grammars forbid (a new tensor; the logits stay raw). A row whose
+        grammar allows nothing may only end (EOS), and `failures` says why."""
+        at = self._constrained_at(rows)
+        if not at:
+            return scores
+        matchers = [self.matchers[row] for _, row in at]
+        allowed = allowed_tokens(matchers, self.vocab, scores.device)
+        empty = (~allowed.any(-1)).tolist()
+        for j, ((_, row), matcher) in enumerate(zip(at, matchers)):
+            why = why_dead(matcher) or ("the tokenizer cannot write what the grammar needs next" if empty[j] else None)
+            if why is not None:
+                self.failures.setdefault(row, why)
+            if row in self.failures:  # it may only end
+                allowed[j] = False
+                allowed[j, list(self.grammars[row].eos)] = True
+        index = torch.tensor([i for i, _ in at], device=scores.device)
+        return scores.index_put((index,), scores[index].masked_fill(~allowed, -math.inf))
 
     def choose(self, logits: torch.Tensor, rows: slice | list[int]) -> torch.Tensor:
         """The next token [n] of each of `rows` (a slice, or a list of row indices) from its raw logits [n, V]."""
@@ -208,6 +257,8 @@ class Sampler:
         if self.seen is not None and self.any_repetition:
             p = self.repetition[rows, None]
             scores = torch.where(self.seen[rows], torch.where(scores < 0, scores * p, scores / p), scores)
+        if self.constrained:
+            scores = self._constrain(scores, rows)
         best = scores.argmax(-1)
         if not self.any_sampled:
             return best

@@ -17,10 +17,12 @@ PLAIN_CHAT_FORMAT = "{role}: {content}\n"
 """Used for chat messages when the tokenizer has no chat template: one line per message, then 'assistant:'."""
 
 
-def render_chat(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
-    """The prompt text for chat messages: the tokenizer's chat template, or the documented plain fallback."""
+def render_chat(tokenizer: Any, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+    """The prompt text for chat messages: the tokenizer's chat template (given the `tools`, OpenAI's tool list,
+    when there are some), or the documented plain fallback."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        extra = {"tools": tools} if tools else {}
+        return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False, **extra)
     text = "".join(PLAIN_CHAT_FORMAT.format(role=m["role"], content=m["content"]) for m in messages)
     return text + "assistant:"
 

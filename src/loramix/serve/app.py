@@ -8,8 +8,10 @@
                                  "role: content" lines, then "assistant:")
 
 Sampling fields map to `generate`: max_tokens (or max_completion_tokens), temperature (0 = greedy), top_p, stop,
-seed, n, presence/frequency_penalty, logit_bias, logprobs (+ echo; chat: top_logprobs). Fields it cannot honour
-(tools, response_format other than text, best_of > 1, ...) get a 400 naming them (docs/serving.md).
+seed, n, presence/frequency_penalty, logit_bias, logprobs (+ echo; chat: top_logprobs). Structured output:
+`response_format` json_object / json_schema (both endpoints) and `tools` with tool_choice "none", "required" or a
+named function (chat; serve/tools.py), enforced by a grammar in the decoder's sampler (grammar.py). Fields it
+cannot honour (tool_choice "auto", best_of > 1, ...) get a 400 naming them (docs/serving.md).
 The extension field `loramix` (OpenAI clients: `extra_body={"loramix": {...}}`) selects the speed mode, top_k,
 repetition_penalty, and `return_scalings` ("token", "layer" or "expert"), returned in the response's `loramix` field.
 Errors are OpenAI-style JSON: {"error": {"message", "type", "param", "code"}} with a 4xx status (5xx: 503 with
@@ -40,11 +42,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..base import resolve_defaults, text_config
 from ..errors import ConfigError, LoramixError
+from ..grammar import ANY_OBJECT, Grammar, GrammarError
 from ..sampling import SamplingSettings
 from ..text import render_chat
 from .engine import Engine, Job, QueueFull, TokenLogprob
 from .metrics import Metrics
 from .schemas import MAX_CHOICES, ChatRequest, CompletionRequest
+from .tools import ToolError, ToolPlan, chat_messages, plan_tools, template_reads_tools, tool_calls
 
 __all__ = ["ApiError", "ServerState", "create_app"]
 
@@ -208,6 +212,35 @@ def _job(state: ServerState, body: CompletionRequest | ChatRequest, ids: list[in
 _SAMPLING_PARAMS = {"top_k": "loramix.top_k", "repetition_penalty": "loramix.repetition_penalty"}
 
 
+async def _grammar(
+    state: ServerState, body: CompletionRequest | ChatRequest, plan: ToolPlan | None = None
+) -> Grammar | None:
+    """The grammar of the request's response_format or forced tool call (None: unconstrained), compiled off the
+    event loop; a 400 naming the field when it cannot be."""
+    fmt = body.response_format
+    json_format = fmt is not None and fmt.type != "text"
+    if plan is not None and plan.constrained:
+        if json_format:
+            raise ApiError(
+                400,
+                f"response_format {fmt.type!r} and tool_choice {plan.choice!r} both constrain the answer; use one",
+                param="response_format",
+            )
+        param, schema = "tools", plan.schema()
+    elif json_format:
+        param = "response_format"
+        schema = fmt.json_schema.schema_ if fmt.type == "json_schema" and fmt.json_schema.schema_ else ANY_OBJECT
+    else:
+        return None
+    sampler = state.engine.decoder.sampler
+    try:
+        return await asyncio.to_thread(
+            Grammar.json, state.tokenizer, schema, vocab=sampler.vocab, eos=state.engine.defaults.eos_token_ids
+        )
+    except GrammarError as exc:
+        raise ApiError(400, f"{param}: {exc}", param=param) from None
+
+
 def _sampling(body: CompletionRequest | ChatRequest) -> SamplingSettings:
     """The request's sampling settings, validated once (a 400 naming the field if they cannot be computed)."""
     try:
@@ -281,7 +314,9 @@ async def _results(request: Request, sink: asyncio.Queue, jobs: list[Job]) -> li
             if message["type"] == "done":
                 results[message["index"]] = message
             elif message["type"] == "error":
-                raise ApiError(message.get("status", 500), message["message"], type_="server_error")
+                status = message.get("status", 500)
+                kind = "server_error" if status >= 500 else "invalid_request_error"
+                raise ApiError(status, message["message"], type_=kind, param=message.get("param"))
     finally:
         watcher.cancel()
         _cancel(jobs)  # no-op for finished jobs; frees the others if this request failed or was cancelled
@@ -378,7 +413,8 @@ async def _sse(
     """Server-sent events for the reply's choices. The endpoint gives the choice objects only: `opening(index)` (or
     None), `piece(index, text)`, `finish(result)`; each goes out in the reply's envelope. The last finish chunk
     carries the loramix extension, unless a usage chunk (stream_options.include_usage) follows and carries it with
-    the usage. A client that hangs up cancels the jobs (the generator is closed)."""
+    the usage. `piece` may give None (nothing to send yet). A client that hangs up cancels the jobs (the generator
+    is closed)."""
 
     def event(data: dict[str, Any]) -> bytes:
         return f"data: {json.dumps(data)}\n\n".encode()
@@ -393,7 +429,9 @@ async def _sse(
         while any(r is None for r in results):
             message = await sink.get()
             if message["type"] == "piece":
-                yield event(reply.envelope([piece(message["index"], message["text"])]))
+                choice = piece(message["index"], message["text"])
+                if choice is not None:
+                    yield event(reply.envelope([choice]))
             elif message["type"] == "done":
                 results[message["index"]] = message
                 chunk = reply.envelope([finish(message)])
@@ -426,7 +464,8 @@ async def _completions(state: ServerState, request: Request, body: CompletionReq
     _check_fields(state, body, len(items) * body.n)
     prompts = [_encode(state, p, "prompt") if isinstance(p, str) else _check_ids(state, p) for p in items]
     texts = [p if isinstance(p, str) else state.tokenizer.decode(ids) for p, ids in zip(items, prompts)]
-    extra = {"logprobs": body.logprobs, "prompt_logprobs": body.echo and body.logprobs is not None}
+    grammar = await _grammar(state, body)
+    extra = {"logprobs": body.logprobs, "prompt_logprobs": body.echo and body.logprobs is not None, "grammar": grammar}
     jobs, sink = _submit(state, body, prompts, **extra)
     reply = _Reply(state, f"cmpl-{uuid.uuid4().hex}", "text_completion", prompts, jobs)
 
@@ -459,36 +498,86 @@ async def _completions(state: ServerState, request: Request, body: CompletionReq
 
 async def _chat(state: ServerState, request: Request, body: ChatRequest) -> Any:
     _check_fields(state, body, body.n)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
-    text = render_chat(state.tokenizer, messages)
+    try:
+        plan = plan_tools(body)
+    except ToolError as exc:
+        raise ApiError(400, f"{exc.param}: {exc}", param=exc.param) from None
+    templated_tools = plan is not None and template_reads_tools(state.tokenizer)
+    messages = chat_messages(body.messages, plan, templated_tools)
+    try:
+        text = render_chat(state.tokenizer, messages, tools=plan.tools if templated_tools else None)
+    except Exception as exc:  # the chat template refused the conversation (jinja2's TemplateError, or its own raise)
+        raise ApiError(400, f"messages: the chat template cannot render them: {exc}", param="messages") from None
     templated = bool(getattr(state.tokenizer, "chat_template", None))
     prompts = [_encode(state, text, "messages", add_special_tokens=not templated)]
-    jobs, sink = _submit(state, body, prompts, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+    grammar = await _grammar(state, body, plan)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    jobs, sink = _submit(state, body, prompts, logprobs=logprobs, grammar=grammar)
     reply = _Reply(state, f"chatcmpl-{uuid.uuid4().hex}", "chat.completion.chunk", prompts, jobs)
+    calls = plan if plan is not None and plan.constrained else None
     if body.stream:
-
-        def delta(index: int, content: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
-            return {"index": index, "delta": content, "finish_reason": reason}
-
-        return _stream(
-            reply,
-            sink,
-            body,
-            opening=lambda index: delta(index, {"role": "assistant", "content": ""}),
-            piece=lambda index, text: delta(index, {"content": text}),
-            finish=lambda result: delta(result["index"], {}, result["finish_reason"]),
-        )
+        return _stream(reply, sink, body, *_chat_deltas(calls, body.n))
     results = await _results(request, sink, jobs)
-    choices = [
-        {
-            "index": i,
-            "message": {"role": "assistant", "content": r["text"]},
-            "logprobs": _chat_logprobs(state, r["logprobs"]["completion"]) if r["logprobs"] is not None else None,
-            "finish_reason": r["finish_reason"],
-        }
-        for i, r in enumerate(results)
-    ]
+    choices = []
+    for i, r in enumerate(results):
+        message: dict[str, Any] = {"role": "assistant", "content": r["text"]}
+        reason = r["finish_reason"]
+        if calls is not None and reason == "stop":  # the grammar is complete: the text is valid JSON
+            message = {"role": "assistant", "content": None, "tool_calls": tool_calls(calls, r["text"])}
+            reason = "tool_calls"
+        elif calls is not None and calls.choice == "named":  # cut by max_tokens: the partial arguments
+            message = {"role": "assistant", "content": None, "tool_calls": tool_calls(calls, r["text"])}
+        logprobs_out = _chat_logprobs(state, r["logprobs"]["completion"]) if r["logprobs"] is not None else None
+        choices.append({"index": i, "message": message, "logprobs": logprobs_out, "finish_reason": reason})
     return reply.with_totals(reply.envelope(choices, "chat.completion"), results)
+
+
+def _chat_deltas(calls: ToolPlan | None, n: int) -> tuple[ChoiceOf, ChoiceOf, ChoiceOf]:
+    """The stream's (opening, piece, finish) choices of a chat reply. Plain text streams as content. A call of a
+    named function streams as OpenAI streams one: its id and name first, then its arguments piece by piece. Calls
+    of "required" (a JSON list of calls) are sent whole once the answer is complete (or, cut by max_tokens, the
+    partial text as content)."""
+
+    def delta(index: int, content: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+        return {"index": index, "delta": content, "finish_reason": reason}
+
+    def call(index: int, entries: list[dict[str, Any]]) -> dict[str, Any]:
+        return delta(index, {"tool_calls": [{"index": i, **entry} for i, entry in enumerate(entries)]})
+
+    if calls is None:
+        return (
+            lambda index: delta(index, {"role": "assistant", "content": ""}),
+            lambda index, text: delta(index, {"content": text}),
+            lambda result: delta(result["index"], {}, result["finish_reason"]),
+        )
+    if calls.choice == "named":
+        ids = [tool_calls(calls, "")[0]["id"] for _ in range(n)]
+
+        def opening(index: int) -> dict[str, Any]:
+            entry = {
+                "index": 0,
+                "id": ids[index],
+                "type": "function",
+                "function": {"name": calls.name, "arguments": ""},
+            }
+            return delta(index, {"role": "assistant", "content": None, "tool_calls": [entry]})
+
+        def finish(result: dict[str, Any]) -> dict[str, Any]:
+            reason = "tool_calls" if result["finish_reason"] == "stop" else result["finish_reason"]
+            return delta(result["index"], {}, reason)
+
+        return opening, lambda index, text: call(index, [{"function": {"arguments": text}}]), finish
+
+    def finish_required(result: dict[str, Any]) -> dict[str, Any]:
+        if result["finish_reason"] != "stop":
+            return delta(result["index"], {"content": result["text"]}, result["finish_reason"])
+        return {**call(result["index"], tool_calls(calls, result["text"])), "finish_reason": "tool_calls"}
+
+    return (
+        lambda index: delta(index, {"role": "assistant", "content": None}),
+        lambda index, text: None,
+        finish_required,
+    )
 
 
 # ---------------------------------------------------------------------- the ASGI guard: auth, body size and time

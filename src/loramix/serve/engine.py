@@ -55,7 +55,8 @@ class Job:
     logprobs: None (off) or how many alternatives to return per position (0 = the chosen token only); the result's
     "logprobs" is then {"prompt": [...], "completion": [...]} of `TokenLogprob`s (the prompt's only with
     prompt_logprobs; its first token has no logprob). group: jobs of one request share it. index: the choice's
-    number, which seeds its own random stream (`sampling.row_generator`).
+    number, which seeds its own random stream (`sampling.row_generator`). grammar: the `grammar.Grammar` its tokens
+    follow (structured output), or None.
     """
 
     ids: list[int]
@@ -73,6 +74,7 @@ class Job:
     deadline: float | None = None
     cancelled: bool = False
     submitted: float = 0.0
+    grammar: Any = None
 
 
 class QueueFull(LoramixError):
@@ -283,6 +285,7 @@ class Engine:
         status: int = 500,
         *,
         failed: bool = False,
+        param: str | None = None,
     ) -> None:
         """The one way out for a job: its row freed (`failed`: its caches cleared too), the reason counted, and its
         final message sent (the result, or an error with `message` and `status`)."""
@@ -294,7 +297,8 @@ class Engine:
         if message is None and row is not None:
             job.emit(row.result())
         else:
-            job.emit({"type": "error", "message": message or why, "status": status})
+            error = {"type": "error", "message": message or why, "status": status}
+            job.emit({**error, "param": param} if param else error)
 
     def _ended_early(self, job: Job, row: _Row | None) -> bool:
         """End `job` (in its row, or queued) if its client hung up or its deadline passed; whether it did."""
@@ -352,7 +356,10 @@ class Engine:
         rows = [_Row(job, self.tokenizer, slot) for job, slot in zip(jobs, slots)]
         device = self.model.device
         specs = [
-            RowSpec(j.mode, j.sampling, row_generator(j.sampling.seed, j.index, device), j.max_tokens) for j in jobs
+            RowSpec(
+                j.mode, j.sampling, row_generator(j.sampling.seed, j.index, device), j.max_tokens, grammar=j.grammar
+            )
+            for j in jobs
         ]
         for row in rows:
             self._rows[row.slot] = row
@@ -376,12 +383,23 @@ class Engine:
             if job.max_tokens <= 0:  # the prompt only (echo)
                 row.finish("length")
                 self._end(job, row, "length")
-            elif bad[j]:
-                self._end(job, row, "error", "the model produced non-finite values for this request", 500, failed=True)
-            else:
+            elif not self._failed(row, bool(bad[j])):
                 self._accept(
                     row, tokens[j], tokens[j] in self.defaults.eos_token_ids, joined.logits[j], joined.scalings[j]
                 )
+
+    def _failed(self, row: _Row, bad: bool) -> bool:
+        """End the row if its last step failed it: non-finite logits or scalings (500), or a grammar that could go
+        no further (400: the tokenizer cannot write what the schema needs); whether it did."""
+        why = self.decoder.grammar_failures.get(row.slot)
+        if bad:
+            self._end(row.job, row, "error", "the model produced non-finite values for this request", 500, failed=True)
+        elif why is not None:
+            message = f"structured output: {why} (the answer so far: {row.text[-80:]!r})"
+            self._end(row.job, row, "error", message, 400, param="response_format")
+        else:
+            return False
+        return True
 
     def _accept(self, row: _Row, token: int, eos: bool, logits: torch.Tensor, scalings: torch.Tensor) -> None:
         """Record the row's new token (its text, logprobs, scalings); end the row if it is done."""
@@ -424,11 +442,7 @@ class Engine:
         for row in rows:
             if self.metrics is not None:
                 self.metrics.inter_token(now - row.last_token_at)
-            if bad[row.slot]:
-                self._end(
-                    row.job, row, "error", "the model produced non-finite values for this request", 500, failed=True
-                )
-            else:
+            if not self._failed(row, bool(bad[row.slot])):
                 self._accept(
                     row, int(tokens[row.slot]), bool(eos[row.slot]), out.logits[row.slot], out.scalings[row.slot]
                 )

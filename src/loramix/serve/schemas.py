@@ -54,6 +54,70 @@ class LoramixOptions(BaseModel):
     """transformers' repetition penalty (> 1 discourages repeats), in `sampling.REPETITION_PENALTY_RANGE`."""
 
 
+NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+"""OpenAI's rule for function and schema names."""
+
+
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`: the schema the answer must satisfy (every answer does, strict or not)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field(pattern=NAME)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('json_schema is required with type "json_schema", and only with it')
+        return self
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(pattern=NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _object(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type", "object") != "object":
+            raise ValueError(f'must be a JSON schema of type "object" (the arguments); got type {value["type"]!r}')
+        return value
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionName
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -78,12 +142,10 @@ class _Sampling(BaseModel):
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = None
     user: str | None = None
     loramix: LoramixOptions = Field(default_factory=LoramixOptions)
+    response_format: ResponseFormat | None = None
     # fields this server cannot honour: declared so that they are refused (`unsupported`), never silently ignored
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
@@ -114,9 +176,8 @@ class _Sampling(BaseModel):
     def unsupported(self) -> tuple[str, str] | None:
         """(field, reason) for the first field set to something this server cannot do, else None."""
         refused = {
-            "tools": "tool calling is not supported",
-            "functions": "function calling is not supported",
-            "function_call": "function calling is not supported",
+            "functions": "the legacy functions field is not supported: use tools",
+            "function_call": "the legacy function_call field is not supported: use tool_choice",
             "audio": "audio output is not supported",
             "prediction": "predicted outputs are not supported",
             "web_search_options": "web search is not supported",
@@ -124,11 +185,6 @@ class _Sampling(BaseModel):
         for name, reason in refused.items():
             if getattr(self, name) not in (None, [], {}):
                 return name, reason
-        if self.tool_choice not in (None, "none"):
-            return "tool_choice", "tool calling is not supported (only 'none')"
-        fmt = self.response_format
-        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-            return "response_format", 'only {"type": "text"} is supported (no JSON mode or JSON schema)'
         if self.modalities not in (None, ["text"]):
             return "modalities", 'only ["text"] is supported'
         return None
@@ -140,6 +196,8 @@ class CompletionRequest(_Sampling):
     logprobs: Count | None = Field(None, ge=0, le=5)
     best_of: Count | None = Field(None, ge=1)
     suffix: str | None = None
+    tools: Any = None  # a chat field: refused here
+    tool_choice: Any = None
 
     @field_validator("prompt")
     @classmethod
@@ -163,6 +221,9 @@ class CompletionRequest(_Sampling):
             return "best_of", "only best_of=1 is supported"
         if self.suffix:
             return "suffix", "insertion (suffix) is not supported"
+        for name in ("tools", "tool_choice"):
+            if getattr(self, name) is not None:
+                return name, "tools are a field of /v1/chat/completions"
         return super().unsupported()
 
 
@@ -179,18 +240,36 @@ class ContentPart(BaseModel):
         return self
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    arguments: str
+    """The arguments as a JSON text (as the API returns them)."""
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: Text | list[ContentPart] | None
-    tool_calls: Any = None
+    content: Text | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
     @model_validator(mode="after")
     def _content(self) -> ChatMessage:
-        if self.tool_calls:
-            raise ValueError("tool_calls are not supported (this server does no tool calling)")
-        if self.content is None and self.role != "assistant":
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"only an assistant message has tool_calls, not one of role {self.role!r}")
+        if self.content is None and not (self.role == "assistant"):
             raise ValueError(f"content may be null only for an assistant message, not for role {self.role!r}")
         return self
 
@@ -208,6 +287,9 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage]
     logprobs: bool | None = Field(None, strict=True)
     top_logprobs: Count | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = Field(None, strict=True)
 
     @field_validator("messages")
     @classmethod
