@@ -196,6 +196,42 @@ def test_bad_schemas_and_tokenizers_are_refused(mix, json_dirs):
     no_bar = loramix.from_pretrained(base, experts, MixConfig(), tokenizer=char_tokenizer(last="~", without="|"))
     small = {"type": "object", "properties": {"n": {"enum": ["a|b"]}}, "required": ["n"], "additionalProperties": False}
     with pytest.raises(LoramixError, match="structured output failed"):
-        no_bar.generate(
-            no_bar.tokenizer(["x"], return_tensors="pt").input_ids, max_new_tokens=20, json_schema=small
-        )
+        no_bar.generate(no_bar.tokenizer(["x"], return_tensors="pt").input_ids, max_new_tokens=20, json_schema=small)
+
+
+def test_the_cli_and_two_agents_answer_in_json(mix, tmp_path):
+    from typer.testing import CliRunner
+
+    from loramix.analysis.converse import converse
+    from loramix.cli import app
+
+    ckpt = mix.save(tmp_path / "ckpt")
+    schema_file = tmp_path / "person.json"
+    schema_file.write_text(json.dumps(PERSON))
+    runner = CliRunner()
+    args = ["generate", str(ckpt), "-p", "Who?", "-p", "A person:", "-n", "120", "--json"]
+    result = runner.invoke(app, [*args, "--json-schema", str(schema_file)])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(records) == 2
+    for record in records:
+        assert record["finish_reason"] == "stop"
+        _valid(record["completion"])
+    schema_file.write_text("[1, 2]")
+    refused = runner.invoke(app, [*args, "--json-schema", str(schema_file)])
+    assert refused.exit_code == 1 and str(refused.exception).startswith("--json-schema: ")  # main() prints it
+    assert str(refused.exception).endswith("person.json must hold a JSON object")
+    # A answers in the schema, B in plain text; the transcript keeps A's parsed answers
+    answer = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
+    record = converse(
+        mix, tmp_path / "talk", opening="Agree?", turns=3, max_new_tokens=30, fmt="csv", json_schema_a=answer
+    )
+    a_turns = [t for t in record["turns"] if t["agent"] == "A"]
+    assert [t["json"] for t in a_turns] == [json.loads(t["text"]) for t in a_turns]
+    assert all(isinstance(t["json"]["ok"], bool) for t in a_turns)
+    assert all("json" not in t for t in record["turns"] if t["agent"] == "B")

@@ -80,7 +80,8 @@ def info(checkpoint: Path = typer.Argument(..., help="A loramix checkpoint direc
     )
     console.print(
         f"base: {base.get('name_or_path')} ({base.get('fingerprint', {}).get('architecture')}, "
-        f"{base.get('dtype')})" + ("  [bundled]" if base.get("bundled") else "")
+        f"{base.get('dtype')})"
+        + ("  [bundled]" if base.get("bundled") else "")
         + (f", quantized {base['quantization'].get('name')}" if isinstance(base.get("quantization"), dict) else "")
     )
     table = Table("expert", "rank", "alpha", "rsLoRA", "targets", "source")
@@ -189,6 +190,7 @@ _COMPILE_HELP = (
     "see docs/generation.md)."
 )
 
+
 @app.command()
 def generate(
     checkpoint: Path = typer.Argument(..., help="A loramix checkpoint directory (with its tokenizer)."),
@@ -207,6 +209,9 @@ def generate(
     show_scalings: bool = typer.Option(False, "--show-scalings", help="Per token: the dominant expert and shares."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts generated together (left padding)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per line and prompt."),
+    json_schema: Path | None = typer.Option(
+        None, "--json-schema", help="A JSON schema file: every answer is JSON valid against it (structured output)."
+    ),
     device: str | None = typer.Option(None, help="e.g. cpu, cuda, cuda:1 (default: where the base loads)."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16 (default: the base's)."),
     base: str | None = _BASE,
@@ -222,6 +227,7 @@ def generate(
     if mode not in MODES:
         raise typer.BadParameter(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}", param_hint="--mode")
     prompts = _read_prompts(prompt, file)
+    schema = _read_schema(json_schema, "--json-schema")
     model = _load(checkpoint, device, dtype, base, quantize)
     tokenizer = model.tokenizer
     if tokenizer is None:
@@ -238,6 +244,7 @@ def generate(
         stop_strings=stop or None,
         mode=mode,
         compile=compile_,
+        json_schema=schema,
     )
     names = model.expert_names
     if stream_:
@@ -278,6 +285,16 @@ def generate(
             )
 
 
+def _read_schema(path: Path | None, option: str) -> dict | None:
+    """A JSON schema file (a JSON object), or None."""
+    if path is None:
+        return None
+    from .errors import ConfigError
+    from .io import read_json
+
+    return read_json(path, "JSON schema", error=ConfigError, prefix=f"{option}: ")
+
+
 def _parse_experts(values: list[str]) -> dict[str, str]:
     """NAME=ADAPTER_DIR options as {name: dir}; a name given twice is a usage error (a dict would keep the last)."""
     experts: dict[str, str] = {}
@@ -299,8 +316,11 @@ _EVAL = typer.Option(None, "--eval-data", help="Held-out JSONL (default: --eval-
 _EVAL_FRACTION = typer.Option(0.0, "--eval-fraction", help="Share of --data held out for evaluation.")
 _RUN_DIR = typer.Option(None, "--run-dir", help="Metrics and resumable checkpoints (default: OUT.run).")
 _RESUME = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in the run dir.")
-_FORCE = typer.Option(False, "--force", help="With --resume: continue although the settings differ from the "
-                      "checkpoint's (refused otherwise).")
+_FORCE = typer.Option(
+    False,
+    "--force",
+    help="With --resume: continue although the settings differ from the checkpoint's (refused otherwise).",
+)
 _DATA = typer.Option(..., help="Training data: JSONL ({text} | {prompt, completion} | {messages}).")
 
 
@@ -480,8 +500,10 @@ def mix_cmd(
     with err_console.status("building the mixture"):
         model = from_pretrained(base, experts, dataclasses.replace(mix, gate=gate))
         path = model.save(out, include_base=include_base)
-    console.print(f"[green]saved[/green] {path}: {model.n_experts} experts over {model.n_layers} adapted layers, "
-                  f"router {gate.router} (top-k {gate.top_k or model.n_experts}, temperature {gate.temperature})")
+    console.print(
+        f"[green]saved[/green] {path}: {model.n_experts} experts over {model.n_layers} adapted layers, "
+        f"router {gate.router} (top-k {gate.top_k or model.n_experts}, temperature {gate.temperature})"
+    )
 
 
 @app.command()
@@ -554,10 +576,18 @@ def converse(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="Tokens per turn at most."),
     summary: str | None = typer.Option(None, "--summary", help="After the turns, ask agent A this (a summary)."),
     relay_a: str | None = typer.Option(
-        None, "--relay-a", help='How agent A\'s turns reach B, with "{text}" for the turn, e.g. "What is the GRAVY of '
-        'the peptide {text}?" (default: verbatim; with it B does not hear the opening).'
+        None,
+        "--relay-a",
+        help='How agent A\'s turns reach B, with "{text}" for the turn, e.g. "What is the GRAVY of '
+        'the peptide {text}?" (default: verbatim; with it B does not hear the opening).',
     ),
     relay_b: str | None = typer.Option(None, "--relay-b", help='How agent B\'s turns reach A, with "{text}".'),
+    json_schema_a: Path | None = typer.Option(
+        None, "--json-schema-a", help="A JSON schema file: agent A answers in JSON valid against it."
+    ),
+    json_schema_b: Path | None = typer.Option(
+        None, "--json-schema-b", help="A JSON schema file: agent B answers in JSON valid against it."
+    ),
     temperature: float = typer.Option(0.0, help="0 is greedy."),
     seed: int | None = typer.Option(None, min=0, max=SEED_MAX, help="Seed for sampling."),
     table_format: str = typer.Option("parquet", "--format", help="Table format: parquet or csv."),
@@ -569,6 +599,7 @@ def converse(
     from .analysis.converse import converse as run_conversation
     from .sampling import SamplingSettings
 
+    schema_a, schema_b = _read_schema(json_schema_a, "--json-schema-a"), _read_schema(json_schema_b, "--json-schema-b")
     model_a = _load(checkpoint, device, None, base, quantize)
     model_b = _load(checkpoint_b, device, None, base, quantize) if checkpoint_b else None
     record = run_conversation(
@@ -584,6 +615,8 @@ def converse(
         fmt=table_format,
         relay_a=relay_a,
         relay_b=relay_b,
+        json_schema_a=schema_a,
+        json_schema_b=schema_b,
         sampling=SamplingSettings(temperature=temperature, seed=seed),
     )
     for t in record["turns"]:
@@ -752,13 +785,17 @@ def demo(
         "gguf).",
     ),
     rebuild: bool = typer.Option(
-        False, "--rebuild", help="Re-create every weight from scratch first (mini: ~30 min; smollm2: hours on 2 CPU "
-        "cores, minutes on a GPU; docs/demo-smollm2.md)."
+        False,
+        "--rebuild",
+        help="Re-create every weight from scratch first (mini: ~30 min; smollm2: hours on 2 CPU "
+        "cores, minutes on a GPU; docs/demo-smollm2.md).",
     ),
     threads: int = typer.Option(2, min=1, help="torch threads."),
     export: Path | None = typer.Option(
-        None, "--export", help="smollm2 only: write the shipped mixture as one checkpoint (base bundled) to this "
-        "directory for loramix serve / generate / analyze, instead of running the demo."
+        None,
+        "--export",
+        help="smollm2 only: write the shipped mixture as one checkpoint (base bundled) to this "
+        "directory for loramix serve / generate / analyze, instead of running the demo.",
     ),
 ) -> None:
     """The protein world: LoRA experts and a gate, evaluated against the baselines (docs/demo.md,
@@ -766,8 +803,11 @@ def demo(
     if model not in ("mini", "smollm2"):
         raise typer.BadParameter(f"{model!r}; expected mini or smollm2", param_hint="--model")
     if export is not None and (model != "smollm2" or rebuild):
-        raise typer.BadParameter("goes with --model smollm2 and without --rebuild (the mini-world's checkpoint is "
-                                 "loramix/demo/weights/checkpoint in the package)", param_hint="--export")
+        raise typer.BadParameter(
+            "goes with --model smollm2 and without --rebuild (the mini-world's checkpoint is "
+            "loramix/demo/weights/checkpoint in the package)",
+            param_hint="--export",
+        )
     if model == "smollm2":
         from .demo.rebuild import rebuild_smollm2
         from .demo.smollm2 import gguf_file

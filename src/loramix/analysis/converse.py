@@ -8,6 +8,7 @@ its scalings are recorded; the trajectory is the mean scaling of each expert per
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 
 from ..base import resolve_defaults
 from ..errors import ConfigError
+from ..grammar import Grammar
 from ..io import atomic_directory, write_json
 from ..text import encode_prompts, render_chat
 from .collect import ScalingsRecorder
@@ -55,13 +57,19 @@ def converse(
     fmt: str = "parquet",
     relay_a: str | None = None,
     relay_b: str | None = None,
+    json_schema_a: Any = None,
+    json_schema_b: Any = None,
     **generate_kwargs: Any,
 ) -> dict[str, Any]:
     """Run `turns` turns (A, B, A, ...), then optionally a summary by agent A. Writes transcript.json and
     transcript.md, scalings table and summary per agent, and figures/trajectory.{png,svg}. Returns the transcript.
 
     relay_a / relay_b: how A's (B's) turns reach the other agent, a template with "{text}" (e.g. "What is the GRAVY
-    of the peptide {text}?"); None: verbatim. With relay_a, B hears only the relayed turns, not the opening."""
+    of the peptide {text}?"); None: verbatim. With relay_a, B hears only the relayed turns, not the opening.
+
+    json_schema_a / json_schema_b: the agent answers in JSON valid against this schema (structured output,
+    `generate(json_schema=...)`); its turns in the transcript then carry the parsed value as "json" (None when a turn
+    ran out of tokens before the JSON closed)."""
     if turns < 1:
         raise ConfigError(f"turns={turns} must be >= 1")
     for name, relay in (("relay_a", relay_a), ("relay_b", relay_b)):
@@ -72,6 +80,18 @@ def converse(
     for name, (model, _) in agents.items():
         if model.tokenizer is None:
             raise ConfigError(f"agent {name}'s model has no tokenizer")
+    schemas = {"A": json_schema_a, "B": json_schema_b}
+    grammars = {
+        name: None
+        if schemas[name] is None
+        else Grammar.json(
+            model.tokenizer,
+            schemas[name],
+            vocab=model.model.get_output_embeddings().weight.shape[0],
+            eos=resolve_defaults(model).eos_token_ids,
+        )
+        for name, (model, _) in agents.items()
+    }
     with atomic_directory(out_dir, marker="transcript.json", owned=CONVERSE_FILES, what="--out") as out:
         recorders = {
             name: ScalingsRecorder(out / f"agent-{name}", m.expert_names, m.layer_names, tokenizer=m.tokenizer, fmt=fmt)
@@ -101,7 +121,7 @@ def converse(
             prompt = _fit(model.tokenizer, messages, budget)
             templated = bool(getattr(model.tokenizer, "chat_template", None))
             ids, mask = encode_prompts(model.tokenizer, [prompt], templated=templated)
-            gen = model.generate(ids, mask, max_new_tokens=max_new_tokens, **generate_kwargs)
+            gen = model.generate(ids, mask, max_new_tokens=max_new_tokens, grammar=grammars[agent], **generate_kwargs)
             new = gen.new_tokens[0, : gen.lengths[0]].cpu()
             text = model.tokenizer.decode(new, skip_special_tokens=True).strip()
             full = torch.cat([ids[0], new])
@@ -122,6 +142,8 @@ def converse(
                     "dominant": max(mean, key=mean.get) if mean else None,
                 }
             )
+            if grammars[agent] is not None:
+                transcript[-1]["json"] = json.loads(text) if gen.finish_reasons[0] == "stop" else None
             return text
 
         for turn in range(1, turns + 1):
