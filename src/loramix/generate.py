@@ -284,8 +284,7 @@ class Generation:
         if json_schema is not None and grammar is not None:
             raise ConfigError("pass json_schema or grammar, not both")
         if json_schema is not None:
-            vocab = self.model.model.get_output_embeddings().weight.shape[0]
-            grammar = Grammar.json(tokenizer, json_schema, vocab=vocab, eos=self.defaults.eos_token_ids)
+            grammar = Grammar.for_model(self.model, json_schema, tokenizer=tokenizer)
         if grammar is None or isinstance(grammar, Grammar):
             return [grammar] * batch
         grammars = list(grammar)

@@ -3,6 +3,7 @@
     Grammar.json(tokenizer, schema, vocab, eos)   a JSON schema (a dict, a JSON string or a pydantic model class;
                                                   None: any JSON object) compiled for one tokenizer; checked when
                                                   made (a `GrammarError` names what is wrong)
+    Grammar.for_model(model, schema)              the same for a LoraMixModel's tokenizer, logits and EOS ids
     grammar.matcher()                             a fresh matcher for one row (the grammar's state)
     allowed_tokens(matchers, vocab, device)       [n, V] bool: the tokens each matcher allows next
 
@@ -170,6 +171,15 @@ class Grammar:
         if matcher.is_error():
             raise GrammarError(f"the JSON schema cannot be compiled: {_first_line(matcher.get_error())}")
         return cls(schema, vocab, tuple(eos), matcher)
+
+    @classmethod
+    def for_model(cls, model: Any, schema: Any = None, *, tokenizer: Any = None) -> Grammar:
+        """`json` for a LoraMixModel: its tokenizer (or `tokenizer`), its logits' size, its EOS ids."""
+        from .base import resolve_defaults
+
+        vocab = model.model.get_output_embeddings().weight.shape[0]
+        eos = resolve_defaults(model).eos_token_ids
+        return cls.json(tokenizer if tokenizer is not None else model.tokenizer, schema, vocab=vocab, eos=eos)
 
     def matcher(self) -> Any:
         """A fresh grammar state for one row."""

@@ -82,14 +82,7 @@ def converse(
             raise ConfigError(f"agent {name}'s model has no tokenizer")
     schemas = {"A": json_schema_a, "B": json_schema_b}
     grammars = {
-        name: None
-        if schemas[name] is None
-        else Grammar.json(
-            model.tokenizer,
-            schemas[name],
-            vocab=model.model.get_output_embeddings().weight.shape[0],
-            eos=resolve_defaults(model).eos_token_ids,
-        )
+        name: Grammar.for_model(model, schemas[name]) if schemas[name] is not None else None
         for name, (model, _) in agents.items()
     }
     with atomic_directory(out_dir, marker="transcript.json", owned=CONVERSE_FILES, what="--out") as out:

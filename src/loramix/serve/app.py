@@ -232,11 +232,8 @@ async def _grammar(
         schema = fmt.json_schema.schema_ if fmt.type == "json_schema" and fmt.json_schema.schema_ else ANY_OBJECT
     else:
         return None
-    sampler = state.engine.decoder.sampler
     try:
-        return await asyncio.to_thread(
-            Grammar.json, state.tokenizer, schema, vocab=sampler.vocab, eos=state.engine.defaults.eos_token_ids
-        )
+        return await asyncio.to_thread(Grammar.for_model, state.model, schema)
     except GrammarError as exc:
         raise ApiError(400, f"{param}: {exc}", param=param) from None
 
