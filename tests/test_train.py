@@ -125,10 +125,19 @@ def test_train_expert_writes_a_peft_adapter_and_the_loss_falls(world, experts):
 
 
 def test_train_gate_only_changes_the_gate(world, experts, tmp_path):
-    config = TrainConfig(learning_rate=1e-2, max_steps=10, batch_size=8, seed=0, progress=False)
+    config = TrainConfig(learning_rate=1e-2, max_steps=10, batch_size=8, seed=0, progress=False, save_every=5)
     mix = loramix.from_pretrained(world / "base", {n: p for n, (p, _) in experts.items()})
     before = {n: p.detach().clone() for n, p in mix.named_parameters()}
-    metrics = train_gate(mix, world / "mixed.jsonl", tmp_path / "ckpt", train=config, eval_data=world / "heldout.jsonl")
+    umask = os.umask(0o022)
+    try:
+        metrics = train_gate(
+            mix, world / "mixed.jsonl", tmp_path / "ckpt", train=config, eval_data=world / "heldout.jsonl"
+        )
+    finally:
+        os.umask(umask)
+    saved = [p for p in (tmp_path / "ckpt.run" / "checkpoints").rglob("*") if p.is_file()]
+    assert any(p.name == "trainable.safetensors" for p in saved)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in saved if p.stat().st_mode & 0o777 != 0o644} == {}
     assert {"eval_loss", "eval_loss/letters", "eval_loss/digits"} <= set(metrics)
     changed = {n for n, p in mix.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {n for n, _ in mix.gate.named_parameters(prefix="gate")}

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, TrainingError
-from ..io import check_finite, fsync_tree, read_json, write_json, write_text_atomic
+from ..io import check_finite, follow_umask, fsync_tree, read_json, write_json, write_text_atomic
 from .state import load_optimizer, load_rng, save_optimizer, save_rng
 
 logger = logging.getLogger(__name__)
@@ -305,6 +305,7 @@ class Trainer:
                 "world_size": self.world,
                 "config": asdict(self.config),
             }
+            follow_umask(tmp)  # safetensors writes 0600 whatever the umask; the rest of the run dir follows it
             fsync_tree(tmp)
             write_json(tmp / STATE_NAME, state)  # last file: marks the checkpoint complete
             if final.exists():
