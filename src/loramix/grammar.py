@@ -5,7 +5,7 @@
                                                   made (a `GrammarError` names what is wrong)
     Grammar.for_model(model, schema)              the same for a LoraMixModel's tokenizer, logits and EOS ids
     grammar.matcher()                             a fresh matcher for one row (the grammar's state)
-    allowed_tokens(matchers, vocab, device)       [n, V] bool: the tokens each matcher allows next
+    allowed_tokens(matchers, vocab)               [n, V] bool: the tokens each matcher allows next
 
 The decoder's sampler (sampling.py) holds one matcher per constrained row: before choosing it sets the tokens a
 row's grammar forbids to -inf (greedy and sampled rows alike), after choosing it feeds the chosen token to the
@@ -193,9 +193,9 @@ def _first_line(message: str) -> str:
 _BITS = torch.arange(32, dtype=torch.int32)
 
 
-def allowed_tokens(matchers: Sequence[Any], vocab: int, device: torch.device) -> torch.Tensor:
-    """[n, vocab] bool: the tokens each matcher allows next (none, for a matcher in an error state or whose grammar
-    needs what the tokenizer cannot write: the sampler then lets the row end, and says why)."""
+def allowed_tokens(matchers: Sequence[Any], vocab: int) -> torch.Tensor:
+    """[n, vocab] bool, on the CPU: the tokens each matcher allows next (none, for a matcher in an error state or
+    whose grammar needs what the tokenizer cannot write: the sampler then lets the row end, and says why)."""
     import llguidance.torch as lt
 
     words = (vocab + 31) // 32
@@ -203,7 +203,7 @@ def allowed_tokens(matchers: Sequence[Any], vocab: int, device: torch.device) ->
     for i, matcher in enumerate(matchers):
         lt.fill_next_token_bitmask(matcher, bitmask, i)
     bits = (bitmask[:, :, None] >> _BITS) & 1  # [n, words, 32], little-endian within each word
-    return bits.flatten(1)[:, :vocab].bool().to(device, non_blocking=True)
+    return bits.flatten(1)[:, :vocab].bool()
 
 
 def why_dead(matcher: Any) -> str | None:

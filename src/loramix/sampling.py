@@ -234,7 +234,7 @@ class Sampler:
         if not at:
             return scores
         matchers = [self.matchers[row] for _, row in at]
-        allowed = allowed_tokens(matchers, self.vocab, scores.device)
+        allowed = allowed_tokens(matchers, self.vocab)  # on the CPU: checked without a device sync
         empty = (~allowed.any(-1)).tolist()
         for j, ((_, row), matcher) in enumerate(zip(at, matchers)):
             why = why_dead(matcher) or ("the tokenizer cannot write what the grammar needs next" if empty[j] else None)
@@ -244,6 +244,7 @@ class Sampler:
                 allowed[j] = False
                 allowed[j, list(self.grammars[row].eos)] = True
         index = torch.tensor([i for i, _ in at], device=scores.device)
+        allowed = allowed.to(scores.device, non_blocking=True)
         return scores.index_put((index,), scores[index].masked_fill(~allowed, -math.inf))
 
     def choose(self, logits: torch.Tensor, rows: slice | list[int]) -> torch.Tensor:

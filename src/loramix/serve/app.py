@@ -48,7 +48,7 @@ from ..text import render_chat
 from .engine import Engine, Job, QueueFull, TokenLogprob
 from .metrics import Metrics
 from .schemas import MAX_CHOICES, ChatRequest, CompletionRequest
-from .tools import ToolError, ToolPlan, chat_messages, plan_tools, template_reads_tools, tool_calls
+from .tools import ToolError, ToolPlan, call_id, chat_messages, plan_tools, template_reads_tools, tool_calls
 
 __all__ = ["ApiError", "ServerState", "create_app"]
 
@@ -548,7 +548,7 @@ def _chat_deltas(calls: ToolPlan | None, n: int) -> tuple[ChoiceOf, ChoiceOf, Ch
             lambda result: delta(result["index"], {}, result["finish_reason"]),
         )
     if calls.choice == "named":
-        ids = [tool_calls(calls, "")[0]["id"] for _ in range(n)]
+        ids = [call_id() for _ in range(n)]
 
         def opening(index: int) -> dict[str, Any]:
             entry = {

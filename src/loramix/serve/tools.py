@@ -27,7 +27,7 @@ from typing import Any
 
 from .schemas import ChatMessage, ChatRequest, NamedToolChoice
 
-__all__ = ["DEFAULT_HOW", "DEFAULT_TOOL_PROMPT", "ToolPlan", "chat_messages", "plan_tools", "tool_calls"]
+__all__ = ["DEFAULT_HOW", "DEFAULT_TOOL_PROMPT", "ToolPlan", "call_id", "chat_messages", "plan_tools", "tool_calls"]
 
 DEFAULT_TOOL_PROMPT = "Functions you can call (JSON schemas of their arguments):\n{tools}\n{how}"
 DEFAULT_HOW = {
@@ -116,7 +116,8 @@ def plan_tools(body: ChatRequest) -> ToolPlan | None:
     return ToolPlan(choice, tools, None, parallel)
 
 
-def _call_id() -> str:
+def call_id() -> str:
+    """A new tool call id, as OpenAI writes them."""
     return f"call_{secrets.token_hex(12)}"
 
 
@@ -126,7 +127,7 @@ def tool_calls(plan: ToolPlan, text: str) -> list[dict[str, Any]]:
         calls = [(plan.name, text)]
     else:
         calls = [(call["name"], json.dumps(call["parameters"])) for call in json.loads(text)]
-    return [{"id": _call_id(), "type": "function", "function": {"name": n, "arguments": a}} for n, a in calls]
+    return [{"id": call_id(), "type": "function", "function": {"name": n, "arguments": a}} for n, a in calls]
 
 
 def template_reads_tools(tokenizer: Any) -> bool:
