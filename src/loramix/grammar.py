@@ -5,7 +5,7 @@
                                                   made (a `GrammarError` names what is wrong)
     Grammar.for_model(model, schema)              the same for a LoraMixModel's tokenizer, logits and EOS ids
     grammar.matcher()                             a fresh matcher for one row (the grammar's state)
-    allowed_tokens(matchers, vocab)               [n, V] bool: the tokens each matcher allows next
+    allowed_tokens(matchers, vocab)               [n, V] uint8: the tokens each matcher allows next
 
 The decoder's sampler (sampling.py) holds one matcher per constrained row: before choosing it sets the tokens a
 row's grammar forbids to -inf (greedy and sampled rows alike), after choosing it feeds the chosen token to the
@@ -190,20 +190,28 @@ def _first_line(message: str) -> str:
     return message.strip().splitlines()[0] if message.strip() else "unknown error"
 
 
-_BITS = torch.arange(32, dtype=torch.int32)
+BLOCKED = -1e30
+"""What a token the grammar forbids gets added to its score: -inf in effect (exp underflows to 0, argmax never picks
+it), as an addition, which is ten times faster on a CPU than masked_fill, and exact for the allowed tokens (+0)."""
 
 
 def allowed_tokens(matchers: Sequence[Any], vocab: int) -> torch.Tensor:
-    """[n, vocab] bool, on the CPU: the tokens each matcher allows next (none, for a matcher in an error state or
-    whose grammar needs what the tokenizer cannot write: the sampler then lets the row end, and says why)."""
+    """[n, vocab] uint8 (1: allowed), on the CPU: the tokens each matcher allows next (none, for a matcher in an error
+    state or whose grammar needs what the tokenizer cannot write: the sampler then lets the row end, and says why)."""
     import llguidance.torch as lt
+    import numpy as np
 
     words = (vocab + 31) // 32
     bitmask = torch.full((len(matchers), words), -1, dtype=torch.int32)
     for i, matcher in enumerate(matchers):
         lt.fill_next_token_bitmask(matcher, bitmask, i)
-    bits = (bitmask[:, :, None] >> _BITS) & 1  # [n, words, 32], little-endian within each word
-    return bits.flatten(1)[:, :vocab].bool()
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")  # token 32w + b: bit b of word w
+    return torch.from_numpy(bits[:, :vocab].copy())
+
+
+def blocked_bias(allowed: torch.Tensor) -> torch.Tensor:
+    """[n, V] float: 0 where `allowed` (uint8), BLOCKED elsewhere."""
+    return allowed.float().sub_(1).mul_(-BLOCKED)
 
 
 def why_dead(matcher: Any) -> str | None:

@@ -11,7 +11,8 @@
     sampled rows: scores / temperature, top-k, then top-p (on the renormalised top-k), then
                   argmax(probs / E), E ~ Exponential(1)     (the same distribution as multinomial, without a sync)
 
-    a row with a grammar (grammar.py): the tokens its grammar forbids get -inf first; the chosen token advances it
+    a row with a grammar (grammar.py): the tokens its grammar forbids get -inf (in effect) first; the chosen token
+    advances it
 
 A seeded row draws E from its own `torch.Generator` (`row_generator`), so it samples the same tokens alone and in
 any batch; unseeded rows share one draw. A temperature below `GREEDY_BELOW` is greedy (vLLM's rule), so that a tiny
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
-from .grammar import allowed_tokens, why_dead
+from .grammar import allowed_tokens, blocked_bias, why_dead
 
 __all__ = ["GREEDY_BELOW", "Sampler", "SamplingSettings", "row_generator"]
 
@@ -228,24 +229,23 @@ class Sampler:
         return [(i, row) for i, row in enumerate(indices) if self.matchers[row] is not None]
 
     def _constrain(self, scores: torch.Tensor, rows: slice | list[int]) -> torch.Tensor:
-        """-inf for the tokens the constrained rows' grammars forbid (a new tensor; the logits stay raw). A row whose
-        grammar allows nothing may only end (EOS), and `failures` says why."""
+        """-inf in effect (`grammar.BLOCKED`) for the tokens the constrained rows' grammars forbid (a new tensor; the
+        logits stay raw). A row whose grammar allows nothing may only end (EOS), and `failures` says why."""
         at = self._constrained_at(rows)
         if not at:
             return scores
         matchers = [self.matchers[row] for _, row in at]
         allowed = allowed_tokens(matchers, self.vocab)  # on the CPU: checked without a device sync
-        empty = (~allowed.any(-1)).tolist()
+        empty = (allowed.amax(-1) == 0).tolist()
         for j, ((_, row), matcher) in enumerate(zip(at, matchers)):
             why = why_dead(matcher) or ("the tokenizer cannot write what the grammar needs next" if empty[j] else None)
             if why is not None:
                 self.failures.setdefault(row, why)
             if row in self.failures:  # it may only end
-                allowed[j] = False
-                allowed[j, list(self.grammars[row].eos)] = True
+                allowed[j] = 0
+                allowed[j, list(self.grammars[row].eos)] = 1
         index = torch.tensor([i for i, _ in at], device=scores.device)
-        allowed = allowed.to(scores.device, non_blocking=True)
-        return scores.index_put((index,), scores[index].masked_fill(~allowed, -math.inf))
+        return scores.index_add(0, index, blocked_bias(allowed).to(scores.device, non_blocking=True))
 
     def choose(self, logits: torch.Tensor, rows: slice | list[int]) -> torch.Tensor:
         """The next token [n] of each of `rows` (a slice, or a list of row indices) from its raw logits [n, V]."""
