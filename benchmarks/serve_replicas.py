@@ -2,11 +2,11 @@
 
 Throughput: one local Ray instance (this process is its driver) serves the ~25M-parameter random Llama of
 serve_load.py's "library" scenario (4 rank-8 experts, the demo's tokenizer, no EOS) with 1 torch thread per replica
-and --max-batch 16. Each round scales the same application to 1 replica and to 2 (the order alternating; a replica
-that starts is warmed up before the clock runs) and sends 16 concurrent greedy requests of 96 new tokens
-(OpenAI /v1/completions over httpx); tokens/s over the wall time. The ratio is two replicas' tokens/s over one
-replica's in the same round (median over rounds). A one-process `loramix serve` (no Ray, 1 thread) is measured in
-the same rounds for the cost of Ray's proxy.
+and each server's default --max-batch 8 (--max-batch changes it). Each round scales the same application to 1
+replica and to 2 (the order alternating; a replica that starts is warmed up before the clock runs) and sends 16
+concurrent greedy requests of 96 new tokens (OpenAI /v1/completions over httpx); tokens/s over the wall time. The
+ratio is two replicas' tokens/s over one replica's in the same round (median over rounds). A one-process
+`loramix serve` (no Ray, 1 thread) is measured in the same rounds for the cost of Ray's proxy.
 
 Start-up: `loramix serve CKPT --replicas 2` in a subprocess (a local Ray instance, 2 replicas loading the
 checkpoint), from launch until /health answers; `loramix serve CKPT` (one process) for comparison.
@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new", type=int, default=96, help="new tokens per request")
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--max-batch", type=int, default=8, help="each server's --max-batch (loramix serve's default)")
     parser.add_argument("--start-ups", type=int, default=2, help="start-up measurements of each server")
     args = parser.parse_args()
     print(f"machine: {machine()}; 1 torch thread per replica; load average before {os.getloadavg()}")
