@@ -104,8 +104,8 @@ def throughput(checkpoint: Path, rounds: int, new: int, clients: int, max_batch:
     _wait_health(one_url, one)
 
     def scale(n: int) -> None:
-        serve.run(deployment(config=config, replicas=n, num_cpus=1, max_ongoing_requests=max_batch + 4096),
-                  name=APP_NAME, route_prefix="/")  # fmt: skip
+        app = deployment(config=config, replicas=n, num_cpus=1, max_ongoing_requests=max_batch)  # as the CLI does
+        serve.run(app, name=APP_NAME, route_prefix="/")
         seen: set[str] = set()
         deadline = time.time() + 120
         while len(seen) < n and time.time() < deadline:  # every replica warmed up (and counted) before timing

@@ -58,7 +58,7 @@ def replicas(checkpoint):
 
     def serve() -> None:
         try:
-            run(config, Scaling(replicas=2), port=port, on_ready=ready.set, stop=stop)
+            run(config, Scaling(replicas=2, max_ongoing_requests=4), port=port, on_ready=ready.set, stop=stop)
         except BaseException as exc:
             failed.append(exc)
             ready.set()
@@ -224,7 +224,7 @@ def test_unreachable_address_is_one_line_without_waiting(checkpoint):
     )
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith(f"error: --address localhost:{port}: no Ray cluster answers"), lines
+    assert lines[-1].startswith(f"error: --address 127.0.0.1:{port}: no Ray cluster answers"), lines
     assert "Traceback" not in result.stderr
 
 
@@ -250,7 +250,7 @@ def test_flags_map_to_the_replicas_and_ray_serve_options(checkpoint, monkeypatch
         "--address", "auto", "--port", "9001", "--keep-alive-timeout", "7",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    config, scaling = seen["config"], seen["plan"]
+    config, scaling = seen["config"], seen["scaling"]
     assert config.checkpoint == str(checkpoint.resolve()) and config.api_key == KEY and config.threads == 1
     assert config.app["max_batch"] == 6 and config.app["max_queue"] == 10
     assert seen["address"] == "auto" and seen["port"] == 9001 and seen["keep_alive_timeout"] == 7
@@ -262,7 +262,8 @@ def test_flags_map_to_the_replicas_and_ray_serve_options(checkpoint, monkeypatch
         "target_ongoing_requests": 6.0,  # default: one full batch per replica
     }
     assert options["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.5}
-    assert options["max_ongoing_requests"] == 16  # the batch and the replica's queue
+    assert options["max_ongoing_requests"] == 6  # a replica's batch; the rest wait for a free row in Ray's queue
+    assert options["max_queued_requests"] == 10  # --max-queue
     assert "num_replicas" not in options
     fixed = serve_ray.Scaling(replicas=3).deployment_options()
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed

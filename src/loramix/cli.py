@@ -793,7 +793,7 @@ def _serve_replicas(
             scaling.pop("target_ongoing_requests")
         else:
             scaling["target_ongoing_requests"] = float(app_options["max_batch"])
-    # the replica's own queue (--max-queue, 503) holds what its batch cannot: Ray routes up to both to a replica
+    # Ray hands a replica at most its batch; the rest wait in Ray's queue for the first free row (--max-queue: 503)
     slots = app_options["max_batch"] if app_options["batching"] else 1
     _check_quantize(load["quantize"])
     _dtype(load["dtype"])
@@ -810,7 +810,7 @@ def _serve_replicas(
     config = ReplicaConfig(
         checkpoint=str(checkpoint), model_id=name, api_key=api_key, threads=threads, app=app_options, **load
     )
-    plan = Scaling(max_ongoing_requests=slots + app_options["max_queue"], **scaling)
+    plan = Scaling(max_ongoing_requests=slots, max_queued_requests=app_options["max_queue"], **scaling)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     where = f"the Ray cluster at {address}" if address else "a local Ray instance"

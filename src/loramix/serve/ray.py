@@ -120,9 +120,12 @@ class Scaling:
     max_replicas: int | None = None
     """Autoscaling: the most replicas."""
     target_ongoing_requests: float | None = None
-    """Autoscaling: the ongoing requests per replica Ray Serve aims at; default: max_ongoing_requests / 2."""
-    max_ongoing_requests: int = 16
-    """Requests a replica holds at once (in its batch and its queue); the proxy keeps the others until one frees."""
+    """Autoscaling: the requests per replica (in flight and queued) Ray Serve aims at; default: max_ongoing_requests."""
+    max_ongoing_requests: int = 8
+    """Requests Ray hands one replica at once: its batch (`--max-batch`). The others wait in Ray's queue for the
+    first replica with a free row (a replica's own queue would fill unevenly: Ray's router sees replica loads late)."""
+    max_queued_requests: int | None = None
+    """Requests waiting in Ray's queue (per proxy) beyond which Ray answers 503; None: no limit."""
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -131,6 +134,8 @@ class Scaling:
             raise ConfigError("num_cpus and num_gpus per replica must be >= 0")
         if self.max_ongoing_requests < 1:
             raise ConfigError(f"max_ongoing_requests={self.max_ongoing_requests}: must be at least 1")
+        if self.max_queued_requests is not None and self.max_queued_requests < 1:
+            raise ConfigError(f"max_queued_requests={self.max_queued_requests}: must be at least 1 (or None)")
         if not self.autoscaling:
             if self.target_ongoing_requests is not None:
                 raise ConfigError("target_ongoing_requests needs autoscaling: set min_replicas or max_replicas")
@@ -162,8 +167,10 @@ class Scaling:
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
             "max_ongoing_requests": self.max_ongoing_requests,
         }
+        if self.max_queued_requests is not None:
+            options["max_queued_requests"] = self.max_queued_requests
         if self.autoscaling:
-            target = self.target_ongoing_requests or max(1.0, self.max_ongoing_requests / 2)
+            target = self.target_ongoing_requests or float(self.max_ongoing_requests)
             options["autoscaling_config"] = {
                 "min_replicas": self.min_replicas,
                 "initial_replicas": self.replicas,
@@ -271,7 +278,8 @@ def build(args: dict[str, Any]) -> Any:
     Values given on the `serve run` command line are strings; numbers are converted here."""
     args = dict(args)
     numbers = {"replicas": int, "num_cpus": float, "num_gpus": float, "min_replicas": int, "max_replicas": int}
-    numbers |= {"target_ongoing_requests": float, "max_ongoing_requests": int, "threads": int}
+    numbers |= {"target_ongoing_requests": float, "max_ongoing_requests": int, "max_queued_requests": int}
+    numbers |= {"threads": int}
     for key, kind in numbers.items():
         if isinstance(args.get(key), str):
             try:
@@ -344,7 +352,7 @@ def _check_resources(ray: Any, scaling: Scaling) -> None:
             )
 
 
-def _wait(serve: Any, name: str, deploy: threading.Thread, failure: list[BaseException], timeout: float) -> None:
+def _wait(deploy: threading.Thread, failure: list[BaseException], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while deploy.is_alive():
         deploy.join(0.5)
@@ -405,7 +413,7 @@ def run(
 
         thread = threading.Thread(target=deploy, name="loramix-ray-deploy", daemon=True)
         thread.start()
-        _wait(serve, APP_NAME, thread, failure, start_timeout)
+        _wait(thread, failure, start_timeout)
         if on_ready is not None:
             on_ready()
         stop = stop or threading.Event()
