@@ -113,7 +113,7 @@ _QUANTIZE = typer.Option(
     None,
     "--quantize",
     help="Load the base quantized: int8, int4 (torchao) or nf4 (bitsandbytes); none: float. Default: as the "
-    "checkpoint records. Needs loramix[quant]; docs/quantization.md.",
+    "checkpoint records. Needs loramix\\[quant]; docs/quantization.md.",
 )
 
 
@@ -629,10 +629,14 @@ def serve(
     max_tokens: int = typer.Option(1024, "--max-tokens", min=1, help="Largest max_tokens a request may ask for."),
     batching: bool = typer.Option(True, "--batching/--no-batching", help="Continuous batching (off: one at a time)."),
     max_batch: int = typer.Option(8, "--max-batch", min=1, help="Sequence slots of the continuous batch."),
-    max_queue: int = typer.Option(256, "--max-queue", min=1, help="Jobs waiting for a slot; beyond it: 503."),
+    max_queue: int = typer.Option(
+        256, "--max-queue", min=1, help="Jobs waiting for a slot; beyond it: 503 (--replicas: requests in Ray's queue)."
+    ),
     max_body: int = typer.Option(1 << 20, "--max-body", min=1, help="Largest request body in bytes; beyond it: 413."),
     request_timeout: float = typer.Option(600.0, "--request-timeout", min=0.001, help="Seconds per request (504)."),
-    header_timeout: float = typer.Option(10.0, "--header-timeout", min=0.001, help="Seconds to send a request head."),
+    header_timeout: float = typer.Option(
+        10.0, "--header-timeout", min=0.001, help="Seconds to send a request head (not with --replicas)."
+    ),
     body_timeout: float = typer.Option(30.0, "--body-timeout", min=0.001, help="Seconds a body may stall (408)."),
     keep_alive_timeout: float = typer.Option(5.0, "--keep-alive-timeout", min=0.001, help="Idle keep-alive seconds."),
     device: str | None = typer.Option(None, help="e.g. cpu, cuda."),
@@ -646,7 +650,7 @@ def serve(
         "--replicas",
         min=1,
         help="Serve N replicas on Ray Serve behind one endpoint, each with its own model and continuous batch "
-        "(needs loramix[ray]; docs/scaling.md). Default: one process, no Ray.",
+        "(needs loramix\\[ray]; docs/scaling.md). Default: one process, no Ray.",
     ),
     address: str | None = typer.Option(
         None,
