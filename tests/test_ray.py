@@ -228,6 +228,22 @@ def test_unreachable_address_is_one_line_without_waiting(checkpoint):
     assert "Traceback" not in result.stderr
 
 
+def test_more_gpus_than_the_cluster_has_is_one_line_not_a_wait(checkpoint):
+    pytest.importorskip("ray.serve")
+    env = {**os.environ, "COLUMNS": "200", "CUDA_VISIBLE_DEVICES": ""}  # a local instance without GPUs
+    result = subprocess.run(
+        [sys.executable, "-m", "loramix", "serve", str(checkpoint), "--replicas", "1", "--num-gpus-per-replica", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: --num-gpus-per-replica 1: no node of the Ray cluster has that many GPUs"), lines
+    assert "Traceback" not in result.stderr
+
+
 def test_missing_ray_names_the_extra(checkpoint, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     monkeypatch.setitem(sys.modules, "ray.serve", None)

@@ -837,6 +837,7 @@ def _serve_replicas(
             keep_alive_timeout=keep_alive_timeout,
             log_level=log_level,
             on_ready=ready,
+            warn=lambda message: err_console.print(f"[yellow]warning:[/yellow] {escape(message)}"),
             stop=stop,
         )
     finally:

@@ -325,7 +325,7 @@ def _probe(address: str, timeout: float = 5.0) -> None:
 
 
 def _check_resources(ray: Any, scaling: Scaling) -> None:
-    """A replica that no node can hold would wait forever: refuse it with the flag to change."""
+    """Replicas the cluster cannot hold would wait for resources forever: a RayServeError naming the flag."""
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     most_gpus = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
     most_cpus = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
@@ -379,11 +379,14 @@ def run(
     log_level: str = "warning",
     start_timeout: float = 600.0,
     on_ready: Any = None,
+    warn: Any = None,
     stop: threading.Event | None = None,
 ) -> None:
     """Join the cluster at `address` (or start a local one), deploy the replicas behind one HTTP endpoint on
     host:port, call `on_ready()`, and serve until `stop` is set (or KeyboardInterrupt). On the way out the
-    application is deleted; a cluster started here is shut down with it."""
+    application is deleted; a cluster started here is shut down with it. Replicas a local instance cannot hold are
+    an error; on a cluster at `address` (which an autoscaler may grow) they are a warning (`warn(message)`), and the
+    replicas get `start_timeout` seconds to start."""
     ray, serve = require_ray()
     if address is not None:
         _probe(address)
@@ -397,7 +400,13 @@ def run(
         else:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         started = True
-        _check_resources(ray, scaling)
+        try:
+            _check_resources(ray, scaling)
+        except RayServeError as exc:
+            if local:
+                raise
+            # an autoscaling cluster (KubeRay) may add the nodes: wait, up to start_timeout
+            (warn or logger.warning)(f"{exc}; waiting up to {start_timeout:g} s for the cluster to grow")
         serve.start(
             http_options={"host": host, "port": port, "keep_alive_timeout_s": max(1, round(keep_alive_timeout))},
             logging_config={"log_level": _LEVELS.get(log_level.lower(), "WARNING")},
