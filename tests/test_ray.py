@@ -244,6 +244,23 @@ def test_more_gpus_than_the_cluster_has_is_one_line_not_a_wait(checkpoint):
     assert "Traceback" not in result.stderr
 
 
+def test_a_replica_that_cannot_load_is_an_error_naming_why(tmp_path):
+    pytest.importorskip("ray.serve")
+    script = (
+        "from loramix.serve.ray import ReplicaConfig, Scaling, run\n"
+        "from loramix.errors import LoramixError\n"
+        "try:\n"
+        f"    run(ReplicaConfig({str(tmp_path / 'missing')!r}), Scaling(replicas=1), port=0)\n"
+        "except LoramixError as exc:\n"
+        "    print('ERROR', exc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    errors = [line for line in result.stdout.splitlines() if line.startswith("ERROR")]
+    assert errors == [f"ERROR the replicas failed to start: loramix.errors.CheckpointError: {tmp_path / 'missing'} "
+                      "is not a directory (expected a loramix checkpoint)"], result.stdout  # fmt: skip
+
+
 def test_missing_ray_names_the_extra(checkpoint, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     monkeypatch.setitem(sys.modules, "ray.serve", None)

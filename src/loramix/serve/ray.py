@@ -352,7 +352,7 @@ def _check_resources(ray: Any, scaling: Scaling) -> None:
             )
 
 
-def _wait(deploy: threading.Thread, failure: list[BaseException], timeout: float) -> None:
+def _wait(serve: Any, deploy: threading.Thread, failure: list[BaseException], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while deploy.is_alive():
         deploy.join(0.5)
@@ -362,10 +362,20 @@ def _wait(deploy: threading.Thread, failure: list[BaseException], timeout: float
                 "and the replicas' logs under /tmp/ray/session_latest/logs/serve)"
             )
     if failure:
-        message = str(failure[0]).strip()
-        # Ray's message carries the replica's traceback; its last line is the error the replica raised
-        lines = [line.strip() for line in message.splitlines() if line.strip()]
-        raise RayServeError(f"the replicas failed to start: {lines[-1] if lines else type(failure[0]).__name__}")
+        message = _replica_error(serve) or str(failure[0]).strip() or type(failure[0]).__name__
+        raise RayServeError(f"the replicas failed to start: {message}")
+
+
+def _replica_error(serve: Any) -> str | None:
+    """The error a replica raised while starting: the last line of the traceback in Ray Serve's deployment status."""
+    try:
+        application = serve.status().applications[APP_NAME]
+        details = [d.message for d in application.deployments.values() if d.message]
+    except Exception:  # the status is gone with the controller
+        return None
+    lines = [line.strip() for text in details for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if line.split(":", 1)[0].endswith(("Error", "Exception"))]
+    return (errors or lines or [None])[-1]
 
 
 def run(
@@ -422,7 +432,7 @@ def run(
 
         thread = threading.Thread(target=deploy, name="loramix-ray-deploy", daemon=True)
         thread.start()
-        _wait(thread, failure, start_timeout)
+        _wait(serve, thread, failure, start_timeout)
         if on_ready is not None:
             on_ready()
         stop = stop or threading.Event()
