@@ -309,5 +309,8 @@ def test_build_reads_a_serve_run_config(checkpoint):
     application = build({"checkpoint": str(checkpoint), "replicas": "3", "num_cpus": "0.5", "model_id": "x"})
     deployment = application._bound_deployment
     assert deployment.num_replicas == 3
+    assert deployment.max_ongoing_requests == 8  # the replica's batch: create_app's default max_batch
+    batch16 = build({"checkpoint": str(checkpoint), "app": {"max_batch": 16}})._bound_deployment
+    assert batch16.max_ongoing_requests == 16
     assert deployment.ray_actor_options["num_cpus"] == 0.5
     assert json.dumps(deployment.init_args[0].checkpoint) == json.dumps(str(checkpoint))

@@ -251,20 +251,23 @@ def deployment(
     """A bound Ray Serve application (`serve.run(deployment(ckpt, replicas=2))`) of `Replica`s.
     Either `config` or `checkpoint` with ReplicaConfig's fields (model_id, api_key, device, dtype, threads, app={...});
     `scaling` or Scaling's fields (replicas, num_cpus, num_gpus, min_replicas, max_replicas, target_ongoing_requests,
-    max_ongoing_requests) as keyword arguments. `.options(...)` on the returned deployment's class is Ray's own."""
+    max_ongoing_requests: default the replica's batch, app["max_batch"] or 8; max_queued_requests) as keyword
+    arguments. `.options(...)` on the returned deployment's class is Ray's own."""
     _, serve = require_ray()
     scale_fields = {f.name for f in dataclasses.fields(Scaling)}
     scale_args = {k: replica.pop(k) for k in list(replica) if k in scale_fields}
-    if scaling is None:
-        scaling = Scaling(**scale_args)
-    elif scale_args:
-        raise ConfigError(f"give either scaling= or {sorted(scale_args)}, not both")
     if config is None:
         if checkpoint is None:
             raise ConfigError("deployment() needs a checkpoint (or config=ReplicaConfig(...))")
         config = ReplicaConfig(checkpoint=str(checkpoint), **replica)
     elif checkpoint is not None or replica:
         raise ConfigError("give either config= or the checkpoint and its options, not both")
+    if scaling is None:
+        # Ray hands a replica at most its batch (Scaling.max_ongoing_requests): create_app's max_batch, default 8
+        rows = config.app.get("max_batch", 8) if config.app.get("batching", True) else 1
+        scaling = Scaling(**{"max_ongoing_requests": rows, **scale_args})
+    elif scale_args:
+        raise ConfigError(f"give either scaling= or {sorted(scale_args)}, not both")
     options = scaling.deployment_options()
     env = {"OMP_NUM_THREADS": str(config.threads), "TOKENIZERS_PARALLELISM": "false"}
     options["ray_actor_options"]["runtime_env"] = {"env_vars": env}
