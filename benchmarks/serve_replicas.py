@@ -22,14 +22,13 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
 
-from common import machine
+from common import machine, workdir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import LIBRARY_PROMPTS, _free_port, library_checkpoint
@@ -145,8 +144,7 @@ def main() -> None:
     parser.add_argument("--start-ups", type=int, default=2, help="start-up measurements of each server")
     args = parser.parse_args()
     print(f"machine: {machine()}; 1 torch thread per replica; load average before {os.getloadavg()}")
-    root = Path(tempfile.mkdtemp(prefix="serve_replicas_"))
-    checkpoint = library_checkpoint(root)
+    checkpoint = library_checkpoint(workdir())  # removed when the script exits
 
     rows = throughput(checkpoint, args.rounds, args.new, args.clients, args.max_batch)
     base = rows["1 replica"]
