@@ -1,7 +1,9 @@
 """`loramix serve --replicas N`: the one-process app on Ray Serve replicas (serve/ray.py).
 
 One local Ray instance for the module, started by `loramix.serve.ray.run` (the command line's path) with 2 replicas
-of a tiny checkpoint; the command line's bad inputs run without Ray starting."""
+of a tiny checkpoint; the command line's bad inputs run without Ray starting. The tests marked `ray_slow` (a replica
+killed, and two that start Ray instances of their own) are left out of the default run: `pytest -m ray_slow
+tests/test_ray.py` runs them, as CI does in a step of its own."""
 
 import json
 import os
@@ -132,6 +134,7 @@ def test_auth_limits_and_error_shapes_as_one_process(replicas, one_process):
     assert metrics.headers["x-loramix-replica"]
 
 
+@pytest.mark.ray_slow
 def test_a_killed_replica_fails_its_requests_cleanly_and_is_restarted(replicas):
     import ray
 
@@ -228,6 +231,7 @@ def test_unreachable_address_is_one_line_without_waiting(checkpoint):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.ray_slow
 def test_more_gpus_than_the_cluster_has_is_one_line_not_a_wait(checkpoint):
     pytest.importorskip("ray.serve")
     env = {**os.environ, "COLUMNS": "200", "CUDA_VISIBLE_DEVICES": ""}  # a local instance without GPUs
@@ -244,6 +248,7 @@ def test_more_gpus_than_the_cluster_has_is_one_line_not_a_wait(checkpoint):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.ray_slow
 def test_a_replica_that_cannot_load_is_an_error_naming_why(tmp_path):
     pytest.importorskip("ray.serve")
     script = (
