@@ -113,7 +113,7 @@ _QUANTIZE = typer.Option(
     None,
     "--quantize",
     help="Load the base quantized: int8, int4 (torchao) or nf4 (bitsandbytes); none: float. Default: as the "
-    "checkpoint records. Needs loramix[quant]; docs/quantization.md.",
+    "checkpoint records. Needs loramix\\[quant]; docs/quantization.md.",
 )
 
 
@@ -653,23 +653,61 @@ def serve(
     max_tokens: int = typer.Option(1024, "--max-tokens", min=1, help="Largest max_tokens a request may ask for."),
     batching: bool = typer.Option(True, "--batching/--no-batching", help="Continuous batching (off: one at a time)."),
     max_batch: int = typer.Option(8, "--max-batch", min=1, help="Sequence slots of the continuous batch."),
-    max_queue: int = typer.Option(256, "--max-queue", min=1, help="Jobs waiting for a slot; beyond it: 503."),
+    max_queue: int = typer.Option(
+        256, "--max-queue", min=1, help="Jobs waiting for a slot; beyond it: 503 (--replicas: requests in Ray's queue)."
+    ),
     max_body: int = typer.Option(1 << 20, "--max-body", min=1, help="Largest request body in bytes; beyond it: 413."),
     request_timeout: float = typer.Option(600.0, "--request-timeout", min=0.001, help="Seconds per request (504)."),
-    header_timeout: float = typer.Option(10.0, "--header-timeout", min=0.001, help="Seconds to send a request head."),
+    header_timeout: float = typer.Option(
+        10.0, "--header-timeout", min=0.001, help="Seconds to send a request head (not with --replicas)."
+    ),
     body_timeout: float = typer.Option(30.0, "--body-timeout", min=0.001, help="Seconds a body may stall (408)."),
     keep_alive_timeout: float = typer.Option(5.0, "--keep-alive-timeout", min=0.001, help="Idle keep-alive seconds."),
     device: str | None = typer.Option(None, help="e.g. cpu, cuda."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16."),
     base: str | None = _BASE,
     quantize: str | None = _QUANTIZE,
-    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level (with --replicas: Ray Serve's)."),
     compile_: bool = typer.Option(False, "--compile", help=_COMPILE_HELP),
+    replicas: int | None = typer.Option(
+        None,
+        "--replicas",
+        min=1,
+        help="Serve N replicas on Ray Serve behind one endpoint, each with its own model and continuous batch "
+        "(needs loramix\\[ray]; docs/scaling.md). Default: one process, no Ray.",
+    ),
+    address: str | None = typer.Option(
+        None,
+        "--address",
+        help="With --replicas: join the Ray cluster at HOST:PORT, ray://HOST:PORT or 'auto'. Default: start a "
+        "local Ray instance that ends with the command.",
+    ),
+    num_cpus_per_replica: float = typer.Option(
+        1.0, "--num-cpus-per-replica", min=0, help="With --replicas: CPUs Ray reserves per replica."
+    ),
+    num_gpus_per_replica: float = typer.Option(
+        0.0,
+        "--num-gpus-per-replica",
+        min=0,
+        help="With --replicas: GPUs Ray reserves per replica (0.5: two share a GPU).",
+    ),
+    threads_per_replica: int = typer.Option(
+        1, "--threads-per-replica", min=1, help="With --replicas: torch threads in each replica."
+    ),
+    min_replicas: int | None = typer.Option(
+        None, "--min-replicas", min=0, help="With --replicas: autoscale, down to this many replicas (0: to zero)."
+    ),
+    max_replicas: int | None = typer.Option(
+        None, "--max-replicas", min=1, help="With --replicas: autoscale, up to this many replicas."
+    ),
+    target_ongoing_requests: float | None = typer.Option(
+        None,
+        "--target-ongoing-requests",
+        min=0.001,
+        help="With autoscaling: the requests per replica Ray Serve aims at (default: --max-batch).",
+    ),
 ) -> None:
     """Serve a checkpoint behind an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models)."""
-    from .serve import create_app
-    from .serve.server import run
-
     if api_key is not None and not api_key.strip():
         raise typer.BadParameter(
             "the API key is empty, which would turn authentication off; give a key or leave both unset",
@@ -680,12 +718,8 @@ def serve(
             f"[yellow]warning:[/yellow] serving on {host} without an API key: anyone who can reach this host can use "
             "the model (set LORAMIX_API_KEY)"
         )
-    model = _load(checkpoint, device, dtype, base, quantize)
     name = model_id or Path(checkpoint).resolve().name
-    server_app = create_app(
-        model,
-        model_id=name,
-        api_key=api_key,
+    app_options = dict(
         max_prompt_tokens=max_prompt_tokens,
         max_tokens_limit=max_tokens,
         batching=batching,
@@ -696,6 +730,47 @@ def serve(
         request_timeout=request_timeout,
         body_timeout=body_timeout,
     )
+    ray_flags = {
+        "--address": address is not None,
+        "--num-cpus-per-replica": num_cpus_per_replica != 1.0,
+        "--num-gpus-per-replica": num_gpus_per_replica != 0.0,
+        "--threads-per-replica": threads_per_replica != 1,
+        "--min-replicas": min_replicas is not None,
+        "--max-replicas": max_replicas is not None,
+        "--target-ongoing-requests": target_ongoing_requests is not None,
+    }
+    if replicas is None and any(ray_flags.values()):
+        flag = next(f for f, given in ray_flags.items() if given)
+        raise typer.BadParameter("needs --replicas N (Ray Serve); without it, one process serves", param_hint=flag)
+    if replicas is not None:
+        _serve_replicas(
+            checkpoint,
+            name,
+            api_key=api_key,
+            app_options=app_options,
+            load=dict(device=device, dtype=dtype, base=base, quantize=quantize),
+            host=host,
+            port=port,
+            address=address,
+            header_timeout=header_timeout,
+            keep_alive_timeout=keep_alive_timeout,
+            log_level=log_level,
+            scaling=dict(
+                replicas=replicas,
+                num_cpus=num_cpus_per_replica,
+                num_gpus=num_gpus_per_replica,
+                min_replicas=min_replicas,
+                max_replicas=max_replicas,
+                target_ongoing_requests=target_ongoing_requests,
+            ),
+            threads=threads_per_replica,
+        )
+        return
+    from .serve import create_app
+    from .serve.server import run
+
+    model = _load(checkpoint, device, dtype, base, quantize)
+    server_app = create_app(model, model_id=name, api_key=api_key, **app_options)
     err_console.print(
         f"serving [bold]{name}[/bold] on http://{host}:{port}/v1" + (" (API key required)" if api_key else "")
     )
@@ -707,6 +782,91 @@ def serve(
         header_timeout=header_timeout,
         keep_alive_timeout=keep_alive_timeout,
     )
+
+
+def _serve_replicas(
+    checkpoint: Path,
+    name: str,
+    *,
+    api_key: str | None,
+    app_options: dict[str, Any],
+    load: dict[str, Any],
+    host: str,
+    port: int,
+    address: str | None,
+    header_timeout: float,
+    keep_alive_timeout: float,
+    log_level: str,
+    scaling: dict[str, Any],
+    threads: int,
+) -> None:
+    """`loramix serve --replicas N`: the same app on Ray Serve (serve/ray.py), until Ctrl-C or SIGTERM."""
+    import signal
+    import threading
+
+    from .serve.ray import ReplicaConfig, Scaling, require_ray, run
+
+    low, high, count = scaling["min_replicas"], scaling["max_replicas"], scaling["replicas"]
+    if low is not None or high is not None:  # Ray Serve's defaults: min 1, max the initial count
+        least = 1 if low is None else low
+        most = max(count, least) if high is None else high
+        if least > most:
+            raise typer.BadParameter(f"{least} is above --max-replicas {most}", param_hint="--min-replicas")
+        if count < least:
+            raise typer.BadParameter(f"{count} is below --min-replicas {least}", param_hint="--replicas")
+        if count > most:
+            raise typer.BadParameter(f"{count} is above --max-replicas {most}", param_hint="--replicas")
+    if scaling["target_ongoing_requests"] is None:
+        if low is None and high is None:
+            scaling.pop("target_ongoing_requests")
+        else:
+            scaling["target_ongoing_requests"] = float(app_options["max_batch"])
+    # Ray hands a replica at most its batch; the rest wait in Ray's queue for the first free row (--max-queue: 503)
+    slots = app_options["max_batch"] if app_options["batching"] else 1
+    _check_quantize(load["quantize"])
+    _dtype(load["dtype"])
+    require_ray()  # one line naming the extra, before anything else
+    if address is None:
+        _read_checkpoint_meta(checkpoint)  # a local cluster reads this path: refuse a wrong one before starting it
+    if checkpoint.exists():
+        checkpoint = checkpoint.resolve()
+    if header_timeout != 10.0:
+        err_console.print(
+            "[yellow]warning:[/yellow] --header-timeout is not applied with --replicas: Ray Serve's proxy has no "
+            "request-head timeout (docs/scaling.md)"
+        )
+    config = ReplicaConfig(
+        checkpoint=str(checkpoint), model_id=name, api_key=api_key, threads=threads, app=app_options, **load
+    )
+    plan = Scaling(max_ongoing_requests=slots, max_queued_requests=app_options["max_queue"], **scaling)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+    err_console.print(f"starting {count} replica(s) of [bold]{name}[/bold] on {where}")
+
+    def ready() -> None:
+        scale = f", autoscaling {plan.min_replicas}..{plan.max_replicas}" if plan.autoscaling else ""
+        err_console.print(
+            f"serving [bold]{name}[/bold] on http://{host}:{port}/v1 ({count} replica(s) on Ray Serve{scale})"
+            + (" (API key required)" if api_key else "")
+        )
+
+    try:
+        run(
+            config,
+            plan,
+            address=address,
+            host=host,
+            port=port,
+            keep_alive_timeout=keep_alive_timeout,
+            log_level=log_level,
+            on_ready=ready,
+            warn=lambda message: err_console.print(f"[yellow]warning:[/yellow] {escape(message)}"),
+            stop=stop,
+        )
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @app.command()
