@@ -56,6 +56,15 @@ def tiny_gpt2(seed: int = 0):
     return model.eval()
 
 
+def random_gate(model, seed: int = 0):
+    """Give the gate random N(0, 1) weights (a sharp, input-dependent gate: routing changes from token to token)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.gate.parameters():
+            p.normal_()
+    return model
+
+
 def save_model(model, path: Path) -> Path:
     model.save_pretrained(str(path))
     return path

@@ -17,14 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import loramix
 from loramix.cli import app
 from loramix.serve import create_app
-
-from conftest import char_tokenizer
+from test_serve import served_mix
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -39,14 +37,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def checkpoint(llama_dir, llama_experts, tmp_path_factory):
-    mix = loramix.from_pretrained(
-        llama_dir, llama_experts, loramix.MixConfig(gate=loramix.GateConfig(layerwise=True)), tokenizer=char_tokenizer()
-    )
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in mix.gate.parameters():
-            p.normal_()
-    return mix.save(tmp_path_factory.mktemp("ray") / "ckpt")
+    return served_mix(llama_dir, llama_experts).save(tmp_path_factory.mktemp("ray") / "ckpt")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import loramix
 from loramix import ConfigError, GateConfig, LoramixError, MixConfig
 from loramix.grammar import Grammar, GrammarError
 
-from conftest import char_tokenizer, make_adapter, save_model, tiny_llama
+from conftest import char_tokenizer, make_adapter, random_gate, save_model, tiny_llama
 
 VOCAB = 128  # the model's logits: more than the tokenizer's 99 ids, as real models pad their vocabulary
 
@@ -53,11 +53,7 @@ def _mix(dirs, **config):
     mix = loramix.from_pretrained(
         base, experts, MixConfig(gate=GateConfig(depth=2, layerwise=True), **config), tokenizer=char_tokenizer(last="~")
     )
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in mix.gate.parameters():
-            p.normal_(0.0, 1.0)
-    return mix
+    return random_gate(mix)
 
 
 @pytest.fixture(scope="module")

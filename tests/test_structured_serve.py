@@ -11,7 +11,6 @@ from typing import Literal
 import httpx
 import jsonschema
 import pytest
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 import loramix
@@ -19,7 +18,7 @@ from loramix import GateConfig, MixConfig
 from loramix.serve import create_app
 from test_serve import Server
 
-from conftest import char_tokenizer, make_adapter, save_model, tiny_llama
+from conftest import char_tokenizer, make_adapter, random_gate, save_model, tiny_llama
 
 VOCAB = 128
 
@@ -86,11 +85,7 @@ def mix(dirs):
         MixConfig(gate=GateConfig(layerwise=True), scaling_layer=1),
         tokenizer=char_tokenizer(last="~"),
     )
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.gate.parameters():
-            p.normal_()
-    return model
+    return random_gate(model)
 
 
 @pytest.fixture(scope="module")
