@@ -195,48 +195,33 @@ def _main(monkeypatch, capsys, *args: str) -> tuple[int, list[str]]:
     return exit_.value.code, [line for line in err.splitlines() if line.strip()]
 
 
-def test_unreachable_address_is_one_line_without_waiting(checkpoint):
-    pytest.importorskip("ray.serve")
-    port = _free_port()  # nothing listens there; Ray itself would retry for minutes: a subprocess, with a timeout
-    env = {**os.environ, "COLUMNS": "200"}
+def _serve_fails(checkpoint, *args: str, **env: str) -> str:
+    """`loramix serve CKPT ARGS` in a subprocess (120 s at most) that must exit 1 without a traceback: its last
+    stderr line."""
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "loramix",
-            "serve",
-            str(checkpoint),
-            "--replicas",
-            "2",
-            "--address",
-            f"127.0.0.1:{port}",
-        ],
+        [sys.executable, "-m", "loramix", "serve", str(checkpoint), *args],
         capture_output=True,
         text=True,
-        env=env,
+        env={**os.environ, "COLUMNS": "200", **env},
         timeout=120,
     )
     assert result.returncode == 1
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith(f"error: --address 127.0.0.1:{port}: no Ray cluster answers"), lines
     assert "Traceback" not in result.stderr
+    return [line for line in result.stderr.splitlines() if line.strip()][-1]
+
+
+def test_unreachable_address_is_one_line_without_waiting(checkpoint):
+    pytest.importorskip("ray.serve")
+    port = _free_port()  # nothing listens there; Ray itself would retry for minutes: a subprocess, with a timeout
+    line = _serve_fails(checkpoint, "--replicas", "2", "--address", f"127.0.0.1:{port}")
+    assert line.startswith(f"error: --address 127.0.0.1:{port}: no Ray cluster answers"), line
 
 
 @pytest.mark.ray_slow
 def test_more_gpus_than_the_cluster_has_is_one_line_not_a_wait(checkpoint):
     pytest.importorskip("ray.serve")
-    env = {**os.environ, "COLUMNS": "200", "CUDA_VISIBLE_DEVICES": ""}  # a local instance without GPUs
-    result = subprocess.run(
-        [sys.executable, "-m", "loramix", "serve", str(checkpoint), "--replicas", "1", "--num-gpus-per-replica", "1"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert result.returncode == 1
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith("error: --num-gpus-per-replica 1: no node of the Ray cluster has that many GPUs"), lines
-    assert "Traceback" not in result.stderr
+    line = _serve_fails(checkpoint, "--replicas", "1", "--num-gpus-per-replica", "1", CUDA_VISIBLE_DEVICES="")
+    assert line.startswith("error: --num-gpus-per-replica 1: no node of the Ray cluster has that many GPUs"), line
 
 
 @pytest.mark.ray_slow

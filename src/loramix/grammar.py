@@ -147,7 +147,8 @@ class Grammar:
     @classmethod
     def json(cls, tokenizer: Any, schema: Any = None, *, vocab: int, eos: Sequence[int]) -> Grammar:
         """`schema` (module docstring) for `tokenizer`, over `vocab` logits, ending with one of the `eos` ids.
-        Raises `GrammarError` when the schema is not valid, or when the tokenizer cannot write its first token."""
+        Raises `GrammarError` when the schema is not valid, or when the tokenizer has no token for JSON punctuation
+        the schema needs."""
         if tokenizer is None:
             raise GrammarError("structured output needs a tokenizer: load a checkpoint that has one, or pass one")
         if not eos:

@@ -519,11 +519,10 @@ async def _chat(state: ServerState, request: Request, body: ChatRequest) -> Any:
     for i, r in enumerate(results):
         message: dict[str, Any] = {"role": "assistant", "content": r["text"]}
         reason = r["finish_reason"]
-        if calls is not None and reason == "stop":  # the grammar is complete: the text is valid JSON
+        # complete (the grammar ended it: valid JSON), or a named call cut by max_tokens (its partial arguments)
+        if calls is not None and (reason == "stop" or calls.choice == "named"):
             message = {"role": "assistant", "content": None, "tool_calls": tool_calls(calls, r["text"])}
-            reason = "tool_calls"
-        elif calls is not None and calls.choice == "named":  # cut by max_tokens: the partial arguments
-            message = {"role": "assistant", "content": None, "tool_calls": tool_calls(calls, r["text"])}
+            reason = "tool_calls" if reason == "stop" else reason
         logprobs_out = _chat_logprobs(state, r["logprobs"]["completion"]) if r["logprobs"] is not None else None
         choices.append({"index": i, "message": message, "logprobs": logprobs_out, "finish_reason": reason})
     return reply.with_totals(reply.envelope(choices, "chat.completion"), results)
