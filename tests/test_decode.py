@@ -124,18 +124,24 @@ def test_one_compile_per_batch_size(llama_dir, llama_experts):
 
 
 def test_compiled_step_buffers_are_updated_in_place(llama_dir, llama_experts):
-    """The step writes the mask column and both caches in place: called directly it advances the same buffers."""
+    """The step writes the mask column and both passes' blocks in place: called directly it advances the same
+    buffers (the slots each row writes this step, set by the decoder beforehand)."""
     mix = _mix(llama_dir, llama_experts)
     ids, _ = _batch()
     decoder = _joined(mix, "granular")
     b = decoder.buffers
     b.column.fill_(ids.shape[1])
-    decoder.slot_cache.set_column(ids.shape[1])
+    decoder.paged.column.fill_(ids.shape[1])
+    decoder._slots_now(2)
+    slots = decoder.paged.write[:, 0]
+    assert slots.tolist() == [decoder.paged.slot(decoder.rows[i].table, decoder.rows[i].length - 1) for i in (0, 1)]
+    for pools in (decoder.paged.mixed, decoder.paged.scaling):
+        assert not pools[0][0][slots].any()
     with torch.no_grad():
         compiled_step(mix, 2, 64, False, "aot_eager")(mix, b)
     assert b.mask[:, ids.shape[1]].tolist() == [1, 1]
-    assert int(b.cache.mixed.layers[0].cumulative_length) == ids.shape[1] + 1
-    assert int(b.cache.scaling.layers[0].cumulative_length) == ids.shape[1] + 1
+    for pools in (decoder.paged.mixed, decoder.paged.scaling):
+        assert pools[0][0][slots].abs().sum(-1).all()  # every head of both rows' new keys written
 
 
 def test_compiled_eos_and_sampling(llama_dir, llama_experts):

@@ -47,7 +47,7 @@ import torch
 from .base import LoraMixCache, new_dynamic_cache, text_config
 from .layers import PreparedScalings
 from .sampling import Sampler, SamplingSettings
-from .slots import SlotCache, static_cache_support
+from .blocks import BLOCK_SIZE, NULL, TRASH, BlockAllocator, PagedCache, PoolLayout, block_keys, static_cache_support
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ __all__ = [
     "DecodeBuffers",
     "Decoder",
     "Joined",
+    "Prefill",
     "RowSpec",
     "Stepped",
     "cache_slots",
@@ -226,7 +227,9 @@ class Stepped:
 @dataclass
 class _Row:
     spec: RowSpec
-    start: int  # the first column of its prompt
+    start: int  # the column of its first token
+    table: list[int]  # its blocks (blocks.PagedCache): position p lives in table[p // block_size]
+    length: int  # tokens in its cache, positions 0 .. length - 1
     generated: int = 0
 
     @property
@@ -234,10 +237,33 @@ class _Row:
         return self.spec.max_new_tokens - self.generated
 
 
+@dataclass
+class Prefill:
+    """A prompt entering a row in pieces (`Decoder.begin`, `extend`, `finish`): its tokens, its block table, how many
+    of them are in the cache (`done`: a shared prefix, then each chunk), and what the last piece gave."""
+
+    row: int
+    ids: list[int]
+    spec: RowSpec
+    table: list[int]
+    done: int
+    keys: list[bytes]
+    cached: int = 0  # tokens taken from the prefix cache
+    ema: torch.Tensor | None = None  # the gate's moving average so far [1, H + 1] (EMA context gates)
+    logits: torch.Tensor | None = None  # [V] of the last token, once it is in
+    scalings: torch.Tensor | None = None  # [L, N] of the last token
+
+    @property
+    def complete(self) -> bool:
+        return self.done == len(self.ids)
+
+
 class Decoder:
-    """B row slots over C cache columns (module docstring). `compile`: False, True (inductor) or a torch.compile
-    backend name. `granular=False` makes a decoder whose rows are all held (no scaling-pass cache). `eos`: the token
-    ids that end a row. `generator`: the random stream of rows without their own."""
+    """B row slots over C virtual cache columns, the caches in blocks (module docstring, blocks.py). `compile`:
+    False, True (inductor) or a torch.compile backend name. `granular=False` makes a decoder whose rows are all
+    held (no scaling-pass cache). `eos`: the token ids that end a row. `generator`: the random stream of rows
+    without their own. `blocks`: the pool's blocks (default: every row can hold C tokens); `prefix_cache`: rows
+    reuse the full blocks of prompts that share their prefix (blocks.BlockAllocator)."""
 
     def __init__(
         self,
@@ -249,13 +275,21 @@ class Decoder:
         compile: Any = False,
         eos: tuple[int, ...] = (),
         generator: torch.Generator | None = None,
+        blocks: int | None = None,
+        block_size: int = BLOCK_SIZE,
+        prefix_cache: bool = False,
+        layout: PoolLayout | None = None,
     ) -> None:
         self.model, self.batch, self.slots, self.granular = model, batch, slots, granular
         self.backend = None if compile is False or compile is None else ("inductor" if compile is True else compile)
-        device, config = model.device, text_config(model.model)
-        self.slot_cache = SlotCache(model, config, batch, slots, granular=granular)
+        device = model.device
         if granular:
             model.scaling_backbone()  # builds a truncated view now, outside any compiled region
+        if blocks is None:
+            blocks = batch * -(-slots // block_size)
+        self.paged = PagedCache(model, batch, slots, blocks, granular=granular, block_size=block_size, layout=layout)
+        # an EMA gate's state at a block's end is not kept, so its rows cannot start from a cached prefix
+        self.prefix_cache = prefix_cache and self.paged.gate_ema is None
         scalings = torch.zeros(batch, 1, model.n_layers, model.n_experts, device=device, dtype=model.dtype)
         multipliers = torch.zeros(batch, 1, sum(model.rank_sizes), device=device, dtype=model.multiplier_dtype)
         self.buffers = DecodeBuffers(
@@ -267,7 +301,7 @@ class Decoder:
             multipliers=multipliers,
             hold_rows=torch.zeros(batch, 1, 1, 1, dtype=torch.bool, device=device),
             hold_values=torch.zeros_like(scalings),
-            cache=self.slot_cache.cache,
+            cache=self.paged.view(batch, slots),
             prepared=PreparedScalings(scalings, multipliers, sizes=model.rank_sizes),
         )
         if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs replay them without copies
@@ -281,7 +315,7 @@ class Decoder:
                 b.multipliers,
                 b.hold_rows,
                 b.hold_values,
-                *self.slot_cache.tensors(),
+                *self.paged.tensors(),
             ):
                 torch._dynamo.mark_static_address(t)
         vocab = model.model.get_output_embeddings().weight.shape[0]
@@ -290,7 +324,7 @@ class Decoder:
         self.rows: list[_Row | None] = [None] * batch
         self.column = 0  # the column the next step writes
         self.steps = 0
-        self._views: dict[int, DecodeBuffers] = {}
+        self._views: dict[tuple[int, int], DecodeBuffers] = {}
         self._column_moved = False  # set_column is due before the next step
 
     # ------------------------------------------------------------------ rows
@@ -298,6 +332,23 @@ class Decoder:
     @property
     def occupied(self) -> list[int]:
         return [i for i, row in enumerate(self.rows) if row is not None]
+
+    @property
+    def allocator(self) -> BlockAllocator:
+        return self.paged.allocator
+
+    @property
+    def block_size(self) -> int:
+        return self.paged.block_size
+
+    def blocks_for(self, tokens: int) -> int:
+        """Blocks that hold `tokens` tokens."""
+        return self.paged.blocks_for(tokens)
+
+    def blocks_needed(self) -> int:
+        """Blocks the next step takes: one for each row whose next token starts a block."""
+        bs = self.block_size
+        return sum(1 for row in self.rows if row is not None and row.length == len(row.table) * bs)
 
     @property
     def grammar_failures(self) -> dict[int, str]:
@@ -319,7 +370,7 @@ class Decoder:
 
     def place(self, prompt: int, need: int) -> int | None:
         """`target`, then make it the current column: an empty decoder starts over there, otherwise every row moves
-        along by one roll of the caches and the mask. Returns the column, or None (nothing moved)."""
+        along the columns. Returns the column, or None (nothing moved)."""
         target = self.target(prompt, need)
         if target is None:
             return None
@@ -331,19 +382,51 @@ class Decoder:
 
     def _roll(self, d: int) -> None:
         """Move every row d columns along (right to make room for a longer prompt, left to keep the columns in use
-        few): the columns from the first row's start to the current one, in the caches and the mask."""
+        few): the mask and the read map shift; the blocks stay where they are."""
         if d == 0:
             return
         lo = min(row.start for row in self.rows if row is not None)
-        self.slot_cache.move(lo, self.column, d)
-        mask = torch.zeros_like(self.buffers.mask)
-        mask[:, lo + d : self.column + d] = self.buffers.mask[:, lo : self.column]
-        self.buffers.mask.copy_(mask)
+        for t, fill in ((self.buffers.mask, 0), (self.paged.read, NULL * self.block_size)):
+            moved = torch.full_like(t, fill)
+            moved[:, lo + d : self.column + d] = t[:, lo : self.column]
+            t.copy_(moved)
         for row in self.rows:
             if row is not None:
                 row.start += d
         self.column += d
         self._column_moved = True
+
+    def _family(self, spec: RowSpec) -> bytes:
+        """What a row's cached keys and values depend on besides its tokens (the prefix cache's key)."""
+        if spec.fixed is not None:
+            return b"fixed:" + spec.fixed.detach().float().cpu().numpy().tobytes()
+        return b"gated"
+
+    def _keys(self, ids: list[int], spec: RowSpec) -> list[bytes]:
+        return block_keys(ids, self.block_size, self._family(spec)) if self.prefix_cache else []
+
+    def _attach(self, row: int, spec: RowSpec, table: list[int], ids: torch.Tensor, last: torch.Tensor) -> None:
+        """Make `row` a decoding row: its `len(ids)` tokens in `table` end at the current column (call `place`
+        first); its held scalings `last` [L, N] (the last prompt token's)."""
+        b, n, device = self.buffers, ids.shape[0], self.model.device
+        start = self.column - n
+        self.rows[row] = _Row(spec, start, table, n)
+        b.mask[row].zero_()
+        b.mask[row, start : self.column] = 1
+        read = self.paged.read[row]
+        read.fill_(NULL * self.block_size)
+        read[start : self.column] = torch.tensor(self.paged.slots(table, 0, n), device=device)
+        b.positions[row] = n
+        b.hold_rows[row] = spec.held
+        b.hold_values[row] = last[None]
+        b.scalings[row] = last[None]
+        b.multipliers[row] = self.model.rank_multipliers(last[None, None])[0]
+        self.sampler.set_row(row, spec.sampling, ids, spec.generator, spec.grammar)
+
+    def _allocate(self, n: int) -> list[int]:
+        if n > self.allocator.available:
+            raise RuntimeError(f"{n} KV blocks needed, {self.allocator.available} free (the scheduler checks first)")
+        return [self.allocator.allocate() for _ in range(n)]
 
     @torch.no_grad()
     def join(
@@ -398,47 +481,125 @@ class Decoder:
             use_cache=True,
             **keep,
         )
-        start = self.column - T
-        self.slot_cache.write(rows, start, prompt)
-        index = torch.tensor(rows, device=device)
-        b.mask.index_fill_(0, index, 0)
-        b.mask[index, start : self.column] = mask
-        b.positions[index] = positions[:, -1:] + 1
-        held = torch.tensor([spec.held for spec in specs], device=device)
-        b.hold_rows[index] = held[:, None, None, None]
-        b.hold_values[index] = s[:, -1:]
-        b.scalings[index] = s[:, -1:]
-        b.multipliers[index] = model.rank_multipliers(s[:, -1:])
+        lengths = mask.sum(-1).tolist()
+        tables = [self._allocate(self.blocks_for(n)) for n in lengths]
+        self.paged.write_prompt(rows, tables, mask, prompt)
         for j, (row, spec) in enumerate(zip(rows, specs)):
-            self.rows[row] = _Row(spec, start)
-            self.sampler.set_row(row, spec.sampling, ids[j][mask[j].bool()], spec.generator, spec.grammar)
-        logits, last = out.logits[:, -1], s[:, -1]
+            real = ids[j][mask[j].bool()]
+            self._attach(row, spec, tables[j], real, s[j, -1])
+            if self.prefix_cache:
+                self.allocator.register(tables[j], self._keys(real.tolist(), spec))
+        return self._first(rows, out.logits[:, -1], s[:, -1], out.logits if prompt_logits else None)
+
+    def _first(
+        self, rows: list[int], logits: torch.Tensor, last: torch.Tensor, prompt_logits: torch.Tensor | None
+    ) -> Joined:
+        """The first tokens of rows that just joined, chosen from the logits [J, V] of their last prompt token."""
         tokens = self.sampler.choose(logits, rows)
         self.sampler.record(rows, tokens)
-        b.ids[index] = tokens[:, None]
+        self.buffers.ids[torch.tensor(rows, device=logits.device)] = tokens[:, None]
         self._column_moved = True
-        return Joined(tokens, logits, last, non_finite_rows(logits, last), out.logits if prompt_logits else None)
+        return Joined(tokens, logits, last, non_finite_rows(logits, last), prompt_logits)
+
+    # ------------------------------------------------------------------ prompts in pieces
+
+    def begin(self, row: int, ids: list[int], spec: RowSpec) -> Prefill:
+        """Start a prompt that enters `row` in pieces (`extend`, then `finish`): the full blocks of its longest
+        cached prefix are taken from the prefix cache (its last token is always computed: its logits choose the
+        first token)."""
+        if not self.granular and not spec.held:
+            raise ValueError("this decoder holds only prompt-mode or fixed rows")
+        keys = self._keys(ids, spec)
+        table = self.allocator.lookup(keys[: (len(ids) - 1) // self.block_size]) if keys else []
+        done = len(table) * self.block_size
+        ema = self.model.gate.new_cache(1, 1).ema if self.paged.gate_ema is not None else None
+        return Prefill(row, list(ids), spec, table, done, keys, cached=done, ema=ema)
+
+    def extend_blocks(self, p: Prefill, n: int) -> int:
+        """Blocks the next `n` tokens of `p` take."""
+        return self.blocks_for(min(p.done + n, len(p.ids))) - len(p.table)
+
+    @torch.no_grad()
+    def extend(self, p: Prefill, n: int) -> None:
+        """Prefill the next `n` tokens of `p` (one forward of one row through the paged caches, attending to the
+        tokens before it: a cached prefix, earlier chunks)."""
+        model, device, bs = self.model, self.model.device, self.block_size
+        start, end = p.done, min(p.done + n, len(p.ids))
+        p.table += self._allocate(self.blocks_for(end) - len(p.table))
+        C = cache_slots(end, None)
+        read = torch.full((1, C), NULL * bs, dtype=torch.long, device=device)
+        read[0, :end] = torch.tensor(self.paged.slots(p.table, 0, end), device=device)
+        write = torch.tensor([self.paged.slots(p.table, start, end)], device=device)
+        offset = torch.tensor(start, device=device)
+        cache = self.paged.cache(read, write, offset, p.ema, offset.reshape(1))
+        ids = torch.tensor([p.ids[start:end]], device=device)
+        mask = torch.zeros(1, C, dtype=torch.long, device=device)
+        mask[0, :end] = 1
+        positions = torch.arange(start, end, device=device)[None]
+        if p.spec.fixed is not None:
+            s = p.spec.fixed.to(device, model.dtype)[:, None].expand(-1, end - start, -1, -1)
+        else:
+            s = model.compute_scalings(
+                ids, mask, positions, past_key_values=cache.scaling, use_cache=True, gate_cache=cache.gate
+            )
+        out = model(
+            ids,
+            attention_mask=mask,
+            position_ids=positions,
+            scalings=s,
+            past_key_values=LoraMixCache(None, cache.mixed),
+            use_cache=True,
+            **model.last_logits_only,
+        )
+        p.done = end
+        p.logits, p.scalings = out.logits[0, -1], s[0, -1]
+
+    def finish(self, p: Prefill) -> Joined:
+        """Make a fully prefilled `p` a decoding row at the current column (call `place` first) and choose its first
+        token; its full blocks join the prefix cache."""
+        if not p.complete or self.column < len(p.ids):
+            raise ValueError("finish() needs the whole prompt prefilled and place() first")
+        ids = torch.tensor(p.ids, device=self.model.device)
+        if p.ema is not None:
+            self.paged.gate_ema[p.row] = p.ema[0]
+        self._attach(p.row, p.spec, p.table, ids, p.scalings)
+        if self.prefix_cache:
+            self.allocator.register(p.table, p.keys)
+        return self._first([p.row], p.logits[None], p.scalings[None], None)
+
+    def abandon(self, p: Prefill) -> None:
+        """Give back the blocks of a prompt that will not finish (cancelled, preempted)."""
+        self.allocator.release(p.table)
+        p.table = []
 
     def leave(self, row: int, *, failed: bool = False) -> None:
-        """Free `row` (finished, cancelled or failed). A free row keeps decoding as padding over finite values;
-        a `failed` row (non-finite logits or scalings) has its cache rows zeroed, since a masked NaN still poisons
-        attention (0 x NaN) for the next request in the row."""
+        """Free `row` (finished, cancelled, failed or preempted): its blocks go back to the pool (cached ones stay
+        in the prefix cache until evicted). A `failed` row (non-finite logits or scalings) has its blocks zeroed and
+        taken out of the prefix cache, since a masked NaN still poisons attention (0 x NaN)."""
+        state = self.rows[row]
         self.rows[row] = None
         self.buffers.hold_rows[row] = False
+        self.buffers.mask[row].zero_()
+        self.paged.read[row].fill_(NULL * self.block_size)
         self.sampler.clear_row(row)
+        if state is not None:
+            if failed:
+                self.paged.clear(state.table)
+            self.allocator.release(state.table)
         if failed:
-            self.slot_cache.clear(row)
             self.buffers.scalings[row] = 0
             self.buffers.multipliers[row] = 0
+            if self.paged.gate_ema is not None:
+                self.paged.gate_ema[row].zero_()
 
     # ------------------------------------------------------------------ steps
 
     def _view(self, k: int, c: int) -> DecodeBuffers:
         if (k, c) == (self.batch, self.slots):
             return self.buffers
-        cache = self.slot_cache.view(k, c)
         view = self._views.get((k, c))
-        if view is None or view.cache is not cache:
+        if view is None:
+            cache = self.paged.view(k, c)
             view = self._views[(k, c)] = self.buffers.first(k, c, cache, self.model.rank_sizes)
         return view
 
@@ -458,6 +619,23 @@ class Decoder:
                 self._roll(-lo)
         return min(self.slots, self._bucket(self.column + 1))
 
+    def _slots_now(self, k: int) -> None:
+        """Where each of the first k rows writes its token this step (a new block where it starts one; rows that
+        hold nothing write the reserved block), and that slot at the current column of the read map."""
+        bs = self.block_size
+        write, read = [TRASH * bs] * k, [NULL * bs] * k
+        for i in range(k):
+            row = self.rows[i]
+            if row is None:
+                continue
+            if row.length == len(row.table) * bs:
+                row.table += self._allocate(1)
+            write[i] = read[i] = self.paged.slot(row.table, row.length)
+            row.length += 1
+        device = self.paged.write.device
+        self.paged.write[:k, 0] = torch.tensor(write, device=device)
+        self.paged.read[:k, self.column] = torch.tensor(read, device=device)
+
     @torch.no_grad()
     def step(self) -> Stepped:
         """One decode step over rows 0..k-1 (k the power of two covering the highest occupied row): the tokens
@@ -467,8 +645,9 @@ class Decoder:
         c = self._columns(occupied)
         if self._column_moved:
             self.buffers.column.fill_(self.column)
-            self.slot_cache.set_column(self.column)
+            self.paged.column.fill_(self.column)
             self._column_moved = False
+        self._slots_now(k)
         b = self._view(k, c)
         b.held = all(self.rows[i].spec.held for i in occupied)
         if self.backend is not None:
@@ -481,6 +660,7 @@ class Decoder:
         b.ids.copy_(tokens[:, None])
         b.positions.add_(1)
         b.column.add_(1)
+        self.paged.column.add_(1)
         self.column += 1
         self.steps += 1
         for i in occupied:

@@ -67,8 +67,11 @@ class GateCache:
         keys: torch.Tensor | None = None,
         values: torch.Tensor | None = None,
         offset: torch.Tensor | None = None,
+        read: torch.Tensor | None = None,
+        write: torch.Tensor | None = None,
     ) -> None:
         self.ema, self.keys, self.values, self.offset = ema, keys, values, offset
+        self.read, self.write = read, write  # paged (blocks.PagedCache): keys / values are pools [S, d]
 
     @property
     def static(self) -> bool:
@@ -76,7 +79,7 @@ class GateCache:
 
     def tensors(self) -> list[torch.Tensor]:
         """The tensors it holds (those a compiled step must see at fixed addresses)."""
-        return [t for t in (self.ema, self.keys, self.values, self.offset) if t is not None]
+        return [t for t in (self.ema, self.keys, self.values, self.offset, self.read, self.write) if t is not None]
 
     def columns(self, tokens: int, device: torch.device) -> torch.Tensor:
         """The columns [T] that the next `tokens` tokens take."""
@@ -157,6 +160,14 @@ class AttentionContext(nn.Module):
         if cache is None:
             keys, values = k, v
             columns = torch.arange(T, device=h.device)
+        elif cache.read is not None:  # paged: write the new tokens at their slots, read the row's columns
+            columns = cache.columns(T, h.device)
+            slots = cache.write.reshape(-1)
+            cache.keys.index_copy_(0, slots, k.reshape(B * T, -1).to(cache.keys.dtype))
+            cache.values.index_copy_(0, slots, v.reshape(B * T, -1).to(cache.values.dtype))
+            C = cache.read.shape[1]
+            keys = cache.keys.index_select(0, cache.read.reshape(-1)).view(B, C, -1)
+            values = cache.values.index_select(0, cache.read.reshape(-1)).view(B, C, -1)
         elif cache.static:
             columns = cache.columns(T, h.device)
             cache.keys.index_copy_(1, columns, k.to(cache.keys.dtype))

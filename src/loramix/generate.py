@@ -37,7 +37,7 @@ from .decode import HELD_MODES, MODES, Decoder, RowSpec, cache_slots, compile_su
 from .errors import ConfigError, LoramixError
 from .grammar import Grammar
 from .sampling import Sampler, SamplingSettings, row_generator
-from .slots import static_cache_support
+from .blocks import static_cache_support
 from .text import IncrementalDecoder
 
 logger = logging.getLogger(__name__)
