@@ -531,7 +531,7 @@ class Decoder:
         read[0, :end] = torch.tensor(self.paged.slots(p.table, 0, end), device=device)
         write = torch.tensor([self.paged.slots(p.table, start, end)], device=device)
         offset = torch.tensor(start, device=device)
-        cache = self.paged.cache(read, write, offset, p.ema, offset.reshape(1))
+        cache = self.paged.cache(read, write, offset, p.ema, torch.tensor([start], device=device))
         ids = torch.tensor([p.ids[start:end]], device=device)
         mask = torch.zeros(1, C, dtype=torch.long, device=device)
         mask[0, :end] = 1
@@ -659,8 +659,7 @@ class Decoder:
         self.sampler.record(rows, tokens)
         b.ids.copy_(tokens[:, None])
         b.positions.add_(1)
-        b.column.add_(1)
-        self.paged.column.add_(1)
+        b.column.add_(1)  # the gate's column (paged.column) the gate advances itself
         self.column += 1
         self.steps += 1
         for i in occupied:
