@@ -421,3 +421,75 @@ def describe(cache: PagedCache) -> str:
         f"KV cache pool: {cache.allocator.blocks} blocks of {cache.block_size} tokens = {tokens} tokens, "
         f"{cache.bytes / 2**20:.1f} MiB ({cache.layout.bytes_per_token} bytes per token, both passes)"
     )
+
+
+DEFAULT_CPU_KV_MEMORY = 4 * 2**30
+"""The pool's default size on a CPU (vLLM's default KV cache space there)."""
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+"""The share of an accelerator's memory the process may use by default, the pool taking what the weights leave."""
+
+
+def _free_memory(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes of the memory the pool would take: the accelerator's, or the host's available RAM."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return int(free), int(total)
+    import psutil
+
+    memory = psutil.virtual_memory()
+    return int(memory.available), int(memory.total)
+
+
+def pool_blocks(
+    layout: PoolLayout,
+    device: torch.device,
+    *,
+    rows: int,
+    longest: int,
+    kv_cache_memory: int | None = None,
+    gpu_memory_utilization: float | None = None,
+    block_size: int = BLOCK_SIZE,
+) -> int:
+    """How many blocks the server's pool holds. The budget: `kv_cache_memory` bytes (--kv-cache-memory); else on
+    CUDA `gpu_memory_utilization` x the device's memory less what is in use now (the weights: --gpu-memory-utilization,
+    default 0.9); else DEFAULT_CPU_KV_MEMORY. At most what `rows` rows of `longest` tokens can use, twice over (the
+    rest of the pool would only hold cached prefixes). ConfigError naming the flag when the budget is above the free
+    memory or holds fewer than `longest` tokens (one request at full length)."""
+    per_block = layout.bytes_per_token * block_size
+    free, total = _free_memory(device)
+    if kv_cache_memory is not None:
+        budget, flag = kv_cache_memory, f"--kv-cache-memory={_size(kv_cache_memory)}"
+    elif device.type == "cuda":
+        share = DEFAULT_GPU_MEMORY_UTILIZATION if gpu_memory_utilization is None else gpu_memory_utilization
+        if not 0 < share <= 1:
+            raise ConfigError(f"--gpu-memory-utilization={share} must be in (0, 1]")
+        budget, flag = int(share * total) - (total - free), f"--gpu-memory-utilization={share}"
+        if budget <= 0:
+            raise ConfigError(
+                f"{flag} leaves no memory for the KV cache: {_size(total - free)} of {_size(total)} are in use; "
+                "raise it or give --kv-cache-memory"
+            )
+    else:
+        budget, flag = DEFAULT_CPU_KV_MEMORY, f"--kv-cache-memory (default {_size(DEFAULT_CPU_KV_MEMORY)})"
+    needed = -(-longest // block_size)
+    cap = 2 * rows * needed
+    blocks = min(budget // per_block, cap)
+    if blocks * per_block > free:
+        fits = free // per_block * per_block
+        raise ConfigError(
+            f"{flag} is above the free memory ({_size(free)} on {device.type}); at most {_size(fits)} would fit"
+        )
+    if blocks < needed:
+        raise ConfigError(
+            f"{flag} holds {blocks * block_size} tokens ({layout.bytes_per_token} bytes each, both passes), fewer "
+            f"than one request of {longest} tokens (--max-model-len, or the prompt and --max-tokens limits): give at "
+            f"least {_size(needed * per_block)} or lower --max-model-len"
+        )
+    return int(blocks)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n}B"

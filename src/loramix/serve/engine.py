@@ -1,11 +1,18 @@
 """The generation engine behind the server: a scheduler around the decoder (decode.py), which `generate` runs too.
 
 One worker thread owns the model (its `MixState` holds the scalings of the current pass, so one thread at a time)
-and one `Decoder` of `max_batch` rows over `cache_len` cache columns.
+and one `Decoder` of `max_batch` rows whose caches live in a pool of blocks allocated at start (blocks.py: one block
+table per row drives both passes' caches; `kv_cache_memory` bytes, or a fraction of the free GPU memory).
 
     a request arrives     -> its jobs wait in a bounded queue (`max_queue` jobs; a full queue raises `QueueFull`: 503)
-    before every step     -> cancelled and timed-out rows leave; the waiting jobs that fit join together, in order:
-                             one row each, prefilled as one left-padded batch (`Decoder.join`), first tokens chosen
+    before every step     -> cancelled and timed-out rows leave; the waiting jobs that fit join, in order, while a
+                             row and the blocks of their prompts are free: short prompts prefilled as one left-padded
+                             batch (`Decoder.join`); a prompt longer than `max_num_batched_tokens`, or one whose
+                             prefix is cached (a shared system prompt), enters its row in pieces (`Decoder.begin`,
+                             `extend`, `finish`): one chunk before each step, so rows that stream keep streaming
+    blocks run out        -> the row that came last is preempted: its blocks freed, its job back at the head of the
+                             queue with the tokens it generated; it is recomputed (its stream goes on where it
+                             stopped, the same tokens as without preemption) when blocks free
     every step            -> `Decoder.step()`: one forward over the occupied rows and every row's next token chosen on
                              the device by the batched sampler (each row's own settings and seeded stream); then ONE
                              host read for the whole batch: tokens, EOS and failure flags, the metrics' mean scalings
@@ -35,7 +42,8 @@ from typing import Any
 import torch
 
 from ..base import resolve_defaults
-from ..decode import Decoder, RowSpec, cache_slots
+from ..blocks import BLOCK_SIZE, PoolLayout, describe, layout_of, pool_blocks
+from ..decode import Decoder, Prefill, RowSpec, cache_slots
 from ..errors import LoramixError
 from ..sampling import SamplingSettings, row_generator
 from ..text import IncrementalDecoder, left_pad
@@ -75,6 +83,7 @@ class Job:
     cancelled: bool = False
     submitted: float = 0.0
     grammar: Any = None
+    resume: Any = None  # the engine's row of a preempted job (its text and tokens so far)
 
 
 class QueueFull(LoramixError):
@@ -119,6 +128,9 @@ class _Row:
     def __init__(self, job: Job, tokenizer: Any, slot: int) -> None:
         self.job = job
         self.slot = slot
+        self.ids: list[int] = []  # the tokens generated (EOS apart)
+        self.started = False  # its first token was chosen (a preempted row's was, before)
+        self.generator: torch.Generator | None = None  # its own random stream, kept across preemption
         self.last_token_at = 0.0
         self.decoder = IncrementalDecoder(tokenizer)
         self.text = ""
@@ -176,7 +188,13 @@ class _Row:
 
 class Engine:
     """Continuous batching over a `Decoder` of `max_batch` rows in one worker thread (module docstring).
-    `submit_group` is thread-safe; `metrics` (optional) receives the engine's events (serve/metrics.py)."""
+    `submit_group` is thread-safe; `metrics` (optional) receives the engine's events (serve/metrics.py).
+
+    Memory: `longest` is the longest request (prompt + max_tokens; default the model's context: --max-model-len);
+    the pool (`blocks.pool_blocks`) holds `kv_cache_memory` bytes, or on CUDA `gpu_memory_utilization` of the
+    device less what is in use, allocated here, before the first request. `prefix_caching`: full blocks of prompts
+    are reused by later prompts with the same prefix. `max_num_batched_tokens`: the tokens a prompt entering in
+    pieces may prefill before each step (decoding rows count one each)."""
 
     def __init__(
         self,
@@ -189,21 +207,59 @@ class Engine:
         longest: int | None = None,
         cache_len: int | None = None,
         metrics: Any = None,
+        kv_cache_memory: int | None = None,
+        gpu_memory_utilization: float | None = None,
+        prefix_caching: bool = True,
+        max_num_batched_tokens: int = 512,
+        block_size: int = BLOCK_SIZE,
     ) -> None:
         self.model = model
         self.tokenizer = model.tokenizer
         self.max_batch = max_batch if batching else 1
         self.max_queue = max_queue
         self.defaults = resolve_defaults(model, tokenizer=model.tokenizer)
-        # twice the longest request (prompt + max_tokens; default: the context), so that a request always fits once
-        # the rows before it have moved along
-        self.cache_len = cache_len or cache_slots(2 * (longest or self.defaults.context or 2048), None)
+        self.longest = longest or (cache_len // 2 if cache_len else (self.defaults.context or 2048))
+        # virtual columns: twice the longest request, so that a request always fits once the rows before it have
+        # moved along (they cost a read map and a mask, [rows, columns] each, not KV memory)
+        self.cache_len = cache_len or cache_slots(2 * self.longest, None)
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.metrics = metrics
         self.batches = 0  # join rounds: steps before which one or more requests joined
         self.batched_requests = 0
+        self.preemptions = 0
+        layout: PoolLayout = layout_of(model, granular=True)
+        blocks = pool_blocks(
+            layout,
+            model.device,
+            rows=self.max_batch,
+            longest=self.longest,
+            kv_cache_memory=kv_cache_memory,
+            gpu_memory_utilization=gpu_memory_utilization,
+            block_size=block_size,
+        )
         # compile: False, True (inductor) or a torch.compile backend name, as generate(compile=...)
-        self.decoder = Decoder(model, self.max_batch, self.cache_len, compile=compile, eos=self.defaults.eos_token_ids)
+        self.decoder = Decoder(
+            model,
+            self.max_batch,
+            self.cache_len,
+            compile=compile,
+            eos=self.defaults.eos_token_ids,
+            blocks=blocks,
+            block_size=block_size,
+            prefix_cache=prefix_caching,
+            layout=layout,
+        )
+        pool = self.decoder.paged
+        self.pool_tokens = blocks * block_size
+        logger.info(
+            "%s; %d rows of %d tokens fit at once%s",
+            describe(pool),
+            self.pool_tokens // self.longest,
+            self.longest,
+            "" if self.decoder.prefix_cache else " (prefix caching off)",
+        )
         self._rows: list[_Row | None] = [None] * self.max_batch
+        self._prefill: tuple[Job, _Row, Prefill] | None = None  # the prompt entering its row in pieces
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -219,12 +275,22 @@ class Engine:
 
     @property
     def active(self) -> int:
-        """Rows holding a job."""
+        """Rows holding a job (decoding, or a prompt entering in pieces)."""
+        return sum(row is not None for row in self._rows) + (self._prefill is not None)
+
+    @property
+    def decoding(self) -> int:
         return sum(row is not None for row in self._rows)
 
     @property
     def steps(self) -> int:
         return self.decoder.steps
+
+    @property
+    def blocks(self) -> dict[str, int]:
+        """The pool's blocks: total, used by rows, free (cached blocks no row holds count as free)."""
+        allocator = self.decoder.allocator
+        return {"total": allocator.blocks, "used": allocator.used, "free": allocator.available}
 
     def submit(self, job: Job) -> None:
         self.submit_group([job])
@@ -236,8 +302,8 @@ class Engine:
         with self._cond:
             if self._closed:
                 raise QueueFull("the server is shutting down")
-            free = self._rows.count(None)
-            if self._pending and len(self._pending) + len(jobs) > self.max_queue + free:
+            free = self._free_slots()
+            if self._pending and len(self._pending) + len(jobs) > self.max_queue + len(free):
                 raise QueueFull(f"the queue is full ({len(self._pending)} jobs waiting); retry shortly")
             now = time.monotonic()
             for job in jobs:
@@ -253,6 +319,10 @@ class Engine:
 
     # ------------------------------------------------------------------ the worker
 
+    def _free_slots(self) -> list[int]:
+        held = self._prefill[1].slot if self._prefill is not None else None
+        return [i for i, row in enumerate(self._rows) if row is None and i != held]
+
     def _work(self) -> None:
         while True:
             with self._cond:
@@ -263,16 +333,23 @@ class Engine:
             try:
                 self._release()
                 self._admit()
-                if self.active:
+                self._chunk()
+                if self.decoding:
+                    self._make_room()
                     self._step()
             except Exception as exc:  # a failed forward cannot be put on one row: every row in it ends
                 logger.exception("generation failed")
                 for row in self._rows:
                     if row is not None:
                         self._end(row.job, row, "error", f"generation failed: {exc}", 500, failed=True)
+                if self._prefill is not None:
+                    job, row, _ = self._prefill
+                    self._end(job, row, "error", f"generation failed: {exc}", 500, failed=True)
         for row in self._rows:
             if row is not None:
                 self._end(row.job, row, "shutdown", "the server is shutting down", 503)
+        if self._prefill is not None:
+            self._end(self._prefill[0], self._prefill[1], "shutdown", "the server is shutting down", 503)
         while self._pending:
             self._end(self._pending.popleft(), None, "shutdown", "the server is shutting down", 503)
 
@@ -287,11 +364,14 @@ class Engine:
         failed: bool = False,
         param: str | None = None,
     ) -> None:
-        """The one way out for a job: its row freed (`failed`: its caches cleared too), the reason counted, and its
+        """The one way out for a job: its row freed (`failed`: its blocks cleared too), the reason counted, and its
         final message sent (the result, or an error with `message` and `status`)."""
         if row is not None and self._rows[row.slot] is row:
             self._rows[row.slot] = None
             self.decoder.leave(row.slot, failed=failed)
+        if self._prefill is not None and self._prefill[0] is job:
+            self.decoder.abandon(self._prefill[2], failed=failed)
+            self._prefill = None
         if self.metrics is not None:
             self.metrics.finished(why)
         if message is None and row is not None:
@@ -315,20 +395,49 @@ class Engine:
         for row in self._rows:
             if row is not None:
                 self._ended_early(row.job, row)
+        if self._prefill is not None:
+            self._ended_early(self._prefill[0], self._prefill[1])
+
+    # ------------------------------------------------------------------ admission
+
+    def _prompt(self, job: Job) -> list[int]:
+        """The tokens a job's row starts from: its prompt, and the tokens it generated before it was preempted."""
+        return job.ids + job.resume.ids if job.resume is not None else job.ids
+
+    def _spec(self, job: Job, row: _Row) -> RowSpec:
+        if row.generator is None:
+            row.generator = row_generator(job.sampling.seed, job.index, self.model.device)
+        return RowSpec(job.mode, job.sampling, row.generator, job.max_tokens - row.tokens, grammar=job.grammar)
+
+    def _in_pieces(self, job: Job) -> bool:
+        """Whether a job enters its row in pieces: a resumed one, a prompt longer than one step's token budget, or one
+        whose prefix is cached (never one asking for the prompt's logprobs, which need every prompt position)."""
+        if job.prompt_logprobs:
+            return False
+        ids = self._prompt(job)
+        if job.resume is not None or len(ids) > self.max_num_batched_tokens:
+            return True
+        return self.decoder.cached(ids, RowSpec(job.mode)) > 0
 
     def _take(self) -> list[Job]:
-        """The waiting jobs that join at this step, in order: while a row is free and the next job fits the columns
-        with those before it (first come, first served). Cancelled and expired jobs end here."""
+        """The waiting jobs that join at this step as one batch, in order: while a row is free and the next job fits
+        the columns and the free blocks with those before it (first come, first served). A job that enters in pieces
+        starts here alone. Cancelled and expired jobs end here."""
         group: list[Job] = []
-        free = self._rows.count(None)
+        free = self._free_slots()
         with self._cond:
-            while self._pending and len(group) < free:
+            while self._pending and len(group) < len(free) and self._prefill is None:
                 job = self._pending[0]
                 if self._ended_early(job, None):
                     self._pending.popleft()
                     continue
+                if self._in_pieces(job):
+                    if not group:
+                        self._begin(self._pending.popleft(), free[0])
+                    break
                 trial = [*group, job]
-                if self._target(trial) is None:
+                blocks = sum(self.decoder.blocks_for(len(j.ids)) for j in trial)
+                if self._target(trial) is None or blocks > self.decoder.allocator.available:
                     if not group and self.active == 0:  # can never fit (create_app's limits prevent this)
                         self._pending.popleft()
                         message = f"prompt + max_tokens exceed the engine's {self.cache_len} cache columns"
@@ -350,27 +459,24 @@ class Engine:
         self.batches += 1
         self.batched_requests += len(jobs)
         ids, mask = left_pad([j.ids for j in jobs], self.defaults.pad_token_id)
-        T = ids.shape[1]
-        self.decoder.place(T, max(j.max_tokens for j in jobs) - 1)
-        slots = [i for i, row in enumerate(self._rows) if row is None][: len(jobs)]
+        self.decoder.place(ids.shape[1], max(j.max_tokens for j in jobs) - 1)
+        slots = self._free_slots()[: len(jobs)]
         rows = [_Row(job, self.tokenizer, slot) for job, slot in zip(jobs, slots)]
-        device = self.model.device
-        specs = [
-            RowSpec(
-                j.mode, j.sampling, row_generator(j.sampling.seed, j.index, device), j.max_tokens, grammar=j.grammar
-            )
-            for j in jobs
-        ]
+        specs = [self._spec(job, row) for job, row in zip(jobs, rows)]
         for row in rows:
             self._rows[row.slot] = row
         try:
             joined = self.decoder.join(slots, ids, mask, specs, prompt_logits=any(j.prompt_logprobs for j in jobs))
-            tokens, bad = torch.stack([joined.tokens, joined.bad.long()]).tolist()
         except Exception as exc:
             logger.exception("prefill failed")
             for row in rows:
                 self._end(row.job, row, "error", f"generation failed: {exc}", 500, failed=True)
             return
+        self._started(rows, joined, ids.shape[1])
+
+    def _started(self, rows: list[_Row], joined: Any, T: int) -> None:
+        """Rows whose prompts are in: their prompt logprobs, first tokens, or their end (echo only, failures)."""
+        tokens, bad = torch.stack([joined.tokens, joined.bad.long()]).tolist()
         now = time.monotonic()
         for j, row in enumerate(rows):
             job = row.job
@@ -378,8 +484,10 @@ class Engine:
                 lp = torch.log_softmax(joined.prompt_logits[j, T - len(job.ids) : T - 1].float(), -1)
                 prompt = torch.tensor(job.ids[1:], device=lp.device)
                 row.prompt_logprobs = [TokenLogprob(job.ids[0], None), *_logprobs_at(lp, prompt, job.logprobs or 0)]
-            if self.metrics is not None:
+            if self.metrics is not None and not row.started:
                 self.metrics.first_token(now - job.submitted)
+            row.started = True
+            job.resume = None
             if job.max_tokens <= 0:  # the prompt only (echo)
                 row.finish("length")
                 self._end(job, row, "length")
@@ -387,6 +495,85 @@ class Engine:
                 self._accept(
                     row, tokens[j], tokens[j] in self.defaults.eos_token_ids, joined.logits[j], joined.scalings[j]
                 )
+
+    def _begin(self, job: Job, slot: int) -> None:
+        """Start a job that enters its row in pieces (its cached prefix taken now; `_chunk` does the rest)."""
+        row = job.resume or _Row(job, self.tokenizer, slot)
+        row.slot = slot
+        ids = self._prompt(job)
+        prefill = self.decoder.begin(slot, ids, self._spec(job, row), output=len(ids) - len(job.ids))
+        if self.metrics is not None and prefill.cached:
+            self.metrics.prefix_hit(prefill.cached)
+        self._prefill = (job, row, prefill)
+
+    @torch.no_grad()
+    def _chunk(self) -> None:
+        """One piece of the prompt entering in pieces (at most `max_num_batched_tokens` less the decoding rows,
+        at least one block); once all of it is in, its row joins the decoding rows."""
+        if self._prefill is None:
+            return
+        job, row, p = self._prefill
+        if not p.complete:
+            n = min(len(p.ids) - p.done, max(self.decoder.block_size, self.max_num_batched_tokens - self.decoding))
+            if not self._room(self.decoder.extend_blocks(p, n), job):
+                return  # rows that came first hold the blocks: wait for them
+            try:
+                self.decoder.extend(p, n)
+            except Exception as exc:
+                logger.exception("prefill failed")
+                self._end(job, row, "error", f"generation failed: {exc}", 500, failed=True)
+                return
+            if not p.complete:
+                return
+        if self.decoder.place(len(p.ids), p.spec.max_new_tokens - 1) is None:
+            return  # the columns are full until rows finish
+        self._prefill = None
+        self._rows[row.slot] = row
+        self.batches += 1
+        self.batched_requests += 1
+        self._started([row], self.decoder.finish(p), len(p.ids))
+
+    # ------------------------------------------------------------------ preemption
+
+    def _room(self, blocks: int, job: Job | None) -> bool:
+        """Free `blocks` blocks by preempting rows that came after `job` (None: any row but the oldest), newest
+        first; whether there is room now."""
+        allocator = self.decoder.allocator
+        while blocks > allocator.available:
+            later = [r for r in self._rows if r is not None and (job is None or r.job.submitted > job.submitted)]
+            if self._prefill is not None and self._prefill[0] is not job:
+                later.append(self._prefill[1])
+            if job is None and len(later) <= 1:
+                return False
+            if not later:
+                return False
+            self._preempt(max(later, key=lambda r: (r.job.submitted, r.slot)))
+        return True
+
+    def _make_room(self) -> None:
+        """Blocks for the next step (a new block for each row whose next token starts one), preempting the newest
+        rows when the pool has too few."""
+        if not self._room(self.decoder.blocks_needed(), None):
+            raise RuntimeError("the KV pool cannot hold the next token of the one row decoding")
+
+    def _preempt(self, row: _Row) -> None:
+        """Free a row's blocks and put its job back at the head of the queue, with the tokens it generated: it is
+        recomputed when blocks free (its full blocks stay in the prefix cache until then, so this is often cheap)."""
+        job = row.job
+        self.preemptions += 1
+        if self.metrics is not None:
+            self.metrics.preempted()
+        if self._prefill is not None and self._prefill[1] is row:
+            self.decoder.abandon(self._prefill[2])
+            self._prefill = None
+        else:
+            self._rows[row.slot] = None
+            self.decoder.leave(row.slot, cache=job.ids + row.ids[:-1])
+        job.resume = row
+        with self._cond:
+            self._pending.appendleft(job)
+
+    # ------------------------------------------------------------------ rows
 
     def _failed(self, row: _Row, bad: bool) -> bool:
         """End the row if its last step failed it: non-finite logits or scalings (500), or a grammar that could go
@@ -415,6 +602,7 @@ class Engine:
             if job.return_scalings != "none":
                 row.scalings.append(scalings.detach().cpu().clone())
             row.tokens += 1
+            row.ids.append(token)
             row.add_text(row.decoder.push(token))
             if not row.done and row.tokens >= job.max_tokens:
                 row.add_text(row.decoder.flush())

@@ -8,6 +8,9 @@ loramix_time_to_first_token_seconds      histogram: queue + prefill, per job
 loramix_inter_token_latency_seconds      histogram: between two tokens of one job
 loramix_requests_finished_total{reason}  stop, length, cancelled, timeout
 loramix_requests_rejected_total{status}  503 (queue full), 413 (body too large), 408 (body read timeout)
+loramix_kv_blocks / _used / _free        the KV pool's blocks: all, held by rows, free (idle cached ones count)
+loramix_preemptions_total                rows preempted when the pool ran out (recomputed later)
+loramix_prefix_cache_hit_tokens_total    prompt tokens taken from the prefix cache instead of computed
 loramix_expert_mean_scaling{expert}      per expert, the mean scaling over the active rows and layers of the
                                          last `window` decode steps: what the mixture does in production
 """
@@ -56,6 +59,17 @@ class Metrics:
         self.rejected = Counter(
             "loramix_requests_rejected", "Requests refused before generation", ["status"], registry=self.registry
         )
+        self.kv_blocks = Gauge("loramix_kv_blocks", "Blocks of the KV cache pool", registry=self.registry)
+        self.kv_used = Gauge("loramix_kv_blocks_used", "KV blocks held by rows", registry=self.registry)
+        self.kv_free = Gauge(
+            "loramix_kv_blocks_free", "KV blocks free (cached blocks no row holds count)", registry=self.registry
+        )
+        self.preemptions = Counter(
+            "loramix_preemptions", "Rows preempted when the KV pool ran out", registry=self.registry
+        )
+        self.prefix_hits = Counter(
+            "loramix_prefix_cache_hit_tokens", "Prompt tokens reused from the prefix cache", registry=self.registry
+        )
         self._lock = threading.Lock()
         self._steps: deque[torch.Tensor] = deque(maxlen=window)
         self._token_times: deque[tuple[float, int]] = deque()
@@ -67,6 +81,9 @@ class Metrics:
         self.queue_depth.set_function(lambda: engine.queued)
         self.active_slots.set_function(lambda: engine.active)
         self.slots.set(engine.max_batch)
+        self.kv_blocks.set(engine.blocks["total"])
+        self.kv_used.set_function(lambda: engine.blocks["used"])
+        self.kv_free.set_function(lambda: engine.blocks["free"])
 
     # ------------------------------------------------------------------ events (the engine's thread)
 
@@ -88,6 +105,12 @@ class Metrics:
         """One decode step: `expert_scaling` [N] is the mean scaling of each expert over the active rows."""
         with self._lock:
             self._steps.append(expert_scaling.detach().cpu())
+
+    def preempted(self) -> None:
+        self.preemptions.inc()
+
+    def prefix_hit(self, tokens: int) -> None:
+        self.prefix_hits.inc(tokens)
 
     def finished(self, reason: str) -> None:
         self.finished_total.labels(reason).inc()
