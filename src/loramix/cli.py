@@ -649,8 +649,41 @@ def serve(
         help="Require 'Authorization: Bearer KEY'. A key on the command line is visible in the process list: "
         "prefer the LORAMIX_API_KEY environment variable.",
     ),
-    max_prompt_tokens: int | None = typer.Option(None, "--max-prompt-tokens", min=1, help="Longest prompt accepted."),
+    max_prompt_tokens: int | None = typer.Option(
+        None, "--max-prompt-tokens", min=1, help="Longest prompt accepted (default: --max-model-len - 1)."
+    ),
     max_tokens: int = typer.Option(1024, "--max-tokens", min=1, help="Largest max_tokens a request may ask for."),
+    max_model_len: int | None = typer.Option(
+        None,
+        "--max-model-len",
+        min=2,
+        help="Longest prompt + max_tokens (default: the model's context); beyond it: 400.",
+    ),
+    kv_cache_memory: str | None = typer.Option(
+        None,
+        "--kv-cache-memory",
+        help="KV cache pool size, e.g. 2GiB or 512MiB, allocated at start (default: 4GiB on a CPU; on CUDA what "
+        "--gpu-memory-utilization leaves). See docs/serving.md, Memory.",
+    ),
+    gpu_memory_utilization: float | None = typer.Option(
+        None,
+        "--gpu-memory-utilization",
+        min=0.01,
+        max=1.0,
+        help="CUDA: the share of the GPU's memory this server may use; the KV pool takes what the weights leave "
+        "(default 0.9).",
+    ),
+    max_num_batched_tokens: int = typer.Option(
+        512,
+        "--max-num-batched-tokens",
+        min=16,
+        help="Tokens of a long prompt prefilled between two decode steps (chunked prefill).",
+    ),
+    prefix_caching: bool = typer.Option(
+        True,
+        "--enable-prefix-caching/--no-enable-prefix-caching",
+        help="Reuse the KV blocks of prompts that share a prefix (a system prompt).",
+    ),
     batching: bool = typer.Option(True, "--batching/--no-batching", help="Continuous batching (off: one at a time)."),
     max_batch: int = typer.Option(8, "--max-batch", min=1, help="Sequence slots of the continuous batch."),
     max_queue: int = typer.Option(
@@ -719,7 +752,19 @@ def serve(
             "the model (set LORAMIX_API_KEY)"
         )
     name = model_id or Path(checkpoint).resolve().name
+    if kv_cache_memory is not None:
+        from .blocks import paged_budget
+
+        try:
+            paged_budget(kv_cache_memory)
+        except LoramixError as exc:
+            raise typer.BadParameter(str(exc).split("=", 1)[-1], param_hint="--kv-cache-memory") from None
     app_options = dict(
+        max_model_len=max_model_len,
+        kv_cache_memory=kv_cache_memory,
+        gpu_memory_utilization=gpu_memory_utilization,
+        max_num_batched_tokens=max_num_batched_tokens,
+        prefix_caching=prefix_caching,
         max_prompt_tokens=max_prompt_tokens,
         max_tokens_limit=max_tokens,
         batching=batching,
@@ -771,6 +816,7 @@ def serve(
 
     model = _load(checkpoint, device, dtype, base, quantize)
     server_app = create_app(model, model_id=name, api_key=api_key, **app_options)
+    err_console.print(server_app.state.engine.pool_line)
     err_console.print(
         f"serving [bold]{name}[/bold] on http://{host}:{port}/v1" + (" (API key required)" if api_key else "")
     )

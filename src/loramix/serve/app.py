@@ -41,6 +41,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..base import resolve_defaults, text_config
+from ..blocks import paged_budget
 from ..errors import ConfigError, LoramixError
 from ..grammar import ANY_OBJECT, Grammar, GrammarError
 from ..sampling import SamplingSettings
@@ -94,7 +95,7 @@ class ServerState:
     prompt_limit: int
     max_tokens_limit: int
     default_max_tokens: int
-    context: int | None
+    context: int  # max_model_len: the longest prompt + max_tokens
     vocab_size: int | None
     request_timeout: float | None
     special_ids: set[int] = field(default_factory=set)
@@ -186,10 +187,10 @@ def _job(state: ServerState, body: CompletionRequest | ChatRequest, ids: list[in
             f"max_tokens={max_tokens} is above this server's limit of {state.max_tokens_limit}",
             param="max_tokens",
         )
-    if state.context is not None and len(ids) + max_tokens > state.context:
+    if len(ids) + max_tokens > state.context:
         raise ApiError(
             400,
-            f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's context "
+            f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds this server's max_model_len "
             f"of {state.context} tokens",
             param="max_tokens",
             code="context_length_exceeded",
@@ -657,6 +658,25 @@ class _Guard:
 # ---------------------------------------------------------------------- the app
 
 
+def model_length(model: Any, max_model_len: int | None) -> int:
+    """The longest prompt + max_tokens served: `max_model_len`, at most the model's context unless its config
+    scales RoPE (then the user knows better); default the context (4096 when the config does not say)."""
+    context = resolve_defaults(model).context
+    if max_model_len is None:
+        return context or 4096
+    if max_model_len < 2:
+        raise ConfigError(f"--max-model-len={max_model_len} must be at least 2 (one prompt token and one new one)")
+    config = text_config(model.model)
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    scaled = rope.get("rope_type", rope.get("type", "default")) not in ("default", None)
+    if context is not None and max_model_len > context and not scaled:
+        raise ConfigError(
+            f"--max-model-len={max_model_len} is above the model's context of {context} tokens (its config has no "
+            f"rope_scaling that would extend it); give at most {context}"
+        )
+    return max_model_len
+
+
 def create_app(
     model: Any,
     *,
@@ -672,11 +692,22 @@ def create_app(
     max_body: int = 1 << 20,
     request_timeout: float | None = 600.0,
     body_timeout: float | None = 30.0,
+    max_model_len: int | None = None,
+    kv_cache_memory: int | str | None = None,
+    gpu_memory_utilization: float | None = None,
+    max_num_batched_tokens: int = 512,
+    prefix_caching: bool = True,
 ) -> FastAPI:
     """The FastAPI app serving `model` (a LoraMixModel with a tokenizer); `app.state.server` is its `ServerState`.
     One worker thread runs the model: continuous batching
     over `max_batch` slots (1 without batching), at most `max_queue` jobs waiting, request bodies of at most
-    `max_body` bytes, each request ended (504) after `request_timeout` seconds, a stalled body after `body_timeout`."""
+    `max_body` bytes, each request ended (504) after `request_timeout` seconds, a stalled body after `body_timeout`.
+
+    Memory (docs/serving.md, "Memory"): prompt + max_tokens at most `max_model_len` (default: the model's
+    context); the KV cache pool, allocated here, holds `kv_cache_memory` bytes ("2GiB" or a number; default 4 GiB
+    on a CPU) or on CUDA `gpu_memory_utilization` of the device less what is in use (default 0.9);
+    `max_num_batched_tokens` tokens of a long prompt prefill between two decode steps; `prefix_caching` reuses
+    the blocks of shared prompt prefixes."""
     if model.tokenizer is None:
         raise LoramixError("serving needs a tokenizer: the checkpoint has none and its base provides none")
     if api_key is not None and not api_key.strip():
@@ -684,18 +715,22 @@ def create_app(
             "api_key is empty, which would turn authentication off; give a non-empty key, or none to serve without one"
         )
     tokenizer = model.tokenizer
-    context = resolve_defaults(model).context
-    prompt_limit = max_prompt_tokens or (context - 1 if context else 4096)
+    context = model_length(model, max_model_len)
+    prompt_limit = max_prompt_tokens or context - 1
     metrics = Metrics(model.expert_names)
-    longest = min(context, prompt_limit + max_tokens_limit) if context else prompt_limit + max_tokens_limit
+    budget = paged_budget(kv_cache_memory) if isinstance(kv_cache_memory, str) else kv_cache_memory
     engine = Engine(
         model,
         batching=batching,
         max_batch=max_batch,
         compile=compile,
         max_queue=max_queue,
-        longest=longest,
+        longest=min(context, prompt_limit + max_tokens_limit),
         metrics=metrics,
+        kv_cache_memory=budget,
+        gpu_memory_utilization=gpu_memory_utilization,
+        prefix_caching=prefix_caching,
+        max_num_batched_tokens=max_num_batched_tokens,
     )
     metrics.bind(engine)
     state = ServerState(
@@ -760,6 +795,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             "queued": engine.queued,
             "active": engine.active,
             "slots": engine.max_batch,
+            "kv_blocks": engine.blocks,
         }
 
     @app.get("/metrics")

@@ -251,13 +251,11 @@ class Engine:
         )
         pool = self.decoder.paged
         self.pool_tokens = blocks * block_size
-        logger.info(
-            "%s; %d rows of %d tokens fit at once%s",
-            describe(pool),
-            self.pool_tokens // self.longest,
-            self.longest,
-            "" if self.decoder.prefix_cache else " (prefix caching off)",
+        self.pool_line = (
+            f"{describe(pool)}; {self.pool_tokens // self.longest} rows of {self.longest} tokens fit at once"
+            + ("" if self.decoder.prefix_cache else "; prefix caching off")
         )
+        logger.info(self.pool_line)
         self._rows: list[_Row | None] = [None] * self.max_batch
         self._prefill: tuple[Job, _Row, Prefill] | None = None  # the prompt entering its row in pieces
         self._pending: deque[Job] = deque()
