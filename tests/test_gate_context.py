@@ -1,5 +1,5 @@
 """Gates that read the tokens before (GateConfig.context = "ema" | "attention"): the formulas, causality, padding,
-the three caches (eager KV caches, the compiled decode step's static caches, the server's slots), save/load,
+the three caches (eager KV caches, the compiled decode step's paged caches, the server's pool), save/load,
 export refusals, training."""
 
 import json

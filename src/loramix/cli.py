@@ -186,7 +186,7 @@ def _show_scalings(tokenizer: Any, tokens: list[int], scalings: Any, names: list
 
 
 _COMPILE_HELP = (
-    "Decode with the compiled step (torch.compile over static caches; the first batch of each size compiles; "
+    "Decode with the compiled step (torch.compile over the paged caches; the first batch of each size compiles; "
     "see docs/generation.md)."
 )
 

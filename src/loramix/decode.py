@@ -1,8 +1,12 @@
 """The decoder: the one decode engine of loramix, behind `generate` and the server alike.
 
-    Decoder(model, batch, slots)         B row slots x C cache columns (slots.SlotCache), a Sampler for B rows
+    Decoder(model, batch, slots)         B rows x C virtual cache columns over a pool of blocks (blocks.PagedCache:
+                                         one block table per row for both passes and the gate), a Sampler for B rows
       join(rows, ids, mask, specs)       prompts (left padded, [J, T]) prefilled as ONE batch through both passes,
-                                         copied into their rows at columns [column - T, column); their first tokens
+                                         copied into their rows' blocks, mapped to columns [column - n, column)
+                                         (n each row's real tokens); their first tokens
+      begin, extend, finish              one prompt entering its row in pieces: the blocks of its cached prefix
+                                         (prefix cache), then chunks through the paged caches, then it joins
       step()                             one decode step for every row: the token fed at `column`, the next chosen
       leave(row)                         the row is free for the next join
       place(T, need)                     the column a prompt of T tokens needing `need` more columns can join at,
@@ -98,7 +102,7 @@ class DecodeBuffers:
     mask [B, C]                       attention mask over the columns (the step sets `column`)
     scalings [B, 1, L, N]             what the mixed layers mix with; multipliers [B, 1, sum_l R_l] their rank form
     hold_rows [B, 1, 1, 1] bool       rows that mix with `hold_values` [B, 1, L, N] instead of the gate's scalings
-    cache                             the LoraMixCache of the slot caches (views of the first B rows)
+    cache                             the LoraMixCache of the paged caches (the first B rows' read and write maps)
     held                              every row is held: no scaling pass
     """
 

@@ -57,9 +57,10 @@ class GateCache:
 
     Dynamic (eager generation, `GateCache()`): empty at first, replaced or grown by every call; the attention mask
     given with a call covers the S earlier columns and the new tokens. Static (the decode engine,
-    `gate.new_cache(batch, slots)`): preallocated over the `slots` columns of the static KV caches, written in place
-    at `offset`, which advances by the tokens written; the mask given covers all the slots. The decoder's SlotCache
-    moves rows along the columns and sets `offset` as it does with the KV caches (slots.py)."""
+    `gate.new_cache(batch, slots)`): preallocated over `slots` columns, written in place at `offset`, which advances
+    by the tokens written; the mask given covers all the slots. Paged (the decode engine, blocks.PagedCache): `keys`
+    and `values` are pools [S, d] shared by every row, `write` [B, T] the slots the new tokens take and `read` [B, C]
+    the slots of each column; `ema` is one row per decoder row."""
 
     def __init__(
         self,
