@@ -8,6 +8,7 @@ import torch
 from loramix import ConfigError, GateConfig
 from loramix.sampling import SamplingSettings
 from loramix.blocks import BlockAllocator, block_keys, layout_of, paged_budget, pool_blocks
+from loramix.decode import Decoder, RowSpec
 from loramix.serve import Engine, create_app
 from test_gate_context import context_mix
 from test_serve import served_mix
@@ -189,3 +190,24 @@ def test_a_long_prompt_enters_in_chunks_while_a_row_streams(mix):
             assert got["text"] == mix.tokenizer.decode(out.new_tokens[0].tolist(), skip_special_tokens=True)
     finally:
         engine.close()
+
+
+def test_a_failed_row_zeroes_only_the_blocks_it_holds_alone(mix):
+    """A row that failed (non-finite values) has its blocks zeroed, but not the cached prefix another row reads."""
+    decoder = Decoder(mix, 2, 128, blocks=16, prefix_cache=True)
+    ids = mix.tokenizer("You are a protein chemist. GRAVY of ACDKLMN").input_ids
+    assert len(ids) > 32
+    decoder.place(len(ids), 4)
+    decoder.join([0], torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), [RowSpec(max_new_tokens=4)])
+    p = decoder.begin(1, ids + [5], RowSpec(max_new_tokens=4))
+    assert p.cached == 32 and p.table == decoder.rows[0].table[:2]
+    decoder.extend(p, 100)
+    decoder.place(len(p.ids), 4)
+    decoder.finish(p)
+    pool = decoder.paged.mixed[0][0]
+    shared, own = decoder.rows[1].table[0], decoder.rows[0].table[-1]
+    before = pool[shared * 16 : (shared + 1) * 16].clone()
+    assert pool[own * 16 : own * 16 + 1].any()
+    decoder.leave(0, failed=True)
+    assert torch.equal(pool[shared * 16 : (shared + 1) * 16], before)
+    assert not pool[own * 16 : (own + 1) * 16].any() and own in decoder.allocator.free

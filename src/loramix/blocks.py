@@ -384,7 +384,9 @@ class PagedCache:
                 pool.index_copy_(0, index, src[real].to(pool.dtype))
 
     def clear(self, blocks: Sequence[int]) -> None:
-        """Zero blocks (a failed row's: non-finite values must not stay where a masked read could meet them)."""
+        """Zero a failed row's blocks (non-finite values must not stay where a masked read could meet them) and take
+        them out of the prefix cache; blocks other rows share (a cached prefix, computed before) stay as they are."""
+        blocks = [b for b in blocks if self.allocator.refs[b] == 1]
         if not blocks:
             return
         bs = self.block_size
