@@ -274,12 +274,27 @@ def body_refusal(url: str, port: int, rss: callable) -> dict:
 # ---------------------------------------------------------------------- server against the library
 
 
-LIBRARY_PROMPTS = [f"GRAVY<{p}>=" for p in (
-    "GLWSKIKEVGKEAAKAAAKAAG", "YVPLPNVPQPGRRPFPTFPGQG", "MKTAYIAKQRQISFVKSHFSRQ", "ACDEFGHIKLMNPQRSTVWYAC",
-    "KKLLMMNNPPQQRRSSTTVVWW", "GAVLIPFMWSTCYNQDEKRHGA", "WWYYFFLLIIVVMMAACCGGPP", "DESIGNPEPTIDEACDKLMNPQ",
-    "RRKKHHDDEESSTTNNQQGGAA", "PPGGAAVVLLIIMMFFWWYYCC", "STNQCGPAVLIMFYWHKRDEST", "QWERTYIPASDFGHKLCVNMQW",
-    "MNPQRSTVWYACDEFGHIKLMN", "LIVFMWYCAGPSTNQDEKRHLL", "HKRDESTNQCGPAVLIMFYWHK", "AAAAKKKKLLLLEEEEGGGGWW",
-)]  # 30 characters each
+LIBRARY_PROMPTS = [
+    f"GRAVY<{p}>="
+    for p in (
+        "GLWSKIKEVGKEAAKAAAKAAG",
+        "YVPLPNVPQPGRRPFPTFPGQG",
+        "MKTAYIAKQRQISFVKSHFSRQ",
+        "ACDEFGHIKLMNPQRSTVWYAC",
+        "KKLLMMNNPPQQRRSSTTVVWW",
+        "GAVLIPFMWSTCYNQDEKRHGA",
+        "WWYYFFLLIIVVMMAACCGGPP",
+        "DESIGNPEPTIDEACDKLMNPQ",
+        "RRKKHHDDEESSTTNNQQGGAA",
+        "PPGGAAVVLLIIMMFFWWYYCC",
+        "STNQCGPAVLIMFYWHKRDEST",
+        "QWERTYIPASDFGHKLCVNMQW",
+        "MNPQRSTVWYACDEFGHIKLMN",
+        "LIVFMWYCAGPSTNQDEKRHLL",
+        "HKRDESTNQCGPAVLIMFYWHK",
+        "AAAAKKKKLLLLEEEEGGGGWW",
+    )
+]  # 30 characters each
 
 
 def library_checkpoint(root: Path) -> Path:
@@ -301,16 +316,20 @@ async def _clients(url: str, prompts: list[str], new: int) -> float:
     """len(prompts) greedy requests sent at once; tokens/s over the wall time."""
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         start = time.perf_counter()
-        replies = await asyncio.gather(*(client.post("/v1/completions", json=_body(p, new, no_eos=False))
-                                         for p in prompts))
+        replies = await asyncio.gather(
+            *(client.post("/v1/completions", json=_body(p, new, no_eos=False)) for p in prompts)
+        )
         elapsed = time.perf_counter() - start
     assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200]
     return sum(r.json()["usage"]["completion_tokens"] for r in replies) / elapsed
 
 
-def server_vs_library(src: Path, threads: int, rounds: int, new: int = 96, clients: int = 16) -> dict:
+def server_vs_library(
+    src: Path, threads: int, rounds: int, new: int = 96, clients: int = 16, today: Path | None = None
+) -> dict:
     """tokens/s of the library's `generate` at batch 1 and `clients` (one left-padded call) and of `loramix serve
-    --max-batch clients` at 1 and `clients` concurrent clients, interleaved over `rounds` rounds (medians)."""
+    --max-batch clients` at 1 and `clients` concurrent clients, interleaved over `rounds` rounds (medians); with
+    `today` (a previous checkout's src/), that server too, in the same rounds."""
     import torch
 
     import loramix
@@ -320,7 +339,9 @@ def server_vs_library(src: Path, threads: int, rounds: int, new: int = 96, clien
     root = Path(tempfile.mkdtemp(prefix="serve_vs_library_"))
     checkpoint = library_checkpoint(root)
     model = loramix.load(checkpoint)
-    served = Served(checkpoint, src, ["--max-batch", str(clients), "--max-queue", "4096"], threads)
+    flags = ["--max-batch", str(clients), "--max-queue", "4096"]
+    served = Served(checkpoint, src, flags, threads)
+    previous = Served(checkpoint, today, flags, threads) if today is not None else None
     prompts = LIBRARY_PROMPTS[:clients]
 
     def library(batch: int) -> float:
@@ -331,14 +352,22 @@ def server_vs_library(src: Path, threads: int, rounds: int, new: int = 96, clien
 
     library(clients)  # warm up
     rows: dict[str, list[float]] = {"library 1": [], f"library {clients}": [], "server 1": [], f"server {clients}": []}
+    if previous is not None:
+        rows |= {"today 1": [], f"today {clients}": []}
     try:
         for _ in range(rounds):
             rows["library 1"].append(library(1))
             rows["server 1"].append(asyncio.run(_clients(served.url, prompts[:1], new)))
+            if previous is not None:
+                rows["today 1"].append(asyncio.run(_clients(previous.url, prompts[:1], new)))
             rows[f"library {clients}"].append(library(clients))
             rows[f"server {clients}"].append(asyncio.run(_clients(served.url, prompts, new)))
+            if previous is not None:
+                rows[f"today {clients}"].append(asyncio.run(_clients(previous.url, prompts, new)))
     finally:
         served.close()
+        if previous is not None:
+            previous.close()
     return {k: statistics.median(v) for k, v in rows.items()}
 
 
@@ -387,12 +416,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.scenarios == ["library"]:  # the server against the library, in this process and its server
         print(f"machine: {machine()}; torch threads {args.threads}; load average {os.getloadavg()}")
-        r = server_vs_library(SRC if args.today_src is None else args.today_src, args.threads, args.rounds)
+        r = server_vs_library(SRC, args.threads, args.rounds, today=args.today_src)
         one, many = r["library 1"], r["library 16"]
-        print("| | tokens/s | vs the library |\n|---|---|---|")
-        print(f"| library generate, batch 1 | {one:.1f} | |\n| library generate, batch 16 | {many:.1f} | |")
-        print(f"| serve, 1 client | {r['server 1']:.1f} | {r['server 1'] / one:.2f}x |")
-        print(f"| serve, 16 clients | {r['server 16']:.1f} | {r['server 16'] / many:.2f}x |")
+        print("| | tokens/s | vs the library | vs the previous server (--today-src) |\n|---|---|---|---|")
+        print(f"| library generate, batch 1 | {one:.1f} | | |\n| library generate, batch 16 | {many:.1f} | | |")
+        for n, lib in ((1, one), (16, many)):
+            versus = f"{r[f'server {n}'] / r[f'today {n}']:.2f}x" if f"today {n}" in r else ""
+            who = f"{n} client{'s' * (n > 1)}"
+            print(f"| serve, {who} | {r[f'server {n}']:.1f} | {r[f'server {n}'] / lib:.2f}x | {versus} |")
+            if f"today {n}" in r:
+                print(f"| previous serve, {who} | {r[f'today {n}']:.1f} | {r[f'today {n}'] / lib:.2f}x | |")
         print(f"load average after: {os.getloadavg()}")
         return
     from loramix.demo import shipped_checkpoint

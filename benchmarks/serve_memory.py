@@ -63,7 +63,7 @@ class Served:
         cmd = [sys.executable, "-m", "loramix", "serve", str(checkpoint), "--port", str(self.port)]
         cmd += ["--log-level", "warning", "--model-id", "bench", *flags]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(src)}
-        self.log = tempfile.TemporaryFile(mode="w+")
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (open while the server runs)
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         self.url = f"http://127.0.0.1:{self.port}"
         for _ in range(3000):
@@ -117,11 +117,23 @@ async def streamed(client: httpx.AsyncClient, b: dict) -> dict:
 def memory(src: Path, today: Path | None, threads: int, smollm2: Path | None) -> list[str]:
     if smollm2 is None:
         smollm2 = Path(tempfile.mkdtemp(prefix="smollm2_")) / "export"
-        subprocess.run([sys.executable, "-m", "loramix", "demo", "--model", "smollm2", "--export", str(smollm2)],
-                       env={**os.environ, "PYTHONPATH": str(src)}, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "loramix", "demo", "--model", "smollm2", "--export", str(smollm2)],
+            env={**os.environ, "PYTHONPATH": str(src)},
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     chat = {"model": "bench", "max_tokens": 32, "temperature": 0}
-    questions = ["What is photosynthesis?", "Name a protein.", "What is 2+2?", "Say hello.", "What is DNA?",
-                 "Name a planet.", "What is water?", "Define enzyme."]
+    questions = [
+        "What is photosynthesis?",
+        "Name a protein.",
+        "What is 2+2?",
+        "Say hello.",
+        "What is DNA?",
+        "Name a planet.",
+        "What is water?",
+        "Define enzyme.",
+    ]
     bodies = [{**chat, "messages": [{"role": "user", "content": q}]} for q in questions]
     rows = ["| server | flags | VmRSS after /health | VmHWM after 8 chat requests |", "|---|---|---|---|"]
     for name, tree in (("this checkout", src), ("previous (--today-src)", today)):
@@ -143,8 +155,10 @@ def memory(src: Path, today: Path | None, threads: int, smollm2: Path | None) ->
     tokens = sum(r.json()["usage"]["completion_tokens"] for r in replies)
     high = served.status()["VmHWM"]
     served.close()
-    rows.append(f"| this checkout | --kv-cache-memory 1GiB, 8 x 512 new tokens ({tokens} generated) | VmHWM "
-                f"{start:.2f} GiB at start | {high:.2f} GiB (+{high - start:.2f} GiB) |")
+    rows.append(
+        f"| this checkout | --kv-cache-memory 1GiB, 8 x 512 new tokens ({tokens} generated) | VmHWM "
+        f"{start:.2f} GiB at start | {high:.2f} GiB (+{high - start:.2f} GiB) |"
+    )
     return rows
 
 
@@ -158,9 +172,19 @@ def long_context(src: Path, threads: int) -> list[str]:
     torch.set_num_threads(threads)
     root = Path(tempfile.mkdtemp(prefix="long_"))
     tokenizer = AutoTokenizer.from_pretrained(shipped_checkpoint() / "tokenizer")
-    base = build_base(root, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32768, pad_token_id=0,
-                      bos_token_id=1, eos_token_id=2)
+    base = build_base(
+        root,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     experts = build_experts(base, root, n=3, rank=4)
     model = loramix.from_pretrained(base, experts, loramix.MixConfig(), tokenizer=tokenizer)
     checkpoint = model.save(root / "checkpoint", include_base=True)
@@ -168,8 +192,9 @@ def long_context(src: Path, threads: int) -> list[str]:
     long_prompt = "".join(rng.choice(RESIDUES) for _ in range(20_000))
     n_long = len(tokenizer(long_prompt).input_ids)
     shorts = [f"GRAVY<{''.join(rng.choice(RESIDUES) for _ in range(12))}>=" for _ in range(16)]
-    served = Served(checkpoint, src, ["--kv-cache-memory", "512MiB", "--max-batch", "17", "--max-tokens", "16"],
-                    threads)
+    served = Served(
+        checkpoint, src, ["--kv-cache-memory", "512MiB", "--max-batch", "17", "--max-tokens", "16"], threads
+    )
     start = time.perf_counter()
     bodies = [body(long_prompt, 16, no_eos="2")] + [body(p, 16, no_eos="2") for p in shorts]
     replies = asyncio.run(gather(served.url, bodies))
@@ -221,12 +246,17 @@ def prefix(src: Path, threads: int) -> list[str]:
                 return [(await streamed(client, body(q, 4)))["ttft"] for q in questions]
 
         ttft = asyncio.run(run())
-        hits = [line for line in httpx.get(served.url + "/metrics").text.splitlines()
-                if line.startswith("loramix_prefix_cache_hit_tokens_total")]
+        hits = [
+            line
+            for line in httpx.get(served.url + "/metrics").text.splitlines()
+            if line.startswith("loramix_prefix_cache_hit_tokens_total")
+        ]
         served.close()
         warm = statistics.median(ttft[1:])
-        rows.append(f"{' '.join(flags) or 'prefix caching on'}: first (cold) {ttft[0] * 1000:.0f} ms, the other 15 "
-                    f"median {warm * 1000:.0f} ms = {warm / ttft[0]:.2f}x; {hits[0] if hits else ''}")
+        rows.append(
+            f"{' '.join(flags) or 'prefix caching on'}: first (cold) {ttft[0] * 1000:.0f} ms, the other 15 "
+            f"median {warm * 1000:.0f} ms = {warm / ttft[0]:.2f}x; {hits[0] if hits else ''}"
+        )
     return rows
 
 
@@ -259,8 +289,11 @@ def chunked(src: Path, threads: int, rounds: int) -> list[str]:
         for served in servers.values():
             served.close()
     (a, chunk), (b, whole) = ((k, statistics.median(v)) for k, v in gaps.items())
-    return [f"{a}: longest gap {chunk * 1000:.0f} ms", f"{b}: longest gap {whole * 1000:.0f} ms",
-            f"ratio chunked / one piece: {chunk / whole:.2f}x (medians of {rounds} rounds)"]
+    return [
+        f"{a}: longest gap {chunk * 1000:.0f} ms",
+        f"{b}: longest gap {whole * 1000:.0f} ms",
+        f"ratio chunked / one piece: {chunk / whole:.2f}x (medians of {rounds} rounds)",
+    ]
 
 
 def main() -> None:

@@ -5,10 +5,10 @@ against the library's own answer. Tiny random Llama (512 bytes a token over both
 import pytest
 import torch
 
-from loramix import ConfigError, GateConfig
-from loramix.sampling import SamplingSettings
+from loramix import ConfigError
 from loramix.blocks import BlockAllocator, block_keys, layout_of, paged_budget, pool_blocks
 from loramix.decode import Decoder, RowSpec
+from loramix.sampling import SamplingSettings
 from loramix.serve import Engine, create_app
 from test_gate_context import context_mix
 from test_serve import served_mix
@@ -77,8 +77,11 @@ def test_the_pool_is_sized_from_the_budget_and_refused_when_it_cannot_be_met(mix
     cpu = torch.device("cpu")
     assert pool_blocks(layout, cpu, rows=8, longest=100, kv_cache_memory=10 * 8192) == 10
     assert pool_blocks(layout, cpu, rows=2, longest=100, kv_cache_memory=2**30) == 2 * 2 * 7  # capped: 2 x rows
-    with pytest.raises(ConfigError, match=r"--kv-cache-memory=40.00KiB holds 80 tokens .* fewer than one request of "
-                       r"100 tokens .* give at least 56.00KiB or lower --max-model-len"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--kv-cache-memory=40.00KiB holds 80 tokens .* fewer than one request of "
+        r"100 tokens .* give at least 56.00KiB or lower --max-model-len",
+    ):
         pool_blocks(layout, cpu, rows=8, longest=100, kv_cache_memory=5 * 8192)
     with pytest.raises(ConfigError, match=r"--kv-cache-memory=1024.00GiB is above the free memory .* would fit"):
         pool_blocks(layout, cpu, rows=2**20, longest=2**20, kv_cache_memory=2**40)
@@ -153,12 +156,16 @@ def test_context_gates_under_paging_sharing_and_chunks(llama_dir, llama_experts,
     prompt = "You are a protein chemist. GRAVY of ACDKLMNPQ is "
     engine = Engine(mix, max_batch=2, longest=120, max_num_batched_tokens=16)
     try:
-        first, second = (run(engine, [make_job(mix, prompt + q, max_tokens=8, logit_bias=NO_EOS)])[0]
-                         for q in ("K", "W"))
+        first, second = (
+            run(engine, [make_job(mix, prompt + q, max_tokens=8, logit_bias=NO_EOS)])[0] for q in ("K", "W")
+        )
         assert (engine.decoder.allocator.hits > 0) == (context == "attention")
         for q, got in (("K", first), ("W", second)):
-            out = mix.generate(torch.tensor([mix.tokenizer(prompt + q).input_ids]), max_new_tokens=8,
-                               sampling=SamplingSettings(logit_bias=NO_EOS))
+            out = mix.generate(
+                torch.tensor([mix.tokenizer(prompt + q).input_ids]),
+                max_new_tokens=8,
+                sampling=SamplingSettings(logit_bias=NO_EOS),
+            )
             assert got["text"] == mix.tokenizer.decode(out.new_tokens[0].tolist(), skip_special_tokens=True)
     finally:
         engine.close()

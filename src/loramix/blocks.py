@@ -212,7 +212,9 @@ class PagedLayer:
     _class: Any = None
 
     @staticmethod
-    def new(keys: torch.Tensor, values: torch.Tensor, read: torch.Tensor, write: torch.Tensor, offset: torch.Tensor) -> Any:
+    def new(
+        keys: torch.Tensor, values: torch.Tensor, read: torch.Tensor, write: torch.Tensor, offset: torch.Tensor
+    ) -> Any:
         if PagedLayer._class is None:
             PagedLayer._class = _layer_class()
         layer = PagedLayer._class.__new__(PagedLayer._class)
@@ -231,9 +233,7 @@ def _layer_class() -> type:
             B, H, T, _ = key_states.shape
             slots = self.write.reshape(-1)
             self.keys.index_copy_(0, slots, key_states.transpose(1, 2).reshape(B * T, H, -1).to(self.keys.dtype))
-            self.values.index_copy_(
-                0, slots, value_states.transpose(1, 2).reshape(B * T, H, -1).to(self.values.dtype)
-            )
+            self.values.index_copy_(0, slots, value_states.transpose(1, 2).reshape(B * T, H, -1).to(self.values.dtype))
             C, read = self.read.shape[1], self.read.reshape(-1)
             keys = self.keys.index_select(0, read).view(B, C, H, -1).transpose(1, 2)
             values = self.values.index_select(0, read).view(B, C, H, -1).transpose(1, 2)
@@ -280,7 +280,10 @@ class PagedCache:
 
         def pools(shapes: tuple[tuple[int, int, int], ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
             return [
-                (torch.zeros(slots, h, k, dtype=dtype, device=device), torch.zeros(slots, h, v, dtype=dtype, device=device))
+                (
+                    torch.zeros(slots, h, k, dtype=dtype, device=device),
+                    torch.zeros(slots, h, v, dtype=dtype, device=device),
+                )
                 for h, k, v in shapes
             ]
 
@@ -294,9 +297,7 @@ class PagedCache:
         self.gate_pool = None
         if self.layout.gate_width:
             w = self.layout.gate_width
-            self.gate_pool = tuple(
-                torch.zeros(slots, w, dtype=self.layout.gate_dtype, device=device) for _ in range(2)
-            )
+            self.gate_pool = tuple(torch.zeros(slots, w, dtype=self.layout.gate_dtype, device=device) for _ in range(2))
         self._views: dict[tuple[int, int], LoraMixCache] = {}
 
     @property
@@ -359,7 +360,9 @@ class PagedCache:
             self._views[(k, c)] = view
         return view
 
-    def write_prompt(self, rows: Sequence[int], tables: Sequence[Sequence[int]], mask: torch.Tensor, prompt: Any) -> None:
+    def write_prompt(
+        self, rows: Sequence[int], tables: Sequence[Sequence[int]], mask: torch.Tensor, prompt: Any
+    ) -> None:
         """Copy a prefilled batch (DynamicCaches of J rows, T left-padded columns; mask [J, T]) into the rows' blocks:
         row j's real tokens at its positions 0, 1, ... Its gate state into `gate_ema` rows."""
         real = mask.bool()  # [J, T]

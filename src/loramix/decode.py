@@ -49,9 +49,9 @@ from typing import Any
 import torch
 
 from .base import LoraMixCache, new_dynamic_cache, text_config
+from .blocks import BLOCK_SIZE, NULL, TRASH, BlockAllocator, PagedCache, PoolLayout, block_keys, static_cache_support
 from .layers import PreparedScalings
 from .sampling import Sampler, SamplingSettings
-from .blocks import BLOCK_SIZE, NULL, TRASH, BlockAllocator, PagedCache, PoolLayout, block_keys, static_cache_support
 
 logger = logging.getLogger(__name__)
 

@@ -33,11 +33,11 @@ from typing import Any
 import torch
 
 from .base import resolve_defaults, text_config
+from .blocks import static_cache_support
 from .decode import HELD_MODES, MODES, Decoder, RowSpec, cache_slots, compile_support, non_finite_rows
 from .errors import ConfigError, LoramixError
 from .grammar import Grammar
 from .sampling import Sampler, SamplingSettings, row_generator
-from .blocks import static_cache_support
 from .text import IncrementalDecoder
 
 logger = logging.getLogger(__name__)
