@@ -3,8 +3,9 @@
 Scenarios (--scenarios):
     memory    the SmolLM2 export (`loramix demo --model smollm2 --export DIR`, built here unless --smollm2 DIR),
               default flags, 8 concurrent short chat requests: VmRSS after /health and VmHWM after the load, for this
-              checkout and for --today-src's server when given; then this checkout with --kv-cache-memory 1GiB under
-              8 concurrent requests of 512 new tokens: VmHWM above its start-up value
+              checkout and for --today-src's server when given
+    budget    the SmolLM2 export (--smollm2), --kv-cache-memory 1GiB, 8 concurrent chat requests of 512 new tokens
+              (EOS biased out): VmHWM above its start-up value
     long      a tiny random Llama with a 32k context, --kv-cache-memory 512MiB: one request with a 20,000-token
               prompt and 16 short requests at once, each text against the library's greedy text; then a
               40,000-token request (its status: 400 expected)
@@ -105,24 +106,27 @@ async def streamed(client: httpx.AsyncClient, b: dict) -> dict:
     async with client.stream("POST", "/v1/completions", json={**b, "stream": True}) as response:
         assert response.status_code == 200, await response.aread()
         async for line in response.aiter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                if json.loads(line[6:])["choices"][0]["text"]:
-                    times.append(time.perf_counter())
+            if line.startswith("data: ") and line != "data: [DONE]" and json.loads(line[6:])["choices"][0]["text"]:
+                times.append(time.perf_counter())
     return {"ttft": times[0] - start, "times": times}
 
 
 # ---------------------------------------------------------------------- scenarios
 
 
-def memory(src: Path, today: Path | None, threads: int, smollm2: Path | None) -> list[str]:
-    if smollm2 is None:
-        smollm2 = Path(tempfile.mkdtemp(prefix="smollm2_")) / "export"
-        subprocess.run(
-            [sys.executable, "-m", "loramix", "demo", "--model", "smollm2", "--export", str(smollm2)],
-            env={**os.environ, "PYTHONPATH": str(src)},
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+def export_smollm2(src: Path) -> Path:
+    """`loramix demo --model smollm2 --export` into a temporary directory."""
+    smollm2 = Path(tempfile.mkdtemp(prefix="smollm2_")) / "export"
+    subprocess.run(
+        [sys.executable, "-m", "loramix", "demo", "--model", "smollm2", "--export", str(smollm2)],
+        env={**os.environ, "PYTHONPATH": str(src)},
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return smollm2
+
+
+def memory(src: Path, today: Path | None, threads: int, smollm2: Path) -> list[str]:
     chat = {"model": "bench", "max_tokens": 32, "temperature": 0}
     questions = [
         "What is photosynthesis?",
@@ -147,9 +151,26 @@ def memory(src: Path, today: Path | None, threads: int, smollm2: Path | None) ->
         served.close()
         rows.append(f"| {name} | defaults | {start:.2f} GiB | {after['VmHWM']:.2f} GiB |")
         rows += [f"|  | {line.strip()} | | |" for line in served.lines]
+    return rows
+
+
+def budget(src: Path, threads: int, smollm2: Path) -> list[str]:
+    """--kv-cache-memory 1GiB under 8 chat requests of 512 new tokens each (EOS biased out)."""
+    chat = {"model": "bench", "max_tokens": 512, "temperature": 0, "logit_bias": {str(i): -100 for i in range(3)}}
+    questions = [
+        "What is photosynthesis?",
+        "Name a protein.",
+        "What is 2+2?",
+        "Say hello.",
+        "What is DNA?",
+        "Name a planet.",
+        "What is water?",
+        "Define enzyme.",
+    ]
+    rows = []
     served = Served(smollm2, src, ["--kv-cache-memory", "1GiB", "--max-tokens", "512"], threads)
     start = served.status()["VmHWM"]
-    long = [{**b, "max_tokens": 512, "logit_bias": {"2": -100}} for b in bodies]
+    long = [{**chat, "messages": [{"role": "user", "content": q}]} for q in questions]
     replies = asyncio.run(gather(served.url, long, "/v1/chat/completions"))
     assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
     tokens = sum(r.json()["usage"]["completion_tokens"] for r in replies)
@@ -241,11 +262,11 @@ def prefix(src: Path, threads: int) -> list[str]:
     for flags in ([], ["--no-enable-prefix-caching"]):
         served = Served(checkpoint, src, ["--max-tokens", "8", *flags], threads)
 
-        async def run() -> list[float]:
-            async with httpx.AsyncClient(base_url=served.url, timeout=600) as client:
+        async def run(url: str) -> list[float]:
+            async with httpx.AsyncClient(base_url=url, timeout=600) as client:
                 return [(await streamed(client, body(q, 4)))["ttft"] for q in questions]
 
-        ttft = asyncio.run(run())
+        ttft = asyncio.run(run(served.url))
         hits = [
             line
             for line in httpx.get(served.url + "/metrics").text.splitlines()
@@ -276,15 +297,15 @@ def chunked(src: Path, threads: int, rounds: int) -> list[str]:
         for _ in range(rounds):
             for name, served in servers.items():
 
-                async def run() -> float:
-                    async with httpx.AsyncClient(base_url=served.url, timeout=600) as client:
+                async def run(url: str) -> float:
+                    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
                         rows = [asyncio.create_task(streamed(client, body(p, 160))) for p in streams]
                         await asyncio.sleep(2.0)
                         joined = asyncio.create_task(streamed(client, body(long_prompt, 4)))
                         done = await asyncio.gather(*rows, joined)
                     return max(max(b - a for a, b in zip(r["times"], r["times"][1:])) for r in done[:-1])
 
-                gaps[name].append(asyncio.run(run()))
+                gaps[name].append(asyncio.run(run(served.url)))
     finally:
         for served in servers.values():
             served.close()
@@ -298,16 +319,20 @@ def chunked(src: Path, threads: int, rounds: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenarios", nargs="+", default=["memory", "long", "prefix", "chunked"])
+    parser.add_argument("--scenarios", nargs="+", default=["memory", "budget", "long", "prefix", "chunked"])
     parser.add_argument("--today-src", type=Path, default=None, help="src/ of the previous server (memory)")
     parser.add_argument("--smollm2", type=Path, default=None, help="an existing SmolLM2 export (memory)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     print(f"machine: {machine()}; torch threads {args.threads}; load average {os.getloadavg()}")
+    if args.smollm2 is None and {"memory", "budget"} & set(args.scenarios):
+        args.smollm2 = export_smollm2(SRC)
     for scenario in args.scenarios:
         if scenario == "memory":
             lines = memory(SRC, args.today_src, args.threads, args.smollm2)
+        elif scenario == "budget":
+            lines = budget(SRC, args.threads, args.smollm2)
         elif scenario == "long":
             lines = long_context(SRC, args.threads)
         elif scenario == "prefix":

@@ -451,7 +451,7 @@ class Decoder:
         """Prefill prompts [J, T] (left padded; mask [J, T]) as one batch into the free `rows`, ending at the current
         column (call `place` first); choose their first tokens. Raises ValueError when called out of turn (no `place`,
         or a gated row in a decoder made for held rows only)."""
-        model, b = self.model, self.buffers
+        model = self.model
         T, device = input_ids.shape[1], model.device
         if self.column < T:
             raise ValueError(f"join at column {self.column} needs place() first: the prompts have {T} tokens")
@@ -588,7 +588,7 @@ class Decoder:
 
     def abandon(self, p: Prefill, *, failed: bool = False) -> None:
         """Give back the blocks of a prompt that will not finish (cancelled, preempted, failed: zeroed and out of the
-        prefix cache). The full blocks already prefilled join the prefix cache, so a preempted prompt resumes cheaply."""
+        prefix cache). Its full blocks already prefilled join the prefix cache: a preempted prompt resumes cheaply."""
         if failed:
             self.paged.clear(p.table)
         elif self.prefix_cache:
