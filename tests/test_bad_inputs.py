@@ -456,24 +456,9 @@ def test_export_with_base_never_replaces_a_directory_it_did_not_write(good, tmp_
     mix.save(bundled, include_base=True)
     files = _tree(bundled)
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "loramix",
-            "export",
-            bundled,
-            "--format",
-            "mistralrs",
-            "--out",
-            "xl",
-            "--with-base",
-            bundled / "base",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-        env={**os.environ, "COLUMNS": "300"},
+        [sys.executable, "-m", "loramix", "export", bundled, "--format", "mistralrs", "--out", "xl",
+         "--with-base", bundled / "base"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "COLUMNS": "300"},
     )
     _one_clean_line(result, "bundled/base is the directory the base model was loaded from")
     assert _tree(bundled) == files
@@ -497,11 +482,8 @@ def test_training_refuses_an_output_directory_before_the_first_step(good, llama_
     mix = loramix.load(good["ckpt"])
     for name, marker, run in (
         ("gate", "loramix_config.json", lambda out: train_gate(mix, records, out, train=config)),
-        (
-            "expert",
-            "adapter_config.json",
-            lambda out: train_expert(llama_dir, records, out, train=config, tokenizer=char_tokenizer()),
-        ),
+        ("expert", "adapter_config.json", lambda out: train_expert(llama_dir, records, out, train=config,
+                                                                    tokenizer=char_tokenizer())),
     ):
         for kind in ("with-marker", "without-marker"):
             out = tmp_path / f"{name}-{kind}"
@@ -609,17 +591,8 @@ def _trainer(mix, tmp_path, loss_fn=None, **config):
     train_set, _ = prepare_data(mix.tokenizer, records, None, 0.0, 32, config.seed)
     mix.freeze()
     trainable = {n: p for n, p in mix.named_parameters() if p.requires_grad}
-    return Trainer(
-        mix,
-        trainable,
-        train_set,
-        None,
-        config,
-        tmp_path / "run",
-        loss_fn=loss_fn or gate_loss,
-        logits_fn=batch_logits,
-        pad_token_id=0,
-    )
+    return Trainer(mix, trainable, train_set, None, config, tmp_path / "run", loss_fn=loss_fn or gate_loss,
+                   logits_fn=batch_logits, pad_token_id=0)
 
 
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(good, tmp_path):
@@ -707,109 +680,36 @@ def test_cli_bad_arguments_give_one_line(good, llama_dir, tmp_path, monkeypatch,
         (2, ["serve", ckpt, "--port", "99999"], "'--port': Input should be less than or equal to 65535"),
         (2, ["demo", "--threads", "0"], "'--threads'"),
         (2, ["serve", ckpt, "--api-key", ""], "the API key is empty, which would turn authentication off"),
-        (
-            2,
-            ["serve", ckpt, "--kv-cache-memory", "lots"],
-            "--kv-cache-memory: 'lots' is not a size; expected e.g. 2GiB",
-        ),
+        (2, ["serve", ckpt, "--kv-cache-memory", "lots"], "--kv-cache-memory: 'lots' is not a size; expected e.g. 2GiB"),
         (1, ["serve", ckpt, "--kv-cache-memory", "1KiB"], "--kv-cache-memory=1.00KiB holds 0 tokens"),
         (1, ["serve", ckpt, "--max-model-len", "100000"], "--max-model-len=100000 is above the model's context"),
         (1, ["generate", ckpt, "-p", "x", "--device", "cuda"], "device='cuda': this machine has no CUDA device"),
         (1, ["generate", ckpt, "-p", "x", "--device", "warp9"], "device='warp9' is not a device name"),
         (1, ["generate", ckpt, "-p", "x", "--base", afile], "is a file; expected a model directory"),
         (1, ["generate", ckpt, "-p", "x", "--base", tmp_path / "none" / "x"], "no such directory"),
-        (
-            1,
-            ["train-expert", "--base", llama_dir, "--data", data, "--out", tmp_path / "e", "--rank", "0"],
-            "rank=0 must be an integer >= 1",
-        ),
-        (
-            1,
-            ["train-expert", "--base", llama_dir, "--data", data, "--out", tmp_path / "e", "--dropout", "2"],
-            "dropout=2.0 must be a number in [0, 1)",
-        ),
-        (
-            1,
-            ["train-expert", "--base", llama_dir, "--data", data, "--out", tmp_path / "e", "--alpha", "-1"],
-            "alpha=-1.0 must be a finite number > 0",
-        ),
-        (
-            1,
-            ["train-expert", "--base", llama_dir, "--data", data, "--out", tmp_path / "e", "--target", "qq_proj"],
-            "target module(s) ['qq_proj'] are not in the base model",
-        ),
-        (
-            2,
-            ["train-expert", "--base", llama_dir, "--data", data, "--out", tmp_path / "e", "--report-to", "pigeon"],
-            "Invalid value for --report-to: report_to='pigeon' is not a tracker Accelerate knows",
-        ),
-        (
-            2,
-            [
-                "train-gate",
-                "--base",
-                llama_dir,
-                "-e",
-                f"a={llama_dir}",
-                "--data",
-                data,
-                "-o",
-                tmp_path / "e",
-                "--depth",
-                "0",
-            ],
-            "Invalid value for --depth: gate.depth=0 must be an integer from 1 to 64",
-        ),
-        (
-            2,
-            ["train-gate", "--init", ckpt, "--data", data, "-o", tmp_path / "e", "--top-k", "2"],
-            "Invalid value for --init: top_k comes from the --init checkpoint; "
-            "only --scaling-layer and --trainable-experts can",
-        ),
-        (
-            2,
-            [
-                "train-gate",
-                "--base",
-                llama_dir,
-                "-e",
-                f"a={llama_dir}",
-                "--data",
-                data,
-                "-o",
-                tmp_path / "e",
-                "--lr",
-                "0",
-            ],
-            "Invalid value for --lr: learning_rate=0.0 must be > 0",
-        ),
-        (
-            2,
-            [
-                "train-gate",
-                "--base",
-                llama_dir,
-                "-e",
-                f"a={llama_dir}",
-                "-e",
-                f"a={afile}",
-                "--data",
-                data,
-                "-o",
-                tmp_path / "e",
-            ],
-            "Invalid value for --expert: expert name 'a' is given twice",
-        ),
-        (
-            2,
-            ["mix", "--base", llama_dir, "-e", f"a={llama_dir}", "-e", f"a={afile}", "-o", tmp_path / "e"],
-            "Invalid value for --expert: expert name 'a' is given twice",
-        ),
-        (
-            2,
-            ["mix", "--base", llama_dir, "-e", f"a={llama_dir}", "-o", tmp_path / "e", "--temperature", "1e-300"],
-            "Invalid value for --temperature: gate.temperature=1e-300 must be a number >= 0.001",
-        ),
+        (1, ["train-expert", "--base", llama_dir, "--data", data, "--out", tmp_path / "e", "--rank", "0"],
+         "rank=0 must be an integer >= 1"),
+        (1, ["train-expert", "--base", llama_dir, "--data", data, "--out", tmp_path / "e", "--dropout", "2"],
+         "dropout=2.0 must be a number in [0, 1)"),
+        (1, ["train-expert", "--base", llama_dir, "--data", data, "--out", tmp_path / "e", "--alpha", "-1"],
+         "alpha=-1.0 must be a finite number > 0"),
+        (1, ["train-expert", "--base", llama_dir, "--data", data, "--out", tmp_path / "e", "--target", "qq_proj"],
+         "target module(s) ['qq_proj'] are not in the base model"),
+        (2, ["train-expert", "--base", llama_dir, "--data", data, "--out", tmp_path / "e", "--report-to", "pigeon"],
+         "Invalid value for --report-to: report_to='pigeon' is not a tracker Accelerate knows"),
+        (2, ["train-gate", "--base", llama_dir, "-e", f"a={llama_dir}", "--data", data, "-o", tmp_path / "e",
+             "--depth", "0"], "Invalid value for --depth: gate.depth=0 must be an integer from 1 to 64"),
+        (2, ["train-gate", "--init", ckpt, "--data", data, "-o", tmp_path / "e", "--top-k", "2"],
+         "Invalid value for --init: top_k comes from the --init checkpoint; "
+         "only --scaling-layer and --trainable-experts can"),
+        (2, ["train-gate", "--base", llama_dir, "-e", f"a={llama_dir}", "--data", data, "-o", tmp_path / "e",
+             "--lr", "0"], "Invalid value for --lr: learning_rate=0.0 must be > 0"),
+        (2, ["train-gate", "--base", llama_dir, "-e", f"a={llama_dir}", "-e", f"a={afile}", "--data", data,
+             "-o", tmp_path / "e"], "Invalid value for --expert: expert name 'a' is given twice"),
+        (2, ["mix", "--base", llama_dir, "-e", f"a={llama_dir}", "-e", f"a={afile}", "-o", tmp_path / "e"],
+         "Invalid value for --expert: expert name 'a' is given twice"),
+        (2, ["mix", "--base", llama_dir, "-e", f"a={llama_dir}", "-o", tmp_path / "e", "--temperature", "1e-300"],
+         "Invalid value for --temperature: gate.temperature=1e-300 must be a number >= 0.001"),
     ]
     for code, args, message in cases:
         got, lines = _main(monkeypatch, capsys, *args)
