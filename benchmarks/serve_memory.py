@@ -189,6 +189,7 @@ def long_context(src: Path, threads: int) -> list[str]:
 
     import loramix
     from loramix.demo import shipped_checkpoint
+    from loramix.sampling import SamplingSettings
 
     torch.set_num_threads(threads)
     root = Path(tempfile.mkdtemp(prefix="long_"))
@@ -227,7 +228,7 @@ def long_context(src: Path, threads: int) -> list[str]:
     equal = 0
     for b, r in zip(bodies, replies):
         ids = torch.tensor([tokenizer(b["prompt"]).input_ids])
-        out = model.generate(ids, max_new_tokens=16, sampling=loramix.SamplingSettings(logit_bias={2: -100.0}))
+        out = model.generate(ids, max_new_tokens=16, sampling=SamplingSettings(logit_bias={2: -100.0}))
         equal += r.status_code == 200 and r.json()["choices"][0]["text"] == tokenizer.decode(
             out.new_tokens[0].tolist(), skip_special_tokens=True
         )
