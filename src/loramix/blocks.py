@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -175,9 +176,21 @@ class PoolLayout:
         return kv + 2 * self.gate_width * torch.empty(0, dtype=self.gate_dtype).element_size()
 
 
+_LAYOUTS: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], PoolLayout]] = weakref.WeakKeyDictionary()
+
+
 def layout_of(model: Any, granular: bool) -> PoolLayout:
     """The pool layout of a LoraMixModel, read from one token's keys and values through both passes (what the
-    attention layers really write: heads, head sizes, dtype), so no config field has to be guessed."""
+    attention layers really write: heads, head sizes, dtype), so no config field has to be guessed. Kept per model,
+    dtype, device and scaling layer (a `generate` call reads it once, not each time)."""
+    key = (granular, model.dtype, model.device, model.config.scaling_layer)
+    known = _LAYOUTS.setdefault(model, {})
+    if key not in known:
+        known[key] = _read_layout(model, granular)
+    return known[key]
+
+
+def _read_layout(model: Any, granular: bool) -> PoolLayout:
     from .base import new_dynamic_cache, text_config
 
     config = text_config(model.model)
