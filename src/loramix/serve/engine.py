@@ -420,17 +420,18 @@ class Engine:
     def _take(self) -> list[Job]:
         """The waiting jobs that join at this step as one batch, in order: while a row is free and the next job fits
         the columns and the free blocks with those before it (first come, first served). A job that enters in pieces
-        starts here alone. Cancelled and expired jobs end here."""
+        starts here alone (while one is entering, the short prompts queued behind it still join). Cancelled and
+        expired jobs end here."""
         group: list[Job] = []
         free = self._free_slots()
         with self._cond:
-            while self._pending and len(group) < len(free) and self._prefill is None:
+            while self._pending and len(group) < len(free):
                 job = self._pending[0]
                 if self._ended_early(job, None):
                     self._pending.popleft()
                     continue
-                if self._in_pieces(job):
-                    if not group:
+                if self._in_pieces(job):  # one prompt in pieces at a time; short ones behind it join meanwhile
+                    if not group and self._prefill is None:
                         self._begin(self._pending.popleft(), free[0])
                     break
                 trial = [*group, job]
