@@ -102,12 +102,18 @@ def test_the_server_allocates_its_pool_at_start_and_refuses_what_can_never_fit(m
 
 def test_rows_preempted_when_the_pool_runs_out_give_the_library_answers(mix):
     """Four rows that each grow to three blocks share a pool of five: rows are preempted and recomputed, and every
-    answer (greedy text and logprobs, a seeded sample) is the one it gets alone."""
+    answer (greedy text and logprobs, a seeded sample with a penalty, prompt-mode rows that hold their scalings) is
+    the one it gets alone."""
     engine = Engine(mix, max_batch=4, longest=48, kv_cache_memory=5 * block_bytes(mix))
     alone = Engine(mix, max_batch=1, longest=48)
     try:
         prompts = ["GRAVY of ACDK", "KKLL", "MWWAC", "design"]
-        settings = [dict(logprobs=2), dict(logprobs=2), dict(temperature=1.3, seed=7, frequency_penalty=0.5), dict()]
+        settings = [
+            dict(logprobs=2),
+            dict(logprobs=2, mode="prompt"),
+            dict(temperature=1.3, seed=7, frequency_penalty=0.5),
+            dict(mode="prompt"),
+        ]
         jobs = [make_job(mix, p, max_tokens=36, logit_bias=NO_EOS, **s) for p, s in zip(prompts, settings)]
         results = run(engine, jobs)
         assert engine.preemptions > 0 and engine.blocks["used"] == 0

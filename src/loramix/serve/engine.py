@@ -131,6 +131,7 @@ class _Row:
         self.ids: list[int] = []  # the tokens generated (EOS apart)
         self.started = False  # its first token was chosen (a preempted row's was, before)
         self.generator: torch.Generator | None = None  # its own random stream, kept across preemption
+        self.held: torch.Tensor | None = None  # a preempted held row's scalings [L, N]
         self.last_token_at = 0.0
         self.decoder = IncrementalDecoder(tokenizer)
         self.text = ""
@@ -500,7 +501,7 @@ class Engine:
         row = job.resume or _Row(job, self.tokenizer, slot)
         row.slot = slot
         ids = self._prompt(job)
-        prefill = self.decoder.begin(slot, ids, self._spec(job, row), output=len(ids) - len(job.ids))
+        prefill = self.decoder.begin(slot, ids, self._spec(job, row), output=len(ids) - len(job.ids), held=row.held)
         if self.metrics is not None and prefill.cached:
             self.metrics.prefix_hit(prefill.cached)
         self._prefill = (job, row, prefill)
@@ -566,8 +567,12 @@ class Engine:
             self.decoder.abandon(self._prefill[2])
             self._prefill = None
         else:
+            held = self.decoder.rows[row.slot].spec.held
+            row.held = self.decoder.held_scalings(row.slot) if held else None
+            # a held row's answer was mixed with its held scalings and its scaling-pass keys may not all be written:
+            # only its prompt's blocks are offered to the prefix cache
             self._rows[row.slot] = None
-            self.decoder.leave(row.slot, cache=job.ids + row.ids[:-1])
+            self.decoder.leave(row.slot, cache=job.ids if held else job.ids + row.ids[:-1])
         job.resume = row
         with self._cond:
             self._pending.appendleft(job)
