@@ -257,3 +257,22 @@ def test_a_byte_level_bpe_tokenizer_smollm2s(tmp_path):
     assert out.finish_reasons == ["stop", "stop"]
     for row, n in zip(out.new_tokens.tolist(), out.lengths):
         _valid(tokenizer.decode(row[: n - 1]), schema)
+
+
+def test_packed_masks_are_unpacked_on_the_device_as_numpy_unpacks_them():
+    """The grammar's packed masks (int32 words, token 32w + b at bit b of word w) become the same -inf-in-effect bias
+    as numpy's little-endian unpackbits gives: sign bits, a vocabulary that is not a multiple of 32, unmasked rows."""
+    import numpy as np
+
+    from loramix.grammar import BLOCKED, apply_masks
+
+    vocab, g = 70, torch.Generator().manual_seed(0)
+    packed = torch.randint(-(2**31), 2**31 - 1, (3, 3), dtype=torch.int32, generator=g)
+    packed[0, 0] = -(2**31)  # only token 31 of the first word
+    scores = torch.randn(5, vocab, generator=g)
+    out = apply_masks(scores, [1, 3, 4], list(packed), vocab)
+    bits = np.unpackbits(packed.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+    expected = scores.clone()
+    expected[[1, 3, 4]] += torch.from_numpy(np.where(bits == 1, 0.0, BLOCKED).astype(np.float32))
+    assert torch.equal(out, expected)
+    assert torch.equal(out[[0, 2]], scores[[0, 2]]) and out[1, 31] == scores[1, 31] and out[1, 0] < -1e29

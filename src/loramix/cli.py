@@ -662,6 +662,13 @@ def serve(
         10.0, "--header-timeout", min=0.001, help="Seconds to send a request head (not with --replicas)."
     ),
     body_timeout: float = typer.Option(30.0, "--body-timeout", min=0.001, help="Seconds a body may stall (408)."),
+    grammar_budget: float = typer.Option(
+        1.0,
+        "--grammar-budget",
+        min=0.001,
+        help="Seconds a structured-output request's grammar may cost in all (compile, then the waits for its token "
+        "masks); beyond it that request alone gets a 400 naming response_format.",
+    ),
     keep_alive_timeout: float = typer.Option(5.0, "--keep-alive-timeout", min=0.001, help="Idle keep-alive seconds."),
     device: str | None = typer.Option(None, help="e.g. cpu, cuda."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16."),
@@ -729,6 +736,7 @@ def serve(
         max_body=max_body,
         request_timeout=request_timeout,
         body_timeout=body_timeout,
+        grammar_budget=grammar_budget,
     )
     ray_flags = {
         "--address": address is not None,

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -42,7 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..base import resolve_defaults, text_config
 from ..errors import ConfigError, LoramixError
-from ..grammar import ANY_OBJECT, Grammar, GrammarError
+from ..grammar import ANY_OBJECT, OVER_BUDGET, Grammar, GrammarError
 from ..sampling import SamplingSettings
 from ..text import render_chat
 from .engine import Engine, Job, QueueFull, TokenLogprob
@@ -54,6 +56,8 @@ __all__ = ["ApiError", "ServerState", "create_app"]
 
 RETRY_AFTER_S = 1
 """What a 503 (queue full) tells the client to wait, in seconds."""
+GRAMMAR_BUDGET_S = 1.0
+"""The default time a request's grammar may cost (compile and first mask; then the decoder's waits for its masks)."""
 OPEN_PATHS = ("/health", "/metrics")
 """The paths served without the API key; every other one (the API, /openapi.json, unknown paths) needs it."""
 
@@ -97,6 +101,7 @@ class ServerState:
     context: int | None
     vocab_size: int | None
     request_timeout: float | None
+    grammar_budget: float | None = None
     special_ids: set[int] = field(default_factory=set)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -233,9 +238,42 @@ async def _grammar(
     else:
         return None
     try:
-        return await asyncio.to_thread(Grammar.for_model, state.model, schema)
+        return await _compile(state.model, schema, state.grammar_budget)
     except GrammarError as exc:
         raise ApiError(400, f"{param}: {exc}", param=param) from None
+
+
+def _warm(model: Any, schema: Any, budget: float | None) -> Grammar:
+    """The grammar compiled, with its first mask computed (the costly part of a hard schema), and the budget the
+    decoder grants its masks (on a thread of its own: llguidance drops the GIL, the decoder never waits on it)."""
+    grammar = dataclasses.replace(Grammar.for_model(model, schema), budget=budget)
+    grammar.warm()
+    return grammar
+
+
+async def _compile(model: Any, schema: Any, budget: float | None) -> Grammar:
+    """`_warm` on a thread of its own, waited for at most `budget` seconds (then a GrammarError; the thread, which
+    cannot be stopped, finishes on its own and its result is dropped). llguidance's one-time work for the tokenizer
+    (`Grammar.prepare`) comes first and is not counted."""
+    await asyncio.to_thread(Grammar.prepare, model)
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def work() -> None:
+        try:
+            result: Any = _warm(model, schema, budget)
+        except BaseException as exc:  # handed to the request
+            result = exc
+        loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
+
+    threading.Thread(target=work, name="loramix-grammar-compile", daemon=True).start()
+    try:
+        result = await asyncio.wait_for(done, budget)
+    except asyncio.TimeoutError:
+        raise GrammarError(OVER_BUDGET.format(budget=budget)) from None
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 def _sampling(body: CompletionRequest | ChatRequest) -> SamplingSettings:
@@ -461,6 +499,8 @@ async def _completions(state: ServerState, request: Request, body: CompletionReq
     _check_fields(state, body, len(items) * body.n)
     prompts = [_encode(state, p, "prompt") if isinstance(p, str) else _check_ids(state, p) for p in items]
     texts = [p if isinstance(p, str) else state.tokenizer.decode(ids) for p, ids in zip(items, prompts)]
+    for ids in prompts:  # the prompts' checks before the grammar's compile
+        _job(state, body, ids)
     grammar = await _grammar(state, body)
     extra = {"logprobs": body.logprobs, "prompt_logprobs": body.echo and body.logprobs is not None, "grammar": grammar}
     jobs, sink = _submit(state, body, prompts, **extra)
@@ -507,6 +547,7 @@ async def _chat(state: ServerState, request: Request, body: ChatRequest) -> Any:
         raise ApiError(400, f"messages: the chat template cannot render them: {exc}", param="messages") from None
     templated = bool(getattr(state.tokenizer, "chat_template", None))
     prompts = [_encode(state, text, "messages", add_special_tokens=not templated)]
+    _job(state, body, prompts[0])  # the prompt's checks before the grammar's compile
     grammar = await _grammar(state, body, plan)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     jobs, sink = _submit(state, body, prompts, logprobs=logprobs, grammar=grammar)
@@ -672,11 +713,14 @@ def create_app(
     max_body: int = 1 << 20,
     request_timeout: float | None = 600.0,
     body_timeout: float | None = 30.0,
+    grammar_budget: float | None = GRAMMAR_BUDGET_S,
 ) -> FastAPI:
     """The FastAPI app serving `model` (a LoraMixModel with a tokenizer); `app.state.server` is its `ServerState`.
     One worker thread runs the model: continuous batching
     over `max_batch` slots (1 without batching), at most `max_queue` jobs waiting, request bodies of at most
-    `max_body` bytes, each request ended (504) after `request_timeout` seconds, a stalled body after `body_timeout`."""
+    `max_body` bytes, each request ended (504) after `request_timeout` seconds, a stalled body after `body_timeout`.
+    A structured-output request's grammar (compile, first mask, then every mask the decoder waits for) gets
+    `grammar_budget` seconds in all (None: no limit); past it that request alone fails, 400 naming the field."""
     if model.tokenizer is None:
         raise LoramixError("serving needs a tokenizer: the checkpoint has none and its base provides none")
     if api_key is not None and not api_key.strip():
@@ -709,6 +753,7 @@ def create_app(
         context=context,
         vocab_size=getattr(text_config(model.model), "vocab_size", None),
         request_timeout=request_timeout,
+        grammar_budget=grammar_budget,
         special_ids=set(getattr(tokenizer, "all_special_ids", [])) - {getattr(tokenizer, "unk_token_id", None)},
     )
 
