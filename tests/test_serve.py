@@ -418,3 +418,28 @@ def test_completion_fields_it_cannot_honour_are_refused(server, body, message):
     r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "x", **body})
     assert r.status_code == 400, r.text
     assert message in r.json()["error"]["message"], r.json()
+
+
+def test_chat_on_the_shipped_demo_checkpoint_without_a_chat_template():
+    """The demo's character-level tokenizer has no newline: the plain chat fallback separates its lines with a space
+    (what the tokenizer can write), so a chat request is answered; a tokenizer that cannot write the fallback's
+    characters is told what is missing (not blamed on the client's messages)."""
+    from fastapi.testclient import TestClient
+
+    from loramix.demo.run import weights_dir
+    from loramix.errors import ConfigError
+    from loramix.text import render_chat
+
+    model = loramix.load(weights_dir() / "checkpoint")
+    assert not getattr(model.tokenizer, "chat_template", None)
+    messages = [{"role": "system", "content": "Be short."}, {"role": "user", "content": "Mass of GRAVY?"}]
+    assert render_chat(model.tokenizer, messages) == "system: Be short. user: Mass of GRAVY? assistant:"
+    with TestClient(create_app(model, model_id="demo")) as client:
+        body = {"model": "demo", "messages": messages, "max_tokens": 4}
+        response = client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        text = "system: Be short. user: Mass of GRAVY? assistant:"
+        assert response.json()["usage"]["prompt_tokens"] == len(model.tokenizer(text).input_ids)
+    with pytest.raises(ConfigError, match=r"cannot write ':'.*plain chat format"):
+        render_chat(char_tokenizer(without=":"), messages)
+    assert render_chat(char_tokenizer(), messages[1:]) == "user: Mass of GRAVY?\nassistant:"

@@ -543,6 +543,8 @@ async def _chat(state: ServerState, request: Request, body: ChatRequest) -> Any:
     messages = chat_messages(body.messages, plan, templated_tools)
     try:
         text = render_chat(state.tokenizer, messages, tools=plan.tools if templated_tools else None)
+    except ConfigError as exc:  # no template, and the plain format needs what the tokenizer cannot write
+        raise ApiError(400, f"messages: {exc}", param="messages") from None
     except Exception as exc:  # the chat template refused the conversation (jinja2's TemplateError, or its own raise)
         raise ApiError(400, f"messages: the chat template cannot render them: {exc}", param="messages") from None
     templated = bool(getattr(state.tokenizer, "chat_template", None))
