@@ -443,3 +443,52 @@ def test_chat_on_the_shipped_demo_checkpoint_without_a_chat_template():
     with pytest.raises(ConfigError, match=r"cannot write ':'.*plain chat format"):
         render_chat(char_tokenizer(without=":"), messages)
     assert render_chat(char_tokenizer(), messages[1:]) == "user: Mass of GRAVY?\nassistant:"
+
+
+def test_echoed_prompt_offsets_point_at_their_tokens_past_the_added_bos(client, mix):
+    """The tokenizer adds <s>, which is not in the echoed text: it takes no room, and every offset points at its
+    token in the returned text."""
+    prompt = "GRAVY of ACDK"
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0, logprobs=1, echo=True)
+    choice = out.choices[0]
+    lp = choice.logprobs
+    assert choice.text.startswith(prompt) and lp.tokens[0] == "<s>" and lp.text_offset[:2] == [0, 0]
+    assert lp.text_offset == sorted(lp.text_offset)
+    ends = [*lp.text_offset[1:], len(choice.text)]
+    for token, offset, end in zip(lp.tokens, lp.text_offset, ends):
+        if token in ("<s>", "<pad>", "</s>"):  # special tokens are not in the text
+            assert end == offset, (token, offset)
+        else:
+            assert choice.text[offset:end] == token, (token, offset)
+
+
+def test_legacy_top_logprobs_keep_tokens_that_decode_alike(tmp_path):
+    """Byte tokens of a byte-level BPE (each a piece of a character: '\\ufffd' alone) keep one key each, OpenAI's
+    `bytes:\\xNN` form, so `logprobs: 5` gives 5 alternatives."""
+    from fastapi.testclient import TestClient
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import make_adapter, save_model, tiny_llama
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(["abc"], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="a")
+    vocab = len(tokenizer)
+    base = save_model(tiny_llama(vocab_size=vocab, pad_token_id=None, bos_token_id=None), tmp_path / "base")
+    model = loramix.from_pretrained(base, {"a": make_adapter(base, tmp_path / "a")}, tokenizer=tokenizer)
+    alike = [i for i in range(vocab) if tokenizer.decode([i]) == "\ufffd"]  # the 128 bytes 0x80-0xff
+    with torch.no_grad():  # these tokens' logits, 100 times larger: the most likely ones are among them
+        model.model.get_output_embeddings().weight[alike] *= 100
+    body = {"model": "m", "prompt": "bc", "max_tokens": 1, "logprobs": 5, "temperature": 0}
+    with TestClient(create_app(model, model_id="m")) as http:
+        response = http.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    top = response.json()["choices"][0]["logprobs"]["top_logprobs"][0]
+    assert len(top) == 5, top
+    assert all(key.startswith("bytes:\\x") and len(key) == 10 for key in top), top

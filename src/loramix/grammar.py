@@ -138,6 +138,17 @@ def token_table(tokenizer: Any, vocab: int, eos: Sequence[int]) -> Any:
     return cached[key]
 
 
+def token_bytes(model: Any, token: int) -> bytes:
+    """The bytes token `token` of a LoraMixModel's tokenizer writes (a piece of a multi-byte character included),
+    from llguidance's view of the tokenizer (made once per tokenizer)."""
+    from .base import resolve_defaults
+
+    vocab = model.model.get_output_embeddings().weight.shape[0]
+    eos = resolve_defaults(model).eos_token_ids or [0]
+    table, _ = token_table(model.tokenizer, vocab, eos)
+    return bytes(table.decode_bytes([token]))
+
+
 def _missing_characters(schema: dict[str, Any], characters: set[str] | None) -> str:
     """The JSON punctuation (and digits) the schema needs that a token-by-token tokenizer has no token for. A
     byte-level or byte-fallback tokenizer (characters None) can write every byte."""

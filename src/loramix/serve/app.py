@@ -44,7 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..base import resolve_defaults, text_config
 from ..errors import ConfigError, LoramixError
-from ..grammar import ANY_OBJECT, OVER_BUDGET, Grammar, GrammarError
+from ..grammar import ANY_OBJECT, OVER_BUDGET, Grammar, GrammarError, token_bytes
 from ..sampling import SamplingSettings
 from ..text import render_chat
 from .engine import Engine, Job, QueueFull, TokenLogprob
@@ -365,20 +365,40 @@ def _piece(state: ServerState, token: int) -> str:
     return state.tokenizer.decode([token], skip_special_tokens=False)
 
 
-def _legacy_logprobs(state: ServerState, entries: list[TokenLogprob], start: int) -> dict[str, list[Any]]:
-    """OpenAI's legacy completions object; text_offset counts characters of the choice's text from `start`."""
+def _key(state: ServerState, token: int) -> str:
+    """A token as the legacy logprobs name it: its text, or, for a token that is part of a character (its text
+    alone is '\ufffd'), `bytes:` and its bytes escaped (as OpenAI writes them), so that no two tokens share a key."""
+    piece = _piece(state, token)
+    if "\ufffd" not in piece:
+        return piece
+    raw = token_bytes(state.model, token)
+    return "bytes:" + "".join(f"\\x{b:02x}" for b in raw) if raw else piece
+
+
+def _legacy_logprobs(
+    state: ServerState, entries: list[TokenLogprob], start: int, text: str | None = None
+) -> dict[str, list[Any]]:
+    """OpenAI's legacy completions object; text_offset counts characters of the choice's text from `start`. With
+    the choice's `text`, a special token that is not in it (the BOS a tokenizer adds, a generated pad) takes no
+    room: every offset points at its token in the text."""
     out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for e in entries:
-        piece = _piece(state, e.token)
-        out["tokens"].append(piece)
+        piece, key = _piece(state, e.token), _key(state, e.token)
+        out["tokens"].append(key)
         out["token_logprobs"].append(e.logprob)
         if e.logprob is None:
             out["top_logprobs"].append(None)
         else:  # the `logprobs` most likely tokens, and the chosen one
-            top = {_piece(state, t): lp for t, lp in e.top}
-            top.setdefault(piece, e.logprob)
+            top: dict[str, float] = {}
+            for t, lp in e.top:
+                name = _key(state, t)
+                top[name if name not in top else f"{name} (token {t})"] = lp  # distinct tokens, distinct keys
+            if e.token not in {t for t, _ in e.top}:
+                top[key if key not in top else f"{key} (token {e.token})"] = e.logprob
             out["top_logprobs"].append(top)
         out["text_offset"].append(start)
+        if text is not None and e.token in state.special_ids and not text.startswith(piece, start):
+            continue  # added by the tokenizer: not in the text
         start += len(piece)
     return out
 
@@ -513,8 +533,8 @@ async def _completions(state: ServerState, request: Request, body: CompletionReq
         logprobs = None
         if result is not None and result["logprobs"] is not None:
             entries = result["logprobs"]["prompt"] + result["logprobs"]["completion"]
-            logprobs = _legacy_logprobs(state, result["logprobs"]["prompt"], 0)
-            tail = _legacy_logprobs(state, result["logprobs"]["completion"], len(echo(index)))
+            logprobs = _legacy_logprobs(state, result["logprobs"]["prompt"], 0, text)
+            tail = _legacy_logprobs(state, result["logprobs"]["completion"], len(echo(index)), text)
             logprobs = {k: logprobs[k] + tail[k] for k in logprobs} if entries else tail
         reason = result["finish_reason"] if result is not None else None
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
