@@ -1024,7 +1024,7 @@ def eval_cmd(
     from .errors import CheckpointError
     from .evaluate import SYSTEMS, evaluate
     from .io import check_owned_files
-    from .parallel import finish, processes, same_on_every_process, threads_for_processes
+    from .parallel import agree, finish, processes, same_on_every_process, threads_for_processes
 
     unknown = sorted(set(systems or []) - set(SYSTEMS))
     if unknown:
@@ -1033,6 +1033,9 @@ def eval_cmd(
         )
     state = processes()
     threads_for_processes(state)
+    options = {"checkpoint": str(checkpoint), "--data": data, "--truncated": str(truncated), "--system": systems}
+    options |= {"--limit": limit, "--batch-size": batch_size, "--base": base, "--quantize": quantize}
+    agree(options, state)  # ranks with other options would mix their answers under one label
     if out is not None:  # before the run, not after it; by the process that writes, its verdict for all
         refused = None
         if state.is_main_process:
