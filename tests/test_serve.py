@@ -492,3 +492,34 @@ def test_legacy_top_logprobs_keep_tokens_that_decode_alike(tmp_path):
     top = response.json()["choices"][0]["logprobs"]["top_logprobs"][0]
     assert len(top) == 5, top
     assert all(key.startswith("bytes:\\x") and len(key) == 10 for key in top), top
+
+
+def test_limits_name_the_field_sent_and_empty_prompts_and_deep_bodies_are_refused(server, tmp_path):
+    """max_completion_tokens over the limit is named as such; an empty prompt string is a 400 even when the
+    tokenizer would add its BOS; a body nested past the limit says so before it is parsed; an API key that is not
+    printable ASCII is refused at start (clients send non-ASCII header bytes differently)."""
+    from typer.testing import CliRunner
+
+    from loramix.cli import app
+    from loramix.errors import ConfigError
+    from loramix.serve.app import MAX_BODY_DEPTH
+
+    def post(**body):
+        return httpx.post(server.url + "/v1/completions", json={"model": "tiny", **body}, timeout=60)
+
+    over = post(prompt="a", max_completion_tokens=10**9)
+    assert over.status_code == 400 and over.json()["error"]["param"] == "max_completion_tokens", over.text
+    assert over.json()["error"]["message"].startswith("max_completion_tokens=1000000000 is above")
+    for prompt, where in (("", "prompt"), (["a", ""], "prompt[1]")):
+        empty = post(prompt=prompt, max_tokens=2)
+        assert empty.status_code == 400 and empty.json()["error"]["message"] == f"{where}: the prompt is empty"
+    nested = "x"
+    for _ in range(MAX_BODY_DEPTH + 1):
+        nested = [nested]
+    deep = post(prompt="a", max_tokens=2, stop=nested)
+    assert deep.status_code == 400, deep.text
+    assert deep.json()["error"]["message"].startswith("the request body is nested too deeply: more than 200 levels")
+    with pytest.raises(ConfigError, match="printable ASCII"):
+        create_app(server.server.config.app.state.server.model, api_key="cl\u00e9")
+    result = CliRunner().invoke(app, ["serve", str(tmp_path), "--api-key", "cl\u00e9"])
+    assert result.exit_code == 2 and "printable ASCII" in result.output, result.output

@@ -276,3 +276,33 @@ def test_packed_masks_are_unpacked_on_the_device_as_numpy_unpacks_them():
     expected[[1, 3, 4]] += torch.from_numpy(np.where(bits == 1, 0.0, BLOCKED).astype(np.float32))
     assert torch.equal(out, expected)
     assert torch.equal(out[[0, 2]], scores[[0, 2]]) and out[1, 31] == scores[1, 31] and out[1, 0] < -1e29
+
+
+def test_schema_errors_say_what_is_wrong_and_the_limit(mix):
+    """A regex error keeps its detail, a schema nested too deeply names the limit, `{"$ref": "#"}` says it allows no
+    value, and a schema past the engine's limits (5,000 optional properties) says so instead of blaming the
+    tokenizer."""
+    from loramix.grammar import MAX_SCHEMA_DEPTH, GrammarRow
+
+    def refused(schema) -> str:
+        with pytest.raises(GrammarError) as info:
+            Grammar.json(mix.tokenizer, schema, vocab=VOCAB, eos=[2])
+        return str(info.value)
+
+    regex = {"type": "object", "properties": {"a": {"type": "string", "pattern": "a(b"}}}
+    assert "regex parse error: a(b ^ error: unclosed group" in refused(regex)
+    deep: dict = {"type": "string"}
+    for _ in range(MAX_SCHEMA_DEPTH):
+        deep = {"type": "array", "items": deep}
+    assert refused(deep) == f"the JSON schema is nested too deeply: more than {MAX_SCHEMA_DEPTH} levels"
+    assert refused({"$ref": "#"}).startswith("the JSON schema allows no value that can be written out")
+    many = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(5000)}}
+    row = GrammarRow(Grammar.json(mix.tokenizer, many, vocab=VOCAB, eos=[2]))
+    try:
+        assert row.mask() is not None  # '{'
+        row.advance(mix.tokenizer.convert_tokens_to_ids("{"))
+        assert row.mask() is None
+        assert row.failure.startswith("the JSON schema exceeds the grammar engine's limits (Parser Error: ")
+        assert "max is 2000" in row.failure
+    finally:
+        row.close()

@@ -720,6 +720,12 @@ def serve(
             "the API key is empty, which would turn authentication off; give a key or leave both unset",
             param_hint="--api-key / LORAMIX_API_KEY",
         )
+    if api_key is not None and not (api_key.isascii() and api_key.isprintable()):
+        raise typer.BadParameter(
+            "the API key has characters other than printable ASCII, which HTTP clients do not send alike in a "
+            "header: use letters, digits and punctuation (e.g. `openssl rand -hex 32`)",
+            param_hint="--api-key / LORAMIX_API_KEY",
+        )
     if api_key is None and not _is_loopback(host):
         err_console.print(
             f"[yellow]warning:[/yellow] serving on {host} without an API key: anyone who can reach this host can use "

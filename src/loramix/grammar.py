@@ -188,6 +188,8 @@ class Grammar:
             )
         llg = _llguidance()
         schema = schema_of(schema)
+        if _depth(schema) > MAX_SCHEMA_DEPTH:
+            raise GrammarError(f"the JSON schema is nested too deeply: more than {MAX_SCHEMA_DEPTH} levels")
         table, characters = token_table(tokenizer, vocab, eos)
         missing = _missing_characters(schema, characters)
         if missing:
@@ -202,7 +204,11 @@ class Grammar:
         matcher = llg.LLMatcher(table, text, log_level=0)
         if matcher.is_error():
             raise GrammarError(f"the JSON schema cannot be compiled: {_first_line(matcher.get_error())}")
-        return cls(schema, vocab, tuple(eos), matcher)
+        grammar = cls(schema, vocab, tuple(eos), matcher)
+        grammar.warm()  # a schema that allows nothing shows it at its first mask
+        if matcher.is_error():
+            raise GrammarError(dead_message(matcher) or "the JSON schema cannot be compiled")
+        return grammar
 
     @classmethod
     def for_model(cls, model: Any, schema: Any = None, *, tokenizer: Any = None) -> Grammar:
@@ -234,7 +240,44 @@ class Grammar:
 
 
 def _first_line(message: str) -> str:
-    return message.strip().splitlines()[0] if message.strip() else "unknown error"
+    """llguidance's error without its parser-state dump, on one line (a regex error's detail is on the next lines)."""
+    text = " ".join(message.split("<state>")[0].split())
+    if not text:
+        return "unknown error"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+MAX_SCHEMA_DEPTH = 100
+"""The deepest nesting of a JSON schema document accepted (llguidance's reader stops at about 128 levels)."""
+
+
+def _depth(value: Any) -> int:
+    """How deeply a JSON value nests (objects and arrays), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        if level > MAX_SCHEMA_DEPTH:
+            break
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def dead_message(matcher: Any) -> str | None:
+    """Why a matcher can go no further, said for the one who wrote the schema (None: it can). A schema that allows
+    no value, or that passes the grammar engine's limits, is named as such; anything else is a token that does not
+    fit what the grammar needs next."""
+    if not matcher.is_error():
+        return None
+    text, reason = _first_line(matcher.get_error()), str(matcher.stop_reason())
+    if "NoExtension" in reason or text.startswith("NoExtension"):
+        return 'the JSON schema allows no value that can be written out (a "$ref" to itself and nothing else?)'
+    if "TooComplex" in reason or "; max is " in text:
+        return f"the JSON schema exceeds the grammar engine's limits ({text}): simplify it"
+    return f"the grammar cannot go on with this tokenizer ({text})"
 
 
 BLOCKED = -1e30
@@ -316,7 +359,7 @@ class GrammarRow:
         matcher = self.matcher
         if matcher.is_stopped() or matcher.consume_token(token):
             return None
-        return f"the grammar cannot go on with this tokenizer ({why_dead(matcher) or f'token {token} does not fit'})"
+        return dead_message(matcher) or f"the grammar cannot go on with this tokenizer (token {token} does not fit)"
 
     def _wait(self, future: Any) -> Any:
         """The future's result, or None once the row has failed or its budget runs out while waiting."""
@@ -341,7 +384,7 @@ class GrammarRow:
         bitmask = self._wait(self._next)
         if bitmask is None:
             return None
-        why = why_dead(self.matcher)
+        why = dead_message(self.matcher)
         if why is None and not bool(bitmask.any()):
             why = "the tokenizer cannot write what the grammar needs next"
         if why is not None:

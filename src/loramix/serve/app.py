@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import re
 import secrets
 import threading
 import time
@@ -52,10 +53,12 @@ from .metrics import Metrics
 from .schemas import MAX_CHOICES, ChatRequest, CompletionRequest
 from .tools import ToolError, ToolPlan, call_id, chat_messages, plan_tools, template_reads_tools, tool_calls
 
-__all__ = ["ApiError", "ServerState", "create_app"]
+__all__ = ["ApiError", "ServerState", "check_api_key", "create_app"]
 
 RETRY_AFTER_S = 1
 """What a 503 (queue full) tells the client to wait, in seconds."""
+MAX_BODY_DEPTH = 200
+"""The deepest nesting of arrays and objects a request body may have (a 400 beyond, before it is parsed)."""
 GRAMMAR_BUDGET_S = 1.0
 """The default time a request's grammar may cost (compile and first mask; then the decoder's waits for its masks)."""
 OPEN_PATHS = ("/health", "/metrics")
@@ -174,6 +177,7 @@ def _check_ids(state: ServerState, ids: list[int]) -> list[int]:
 
 def _job(state: ServerState, body: CompletionRequest | ChatRequest, ids: list[int], **extra: Any) -> Job:
     """The job of one choice (emit, group and index are set by `_submit`)."""
+    asked = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"  # the field given
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = state.default_max_tokens if max_tokens is None else max_tokens
     if len(ids) == 0:
@@ -188,15 +192,15 @@ def _job(state: ServerState, body: CompletionRequest | ChatRequest, ids: list[in
     if max_tokens > state.max_tokens_limit:
         raise ApiError(
             400,
-            f"max_tokens={max_tokens} is above this server's limit of {state.max_tokens_limit}",
-            param="max_tokens",
+            f"{asked}={max_tokens} is above this server's limit of {state.max_tokens_limit}",
+            param=asked,
         )
     if state.context is not None and len(ids) + max_tokens > state.context:
         raise ApiError(
             400,
-            f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's context "
+            f"prompt ({len(ids)} tokens) + {asked} ({max_tokens}) exceeds the model's context "
             f"of {state.context} tokens",
-            param="max_tokens",
+            param=asked,
             code="context_length_exceeded",
         )
     if body.loramix.mode == "truncated" and state.model.config.scaling_layer is None:
@@ -517,6 +521,10 @@ def _stream(reply: _Reply, sink: asyncio.Queue, body: Any, opening: ChoiceOf, pi
 async def _completions(state: ServerState, request: Request, body: CompletionRequest) -> Any:
     items = body.prompts
     _check_fields(state, body, len(items) * body.n)
+    for i, p in enumerate(items):  # before the tokenizer adds its BOS to it
+        if isinstance(p, str) and not p:
+            where = "prompt" if isinstance(body.prompt, str) else f"prompt[{i}]"
+            raise ApiError(400, f"{where}: the prompt is empty", param="prompt")
     prompts = [_encode(state, p, "prompt") if isinstance(p, str) else _check_ids(state, p) for p in items]
     texts = [p if isinstance(p, str) else state.tokenizer.decode(ids) for p, ids in zip(items, prompts)]
     for ids in prompts:  # the prompts' checks before the grammar's compile
@@ -642,6 +650,30 @@ def _chat_deltas(calls: ToolPlan | None, n: int) -> tuple[ChoiceOf, ChoiceOf, Ch
 # ---------------------------------------------------------------------- the ASGI guard: auth, body size and time
 
 
+_JSON_MARKS = re.compile(rb'\\.|["\[\]{}]')
+
+
+def json_depth(body: bytes, stop: int | None = None) -> int:
+    """How deeply a JSON text nests arrays and objects (brackets inside strings do not count), read without parsing
+    it (a parser would recurse); scanning stops past `stop`."""
+    depth = deepest = 0
+    in_string = False
+    for mark in _JSON_MARKS.finditer(body):
+        token = mark.group()
+        if token == b'"':
+            in_string = not in_string
+        elif in_string or len(token) == 2:  # inside a string, or an escape
+            continue
+        elif token in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+            if stop is not None and deepest > stop:
+                break
+        else:
+            depth -= 1
+    return deepest
+
+
 class _Guard:
     """Pure ASGI middleware, before any parsing: the API key (401), then the body: a Content-Length above
     `max_body` bytes is refused without reading (413), and the body is read here with a cap (413 as soon as it
@@ -700,6 +732,10 @@ class _Guard:
             if not message.get("more_body", False):
                 break
         body, replayed = b"".join(chunks), False
+        if json_depth(body, MAX_BODY_DEPTH) > MAX_BODY_DEPTH:
+            message = f"the request body is nested too deeply: more than {MAX_BODY_DEPTH} levels of arrays and objects"
+            await ApiError(400, message).response()(scope, receive, send)
+            return
 
         async def replay() -> dict[str, Any]:
             nonlocal replayed
@@ -718,6 +754,22 @@ class _Guard:
 
 
 # ---------------------------------------------------------------------- the app
+
+
+def check_api_key(api_key: str | None, name: str = "api_key") -> None:
+    """An API key must be non-empty (empty would turn authentication off) and printable ASCII: HTTP clients send
+    header values as ASCII or latin-1, so a key with other characters would match for some clients only."""
+    if api_key is None:
+        return
+    if not api_key.strip():
+        raise ConfigError(
+            f"{name} is empty, which would turn authentication off; give a non-empty key, or none to serve without one"
+        )
+    if not (api_key.isascii() and api_key.isprintable()):
+        raise ConfigError(
+            f"{name} has characters other than printable ASCII, which HTTP clients do not send alike in a header: "
+            "use letters, digits and punctuation (e.g. `openssl rand -hex 32`)"
+        )
 
 
 def create_app(
@@ -745,10 +797,7 @@ def create_app(
     `grammar_budget` seconds in all (None: no limit); past it that request alone fails, 400 naming the field."""
     if model.tokenizer is None:
         raise LoramixError("serving needs a tokenizer: the checkpoint has none and its base provides none")
-    if api_key is not None and not api_key.strip():
-        raise ConfigError(
-            "api_key is empty, which would turn authentication off; give a non-empty key, or none to serve without one"
-        )
+    check_api_key(api_key)
     tokenizer = model.tokenizer
     context = resolve_defaults(model).context
     prompt_limit = max_prompt_tokens or (context - 1 if context else 4096)

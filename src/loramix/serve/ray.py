@@ -102,6 +102,10 @@ class ReplicaConfig:
             raise ConfigError(f"threads={self.threads}: each replica needs at least one torch thread")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("api_key is empty, which would turn authentication off; give a key or none")
+        if self.api_key is not None:
+            from .app import check_api_key
+
+            check_api_key(self.api_key)  # printable ASCII
         if self.model_id is None:
             self.model_id = Path(self.checkpoint).name or APP_NAME
 
@@ -425,9 +429,9 @@ def run(
     host:port, call `on_ready()`, and serve until `stop` is set (SIGTERM sets it too, when called from the main
     thread; or KeyboardInterrupt). A local instance refuses a host:port already in use before Ray starts. On the way
     out the application is deleted first (its replicas finish the requests in flight, up to Ray Serve's
-    graceful_shutdown_timeout_s, 20 s), then a cluster started here is shut down. Replicas a local instance cannot hold are
-    an error; on a cluster at `address` (which an autoscaler may grow) they are a warning (`warn(message)`), and the
-    replicas get `start_timeout` seconds to start."""
+    graceful_shutdown_timeout_s, 20 s), then a cluster started here is shut down. Replicas a local instance cannot
+    hold are an error; on a cluster at `address` (which an autoscaler may grow) they are a warning
+    (`warn(message)`), and the replicas get `start_timeout` seconds to start."""
     ray, serve = require_ray()
     if address is not None:
         _probe(address)
