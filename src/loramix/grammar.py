@@ -178,8 +178,9 @@ class Grammar:
     @classmethod
     def json(cls, tokenizer: Any, schema: Any = None, *, vocab: int, eos: Sequence[int]) -> Grammar:
         """`schema` (module docstring) for `tokenizer`, over `vocab` logits, ending with one of the `eos` ids.
-        Raises `GrammarError` when the schema is not valid, or when the tokenizer has no token for JSON punctuation
-        the schema needs."""
+        Raises `GrammarError` when the schema is not valid, nested more than MAX_SCHEMA_DEPTH levels, allows no value
+        (its first mask is computed here, once for every row), or needs JSON punctuation the tokenizer has no token
+        for."""
         if tokenizer is None:
             raise GrammarError("structured output needs a tokenizer: load a checkpoint that has one, or pass one")
         if not eos:

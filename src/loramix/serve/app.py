@@ -248,11 +248,9 @@ async def _grammar(
 
 
 def _warm(model: Any, schema: Any, budget: float | None) -> Grammar:
-    """The grammar compiled, with its first mask computed (the costly part of a hard schema), and the budget the
-    decoder grants its masks (on a thread of its own: llguidance drops the GIL, the decoder never waits on it)."""
-    grammar = dataclasses.replace(Grammar.for_model(model, schema), budget=budget)
-    grammar.warm()
-    return grammar
+    """The grammar compiled with its first mask (`Grammar.json` computes it: the costly part of a hard schema), and
+    the budget the decoder grants its masks."""
+    return dataclasses.replace(Grammar.for_model(model, schema), budget=budget)
 
 
 async def _compile(model: Any, schema: Any, budget: float | None) -> Grammar:
@@ -268,7 +266,8 @@ async def _compile(model: Any, schema: Any, budget: float | None) -> Grammar:
             result: Any = _warm(model, schema, budget)
         except BaseException as exc:  # handed to the request
             result = exc
-        loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server stopped, nobody waits for it
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
 
     threading.Thread(target=work, name="loramix-grammar-compile", daemon=True).start()
     try:
