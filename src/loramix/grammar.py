@@ -332,9 +332,10 @@ def why_dead(matcher: Any) -> str | None:
 
 
 class GrammarRow:
-    """One constrained row's grammar state, advanced off the decoding thread: a worker thread of the row's own feeds
-    the matcher each chosen token and computes its next packed mask (llguidance drops the GIL), so the mask of step
-    t + 1 is computed while the model runs step t + 1's forward. The decoding thread waits for a row's work only when
+    """One constrained row's grammar state, its masks computed off the decoding thread: the chosen token is fed to the
+    matcher (microseconds), then a worker thread of the row's own computes the next packed mask (llguidance drops the
+    GIL, and the mask is the costly part: seconds, for a hard schema), so the mask of step t + 1 is computed while
+    the model runs step t + 1's forward. The decoding thread waits for a row's work only when
     it needs it (`mask`, `advance`), and at most `grammar.budget` seconds over the whole request (None: no limit);
     past it the row fails (`failure`) and its late work is left to finish on its own thread, never waited for again.
 
@@ -356,7 +357,7 @@ class GrammarRow:
         fill_mask(self.matcher, bitmask)
         return bitmask[0]
 
-    def _consume(self, token: int) -> str | None:  # on the row's worker thread
+    def _consume(self, token: int) -> str | None:  # on the decoding thread, the worker idle
         matcher = self.matcher
         if matcher.is_stopped() or matcher.consume_token(token):
             return None
@@ -394,15 +395,19 @@ class GrammarRow:
         return bitmask
 
     def advance(self, token: int) -> None:
-        """Feed the chosen token (waits until the worker has: a token that does not fit fails the row at once), then
-        start computing the next mask on the worker."""
+        """Feed the chosen token (here: it takes microseconds, and the worker is idle once `mask` has returned; a
+        token that does not fit fails the row at once), then start computing the next mask on the worker."""
         if self.failure is not None:
             return
-        why = self._wait(self._pool.submit(self._consume, token))
-        if self.failure is None and why is not None:
+        if not self._next.done():  # not after `mask` (the sampler always asks for it first): wait for the worker
+            self._wait(self._next)
+            if self.failure is not None:
+                return
+        why = self._consume(token)
+        if why is not None:
             self.failure = why
-        if self.failure is None:
-            self._next = self._pool.submit(self._compute)
+            return
+        self._next = self._pool.submit(self._compute)
 
     def close(self) -> None:
         """The row left: pending work is dropped; work already running finishes on its thread, unread."""
