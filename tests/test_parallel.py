@@ -131,3 +131,22 @@ def test_accelerate_launch_cpu_says_it_started_one_process(tmp_path):
     assert done.returncode == 1
     assert "accelerate launch --cpu started one process" in done.stderr, done.stderr[-3000:]
     assert "torchrun --nproc_per_node N" in done.stderr
+
+
+def test_eval_processes_with_different_options_refuse_together(records, tmp_path):
+    """Rank 1 gets another --system than rank 0: every process stops with the same one-line error naming the
+    option (their answers would be mixed under one label), and no results are written."""
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        "import os, sys\n"
+        "from loramix.cli import main\n"
+        "system = 'granular' if os.environ['RANK'] == '1' else 'base'\n"
+        "sys.argv = ['loramix', *sys.argv[1:], '--system', system]\n"
+        "main()\n"
+    )
+    done = _launch(2, str(script), *_eval_args(records, tmp_path / "out")[2:])
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2, done.stderr[-3000:]
+    assert all(e.startswith("error: --system: process 1 has ['granular'], the main process ['base']") for e in errors)
+    assert not (tmp_path / "out" / "results.json").exists()

@@ -295,3 +295,58 @@ def test_build_reads_a_serve_run_config(checkpoint):
     assert batch16.max_ongoing_requests == 16
     assert deployment.ray_actor_options["num_cpus"] == 0.5
     assert json.dumps(deployment.init_args[0].checkpoint) == json.dumps(str(checkpoint))
+
+
+@pytest.mark.parametrize("reuse_port", [False, True], ids=["one-process-server", "another-ray-proxy"])
+def test_a_port_in_use_is_one_line_before_ray_starts(checkpoint, reuse_port):
+    """A port held by a one-process server (a plain listener), or by another `serve --replicas` (Ray's proxy
+    listens with SO_REUSEPORT, which would let a second one share the port silently): one line, exit 1."""
+    pytest.importorskip("ray.serve")
+    with socket.socket() as held:
+        if reuse_port:
+            held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        line = _serve_fails(checkpoint, "--replicas", "1", "--port", str(port))
+    assert line.startswith(f"error: --port {port}: 127.0.0.1:{port} is already in use"), line
+
+
+@pytest.mark.ray_slow
+def test_sigterm_drains_the_requests_in_flight_and_exits_0_leaving_no_process(tmp_path):
+    """SIGTERM (what systemd, Docker and Kubernetes send) of `serve --replicas`: the request in flight is answered,
+    Ray shuts down, the command exits 0, and none of the processes it started is left."""
+    pytest.importorskip("ray.serve")
+    import psutil
+
+    from conftest import char_tokenizer, make_adapter, save_model, tiny_llama
+
+    base = save_model(tiny_llama(seed=5, max_position_embeddings=4096), tmp_path / "base")
+    mix = loramix.from_pretrained(base, {"a": make_adapter(base, tmp_path / "a", seed=1)}, tokenizer=char_tokenizer())
+    checkpoint = mix.save(tmp_path / "long")
+    port = _free_port()
+    command = [sys.executable, "-m", "loramix", "serve", str(checkpoint), "--replicas", "1", "--port", str(port)]
+    proc = subprocess.Popen(
+        [*command, "--max-tokens", "3000"], stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"}
+    )
+    try:
+        for line in proc.stderr:
+            if line.startswith("serving"):
+                break
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert started, "Ray started no process"
+        body = {"model": "long", "prompt": "GRAVY", "max_tokens": 2000, "temperature": 0, "logit_bias": {"2": -100}}
+        with ThreadPoolExecutor(1) as pool:
+            long = pool.submit(httpx.post, f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120)
+            time.sleep(1.0)  # the request is in the replica's batch (2000 tokens take the tiny model seconds)
+            assert not long.done()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(120) == 0, proc.stderr.read()[-3000:]
+            answer = long.result()
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 2000, answer.text
+        time.sleep(1.0)
+        left = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not left, [p.name() for p in left]
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -418,3 +418,108 @@ def test_completion_fields_it_cannot_honour_are_refused(server, body, message):
     r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "x", **body})
     assert r.status_code == 400, r.text
     assert message in r.json()["error"]["message"], r.json()
+
+
+def test_chat_on_the_shipped_demo_checkpoint_without_a_chat_template():
+    """The demo's character-level tokenizer has no newline: the plain chat fallback separates its lines with a space
+    (what the tokenizer can write), so a chat request is answered; a tokenizer that cannot write the fallback's
+    characters is told what is missing (not blamed on the client's messages)."""
+    from fastapi.testclient import TestClient
+
+    from loramix.demo.run import weights_dir
+    from loramix.errors import ConfigError
+    from loramix.text import render_chat
+
+    model = loramix.load(weights_dir() / "checkpoint")
+    assert not getattr(model.tokenizer, "chat_template", None)
+    messages = [{"role": "system", "content": "Be short."}, {"role": "user", "content": "Mass of GRAVY?"}]
+    assert render_chat(model.tokenizer, messages) == "system: Be short. user: Mass of GRAVY? assistant:"
+    with TestClient(create_app(model, model_id="demo")) as client:
+        body = {"model": "demo", "messages": messages, "max_tokens": 4}
+        response = client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        text = "system: Be short. user: Mass of GRAVY? assistant:"
+        assert response.json()["usage"]["prompt_tokens"] == len(model.tokenizer(text).input_ids)
+    with pytest.raises(ConfigError, match=r"cannot write ':'.*plain chat format"):
+        render_chat(char_tokenizer(without=":"), messages)
+    assert render_chat(char_tokenizer(), messages[1:]) == "user: Mass of GRAVY?\nassistant:"
+
+
+def test_echoed_prompt_offsets_point_at_their_tokens_past_the_added_bos(client, mix):
+    """The tokenizer adds <s>, which is not in the echoed text: it takes no room, and every offset points at its
+    token in the returned text."""
+    prompt = "GRAVY of ACDK"
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0, logprobs=1, echo=True)
+    choice = out.choices[0]
+    lp = choice.logprobs
+    assert choice.text.startswith(prompt) and lp.tokens[0] == "<s>" and lp.text_offset[:2] == [0, 0]
+    assert lp.text_offset == sorted(lp.text_offset)
+    ends = [*lp.text_offset[1:], len(choice.text)]
+    for token, offset, end in zip(lp.tokens, lp.text_offset, ends):
+        if token in ("<s>", "<pad>", "</s>"):  # special tokens are not in the text
+            assert end == offset, (token, offset)
+        else:
+            assert choice.text[offset:end] == token, (token, offset)
+
+
+def test_legacy_top_logprobs_keep_tokens_that_decode_alike(tmp_path):
+    """Byte tokens of a byte-level BPE (each a piece of a character: '\\ufffd' alone) keep one key each, OpenAI's
+    `bytes:\\xNN` form, so `logprobs: 5` gives 5 alternatives."""
+    from fastapi.testclient import TestClient
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import make_adapter, save_model, tiny_llama
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(["abc"], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="a")
+    vocab = len(tokenizer)
+    base = save_model(tiny_llama(vocab_size=vocab, pad_token_id=None, bos_token_id=None), tmp_path / "base")
+    model = loramix.from_pretrained(base, {"a": make_adapter(base, tmp_path / "a")}, tokenizer=tokenizer)
+    alike = [i for i in range(vocab) if tokenizer.decode([i]) == "\ufffd"]  # the 128 bytes 0x80-0xff
+    with torch.no_grad():  # these tokens' logits, 100 times larger: the most likely ones are among them
+        model.model.get_output_embeddings().weight[alike] *= 100
+    body = {"model": "m", "prompt": "bc", "max_tokens": 1, "logprobs": 5, "temperature": 0}
+    with TestClient(create_app(model, model_id="m")) as http:
+        response = http.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    top = response.json()["choices"][0]["logprobs"]["top_logprobs"][0]
+    assert len(top) == 5, top
+    assert all(key.startswith("bytes:\\x") and len(key) == 10 for key in top), top
+
+
+def test_limits_name_the_field_sent_and_empty_prompts_and_deep_bodies_are_refused(server, tmp_path):
+    """max_completion_tokens over the limit is named as such; an empty prompt string is a 400 even when the
+    tokenizer would add its BOS; a body nested past the limit says so before it is parsed; an API key that is not
+    printable ASCII is refused at start (clients send non-ASCII header bytes differently)."""
+    from typer.testing import CliRunner
+
+    from loramix.cli import app
+    from loramix.errors import ConfigError
+    from loramix.serve.app import MAX_BODY_DEPTH
+
+    def post(**body):
+        return httpx.post(server.url + "/v1/completions", json={"model": "tiny", **body}, timeout=60)
+
+    over = post(prompt="a", max_completion_tokens=10**9)
+    assert over.status_code == 400 and over.json()["error"]["param"] == "max_completion_tokens", over.text
+    assert over.json()["error"]["message"].startswith("max_completion_tokens=1000000000 is above")
+    for prompt, where in (("", "prompt"), (["a", ""], "prompt[1]")):
+        empty = post(prompt=prompt, max_tokens=2)
+        assert empty.status_code == 400 and empty.json()["error"]["message"] == f"{where}: the prompt is empty"
+    nested = "x"
+    for _ in range(MAX_BODY_DEPTH + 1):
+        nested = [nested]
+    deep = post(prompt="a", max_tokens=2, stop=nested)
+    assert deep.status_code == 400, deep.text
+    assert deep.json()["error"]["message"].startswith("the request body is nested too deeply: more than 200 levels")
+    with pytest.raises(ConfigError, match="printable ASCII"):
+        create_app(server.server.config.app.state.server.model, api_key="cl\u00e9")
+    result = CliRunner().invoke(app, ["serve", str(tmp_path), "--api-key", "cl\u00e9"])
+    assert result.exit_code == 2 and "printable ASCII" in result.output, result.output

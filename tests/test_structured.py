@@ -257,3 +257,52 @@ def test_a_byte_level_bpe_tokenizer_smollm2s(tmp_path):
     assert out.finish_reasons == ["stop", "stop"]
     for row, n in zip(out.new_tokens.tolist(), out.lengths):
         _valid(tokenizer.decode(row[: n - 1]), schema)
+
+
+def test_packed_masks_are_unpacked_on_the_device_as_numpy_unpacks_them():
+    """The grammar's packed masks (int32 words, token 32w + b at bit b of word w) become the same -inf-in-effect bias
+    as numpy's little-endian unpackbits gives: sign bits, a vocabulary that is not a multiple of 32, unmasked rows."""
+    import numpy as np
+
+    from loramix.grammar import BLOCKED, apply_masks
+
+    vocab, g = 70, torch.Generator().manual_seed(0)
+    packed = torch.randint(-(2**31), 2**31 - 1, (3, 3), dtype=torch.int32, generator=g)
+    packed[0, 0] = -(2**31)  # only token 31 of the first word
+    scores = torch.randn(5, vocab, generator=g)
+    out = apply_masks(scores, [1, 3, 4], list(packed), vocab)
+    bits = np.unpackbits(packed.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+    expected = scores.clone()
+    expected[[1, 3, 4]] += torch.from_numpy(np.where(bits == 1, 0.0, BLOCKED).astype(np.float32))
+    assert torch.equal(out, expected)
+    assert torch.equal(out[[0, 2]], scores[[0, 2]]) and out[1, 31] == scores[1, 31] and out[1, 0] < -1e29
+
+
+def test_schema_errors_say_what_is_wrong_and_the_limit(mix):
+    """A regex error keeps its detail, a schema nested too deeply names the limit, `{"$ref": "#"}` says it allows no
+    value, and a schema past the engine's limits (5,000 optional properties) says so instead of blaming the
+    tokenizer."""
+    from loramix.grammar import MAX_SCHEMA_DEPTH, GrammarRow
+
+    def refused(schema) -> str:
+        with pytest.raises(GrammarError) as info:
+            Grammar.json(mix.tokenizer, schema, vocab=VOCAB, eos=[2])
+        return str(info.value)
+
+    regex = {"type": "object", "properties": {"a": {"type": "string", "pattern": "a(b"}}}
+    assert "regex parse error: a(b ^ error: unclosed group" in refused(regex)
+    deep: dict = {"type": "string"}
+    for _ in range(MAX_SCHEMA_DEPTH):
+        deep = {"type": "array", "items": deep}
+    assert refused(deep) == f"the JSON schema is nested too deeply: more than {MAX_SCHEMA_DEPTH} levels"
+    assert refused({"$ref": "#"}).startswith("the JSON schema allows no value that can be written out")
+    many = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(5000)}}
+    row = GrammarRow(Grammar.json(mix.tokenizer, many, vocab=VOCAB, eos=[2]))
+    try:
+        assert row.mask() is not None  # '{'
+        row.advance(mix.tokenizer.convert_tokens_to_ids("{"))
+        assert row.mask() is None
+        assert row.failure.startswith("the JSON schema exceeds the grammar engine's limits (Parser Error: ")
+        assert "max is 2000" in row.failure
+    finally:
+        row.close()

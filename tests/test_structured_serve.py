@@ -304,3 +304,56 @@ def test_a_grammar_that_gets_stuck_fails_its_request_alone(dirs):
         assert free.result["type"] == "done"
     finally:
         engine.close()
+
+
+def _bomb(properties: int) -> dict:
+    """A small schema whose masks take llguidance a long time: about 0.15 s per property per token on a CPU core."""
+    names = [f"p{i}" for i in range(properties)]
+    pattern = {"type": "string", "pattern": "^a{100000}$"}
+    return {"type": "object", "properties": {n: pattern for n in names}, "required": names}
+
+
+def test_a_grammar_over_its_budget_fails_alone(dirs):
+    """The decoder waits for a row's masks (computed on the row's own thread) at most the grammar's budget over the
+    request: past it that request alone ends, 400 naming response_format, and its neighbour ends normally."""
+    import dataclasses
+
+    from loramix.grammar import Grammar
+    from loramix.serve.engine import Engine, Job
+    from test_serve_load import Sink
+
+    model = loramix.from_pretrained(*dirs, MixConfig(), tokenizer=char_tokenizer(last="~"))
+    grammar = dataclasses.replace(Grammar.json(model.tokenizer, _bomb(1), vocab=VOCAB, eos=[2]), budget=0.01)
+    engine = Engine(model, max_batch=2)
+    try:
+        slow, free = Sink(), Sink()
+        engine.submit_group([Job(ids=[1, 40, 41], max_tokens=20, emit=slow, grammar=grammar)])
+        engine.submit_group([Job(ids=[1, 40, 41], max_tokens=2, emit=free)])
+        assert slow.result.get("status") == 400 and slow.result["param"] == "response_format", slow.messages
+        assert "longer than this server's 0.01 s budget" in slow.result["message"]
+        assert free.result["type"] == "done" and free.result["completion_tokens"] == 2
+    finally:
+        engine.close()
+
+
+def test_the_grammar_compiles_off_the_loop_within_its_budget_and_after_the_prompt_checks(server):
+    """A schema whose first mask costs more than the server's grammar budget is refused before it takes a row (400
+    naming response_format) while a plain request is served; a prompt too long is refused before any compile."""
+    state = server.server.config.app.state.server
+    fmt = {"type": "json_schema", "json_schema": {"name": "bomb", "schema": _bomb(2)}}
+    state.grammar_budget = 0.05
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            slow = pool.submit(_post, server, "/v1/completions", prompt="x", response_format=fmt, max_tokens=4)
+            plain = pool.submit(_post, server, "/v1/completions", prompt="x", max_tokens=2)
+            refused, served = slow.result(), plain.result()
+    finally:
+        state.grammar_budget = 1.0
+    assert served.status_code == 200, served.text
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["param"] == "response_format" and "budget" in error["message"], error
+    # a schema that cannot compile with a prompt that is too long: the prompt is what is refused
+    bad = {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "nonsense"}}}
+    too_long = _post(server, "/v1/completions", prompt="x" * 3000, response_format=bad, max_tokens=4)
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "prompt", too_long.text

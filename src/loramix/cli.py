@@ -695,6 +695,13 @@ def serve(
         10.0, "--header-timeout", min=0.001, help="Seconds to send a request head (not with --replicas)."
     ),
     body_timeout: float = typer.Option(30.0, "--body-timeout", min=0.001, help="Seconds a body may stall (408)."),
+    grammar_budget: float = typer.Option(
+        1.0,
+        "--grammar-budget",
+        min=0.001,
+        help="Seconds a structured-output request's grammar may cost in all (compile, then the waits for its token "
+        "masks); beyond it that request alone gets a 400 naming response_format.",
+    ),
     keep_alive_timeout: float = typer.Option(5.0, "--keep-alive-timeout", min=0.001, help="Idle keep-alive seconds."),
     device: str | None = typer.Option(None, help="e.g. cpu, cuda."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16."),
@@ -746,6 +753,12 @@ def serve(
             "the API key is empty, which would turn authentication off; give a key or leave both unset",
             param_hint="--api-key / LORAMIX_API_KEY",
         )
+    if api_key is not None and not (api_key.isascii() and api_key.isprintable()):
+        raise typer.BadParameter(
+            "the API key has characters other than printable ASCII, which HTTP clients do not send alike in a "
+            "header: use letters, digits and punctuation (e.g. `openssl rand -hex 32`)",
+            param_hint="--api-key / LORAMIX_API_KEY",
+        )
     if api_key is None and not _is_loopback(host):
         err_console.print(
             f"[yellow]warning:[/yellow] serving on {host} without an API key: anyone who can reach this host can use "
@@ -774,6 +787,7 @@ def serve(
         max_body=max_body,
         request_timeout=request_timeout,
         body_timeout=body_timeout,
+        grammar_budget=grammar_budget,
     )
     ray_flags = {
         "--address": address is not None,
@@ -1062,7 +1076,7 @@ def eval_cmd(
     from .errors import CheckpointError
     from .evaluate import SYSTEMS, evaluate
     from .io import check_owned_files
-    from .parallel import finish, processes, same_on_every_process, threads_for_processes
+    from .parallel import agree, finish, processes, same_on_every_process, threads_for_processes
 
     unknown = sorted(set(systems or []) - set(SYSTEMS))
     if unknown:
@@ -1071,6 +1085,9 @@ def eval_cmd(
         )
     state = processes()
     threads_for_processes(state)
+    options = {"checkpoint": str(checkpoint), "--data": data, "--truncated": str(truncated), "--system": systems}
+    options |= {"--limit": limit, "--batch-size": batch_size, "--base": base, "--quantize": quantize}
+    agree(options, state)  # ranks with other options would mix their answers under one label
     if out is not None:  # before the run, not after it; by the process that writes, its verdict for all
         refused = None
         if state.is_main_process:

@@ -5,11 +5,16 @@
                                                   made (a `GrammarError` names what is wrong)
     Grammar.for_model(model, schema)              the same for a LoraMixModel's tokenizer, logits and EOS ids
     grammar.matcher()                             a fresh matcher for one row (the grammar's state)
+    GrammarRow(grammar)                           one row's grammar, advanced on a worker thread of its own
+    apply_masks(scores, rows, masks, vocab)       packed masks ([V / 32] int32 each) applied on the scores' device
     allowed_tokens(matchers, vocab)               [n, V] uint8: the tokens each matcher allows next
 
-The decoder's sampler (sampling.py) holds one matcher per constrained row: before choosing it sets the tokens a
+The decoder's sampler (sampling.py) holds one `GrammarRow` per constrained row: before choosing it sets the tokens a
 row's grammar forbids to -inf (greedy and sampled rows alike), after choosing it feeds the chosen token to the
-matcher. Rows without a grammar pay nothing, and a batch without one runs exactly as before. When the grammar is
+matcher. The matcher works on the row's own thread (llguidance drops the GIL): the next mask is computed while the
+model runs the next forward, and the decoder waits for it at most the grammar's `budget` over a request, so one
+row's costly grammar cannot hold the other rows' steps for longer. Rows without a grammar pay nothing, and a batch
+without one runs exactly as before. When the grammar is
 complete it allows only the end-of-sequence tokens, so a constrained row ends with EOS (or at max_tokens, with a
 partial text, as OpenAI's API does: finish_reason "length").
 
@@ -31,7 +36,16 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["ANY_OBJECT", "Grammar", "GrammarError", "allowed_tokens", "schema_of", "why_dead"]
+__all__ = [
+    "ANY_OBJECT",
+    "Grammar",
+    "GrammarError",
+    "GrammarRow",
+    "allowed_tokens",
+    "apply_masks",
+    "schema_of",
+    "why_dead",
+]
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 """The schema of OpenAI's JSON mode (`response_format: {"type": "json_object"}`): any JSON object."""
@@ -104,6 +118,9 @@ class _TokenBytes:
 _TABLES: weakref.WeakKeyDictionary[Any, dict[tuple[int, tuple[int, ...]], Any]] = weakref.WeakKeyDictionary()
 
 
+_READY: weakref.WeakKeyDictionary[Any, set[int]] = weakref.WeakKeyDictionary()
+
+
 def token_table(tokenizer: Any, vocab: int, eos: Sequence[int]) -> Any:
     """llguidance's view of `tokenizer` over `vocab` ids (the model's output size) ending with `eos`, and the
     characters its tokens hold (None: every byte); made once per tokenizer (about 0.4 s for a 49k-token BPE)."""
@@ -119,6 +136,17 @@ def token_table(tokenizer: Any, vocab: int, eos: Sequence[int]) -> Any:
         table, characters = llg.LLTokenizer(llg.TokenizerWrapper(tokens), n_vocab=vocab), tokens.characters
     cached[key] = table, characters
     return cached[key]
+
+
+def token_bytes(model: Any, token: int) -> bytes:
+    """The bytes token `token` of a LoraMixModel's tokenizer writes (a piece of a multi-byte character included),
+    from llguidance's view of the tokenizer (made once per tokenizer)."""
+    from .base import resolve_defaults
+
+    vocab = model.model.get_output_embeddings().weight.shape[0]
+    eos = resolve_defaults(model).eos_token_ids or [0]
+    table, _ = token_table(model.tokenizer, vocab, eos)
+    return bytes(table.decode_bytes([token]))
 
 
 def _missing_characters(schema: dict[str, Any], characters: set[str] | None) -> str:
@@ -143,12 +171,16 @@ class Grammar:
     vocab: int
     eos: tuple[int, ...]
     _prototype: Any
+    budget: float | None = None
+    """Seconds the decoder may wait, over one request, for this grammar's masks (`GrammarRow`); None: no limit. The
+    server sets it (`create_app(grammar_budget=...)`)."""
 
     @classmethod
     def json(cls, tokenizer: Any, schema: Any = None, *, vocab: int, eos: Sequence[int]) -> Grammar:
         """`schema` (module docstring) for `tokenizer`, over `vocab` logits, ending with one of the `eos` ids.
-        Raises `GrammarError` when the schema is not valid, or when the tokenizer has no token for JSON punctuation
-        the schema needs."""
+        Raises `GrammarError` when the schema is not valid, nested more than MAX_SCHEMA_DEPTH levels, allows no value
+        (its first mask is computed here, once for every row), or needs JSON punctuation the tokenizer has no token
+        for."""
         if tokenizer is None:
             raise GrammarError("structured output needs a tokenizer: load a checkpoint that has one, or pass one")
         if not eos:
@@ -157,6 +189,8 @@ class Grammar:
             )
         llg = _llguidance()
         schema = schema_of(schema)
+        if _depth(schema) > MAX_SCHEMA_DEPTH:
+            raise GrammarError(f"the JSON schema is nested too deeply: more than {MAX_SCHEMA_DEPTH} levels")
         table, characters = token_table(tokenizer, vocab, eos)
         missing = _missing_characters(schema, characters)
         if missing:
@@ -171,7 +205,11 @@ class Grammar:
         matcher = llg.LLMatcher(table, text, log_level=0)
         if matcher.is_error():
             raise GrammarError(f"the JSON schema cannot be compiled: {_first_line(matcher.get_error())}")
-        return cls(schema, vocab, tuple(eos), matcher)
+        grammar = cls(schema, vocab, tuple(eos), matcher)
+        grammar.warm()  # a schema that allows nothing shows it at its first mask
+        if matcher.is_error():
+            raise GrammarError(dead_message(matcher) or "the JSON schema cannot be compiled")
+        return grammar
 
     @classmethod
     def for_model(cls, model: Any, schema: Any = None, *, tokenizer: Any = None) -> Grammar:
@@ -182,39 +220,203 @@ class Grammar:
         eos = resolve_defaults(model).eos_token_ids
         return cls.json(tokenizer if tokenizer is not None else model.tokenizer, schema, vocab=vocab, eos=eos)
 
+    @classmethod
+    def prepare(cls, model: Any) -> None:
+        """llguidance's one-time work for the model's tokenizer: its token table, and a first mask (about 2 s once per
+        process, whatever the schema), so that what a request's grammar costs afterwards is its own."""
+        tokenizer = model.tokenizer
+        done = _READY.setdefault(tokenizer, set()) if tokenizer is not None else set()
+        key = model.model.get_output_embeddings().weight.shape[0]
+        if key not in done:
+            cls.for_model(model, ANY_OBJECT).warm()
+            done.add(key)
+
     def matcher(self) -> Any:
         """A fresh grammar state for one row."""
         return self._prototype.deep_copy()
 
+    def warm(self) -> None:
+        """Compute the first mask once (for a hard schema, the costly part; the rows' copies reuse what it built)."""
+        fill_mask(self._prototype, torch.full((1, mask_words(self.vocab)), -1, dtype=torch.int32))
+
 
 def _first_line(message: str) -> str:
-    return message.strip().splitlines()[0] if message.strip() else "unknown error"
+    """llguidance's error without its parser-state dump, on one line (a regex error's detail is on the next lines)."""
+    text = " ".join(message.split("<state>")[0].split())
+    if not text:
+        return "unknown error"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+MAX_SCHEMA_DEPTH = 100
+"""The deepest nesting of a JSON schema document accepted (llguidance's reader stops at about 128 levels)."""
+
+
+def _depth(value: Any) -> int:
+    """How deeply a JSON value nests (objects and arrays), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        if level > MAX_SCHEMA_DEPTH:
+            break
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def dead_message(matcher: Any) -> str | None:
+    """Why a matcher can go no further, said for the one who wrote the schema (None: it can). A schema that allows
+    no value, or that passes the grammar engine's limits, is named as such; anything else is a token that does not
+    fit what the grammar needs next."""
+    if not matcher.is_error():
+        return None
+    text, reason = _first_line(matcher.get_error()), str(matcher.stop_reason())
+    if "NoExtension" in reason or text.startswith("NoExtension"):
+        return 'the JSON schema allows no value that can be written out (a "$ref" to itself and nothing else?)'
+    if "TooComplex" in reason or "; max is " in text:
+        return f"the JSON schema exceeds the grammar engine's limits ({text}): simplify it"
+    return f"the grammar cannot go on with this tokenizer ({text})"
 
 
 BLOCKED = -1e30
 """What a token the grammar forbids gets added to its score: -inf in effect (exp underflows to 0, argmax never picks
 it), as an addition, which is ten times faster on a CPU than masked_fill, and exact for the allowed tokens (+0)."""
 
+OVER_BUDGET = (
+    "the grammar took longer than this server's {budget:g} s budget to compute which tokens may come next "
+    "(simplify the schema: fewer properties, shorter patterns and repetition counts)"
+)
+
+
+def mask_words(vocab: int) -> int:
+    """int32 words of a packed token bitmask over `vocab` ids (token 32w + b: bit b of word w; llguidance's layout)."""
+    return (vocab + 31) // 32
+
+
+def fill_mask(matcher: Any, bitmask: torch.Tensor, index: int = 0) -> None:
+    """Row `index` of the CPU int32 `bitmask` [n, words] <- the tokens `matcher` allows next (llguidance drops the
+    GIL while it computes)."""
+    import llguidance.torch as lt
+
+    lt.fill_next_token_bitmask(matcher, bitmask, index)
+
 
 def allowed_tokens(matchers: Sequence[Any], vocab: int) -> torch.Tensor:
     """[n, vocab] uint8 (1: allowed), on the CPU: the tokens each matcher allows next (none, for a matcher in an error
-    state or whose grammar needs what the tokenizer cannot write: the sampler then lets the row end, and says why)."""
-    import llguidance.torch as lt
-    import numpy as np
-
-    words = (vocab + 31) // 32
-    bitmask = torch.full((len(matchers), words), -1, dtype=torch.int32)
+    state or whose grammar needs what the tokenizer cannot write)."""
+    bitmask = torch.full((len(matchers), mask_words(vocab)), -1, dtype=torch.int32)
     for i, matcher in enumerate(matchers):
-        lt.fill_next_token_bitmask(matcher, bitmask, i)
-    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")  # token 32w + b: bit b of word w
-    return torch.from_numpy(bits[:, :vocab].copy())
+        fill_mask(matcher, bitmask, i)
+    return unpack(bitmask, vocab).to(torch.uint8)
+
+
+def unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[n, words] int32 packed masks -> [n, vocab] bool, on the bitmask's device (a few integer ops: the packed mask,
+    32 times smaller, is what travels to the device)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask[:, :, None] >> shifts) & 1  # [n, words, 32]: token 32w + b
+    return bits.flatten(1)[:, :vocab].bool()
 
 
 def blocked_bias(allowed: torch.Tensor) -> torch.Tensor:
-    """[n, V] float: 0 where `allowed` (uint8), BLOCKED elsewhere."""
+    """[n, V] float: 0 where `allowed` (uint8 or bool), BLOCKED elsewhere."""
     return allowed.float().sub_(1).mul_(-BLOCKED)
 
 
 def why_dead(matcher: Any) -> str | None:
     """Why a matcher can go no further (an error state), or None."""
     return _first_line(matcher.get_error()) if matcher.is_error() else None
+
+
+class GrammarRow:
+    """One constrained row's grammar state, its masks computed off the decoding thread: the chosen token is fed to the
+    matcher (microseconds), then a worker thread of the row's own computes the next packed mask (llguidance drops the
+    GIL, and the mask is the costly part: seconds, for a hard schema), so the mask of step t + 1 is computed while
+    the model runs step t + 1's forward. The decoding thread waits for a row's work only when
+    it needs it (`mask`, `advance`), and at most `grammar.budget` seconds over the whole request (None: no limit);
+    past it the row fails (`failure`) and its late work is left to finish on its own thread, never waited for again.
+
+    `failure` (None, or why) is set when the budget is spent, when a token does not fit, or when the grammar allows
+    nothing the tokenizer can write: the row may then only end (EOS)."""
+
+    def __init__(self, grammar: Grammar) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.grammar = grammar
+        self.matcher = grammar.matcher()
+        self.waited = 0.0  # seconds the decoding thread has waited for this row's grammar
+        self.failure: str | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="loramix-grammar")
+        self._next = self._pool.submit(self._compute)
+
+    def _compute(self) -> torch.Tensor:  # on the row's worker thread
+        bitmask = torch.full((1, mask_words(self.grammar.vocab)), -1, dtype=torch.int32)
+        fill_mask(self.matcher, bitmask)
+        return bitmask[0]
+
+    def _consume(self, token: int) -> str | None:  # on the decoding thread, the worker idle
+        matcher = self.matcher
+        if matcher.is_stopped() or matcher.consume_token(token):
+            return None
+        return dead_message(matcher) or f"the grammar cannot go on with this tokenizer (token {token} does not fit)"
+
+    def _wait(self, future: Any) -> Any:
+        """The future's result, or None once the row has failed or its budget runs out while waiting."""
+        import time
+        from concurrent.futures import TimeoutError as Timeout
+
+        if self.failure is not None:
+            return None
+        budget = self.grammar.budget
+        start = time.perf_counter()
+        try:
+            return future.result(timeout=None if budget is None else max(budget - self.waited, 0.0))
+        except Timeout:
+            self.failure = OVER_BUDGET.format(budget=budget)
+            return None
+        finally:
+            self.waited += time.perf_counter() - start
+
+    def mask(self) -> torch.Tensor | None:
+        """[words] int32: the tokens allowed next (waits for the worker), or None when the row has failed (then it
+        may only end). An empty mask or a matcher in an error state fails the row here."""
+        bitmask = self._wait(self._next)
+        if bitmask is None:
+            return None
+        why = dead_message(self.matcher)
+        if why is None and not bool(bitmask.any()):
+            why = "the tokenizer cannot write what the grammar needs next"
+        if why is not None:
+            self.failure = why
+            return None
+        return bitmask
+
+    def advance(self, token: int) -> None:
+        """Feed the chosen token (here: it takes microseconds, and the worker is idle once `mask` has returned; a
+        token that does not fit fails the row at once), then start computing the next mask on the worker."""
+        if self.failure is not None:
+            return
+        if not self._next.done():  # not after `mask` (the sampler always asks for it first): wait for the worker
+            self._wait(self._next)
+            if self.failure is not None:
+                return
+        why = self._consume(token)
+        if why is not None:
+            self.failure = why
+            return
+        self._next = self._pool.submit(self._compute)
+
+    def close(self) -> None:
+        """The row left: pending work is dropped; work already running finishes on its thread, unread."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def apply_masks(scores: torch.Tensor, index: list[int], masks: Sequence[torch.Tensor], vocab: int) -> torch.Tensor:
+    """`scores` [n, V] with BLOCKED added to the tokens the packed `masks` ([words] int32 each, one per row of
+    `index`) forbid: the packed masks go to the device (V / 32 words a row) and are unpacked there."""
+    packed = torch.stack(list(masks)).to(scores.device, non_blocking=True)
+    bias = blocked_bias(unpack(packed, vocab))
+    return scores.index_add(0, torch.tensor(index, device=scores.device), bias)

@@ -23,7 +23,7 @@ from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["finish", "processes", "same_on_every_process", "split_map", "threads_for_processes"]
+__all__ = ["agree", "finish", "processes", "same_on_every_process", "split_map", "threads_for_processes"]
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -102,6 +102,25 @@ def same_on_every_process(value: T, state: Any = None) -> T:
     from accelerate.utils import broadcast_object_list
 
     return broadcast_object_list([value])[0]
+
+
+def agree(settings: dict[str, Any], state: Any = None) -> None:
+    """Every process's `settings` (option name -> value, any picklable values) must equal the main process's: each
+    process gathers all of them (Accelerate's `gather_object`) and raises the same `ConfigError`, naming the first
+    option that differs and both values, when one differs. A data-parallel command whose processes got different
+    options would otherwise mix their answers under one label. Nothing to check in a world of one."""
+    if state is None or state.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    everyone = gather_object([settings])
+    for index, theirs in enumerate(everyone[1:], start=1):
+        for name, value in everyone[0].items():
+            if theirs.get(name) != value:
+                raise ConfigError(
+                    f"{name}: process {index} has {theirs.get(name)!r}, the main process {value!r}; every process of "
+                    "a data-parallel run must get the same options"
+                )
 
 
 def threads_for_processes(state: Any = None) -> None:

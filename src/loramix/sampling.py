@@ -12,7 +12,9 @@
                   argmax(probs / E), E ~ Exponential(1)     (the same distribution as multinomial, without a sync)
 
     a row with a grammar (grammar.py): the tokens its grammar forbids get -inf (in effect) first; the chosen token
-    advances it
+    advances it. Its grammar works on a thread of its own (`grammar.GrammarRow`): the next mask is computed while
+    the model runs the next forward, and the decoder waits for it at most the grammar's budget over the request
+    (past it, that row alone fails: `failures`)
 
 A seeded row draws E from its own `torch.Generator` (`row_generator`), so it samples the same tokens alone and in
 any batch; unseeded rows share one draw. A temperature below `GREEDY_BELOW` is greedy (vLLM's rule), so that a tiny
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
-from .grammar import allowed_tokens, blocked_bias, why_dead
+from .grammar import GrammarRow, apply_masks, mask_words
 
 __all__ = ["GREEDY_BELOW", "Sampler", "SamplingSettings", "row_generator"]
 
@@ -114,6 +116,11 @@ class SamplingSettings:
         return not self.greedy and (self.top_k > 0 or self.top_p < 1.0)
 
 
+def _bit(b: int) -> int:
+    """Bit b of an int32 word, as a Python int that fits int32 (bit 31 is the sign bit)."""
+    return -(1 << 31) if b == 31 else 1 << b
+
+
 def row_generator(seed: int | None, index: int, device: torch.device) -> torch.Generator | None:
     """The random stream of choice `index` of a request seeded with `seed`: `seed` itself for the first, a seed
     derived from (seed, index) for the others, so that the choices differ and each is reproducible."""
@@ -145,8 +152,7 @@ class Sampler:
         self.bias: torch.Tensor | None = None  # [B, V]
         self.seen: torch.Tensor | None = None  # [B, V] bool: prompt + generated (repetition penalty)
         self.counts: torch.Tensor | None = None  # [B, V]: generated only (presence / frequency)
-        self.grammars: list[Any] = [None] * batch  # a constrained row's grammar.Grammar
-        self.matchers: list[Any] = [None] * batch  # and its state
+        self.grammars: list[GrammarRow | None] = [None] * batch  # a constrained row's grammar state
         self.failures: dict[int, str] = {}  # constrained rows whose grammar could go no further: why
         self._update_flags()
 
@@ -158,7 +164,7 @@ class Sampler:
         self.any_repetition = any(s.repetition_penalty != 1.0 for s in live)
         self.any_sampled = any(not s.greedy for s in live)
         self.any_filtered = any(s.filtered for s in live)
-        self.constrained = [row for row, m in enumerate(self.matchers) if m is not None]
+        self.constrained = [row for row, g in enumerate(self.grammars) if g is not None]
 
     def set_row(
         self,
@@ -171,8 +177,8 @@ class Sampler:
         """A row joins: its settings, its prompt's real tokens [T], its own random stream (or None) and its
         `grammar.Grammar` (or None)."""
         self.settings[row], self.generators[row] = settings, generator
-        self.grammars[row], self.matchers[row] = grammar, (grammar.matcher() if grammar is not None else None)
-        self.failures.pop(row, None)
+        self._drop_grammar(row)
+        self.grammars[row] = GrammarRow(grammar) if grammar is not None else None
         self.temperature[row] = 1.0 if settings.greedy else settings.temperature
         self.top_k[row] = settings.top_k if settings.top_k > 0 else self.vocab
         self.top_p[row] = settings.top_p
@@ -199,9 +205,15 @@ class Sampler:
             self.counts[row].zero_()
         self._update_flags()
 
-    def clear_row(self, row: int) -> None:
-        self.settings[row], self.generators[row], self.grammars[row], self.matchers[row] = None, None, None, None
+    def _drop_grammar(self, row: int) -> None:
+        if self.grammars[row] is not None:
+            self.grammars[row].close()
+        self.grammars[row] = None
         self.failures.pop(row, None)
+
+    def clear_row(self, row: int) -> None:
+        self.settings[row], self.generators[row] = None, None
+        self._drop_grammar(row)
         if self.bias is not None:
             self.bias[row].zero_()
         self._update_flags()
@@ -218,34 +230,34 @@ class Sampler:
             if at:
                 chosen = tokens[[i for i, _ in at]].tolist()
                 for (_, row), token in zip(at, chosen):
-                    matcher = self.matchers[row]
-                    if not matcher.is_stopped() and not matcher.consume_token(token) and row not in self.failures:
-                        why = why_dead(matcher) or f"token {token} does not fit"
-                        self.failures[row] = f"the grammar cannot go on with this tokenizer ({why})"
+                    grammar = self.grammars[row]
+                    grammar.advance(token)
+                    if grammar.failure is not None:
+                        self.failures.setdefault(row, grammar.failure)
 
     def _constrained_at(self, rows: slice | list[int]) -> list[tuple[int, int]]:
         """(position in `rows`, row) of the constrained rows among `rows`."""
         indices = range(len(self.settings))[rows] if isinstance(rows, slice) else rows
-        return [(i, row) for i, row in enumerate(indices) if self.matchers[row] is not None]
+        return [(i, row) for i, row in enumerate(indices) if self.grammars[row] is not None]
 
     def _constrain(self, scores: torch.Tensor, rows: slice | list[int]) -> torch.Tensor:
         """-inf in effect (`grammar.BLOCKED`) for the tokens the constrained rows' grammars forbid (a new tensor; the
-        logits stay raw). A row whose grammar allows nothing may only end (EOS), and `failures` says why."""
+        logits stay raw). A row whose grammar failed (nothing it can write, a token that does not fit, its time
+        budget spent) may only end (EOS), and `failures` says why."""
         at = self._constrained_at(rows)
         if not at:
             return scores
-        matchers = [self.matchers[row] for _, row in at]
-        allowed = allowed_tokens(matchers, self.vocab)  # on the CPU: checked without a device sync
-        empty = (allowed.amax(-1) == 0).tolist()
-        for j, ((_, row), matcher) in enumerate(zip(at, matchers)):
-            why = why_dead(matcher) or ("the tokenizer cannot write what the grammar needs next" if empty[j] else None)
-            if why is not None:
-                self.failures.setdefault(row, why)
-            if row in self.failures:  # it may only end
-                allowed[j] = 0
-                allowed[j, list(self.grammars[row].eos)] = 1
-        index = torch.tensor([i for i, _ in at], device=scores.device)
-        return scores.index_add(0, index, blocked_bias(allowed).to(scores.device, non_blocking=True))
+        masks = []
+        for _, row in at:
+            grammar = self.grammars[row]
+            mask = grammar.mask()
+            if mask is None or row in self.failures:  # it may only end
+                self.failures.setdefault(row, grammar.failure or "the grammar failed")
+                mask = torch.zeros(mask_words(self.vocab), dtype=torch.int32)
+                for eos in grammar.grammar.eos:
+                    mask[eos // 32] |= _bit(eos % 32)
+            masks.append(mask)
+        return apply_masks(scores, [i for i, _ in at], masks, self.vocab)
 
     def choose(self, logits: torch.Tensor, rows: slice | list[int]) -> torch.Tensor:
         """The next token [n] of each of `rows` (a slice, or a list of row indices) from its raw logits [n, V]."""

@@ -14,7 +14,8 @@ from .errors import ConfigError
 __all__ = ["PLAIN_CHAT_FORMAT", "IncrementalDecoder", "encode_prompts", "left_pad", "render_chat"]
 
 PLAIN_CHAT_FORMAT = "{role}: {content}\n"
-"""Used for chat messages when the tokenizer has no chat template: one line per message, then 'assistant:'."""
+"""Used for chat messages when the tokenizer has no chat template: one line per message, then 'assistant:' (a space
+instead of the newline for a tokenizer that cannot write one, as the shipped demo's character-level one)."""
 
 
 def render_chat(tokenizer: Any, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
@@ -23,8 +24,26 @@ def render_chat(tokenizer: Any, messages: Sequence[dict[str, Any]], tools: list[
     if getattr(tokenizer, "chat_template", None):
         extra = {"tools": tools} if tools else {}
         return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False, **extra)
-    text = "".join(PLAIN_CHAT_FORMAT.format(role=m["role"], content=m["content"]) for m in messages)
+    line = PLAIN_CHAT_FORMAT if writes(tokenizer, "\n") else PLAIN_CHAT_FORMAT.replace("\n", " ")
+    missing = "".join(c for c in dict.fromkeys(": assistant" + "".join(m["role"] for m in messages))
+                      if not writes(tokenizer, c))  # fmt: skip
+    if missing:
+        raise ConfigError(
+            f"the tokenizer has no chat template, and cannot write {missing!r}, which the plain chat format "
+            "('role: content' lines, then 'assistant:') needs: use a checkpoint whose tokenizer has a chat "
+            "template, or send the prompt as a completion"
+        )
+    text = "".join(line.format(role=m["role"], content=m["content"]) for m in messages)
     return text + "assistant:"
+
+
+def writes(tokenizer: Any, text: str) -> bool:
+    """Whether `tokenizer` can write `text`: it encodes and decodes back to the same text (a character outside a
+    character-level vocabulary becomes the unknown or padding token, and decodes to something else)."""
+    if tokenizer is None or not hasattr(tokenizer, "decode"):
+        return True
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids, skip_special_tokens=True) == text
 
 
 def encode_prompts(

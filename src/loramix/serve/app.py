@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
+import re
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -43,7 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..base import resolve_defaults, text_config
 from ..blocks import paged_budget
 from ..errors import ConfigError, LoramixError
-from ..grammar import ANY_OBJECT, Grammar, GrammarError
+from ..grammar import ANY_OBJECT, OVER_BUDGET, Grammar, GrammarError, token_bytes
 from ..sampling import SamplingSettings
 from ..text import render_chat
 from .engine import Engine, Job, QueueFull, TokenLogprob
@@ -51,10 +54,14 @@ from .metrics import Metrics
 from .schemas import MAX_CHOICES, ChatRequest, CompletionRequest
 from .tools import ToolError, ToolPlan, call_id, chat_messages, plan_tools, template_reads_tools, tool_calls
 
-__all__ = ["ApiError", "ServerState", "create_app"]
+__all__ = ["ApiError", "ServerState", "check_api_key", "create_app"]
 
 RETRY_AFTER_S = 1
 """What a 503 (queue full) tells the client to wait, in seconds."""
+MAX_BODY_DEPTH = 200
+"""The deepest nesting of arrays and objects a request body may have (a 400 beyond, before it is parsed)."""
+GRAMMAR_BUDGET_S = 1.0
+"""The default time a request's grammar may cost (compile and first mask; then the decoder's waits for its masks)."""
 OPEN_PATHS = ("/health", "/metrics")
 """The paths served without the API key; every other one (the API, /openapi.json, unknown paths) needs it."""
 
@@ -98,6 +105,7 @@ class ServerState:
     context: int  # max_model_len: the longest prompt + max_tokens
     vocab_size: int | None
     request_timeout: float | None
+    grammar_budget: float | None = None
     special_ids: set[int] = field(default_factory=set)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -170,6 +178,7 @@ def _check_ids(state: ServerState, ids: list[int]) -> list[int]:
 
 def _job(state: ServerState, body: CompletionRequest | ChatRequest, ids: list[int], **extra: Any) -> Job:
     """The job of one choice (emit, group and index are set by `_submit`)."""
+    asked = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"  # the field given
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = state.default_max_tokens if max_tokens is None else max_tokens
     if len(ids) == 0:
@@ -184,15 +193,15 @@ def _job(state: ServerState, body: CompletionRequest | ChatRequest, ids: list[in
     if max_tokens > state.max_tokens_limit:
         raise ApiError(
             400,
-            f"max_tokens={max_tokens} is above this server's limit of {state.max_tokens_limit}",
-            param="max_tokens",
+            f"{asked}={max_tokens} is above this server's limit of {state.max_tokens_limit}",
+            param=asked,
         )
     if len(ids) + max_tokens > state.context:
         raise ApiError(
             400,
-            f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds this server's max_model_len "
+            f"prompt ({len(ids)} tokens) + {asked} ({max_tokens}) exceeds this server's max_model_len "
             f"of {state.context} tokens",
-            param="max_tokens",
+            param=asked,
             code="context_length_exceeded",
         )
     if body.loramix.mode == "truncated" and state.model.config.scaling_layer is None:
@@ -234,9 +243,41 @@ async def _grammar(
     else:
         return None
     try:
-        return await asyncio.to_thread(Grammar.for_model, state.model, schema)
+        return await _compile(state.model, schema, state.grammar_budget)
     except GrammarError as exc:
         raise ApiError(400, f"{param}: {exc}", param=param) from None
+
+
+def _warm(model: Any, schema: Any, budget: float | None) -> Grammar:
+    """The grammar compiled with its first mask (`Grammar.json` computes it: the costly part of a hard schema), and
+    the budget the decoder grants its masks."""
+    return dataclasses.replace(Grammar.for_model(model, schema), budget=budget)
+
+
+async def _compile(model: Any, schema: Any, budget: float | None) -> Grammar:
+    """`_warm` on a thread of its own, waited for at most `budget` seconds (then a GrammarError; the thread, which
+    cannot be stopped, finishes on its own and its result is dropped). llguidance's one-time work for the tokenizer
+    (`Grammar.prepare`) comes first and is not counted."""
+    await asyncio.to_thread(Grammar.prepare, model)
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def work() -> None:
+        try:
+            result: Any = _warm(model, schema, budget)
+        except BaseException as exc:  # handed to the request
+            result = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server stopped, nobody waits for it
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
+
+    threading.Thread(target=work, name="loramix-grammar-compile", daemon=True).start()
+    try:
+        result = await asyncio.wait_for(done, budget)
+    except asyncio.TimeoutError:
+        raise GrammarError(OVER_BUDGET.format(budget=budget)) from None
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 def _sampling(body: CompletionRequest | ChatRequest) -> SamplingSettings:
@@ -328,20 +369,40 @@ def _piece(state: ServerState, token: int) -> str:
     return state.tokenizer.decode([token], skip_special_tokens=False)
 
 
-def _legacy_logprobs(state: ServerState, entries: list[TokenLogprob], start: int) -> dict[str, list[Any]]:
-    """OpenAI's legacy completions object; text_offset counts characters of the choice's text from `start`."""
+def _key(state: ServerState, token: int) -> str:
+    """A token as the legacy logprobs name it: its text, or, for a token that is part of a character (its text
+    alone is '\ufffd'), `bytes:` and its bytes escaped (as OpenAI writes them), so that no two tokens share a key."""
+    piece = _piece(state, token)
+    if "\ufffd" not in piece:
+        return piece
+    raw = token_bytes(state.model, token)
+    return "bytes:" + "".join(f"\\x{b:02x}" for b in raw) if raw else piece
+
+
+def _legacy_logprobs(
+    state: ServerState, entries: list[TokenLogprob], start: int, text: str | None = None
+) -> dict[str, list[Any]]:
+    """OpenAI's legacy completions object; text_offset counts characters of the choice's text from `start`. With
+    the choice's `text`, a special token that is not in it (the BOS a tokenizer adds, a generated pad) takes no
+    room: every offset points at its token in the text."""
     out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for e in entries:
-        piece = _piece(state, e.token)
-        out["tokens"].append(piece)
+        piece, key = _piece(state, e.token), _key(state, e.token)
+        out["tokens"].append(key)
         out["token_logprobs"].append(e.logprob)
         if e.logprob is None:
             out["top_logprobs"].append(None)
         else:  # the `logprobs` most likely tokens, and the chosen one
-            top = {_piece(state, t): lp for t, lp in e.top}
-            top.setdefault(piece, e.logprob)
+            top: dict[str, float] = {}
+            for t, lp in e.top:
+                name = _key(state, t)
+                top[name if name not in top else f"{name} (token {t})"] = lp  # distinct tokens, distinct keys
+            if e.token not in {t for t, _ in e.top}:
+                top[key if key not in top else f"{key} (token {e.token})"] = e.logprob
             out["top_logprobs"].append(top)
         out["text_offset"].append(start)
+        if text is not None and e.token in state.special_ids and not text.startswith(piece, start):
+            continue  # added by the tokenizer: not in the text
         start += len(piece)
     return out
 
@@ -460,8 +521,14 @@ def _stream(reply: _Reply, sink: asyncio.Queue, body: Any, opening: ChoiceOf, pi
 async def _completions(state: ServerState, request: Request, body: CompletionRequest) -> Any:
     items = body.prompts
     _check_fields(state, body, len(items) * body.n)
+    for i, p in enumerate(items):  # before the tokenizer adds its BOS to it
+        if isinstance(p, str) and not p:
+            where = "prompt" if isinstance(body.prompt, str) else f"prompt[{i}]"
+            raise ApiError(400, f"{where}: the prompt is empty", param="prompt")
     prompts = [_encode(state, p, "prompt") if isinstance(p, str) else _check_ids(state, p) for p in items]
     texts = [p if isinstance(p, str) else state.tokenizer.decode(ids) for p, ids in zip(items, prompts)]
+    for ids in prompts:  # the prompts' checks before the grammar's compile
+        _job(state, body, ids)
     grammar = await _grammar(state, body)
     extra = {"logprobs": body.logprobs, "prompt_logprobs": body.echo and body.logprobs is not None, "grammar": grammar}
     jobs, sink = _submit(state, body, prompts, **extra)
@@ -474,8 +541,8 @@ async def _completions(state: ServerState, request: Request, body: CompletionReq
         logprobs = None
         if result is not None and result["logprobs"] is not None:
             entries = result["logprobs"]["prompt"] + result["logprobs"]["completion"]
-            logprobs = _legacy_logprobs(state, result["logprobs"]["prompt"], 0)
-            tail = _legacy_logprobs(state, result["logprobs"]["completion"], len(echo(index)))
+            logprobs = _legacy_logprobs(state, result["logprobs"]["prompt"], 0, text)
+            tail = _legacy_logprobs(state, result["logprobs"]["completion"], len(echo(index)), text)
             logprobs = {k: logprobs[k] + tail[k] for k in logprobs} if entries else tail
         reason = result["finish_reason"] if result is not None else None
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
@@ -504,10 +571,13 @@ async def _chat(state: ServerState, request: Request, body: ChatRequest) -> Any:
     messages = chat_messages(body.messages, plan, templated_tools)
     try:
         text = render_chat(state.tokenizer, messages, tools=plan.tools if templated_tools else None)
+    except ConfigError as exc:  # no template, and the plain format needs what the tokenizer cannot write
+        raise ApiError(400, f"messages: {exc}", param="messages") from None
     except Exception as exc:  # the chat template refused the conversation (jinja2's TemplateError, or its own raise)
         raise ApiError(400, f"messages: the chat template cannot render them: {exc}", param="messages") from None
     templated = bool(getattr(state.tokenizer, "chat_template", None))
     prompts = [_encode(state, text, "messages", add_special_tokens=not templated)]
+    _job(state, body, prompts[0])  # the prompt's checks before the grammar's compile
     grammar = await _grammar(state, body, plan)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     jobs, sink = _submit(state, body, prompts, logprobs=logprobs, grammar=grammar)
@@ -580,6 +650,30 @@ def _chat_deltas(calls: ToolPlan | None, n: int) -> tuple[ChoiceOf, ChoiceOf, Ch
 # ---------------------------------------------------------------------- the ASGI guard: auth, body size and time
 
 
+_JSON_MARKS = re.compile(rb'\\.|["\[\]{}]')
+
+
+def json_depth(body: bytes, stop: int | None = None) -> int:
+    """How deeply a JSON text nests arrays and objects (brackets inside strings do not count), read without parsing
+    it (a parser would recurse); scanning stops past `stop`."""
+    depth = deepest = 0
+    in_string = False
+    for mark in _JSON_MARKS.finditer(body):
+        token = mark.group()
+        if token == b'"':
+            in_string = not in_string
+        elif in_string or len(token) == 2:  # inside a string, or an escape
+            continue
+        elif token in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+            if stop is not None and deepest > stop:
+                break
+        else:
+            depth -= 1
+    return deepest
+
+
 class _Guard:
     """Pure ASGI middleware, before any parsing: the API key (401), then the body: a Content-Length above
     `max_body` bytes is refused without reading (413), and the body is read here with a cap (413 as soon as it
@@ -638,6 +732,10 @@ class _Guard:
             if not message.get("more_body", False):
                 break
         body, replayed = b"".join(chunks), False
+        if json_depth(body, MAX_BODY_DEPTH) > MAX_BODY_DEPTH:
+            message = f"the request body is nested too deeply: more than {MAX_BODY_DEPTH} levels of arrays and objects"
+            await ApiError(400, message).response()(scope, receive, send)
+            return
 
         async def replay() -> dict[str, Any]:
             nonlocal replayed
@@ -677,6 +775,22 @@ def model_length(model: Any, max_model_len: int | None) -> int:
     return max_model_len
 
 
+def check_api_key(api_key: str | None, name: str = "api_key") -> None:
+    """An API key must be non-empty (empty would turn authentication off) and printable ASCII: HTTP clients send
+    header values as ASCII or latin-1, so a key with other characters would match for some clients only."""
+    if api_key is None:
+        return
+    if not api_key.strip():
+        raise ConfigError(
+            f"{name} is empty, which would turn authentication off; give a non-empty key, or none to serve without one"
+        )
+    if not (api_key.isascii() and api_key.isprintable()):
+        raise ConfigError(
+            f"{name} has characters other than printable ASCII, which HTTP clients do not send alike in a header: "
+            "use letters, digits and punctuation (e.g. `openssl rand -hex 32`)"
+        )
+
+
 def create_app(
     model: Any,
     *,
@@ -697,11 +811,15 @@ def create_app(
     gpu_memory_utilization: float | None = None,
     max_num_batched_tokens: int = 512,
     prefix_caching: bool = True,
+    grammar_budget: float | None = GRAMMAR_BUDGET_S,
 ) -> FastAPI:
     """The FastAPI app serving `model` (a LoraMixModel with a tokenizer); `app.state.server` is its `ServerState`.
     One worker thread runs the model: continuous batching
     over `max_batch` slots (1 without batching), at most `max_queue` jobs waiting, request bodies of at most
     `max_body` bytes, each request ended (504) after `request_timeout` seconds, a stalled body after `body_timeout`.
+
+    A structured-output request's grammar (compile, first mask, then every mask the decoder waits for) gets
+    `grammar_budget` seconds in all (None: no limit); past it that request alone fails, 400 naming the field.
 
     Memory (docs/serving.md, "Memory"): prompt + max_tokens at most `max_model_len` (default: the model's
     context); the KV cache pool, allocated here, holds `kv_cache_memory` bytes ("2GiB" or a number; default 4 GiB
@@ -710,10 +828,7 @@ def create_app(
     the blocks of shared prompt prefixes."""
     if model.tokenizer is None:
         raise LoramixError("serving needs a tokenizer: the checkpoint has none and its base provides none")
-    if api_key is not None and not api_key.strip():
-        raise ConfigError(
-            "api_key is empty, which would turn authentication off; give a non-empty key, or none to serve without one"
-        )
+    check_api_key(api_key)
     tokenizer = model.tokenizer
     context = model_length(model, max_model_len)
     prompt_limit = max_prompt_tokens or context - 1
@@ -744,6 +859,7 @@ def create_app(
         context=context,
         vocab_size=getattr(text_config(model.model), "vocab_size", None),
         request_timeout=request_timeout,
+        grammar_budget=grammar_budget,
         special_ids=set(getattr(tokenizer, "all_special_ids", [])) - {getattr(tokenizer, "unk_token_id", None)},
     )
 

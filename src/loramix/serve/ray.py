@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -101,6 +102,10 @@ class ReplicaConfig:
             raise ConfigError(f"threads={self.threads}: each replica needs at least one torch thread")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("api_key is empty, which would turn authentication off; give a key or none")
+        if self.api_key is not None:
+            from .app import check_api_key
+
+            check_api_key(self.api_key)  # printable ASCII
         if self.model_id is None:
             self.model_id = Path(self.checkpoint).name or APP_NAME
 
@@ -327,6 +332,29 @@ def _probe(address: str, timeout: float = 5.0) -> None:
         ) from exc
 
 
+def _check_port(host: str, port: int) -> None:
+    """Fail at once when something listens on host:port already. Ray Serve's proxy binds with SO_REUSEPORT, so a
+    second `serve --replicas` on the port of a first would share it silently (the kernel splits the connections), and
+    a port another server holds ends in a long traceback: a plain bind here (SO_REUSEADDR only, as uvicorn does) is
+    refused in both cases."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise RayServeError(f"--host {host}: cannot bind to it ({exc.strerror or exc})") from exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise RayServeError(
+                f"--port {port}: {host}:{port} is already in use ({exc.strerror or exc}); stop the server there or "
+                "choose another --port"
+            ) from exc
+
+
 def _check_resources(ray: Any, scaling: Scaling) -> None:
     """Replicas the cluster cannot hold would wait for resources forever: a RayServeError naming the flag."""
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
@@ -355,9 +383,11 @@ def _check_resources(ray: Any, scaling: Scaling) -> None:
             )
 
 
-def _wait(serve: Any, deploy: threading.Thread, failure: list[BaseException], timeout: float) -> None:
+def _wait(
+    serve: Any, deploy: threading.Thread, failure: list[BaseException], timeout: float, stop: threading.Event
+) -> None:
     deadline = time.monotonic() + timeout
-    while deploy.is_alive():
+    while deploy.is_alive() and not stop.is_set():
         deploy.join(0.5)
         if time.monotonic() > deadline:
             raise RayServeError(
@@ -396,16 +426,21 @@ def run(
     stop: threading.Event | None = None,
 ) -> None:
     """Join the cluster at `address` (or start a local one), deploy the replicas behind one HTTP endpoint on
-    host:port, call `on_ready()`, and serve until `stop` is set (or KeyboardInterrupt). On the way out the
-    application is deleted; a cluster started here is shut down with it. Replicas a local instance cannot hold are
-    an error; on a cluster at `address` (which an autoscaler may grow) they are a warning (`warn(message)`), and the
-    replicas get `start_timeout` seconds to start."""
+    host:port, call `on_ready()`, and serve until `stop` is set (SIGTERM sets it too, when called from the main
+    thread; or KeyboardInterrupt). A local instance refuses a host:port already in use before Ray starts. On the way
+    out the application is deleted first (its replicas finish the requests in flight, up to Ray Serve's
+    graceful_shutdown_timeout_s, 20 s), then a cluster started here is shut down. Replicas a local instance cannot
+    hold are an error; on a cluster at `address` (which an autoscaler may grow) they are a warning
+    (`warn(message)`), and the replicas get `start_timeout` seconds to start."""
     ray, serve = require_ray()
     if address is not None:
         _probe(address)
+    else:  # the local instance's proxy binds host:port on this machine
+        _check_port(host, port)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the driver's "Started Serve ..." lines
     local = address is None
     started = False
+    stop = stop or threading.Event()
     try:
         if local:
             cpus = max(os.cpu_count() or 1, int(scaling.most * scaling.num_cpus + 0.999))
@@ -413,6 +448,7 @@ def run(
         else:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         started = True
+        _stop_on_sigterm(stop)
         try:
             _check_resources(ray, scaling)
         except RayServeError as exc:
@@ -435,10 +471,9 @@ def run(
 
         thread = threading.Thread(target=deploy, name="loramix-ray-deploy", daemon=True)
         thread.start()
-        _wait(serve, thread, failure, start_timeout)
-        if on_ready is not None:
+        _wait(serve, thread, failure, start_timeout, stop)
+        if on_ready is not None and not stop.is_set():
             on_ready()
-        stop = stop or threading.Event()
         while not stop.wait(0.5):
             pass
     finally:
@@ -446,12 +481,22 @@ def run(
             _shut_down(ray, serve, local)
 
 
+def _stop_on_sigterm(stop: threading.Event) -> None:
+    """SIGTERM sets `stop`, as SIGINT does. `ray.init` installs its own SIGTERM handler in the driver (a
+    `sys.exit` from inside whatever the main thread runs), which aborts the driver (exit 134) and drops the requests
+    in flight; with `stop` set, `run` deletes the application (the replicas finish the requests they hold, Ray
+    Serve's graceful shutdown), shuts Ray down and returns."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+
 def _shut_down(ray: Any, serve: Any, local: bool) -> None:
     try:
+        # the application first, while the proxies still answer: its replicas finish the requests they hold (Ray
+        # Serve's graceful shutdown, up to graceful_shutdown_timeout_s) and new ones are refused
+        serve.delete(APP_NAME)
         if local:
             serve.shutdown()
-        else:
-            serve.delete(APP_NAME)
     except Exception as exc:  # the cluster is already gone
         logger.warning("could not remove the Ray Serve application: %s", exc)
     finally:
