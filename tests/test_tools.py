@@ -1,0 +1,310 @@
+"""Tool calls as agents make them (serve/tools.py, serve/toolparsers.py): the parsers of the models' own formats,
+read whole and piece by piece; tool_choice "auto" through the server with the official openai client, strict (a lazy
+grammar after the trigger) and not, streamed and not; `$defs` in every mode; the refusals."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema
+import pytest
+from pydantic import BaseModel, ConfigDict, Field
+
+import loramix
+from loramix import GateConfig, MixConfig
+from loramix.serve import create_app
+from loramix.serve.toolparsers import PARSERS, CallReader, parse_calls, parser_for_template
+from test_serve import Server
+
+from conftest import char_tokenizer, make_adapter, random_gate, save_model, tiny_llama
+
+VOCAB = 128
+NAMES = {"get_weather", "get_time"}
+
+
+class Address(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    city: str = Field(max_length=5)
+    zip: int = Field(ge=0, le=99)
+
+
+class Order(BaseModel):
+    """A pydantic model with a nested model: its JSON schema has `$defs` and `$ref`s."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    to: Address
+    back: Address | None = None
+    items: list[Address] = Field(max_length=2)
+
+
+ORDER = {"type": "function", "function": {"name": "ship", "parameters": Order.model_json_schema()}}
+CLOCK = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"enum": ["UTC", "CET"]}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
+ASK = [{"role": "user", "content": "Ship it"}]
+
+
+# ---------------------------------------------------------------------- the parsers, on text
+
+
+def _read(parser, text, cut=3):
+    """The reader fed `text` in pieces of `cut` characters: (content, calls)."""
+    reader = CallReader(PARSERS[parser], NAMES)
+    events = []
+    for i in range(0, len(text), cut):
+        events += reader.feed(text[i : i + cut])
+    events += reader.finish()
+    return "".join(e.text for e in events), [e.call for e in events if e.call is not None]
+
+
+CASES = [
+    (
+        "hermes",
+        'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+        '<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call>',
+        "Let me look.",
+        [("get_weather", '{"city": "Paris"}'), ("get_time", '{"zone": "UTC"}')],
+    ),
+    (
+        "hermes",  # SmolLM2's list form, read by the same parser
+        '<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", "arguments": {}}]'
+        "</tool_call>",
+        None,
+        [("get_weather", '{"city": "Paris"}'), ("get_time", "{}")],
+    ),
+    (
+        "llama3_json",
+        '{"name": "get_weather", "parameters": {"city": "Rome"}}; {"name": "get_time", "parameters": {"zone": "CET"}}',
+        None,
+        [("get_weather", '{"city": "Rome"}'), ("get_time", '{"zone": "CET"}')],
+    ),
+    ("llama3_json", '<|python_tag|>{"name": "get_time", "parameters": {}}', None, [("get_time", "{}")]),
+    (
+        "mistral",
+        'Sure. [TOOL_CALLS][{"name": "get_time", "arguments": {"zone": "UTC"}}]',
+        "Sure.",
+        [("get_time", '{"zone": "UTC"}')],
+    ),
+    ("mistral", '[TOOL_CALLS]get_time[ARGS]{"zone": "UTC"}', None, [("get_time", '{"zone": "UTC"}')]),
+    (
+        "pythonic",
+        "[get_weather(city=\"Oslo\", days=3), get_time(zone='UTC')]",
+        None,
+        [("get_weather", '{"city": "Oslo", "days": 3}'), ("get_time", '{"zone": "UTC"}')],
+    ),
+]
+
+
+@pytest.mark.parametrize("parser, text, content, calls", CASES)
+@pytest.mark.parametrize("cut", [1, 4, 1000])
+def test_each_parser_reads_text_and_calls_whole_and_in_pieces(parser, text, content, calls, cut):
+    assert parse_calls(PARSERS[parser], NAMES, text) == (content, calls)
+    streamed_content, streamed_calls = _read(parser, text, cut)
+    assert streamed_calls == calls
+    assert streamed_content.rstrip() == (content or "")
+
+
+@pytest.mark.parametrize(
+    "parser, text",
+    [
+        ("hermes", 'Hi <tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>'),  # no such tool
+        ("hermes", "Hi <tool_call>{not json</tool_call>"),
+        ("hermes", 'Hi <tool_call>{"name": "get_time", "arguments": {"zone": "UTC"'),  # cut
+        ("hermes", "<tool_call>" + "[" * 100_000 + "]" * 100_000 + "</tool_call>"),
+        ("llama3_json", '{"name": "get_time", "parameters": 3}'),
+        ("llama3_json", "The answer is {x}"),
+        ("mistral", "[TOOL_CALLS][]"),
+        ("pythonic", "[print(open('x').read())]"),
+        ("pythonic", "[get_time(zone=__import__('os'))]"),
+        ("pythonic", "[1, 2] are numbers"),
+    ],
+)
+def test_what_is_not_a_call_of_a_known_tool_stays_text(parser, text):
+    assert parse_calls(PARSERS[parser], NAMES, text) == (text, [])
+    content, calls = _read(parser, text, 7)
+    assert (content, calls) == (text, [])
+
+
+def test_text_streams_until_the_trigger_and_only_a_possible_trigger_is_held_back():
+    reader = CallReader(PARSERS["hermes"], NAMES)
+    assert [e.text for e in reader.feed("Hello <to")] == ["Hello "]  # "<to" may open <tool_call>
+    assert [e.text for e in reader.feed("day")] == ["<today"]
+    assert reader.feed('<tool_call>{"name": "get_time", "arguments": {}}') == []
+    (call,) = reader.feed("</tool_call>")
+    assert call.call == ("get_time", "{}")
+
+
+def test_the_parser_comes_from_the_chat_template():
+    assert parser_for_template("{{ '<tool_call>\\n' }}{{ tool_call | tojson }}") == "hermes"
+    assert parser_for_template("wrapped with <tool_call>[...]</tool_call>") == "hermes_list"
+    assert parser_for_template("{{ '[TOOL_CALLS]' }}") == "mistral"
+    assert parser_for_template('{"name": function name, "parameters": dictionary of argument name and') == "llama3_json"
+    assert parser_for_template("[func_name1(params_name1=params_value1)]") == "pythonic"
+    assert parser_for_template("{% for m in messages %}{{ m.content }}{% endfor %}") is None
+
+
+# ---------------------------------------------------------------------- through the server
+
+
+@pytest.fixture(scope="module")
+def mix(tmp_path_factory):
+    """A tiny random model whose character tokenizer also has <tool_call> and </tool_call> as (non-special) tokens
+    of their own, so that a logit_bias can make it open a call."""
+    root = tmp_path_factory.mktemp("tools")
+    base = save_model(tiny_llama(seed=5, vocab_size=VOCAB, max_position_embeddings=2048), root / "base")
+    experts = {name: make_adapter(base, root / name, r=4, alpha=8, seed=seed) for name, seed in (("a", 1), ("b", 2))}
+    tokenizer = char_tokenizer(last="~")
+    tokenizer.add_tokens(["<tool_call>", "</tool_call>"])
+    model = loramix.from_pretrained(
+        base, experts, MixConfig(gate=GateConfig(layerwise=True), scaling_layer=1), tokenizer=tokenizer
+    )
+    return random_gate(model)
+
+
+@pytest.fixture(scope="module")
+def server(mix):
+    srv = Server(create_app(mix, model_id="tiny", max_tokens_limit=200, max_batch=8))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def _post(server, **body):
+    return httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny", **body}, timeout=60)
+
+
+def _strict(tool):
+    return {**tool, "function": {**tool["function"], "strict": True}}
+
+
+OPEN = {"99": 100}
+"""logit_bias that makes the model write <tool_call> (token 99) whenever it may."""
+
+
+def test_strict_auto_calls_parse_and_validate_streamed_and_not(client, mix):
+    tools = [_strict(ORDER), _strict(CLOCK)]
+    kwargs = dict(model="tiny", messages=ASK, tools=tools, max_tokens=200, temperature=0, logit_bias=OPEN)
+    kwargs["parallel_tool_calls"] = False  # a random model would call on until max_tokens
+    out = client.chat.completions.create(**kwargs)
+    result = out.choices[0]
+    assert result.finish_reason == "tool_calls" and result.message.content is None
+    assert result.message.tool_calls
+    specs = {"ship": ORDER, "get_time": CLOCK}
+    for call in result.message.tool_calls:
+        assert call.id.startswith("call_") and call.type == "function"
+        jsonschema.validate(json.loads(call.function.arguments), specs[call.function.name]["function"]["parameters"])
+    streamed: dict[int, dict] = {}
+    reasons = []
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        delta = chunk.choices[0].delta
+        assert not delta.content
+        for piece in delta.tool_calls or []:
+            entry = streamed.setdefault(piece.index, {"id": None, "name": None, "arguments": ""})
+            if piece.id:
+                assert entry["id"] is None and piece.function.name and not piece.function.arguments
+                entry["id"], entry["name"] = piece.id, piece.function.name
+            entry["arguments"] += piece.function.arguments or ""
+        reasons.append(chunk.choices[0].finish_reason)
+    assert [(e["name"], e["arguments"]) for _, e in sorted(streamed.items())] == [
+        (c.function.name, c.function.arguments) for c in result.message.tool_calls
+    ]
+    assert reasons[-1] == "tool_calls"
+
+
+def test_auto_without_strict_returns_what_is_not_a_call_as_text(client):
+    kwargs = dict(model="tiny", messages=ASK, tools=[ORDER, CLOCK], max_tokens=12, temperature=0, logit_bias=OPEN)
+    out = client.chat.completions.create(**kwargs)
+    result = out.choices[0]
+    assert result.message.tool_calls is None and result.finish_reason == "length"
+    assert result.message.content.startswith("<tool_call>")
+    stream = client.chat.completions.create(stream=True, **kwargs)
+    pieces = [c.choices[0].delta for c in stream]
+    assert not any(d.tool_calls for d in pieces)
+    assert "".join(d.content or "" for d in pieces) == result.message.content
+    plain = client.chat.completions.create(model="tiny", messages=ASK, tools=[ORDER], max_tokens=6, temperature=0)
+    assert plain.choices[0].message.tool_calls is None and plain.choices[0].message.content
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "ship"}}])
+def test_tools_with_defs_under_required_and_named(client, choice):
+    """pydantic's nested models write `$defs`; combined with other tools they are hoisted (issue 40, item 8)."""
+    out = client.chat.completions.create(
+        model="tiny", messages=ASK, tools=[ORDER, CLOCK], tool_choice=choice, max_tokens=200, temperature=0
+    )
+    result = out.choices[0]
+    assert result.finish_reason == "tool_calls", result
+    for call in result.message.tool_calls:
+        spec = {"ship": ORDER, "get_time": CLOCK}[call.function.name]
+        jsonschema.validate(json.loads(call.function.arguments), spec["function"]["parameters"])
+
+
+def _refused(server, param, **body):
+    response = _post(server, max_tokens=4, **body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param, error
+    return error["message"]
+
+
+def test_call_arguments_nested_too_deeply_are_a_400_naming_the_message(server):
+    """Issue 40, item 4: json.loads' RecursionError was a plain-text 500."""
+    deep = "[" * 100_000 + "]" * 100_000
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": deep}}
+    messages = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    message = _refused(server, "messages.1.tool_calls.0.function.arguments", messages=messages)
+    assert "nested too deeply" in message
+
+
+def test_a_tool_message_without_tool_call_id_is_a_400(server):
+    """Issue 40, item 12 (OpenAI answers 400 too)."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
+    messages = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "tool", "content": "12"}]
+    assert "tool_call_id" in _refused(server, "messages.2", messages=messages)
+    messages[-1]["tool_call_id"] = "call_1"
+    assert _post(server, messages=messages, max_tokens=2).status_code == 200
+
+
+def test_the_refusals_of_tools_and_parsers(server, mix):
+    assert "get_time" in _refused(server, "tools", messages=ASK, tools=[CLOCK, CLOCK])
+    fmt = {"type": "json_object"}
+    assert "'auto'" in _refused(server, "response_format", messages=ASK, tools=[CLOCK], response_format=fmt)
+    pythonic = Server(create_app(mix, model_id="tiny", tool_call_parser="pythonic"))
+    try:
+        message = _refused(pythonic, "tools", messages=ASK, tools=[_strict(CLOCK)])
+        assert "pythonic" in message
+    finally:
+        pythonic.stop()
+    with pytest.raises(loramix.errors.ConfigError, match="unknown tool-call parser 'qwen9'"):
+        create_app(mix, tool_call_parser="qwen9")
+    # a chat template that reads tools, in a format no parser reads: "auto" says so; the other choices work
+    mix.tokenizer.chat_template = (
+        "{% if tools %}TOOLS {{ tools | tojson }}\n{% endif %}{% for m in messages %}{{ m.content }}\n{% endfor %}"
+    )
+    try:
+        templated = Server(create_app(mix, model_id="tiny"))
+        try:
+            assert "--tool-call-parser" in _refused(templated, "tool_choice", messages=ASK, tools=[CLOCK])
+            required = _post(templated, messages=ASK, tools=[CLOCK], tool_choice="required", max_tokens=60)
+            assert required.status_code == 200, required.text
+        finally:
+            templated.stop()
+    finally:
+        mix.tokenizer.chat_template = None
