@@ -5,6 +5,7 @@ grammar after the trigger) and not, streamed and not; `$defs` in every mode; the
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import httpx
 import jsonschema
@@ -308,3 +309,107 @@ def test_the_refusals_of_tools_and_parsers(server, mix):
             templated.stop()
     finally:
         mix.tokenizer.chat_template = None
+
+
+# ---------------------------------------------------------------------- the strict grammars, token by token
+
+
+def _accepts(grammar, tokenizer, text):
+    """Whether the grammar lets a model write `text` then end (EOS)."""
+    matcher = grammar.matcher()
+    for token in tokenizer.encode(text, add_special_tokens=False):
+        if not matcher.consume_token(token):
+            return False
+    return matcher.consume_token(2)  # </s>
+
+
+@pytest.mark.parametrize(
+    "parser, good, bad",
+    [
+        (
+            "hermes",
+            'Sure.\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>'
+            '<tool_call>{"name": "ship", "arguments": {"to": {"city": "Oslo", "zip": 1}, "items": []}}</tool_call>',
+            ['Sure <tool_call>{"name": "rm", "arguments": {}}</tool_call>', '<tool_call>{"name": "get_time"}'],
+        ),
+        (
+            "hermes_list",
+            'Ok <tool_call>[{"name": "get_time", "arguments": {"zone": "CET"}}]</tool_call>',
+            [
+                '<tool_call>[{"name": "get_time", "arguments": {"zone": "PST"}}]</tool_call>',
+                "<tool_call>[]</tool_call>",
+            ],
+        ),
+        (
+            "llama3_json",
+            '{"name": "ship", "parameters": {"to": {"city": "Rome", "zip": 3}, "back": null, "items": []}}',
+            ['{"name": "ship", "parameters": {"to": {"city": "Rome"}, "items": []}}', '{"name": "get_time"}'],
+        ),
+        (
+            "mistral",
+            'Here: [TOOL_CALLS][{"name": "get_time", "arguments": {"zone": "UTC"}}]',
+            ['[TOOL_CALLS][{"name": "get_time", "arguments": {"zone": 1}}]'],
+        ),
+    ],
+)
+def test_strict_grammars_let_text_and_valid_calls_through_and_nothing_else(mix, parser, good, bad):
+    from loramix.grammar import Grammar
+    from loramix.serve.schemas import ChatRequest
+    from loramix.serve.tools import plan_tools
+
+    body = ChatRequest(model="tiny", messages=ASK, tools=[_strict(ORDER), _strict(CLOCK)])
+    plan = plan_tools(body, mix.tokenizer, parser)
+    grammar = Grammar.lark(mix.tokenizer, plan.lazy_grammar(lambda _: None), vocab=VOCAB, eos=[2])
+    assert _accepts(grammar, mix.tokenizer, good)
+    assert _accepts(grammar, mix.tokenizer, "Just text, no call.")
+    for text in bad:
+        assert not _accepts(grammar, mix.tokenizer, text), text
+    assert parse_calls(PARSERS[parser], {"ship", "get_time"}, good)[1]  # what the grammar lets through parses
+
+
+# ---------------------------------------------------------------------- LangChain, as agents use it
+
+
+def test_langchain_bind_tools_and_an_agent_loop(server):
+    """LangChain's `bind_tools` with its default tool choice ("auto"): the model calls a tool (the logit_bias
+    makes the random model open a call; strict makes the call valid), the loop runs the tool, sends its result back,
+    and the model answers in text."""
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    ran = []
+
+    @tool
+    def get_time(zone: Literal["UTC", "CET"]) -> str:
+        """The time in a zone."""
+        ran.append(zone)
+        return "12:00"
+
+    @tool
+    def get_date(zone: Literal["UTC", "CET"]) -> str:
+        """The date in a zone."""
+        ran.append(zone)
+        return "2026-12-06"
+
+    settings = dict(base_url=server.url + "/v1", api_key="unused", model="tiny", temperature=0, max_retries=0)
+    caller = ChatOpenAI(**settings, max_tokens=120, logit_bias={99: 100}).bind_tools(
+        [get_time, get_date], strict=True, parallel_tool_calls=False
+    )
+    answerer = ChatOpenAI(**settings, max_tokens=8).bind_tools([get_time, get_date])
+    messages = [HumanMessage("What time is it in Paris?")]
+    first = caller.invoke(messages)
+    (call,) = first.tool_calls
+    result = {"get_time": get_time, "get_date": get_date}[call["name"]].invoke(call["args"])
+    assert ran == [call["args"]["zone"]]
+    messages += [first, ToolMessage(result, tool_call_id=call["id"])]
+    final = answerer.invoke(messages)
+    assert not final.tool_calls and isinstance(final.content, str) and final.content
+
+
+def test_the_cli_refuses_an_unknown_parser_in_one_line(tmp_path):
+    from conftest import run_cli
+
+    result = run_cli("serve", tmp_path, "--tool-call-parser", "qwen9")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "unknown tool-call parser 'qwen9'; known: hermes" in " ".join(result.stderr.split())

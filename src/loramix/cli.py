@@ -663,6 +663,12 @@ def serve(
     ),
     body_timeout: float = typer.Option(30.0, "--body-timeout", min=0.001, help="Seconds a body may stall (408)."),
     keep_alive_timeout: float = typer.Option(5.0, "--keep-alive-timeout", min=0.001, help="Idle keep-alive seconds."),
+    tool_call_parser: str | None = typer.Option(
+        None,
+        "--tool-call-parser",
+        help="The tool-call format tool_choice 'auto' reads: hermes, hermes_list, llama3_json, mistral or pythonic "
+        "(default: the chat template's).",
+    ),
     device: str | None = typer.Option(None, help="e.g. cpu, cuda."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16."),
     base: str | None = _BASE,
@@ -718,6 +724,13 @@ def serve(
             f"[yellow]warning:[/yellow] serving on {host} without an API key: anyone who can reach this host can use "
             "the model (set LORAMIX_API_KEY)"
         )
+    from .serve.toolparsers import PARSERS
+
+    if tool_call_parser is not None and tool_call_parser not in PARSERS:
+        raise typer.BadParameter(
+            f"unknown tool-call parser {tool_call_parser!r}; known: {', '.join(PARSERS)}",
+            param_hint="--tool-call-parser",
+        )
     name = model_id or Path(checkpoint).resolve().name
     app_options = dict(
         max_prompt_tokens=max_prompt_tokens,
@@ -729,6 +742,7 @@ def serve(
         max_body=max_body,
         request_timeout=request_timeout,
         body_timeout=body_timeout,
+        tool_call_parser=tool_call_parser,
     )
     ray_flags = {
         "--address": address is not None,
