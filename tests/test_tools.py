@@ -413,3 +413,22 @@ def test_the_cli_refuses_an_unknown_parser_in_one_line(tmp_path):
     result = run_cli("serve", tmp_path, "--tool-call-parser", "qwen9")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "unknown tool-call parser 'qwen9'; known: hermes" in " ".join(result.stderr.split())
+
+
+def test_the_protein_tool_set_and_its_scoring():
+    from loramix.demo.tool_world import TOOLS, prompts, score
+
+    records = prompts()
+    assert records == prompts() and len(records) >= 40
+    assert {r["tool"] for r in records} == {t["function"]["name"] for t in TOOLS} | {None}
+    for record in records:
+        if record["tool"] is None:
+            assert score(record, []) == {"right_tool": True, "valid": True, "right_arguments": True}
+            assert not score(record, [("gravy", '{"sequence": "AK"}')])["right_tool"]
+            continue
+        right = json.dumps(record["arguments"])
+        assert score(record, [(record["tool"], right)]) == {"right_tool": True, "valid": True, "right_arguments": True}
+        other = next(t["function"]["name"] for t in TOOLS if t["function"]["name"] != record["tool"])
+        assert not score(record, [(other, right)])["right_tool"]
+        assert not score(record, [(record["tool"], '{"x": 1}')])["valid"]
+        assert not score(record, [])["right_tool"]
