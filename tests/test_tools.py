@@ -213,7 +213,7 @@ def test_strict_auto_calls_parse_and_validate_streamed_and_not(client, mix):
         assert call.id.startswith("call_") and call.type == "function"
         jsonschema.validate(json.loads(call.function.arguments), specs[call.function.name]["function"]["parameters"])
     streamed: dict[int, dict] = {}
-    reasons = []
+    reasons, pieces = [], 0
     for chunk in client.chat.completions.create(stream=True, **kwargs):
         delta = chunk.choices[0].delta
         assert not delta.content
@@ -223,11 +223,12 @@ def test_strict_auto_calls_parse_and_validate_streamed_and_not(client, mix):
                 assert entry["id"] is None and piece.function.name and not piece.function.arguments
                 entry["id"], entry["name"] = piece.id, piece.function.name
             entry["arguments"] += piece.function.arguments or ""
+            pieces += bool(piece.function.arguments)
         reasons.append(chunk.choices[0].finish_reason)
     assert [(e["name"], e["arguments"]) for _, e in sorted(streamed.items())] == [
         (c.function.name, c.function.arguments) for c in result.message.tool_calls
     ]
-    assert reasons[-1] == "tool_calls"
+    assert reasons[-1] == "tool_calls" and pieces > 3  # the arguments stream as they are written
 
 
 def test_auto_without_strict_returns_what_is_not_a_call_as_text(client):
@@ -291,6 +292,8 @@ def test_the_refusals_of_tools_and_parsers(server, mix):
     try:
         message = _refused(pythonic, "tools", messages=ASK, tools=[_strict(CLOCK)])
         assert "pythonic" in message
+        dashed = {"type": "function", "function": {"name": "get-time"}}
+        assert "'get-time' is not a name" in _refused(pythonic, "tools", messages=ASK, tools=[dashed])
     finally:
         pythonic.stop()
     with pytest.raises(loramix.errors.ConfigError, match="unknown tool-call parser 'qwen9'"):
@@ -432,3 +435,39 @@ def test_the_protein_tool_set_and_its_scoring():
         assert not score(record, [(other, right)])["right_tool"]
         assert not score(record, [(record["tool"], '{"x": 1}')])["valid"]
         assert not score(record, [])["right_tool"]
+
+
+@pytest.mark.parametrize(
+    "parser, text, calls",
+    [
+        (
+            "hermes_list",
+            'Ok. <tool_call>\n[{"name": "get_weather", "arguments": {"q": "a}\\"{b", "n": [1, {"x": []}]}}, '
+            '{"name": "get_time", "arguments": {}}]\n</tool_call>',
+            [("get_weather", '{"q": "a}\\"{b", "n": [1, {"x": []}]}'), ("get_time", "{}")],
+        ),
+        (
+            "hermes",
+            '<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call>\n'
+            '<tool_call>{"name": "get_weather", "arguments": {"city": "\\u00e9"}}</tool_call>',
+            [("get_time", '{"zone": "UTC"}'), ("get_weather", '{"city": "\\u00e9"}')],
+        ),
+        ("llama3_json", '{"name": "get_time", "parameters": {"zone": "UTC"}}', [("get_time", '{"zone": "UTC"}')]),
+        ("mistral", 'x [TOOL_CALLS][{"name": "get_time", "arguments": {"a": 1.50}}]', [("get_time", '{"a": 1.50}')]),
+    ],
+)
+def test_strict_calls_stream_their_name_first_then_their_arguments_as_written(parser, text, calls):
+    assert parse_calls(PARSERS[parser], NAMES, text, incremental=True)[1] == calls
+    reader = CallReader(PARSERS[parser], NAMES, incremental=True)
+    events, names_at, pieces = [], [], 0
+    for i, char in enumerate(text):
+        for event in reader.feed(char):
+            events.append(event)
+            if event.name is not None:
+                names_at.append(i)
+            pieces += bool(event.arguments)
+    events += reader.finish()
+    assert [e.name for e in events if e.name is not None] == [name for name, _ in calls]
+    # each name comes out as soon as its arguments open, and the arguments in many pieces
+    assert [text[i - 2 : i + 1] for i in names_at] == [": {"] * len(calls)
+    assert pieces >= sum(len(arguments) for _, arguments in calls)  # one piece per character fed

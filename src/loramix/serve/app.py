@@ -619,23 +619,25 @@ def _chat_deltas(calls: ToolPlan | None, n: int) -> tuple[ChoiceOf, ChoiceOf, Ch
 
 def _auto_deltas(plan: ToolPlan, n: int, delta: Callable[..., dict[str, Any]]) -> tuple[ChoiceOf, ChoiceOf, ChoiceOf]:
     """The stream of an "auto" reply: text streams as content until the trigger (held back only while it could be
-    the trigger's start); each call, once its block is complete, as OpenAI streams one (its id and name, then its
-    arguments); a block that is not a call of a known tool as content (toolparsers.CallReader)."""
+    the trigger's start); then each call as OpenAI streams one: its id and name, then its arguments (strict: as
+    they are written, piece by piece; otherwise once its block is complete, and a block that is not a call of a
+    known tool as content; toolparsers.CallReader)."""
     assert plan.parser is not None
-    readers = [CallReader(plan.parser, plan.names) for _ in range(n)]
+    readers = [CallReader(plan.parser, plan.names, incremental=plan.strict) for _ in range(n)]
     counts = [0] * n
 
     def chunks(index: int, events: list[Any]) -> list[dict[str, Any]]:
         out = []
         for event in events:
-            if event.call is None:
+            if event.text:
                 out.append(delta(index, {"content": event.text}))
-                continue
-            first = entry(event.call[0], "")
-            out.append(delta(index, {"tool_calls": [{"index": counts[index], **first}]}))
-            arguments = {"index": counts[index], "function": {"arguments": event.call[1]}}
-            out.append(delta(index, {"tool_calls": [arguments]}))
-            counts[index] += 1
+            name, arguments = event.call or (event.name, event.arguments)
+            if name is not None:
+                out.append(delta(index, {"tool_calls": [{"index": counts[index], **entry(name, "")}]}))
+                counts[index] += 1
+            if arguments:
+                piece = {"index": counts[index] - 1, "function": {"arguments": arguments}}
+                out.append(delta(index, {"tool_calls": [piece]}))
         return out
 
     def finish(result: dict[str, Any]) -> list[dict[str, Any]]:

@@ -197,17 +197,80 @@ def parser_for_template(template: Any) -> str | None:
 
 @dataclass
 class Parsed:
-    """One event of a reader: `text` (content) or a `call`."""
+    """One event of a reader: `text` (content), a complete `call`, or (incremental reading) the `name` of a call
+    that begins, or a piece of its `arguments`."""
 
     text: str = ""
     call: Call | None = None
+    name: str | None = None
+    arguments: str = ""
+
+    @property
+    def empty(self) -> bool:
+        return self.call is None and self.name is None and not self.text and not self.arguments
+
+
+_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
+
+
+class _Scanner:
+    """Reads calls written as JSON objects {"name": F, "arguments": {...}} (in a list or not) character by character,
+    giving each call's name as soon as it is written and its arguments piece by piece. Only for text a strict
+    grammar wrote: the name comes first, and every object is complete and valid."""
+
+    def __init__(self) -> None:
+        self.phase = "item"  # item (between calls), head (before the arguments), args, tail (after them)
+        self.head = ""
+        self.depth, self.string, self.escape = 0, False, False
+
+    def read(self, text: str) -> list[Parsed]:
+        out: list[Parsed] = []
+        piece: list[str] = []
+        for char in text:
+            if self.phase == "item":
+                if char == "{":
+                    self.phase, self.head = "head", char
+            elif self.phase == "head":
+                self.head += char
+                match = _HEAD.fullmatch(self.head[:-1]) if char == "{" else None
+                if match is not None:
+                    out.append(Parsed(name=json.loads(f'"{match.group(1)}"')))
+                    self.phase, self.depth, self.string, self.escape = "args", 1, False, False
+                    piece = ["{"]
+            elif self.phase == "args":
+                piece.append(char)
+                if self.string:
+                    if self.escape:
+                        self.escape = False
+                    elif char == "\\":
+                        self.escape = True
+                    elif char == '"':
+                        self.string = False
+                elif char == '"':
+                    self.string = True
+                elif char in "{[":
+                    self.depth += 1
+                elif char in "}]":
+                    self.depth -= 1
+                    if self.depth == 0:
+                        out.append(Parsed(arguments="".join(piece)))
+                        piece, self.phase = [], "tail"
+            elif char == "}":  # tail: the call object closes
+                self.phase = "item"
+        if piece:
+            out.append(Parsed(arguments="".join(piece)))
+        return out
 
 
 class CallReader:
-    """Reads one answer's content and calls, piece by piece (module docstring)."""
+    """Reads one answer's content and calls, piece by piece (module docstring). `incremental` (strict mode, whose
+    grammar makes every call valid): each call's name as soon as it is written, then its arguments piece by piece,
+    as the model writes them (`_Scanner`)."""
 
-    def __init__(self, parser: ToolParser, names: set[str]) -> None:
+    def __init__(self, parser: ToolParser, names: set[str], incremental: bool = False) -> None:
         self.parser, self.names = parser, names
+        self.incremental = incremental and parser.name != "pythonic"
+        self.scanner: _Scanner | None = None
         self.buffer = ""  # text not yet given out
         self.trigger: str | None = None  # the trigger of the block being read (None: reading text)
         self.decided = not parser.at_start  # an at-start format knows after the first visible character
@@ -224,6 +287,9 @@ class CallReader:
             if self.trigger is None:
                 if not self._find_trigger(out):
                     return _merge(out)
+            elif self.incremental:
+                if not self._scan(out):
+                    return _merge(out)
             elif self.parser.end is None or self.parser.end not in self.buffer:
                 return _merge(out)
             else:
@@ -234,7 +300,9 @@ class CallReader:
     def finish(self) -> list[Parsed]:
         """The rest, once the answer is complete (an unclosed block is read as it is)."""
         out: list[Parsed] = []
-        if self.trigger is not None:
+        if self.trigger is not None and self.incremental:
+            out.extend(self._scanning().read(self.buffer))
+        elif self.trigger is not None:
             out.extend(self._block(self.buffer, self.trigger + self.buffer))
         elif self.buffer:
             out.append(Parsed(self.buffer))
@@ -271,6 +339,25 @@ class CallReader:
         self.buffer = self.buffer[len(self.buffer) - keep :]
         return False
 
+    def _scanning(self) -> _Scanner:
+        if self.scanner is None:
+            self.scanner = _Scanner()
+        return self.scanner
+
+    def _scan(self, out: list[Parsed]) -> bool:
+        """Incremental reading of a block: what cannot be the start of its end marker goes to the scanner; True when
+        the block ended (the rest of the buffer is text again)."""
+        end = self.parser.end
+        if end is not None and end in self.buffer:
+            block, _, self.buffer = self.buffer.partition(end)
+            out.extend(self._scanning().read(block))
+            self.scanner, self.trigger = None, None
+            return True
+        keep = 0 if end is None else max((k for k in range(1, len(end)) if self.buffer.endswith(end[:k])), default=0)
+        out.extend(self._scanning().read(self.buffer[: len(self.buffer) - keep]))
+        self.buffer = self.buffer[len(self.buffer) - keep :]
+        return False
+
     def _block(self, block: str, raw: str) -> list[Parsed]:
         try:
             return [Parsed(call=c) for c in self.parser.calls(block, self.names)]
@@ -282,22 +369,34 @@ def _merge(events: list[Parsed]) -> list[Parsed]:
     """Adjacent text events joined, empty ones dropped."""
     out: list[Parsed] = []
     for e in events:
-        if e.call is None and not e.text:
+        if e.empty:
             continue
-        if e.call is None and out and out[-1].call is None:
+        if e.text and out and out[-1].text:
             out[-1] = Parsed(out[-1].text + e.text)
+        elif e.arguments and out and out[-1].arguments:
+            out[-1] = Parsed(arguments=out[-1].arguments + e.arguments)
         else:
             out.append(e)
     return out
 
 
-def parse_calls(parser: ToolParser, names: set[str], text: str) -> tuple[str | None, list[Call]]:
+def parse_calls(
+    parser: ToolParser, names: set[str], text: str, incremental: bool = False
+) -> tuple[str | None, list[Call]]:
     """A whole answer -> (content, calls). With calls, content is the text around them without its trailing blanks
-    (None when that leaves nothing); without, the text as it is."""
-    reader = CallReader(parser, names)
-    events = reader.feed(text) + reader.finish()
-    calls = [e.call for e in events if e.call is not None]
-    content = "".join(e.text for e in events)
+    (None when that leaves nothing); without, the text as it is. `incremental`: as `CallReader` reads strict calls
+    (the arguments as the model wrote them)."""
+    reader = CallReader(parser, names, incremental)
+    calls: list[Call] = []
+    content = ""
+    for e in reader.feed(text) + reader.finish():
+        if e.call is not None:
+            calls.append(e.call)
+        elif e.name is not None:
+            calls.append((e.name, ""))
+        elif e.arguments:
+            calls[-1] = (calls[-1][0], calls[-1][1] + e.arguments)
+        content += e.text
     if not calls:
         return text, []
     return (content.rstrip() or None), calls

@@ -201,6 +201,14 @@ def _auto(tools: list[dict[str, Any]], parallel: bool, tokenizer: Any, parser: s
                 )
         else:
             name = DEFAULT_PARSER
+    if name == "pythonic":  # the calls are Python: a name with "-" cannot be written as one
+        unwritable = [t["function"]["name"] for t in tools if not t["function"]["name"].isidentifier()]
+        if unwritable:
+            raise ToolError(
+                "tools",
+                f"the pythonic tool-call format writes calls as Python, where {unwritable[0]!r} is not a name: use "
+                "letters, digits and underscores",
+            )
     strict = any(t["function"].get("strict") for t in tools)
     if strict and name == "pythonic":
         raise ToolError(
@@ -233,7 +241,7 @@ def entry(name: str, arguments: str) -> dict[str, Any]:
 def auto_message(plan: ToolPlan, text: str) -> tuple[str | None, list[dict[str, Any]]]:
     """An "auto" answer -> (content, tool_calls) (serve/toolparsers.py: `parse_calls`)."""
     assert plan.parser is not None
-    content, calls = parse_calls(plan.parser, plan.names, text)
+    content, calls = parse_calls(plan.parser, plan.names, text, incremental=plan.strict)
     return content, [entry(n, a) for n, a in calls]
 
 
