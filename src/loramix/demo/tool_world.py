@@ -17,11 +17,14 @@ import json
 import random
 from typing import Any
 
-from .world import _TABLE, fmt, load_peptides
+from .world import fmt, load_peptides
 
 __all__ = ["TOOLS", "prompts", "score", "valid_arguments"]
 
-_NAMES = sorted(row[0].lower() for row in _TABLE)
+_NAMES = (
+    "alanine arginine asparagine aspartate cysteine glutamate glutamine glycine histidine isoleucine leucine lysine "
+    "methionine phenylalanine proline serine threonine tryptophan tyrosine valine"
+).split()
 
 TOOLS: list[dict[str, Any]] = [
     {

@@ -279,7 +279,8 @@ def chat_messages(messages: list[ChatMessage], plan: ToolPlan | None, templated_
     if plan is not None and not templated_tools:
         instruction = plan.parser.instruction if plan.parser is not None else ""
         how = DEFAULT_HOW[plan.choice].format(name=plan.name, instruction=instruction)
-        listing = DEFAULT_TOOL_PROMPT.format(tools=json.dumps([t["function"] for t in plan.tools]), how=how)
+        shown = [{k: v for k, v in t["function"].items() if k != "strict"} for t in plan.tools]
+        listing = DEFAULT_TOOL_PROMPT.format(tools=json.dumps(shown), how=how)
         if out and out[0]["role"] == "system":
             out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{listing}"}
         else:
