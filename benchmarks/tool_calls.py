@@ -80,17 +80,20 @@ def _answers(model, records, strict: bool, base: bool, max_new: int):
     return results, seconds
 
 
-def quality(model, max_new: int, batch: int) -> dict:
+def quality(model, max_new: int, batch: int, only: list[str] | None = None) -> dict:
     from loramix.demo.tool_world import prompts, score
 
     records = prompts()
     table = {}
     for system in ("loramix", "base"):
         for strict in (True, False):
+            if only and f"{system}:{'strict' if strict else 'plain'}" not in only:
+                continue
             rows, samples = [], []
             for start in range(0, len(records), batch):
                 chunk = records[start : start + batch]
-                answers, _ = _answers(model, chunk, strict, system == "base", max_new)
+                answers, seconds = _answers(model, chunk, strict, system == "base", max_new)
+                print(f"  {system} strict={strict} rows {start}..{start + len(chunk)}: {seconds:.0f} s", flush=True)
                 for record, (text, calls) in zip(chunk, answers):
                     rows.append({**score(record, calls), "calls": len(calls), "tool": record["tool"]})
                     if len(samples) < 3:
@@ -156,10 +159,13 @@ def main() -> None:
     parser.add_argument("--cost", action="store_true")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
+    parser.add_argument(
+        "--only", nargs="*", help="systems to run, of loramix:strict loramix:plain base:strict base:plain (default all)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = _setup(args.checkpoint)
-    result = {"quality": quality(model, args.max_new, args.batch)}
+    result = {"quality": quality(model, args.max_new, args.batch, args.only)}
     if args.cost:
         result["cost"] = cost(model, args.max_new, args.rounds)
         print("cost", json.dumps(result["cost"]), flush=True)

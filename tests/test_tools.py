@@ -471,3 +471,20 @@ def test_strict_calls_stream_their_name_first_then_their_arguments_as_written(pa
     # each name comes out as soon as its arguments open, and the arguments in many pieces
     assert [text[i - 2 : i + 1] for i in names_at] == [": {"] * len(calls)
     assert pieces >= sum(len(arguments) for _, arguments in calls)  # one piece per character fed
+
+
+def test_rows_without_tools_are_unchanged_beside_strict_auto_rows(client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    plain = dict(model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=24, temperature=0)
+    alone = client.chat.completions.create(**plain).choices[0].message.content
+    calling = {**plain, "tools": [_strict(CLOCK)], "logit_bias": OPEN, "parallel_tool_calls": False, "max_tokens": 80}
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(client.chat.completions.create, **(calling if i % 2 else plain)) for i in range(6)]
+        results = [f.result().choices[0] for f in futures]
+    for i, result in enumerate(results):
+        if i % 2:
+            (call,) = result.message.tool_calls
+            assert call.function.name == "get_time" and json.loads(call.function.arguments)["zone"] in ("UTC", "CET")
+        else:
+            assert result.message.content == alone
