@@ -31,14 +31,17 @@ def _setup(checkpoint: str):
     return model
 
 
-def _rendered(model, record, strict: bool):
+def _rendered(model, record, mode: str):
     from loramix.demo.tool_world import TOOLS
     from loramix.serve.schemas import ChatRequest
     from loramix.serve.tools import chat_messages, plan_tools, template_reads_tools
     from loramix.text import render_chat
 
-    tools = [{**t, "function": {**t["function"], "strict": strict}} for t in TOOLS]
-    body = ChatRequest(model="m", messages=[{"role": "user", "content": record["prompt"]}], tools=tools)
+    tools = [{**t, "function": {**t["function"], "strict": mode == "strict"}} for t in TOOLS]
+    choice = "required" if mode == "required" else None
+    body = ChatRequest(
+        model="m", messages=[{"role": "user", "content": record["prompt"]}], tools=tools, tool_choice=choice
+    )
     plan = plan_tools(body, model.tokenizer, None)
     templated = template_reads_tools(model.tokenizer)
     text = render_chat(
@@ -47,15 +50,17 @@ def _rendered(model, record, strict: bool):
     return plan, text
 
 
-def _answers(model, records, strict: bool, base: bool, max_new: int):
+def _answers(model, records, mode: str, base: bool, max_new: int):
     from loramix.evaluate import _fixed
     from loramix.grammar import Grammar
     from loramix.serve.toolparsers import parse_calls
     from loramix.text import encode_prompts
 
-    plans, texts = zip(*(_rendered(model, r, strict) for r in records))
+    plans, texts = zip(*(_rendered(model, r, mode) for r in records))
     grammar = None
-    if strict:
+    if mode == "required":
+        grammar = Grammar.for_model(model, plans[0].schema())
+    if mode == "strict":
         special = set(model.tokenizer.all_special_ids)
 
         def token(text):
@@ -75,9 +80,18 @@ def _answers(model, records, strict: bool, base: bool, max_new: int):
     results = []
     for row, plan in enumerate(plans):
         text = model.tokenizer.decode(out.new_tokens[row, : out.lengths[row]].tolist(), skip_special_tokens=True)
-        _content, calls = parse_calls(plan.parser, plan.names, text)
+        if mode == "required":
+            try:
+                calls = [(c["name"], json.dumps(c["parameters"])) for c in json.loads(text)]
+            except json.JSONDecodeError:  # cut by max_new
+                calls = []
+        else:
+            _content, calls = parse_calls(plan.parser, plan.names, text)
         results.append((text, calls))
     return results, seconds
+
+
+DEFAULT_RUNS = ("loramix:strict", "loramix:plain", "base:strict", "base:plain")
 
 
 def quality(model, max_new: int, batch: int, only: list[str] | None = None) -> dict:
@@ -86,26 +100,29 @@ def quality(model, max_new: int, batch: int, only: list[str] | None = None) -> d
     records = prompts()
     table = {}
     for system in ("loramix", "base"):
-        for strict in (True, False):
-            if only and f"{system}:{'strict' if strict else 'plain'}" not in only:
+        for mode in ("strict", "plain", "required"):
+            if (only or ["loramix:strict", "loramix:plain", "base:strict", "base:plain"]).count(
+                f"{system}:{mode}"
+            ) == 0:
                 continue
             rows, samples = [], []
-            for start in range(0, len(records), batch):
-                chunk = records[start : start + batch]
-                answers, seconds = _answers(model, chunk, strict, system == "base", max_new)
-                print(f"  {system} strict={strict} rows {start}..{start + len(chunk)}: {seconds:.0f} s", flush=True)
+            chosen = [r for r in records if r["tool"] is not None] if mode == "required" else records
+            for start in range(0, len(chosen), batch):
+                chunk = chosen[start : start + batch]
+                answers, seconds = _answers(model, chunk, mode, system == "base", max_new)
+                print(f"  {system} {mode} rows {start}..{start + len(chunk)}: {seconds:.0f} s", flush=True)
                 for record, (text, calls) in zip(chunk, answers):
                     rows.append({**score(record, calls), "calls": len(calls), "tool": record["tool"]})
                     if len(samples) < 3:
                         samples.append({"prompt": record["prompt"], "answer": text})
             tool_rows = [r for r in rows if r["tool"] is not None]
             emitted = [r for r in rows if r["calls"]]
-            key = f"{system} {'strict' if strict else 'not strict'}"
+            key = f"{system} {mode}"
             table[key] = {
                 "right_tool": sum(r["right_tool"] for r in rows) / len(rows),
                 "right_tool_of_tool_prompts": sum(r["right_tool"] for r in tool_rows) / len(tool_rows),
                 "text_prompts_in_text": sum(r["right_tool"] for r in rows if r["tool"] is None)
-                / sum(r["tool"] is None for r in rows),
+                / max(sum(r["tool"] is None for r in rows), 1),
                 "answers_with_calls": len(emitted),
                 "calls_valid": (sum(r["valid"] for r in emitted) / len(emitted)) if emitted else None,
                 "right_arguments": sum(r["right_arguments"] for r in tool_rows) / len(tool_rows),
@@ -126,7 +143,7 @@ def cost(model, max_new: int, rounds: int) -> dict:
         render_chat(model.tokenizer, [{"role": "user", "content": f"Tell me about protein number {i}."}])
         for i in range(8)
     ]
-    plans, tool_texts = zip(*(_rendered(model, r, True) for r in records))
+    plans, tool_texts = zip(*(_rendered(model, r, "strict") for r in records))
     grammar = Grammar.lark_for_model(model, plans[0].lazy_grammar(lambda _: None))
     bare = [render_chat(model.tokenizer, [{"role": "user", "content": r["prompt"]}]) for r in records]
     with_tools = encode_prompts(model.tokenizer, list(tool_texts) + plain, templated=True)
@@ -160,7 +177,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     parser.add_argument(
-        "--only", nargs="*", help="systems to run, of loramix:strict loramix:plain base:strict base:plain (default all)"
+        "--only",
+        nargs="*",
+        help="what to run, of loramix:strict loramix:plain base:strict base:plain (the default: these four), "
+        "loramix:required base:required (tool_choice required, the 40 tool prompts only)",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
