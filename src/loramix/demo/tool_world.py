@@ -21,10 +21,28 @@ from .world import fmt, load_peptides
 
 __all__ = ["TOOLS", "prompts", "score", "valid_arguments"]
 
-_NAMES = (
-    "alanine arginine asparagine aspartate cysteine glutamate glutamine glycine histidine isoleucine leucine lysine "
-    "methionine phenylalanine proline serine threonine tryptophan tyrosine valine"
-).split()
+_NAMES = [
+    "alanine",
+    "arginine",
+    "asparagine",
+    "aspartate",
+    "cysteine",
+    "glutamate",
+    "glutamine",
+    "glycine",
+    "histidine",
+    "isoleucine",
+    "leucine",
+    "lysine",
+    "methionine",
+    "phenylalanine",
+    "proline",
+    "serine",
+    "threonine",
+    "tryptophan",
+    "tyrosine",
+    "valine",
+]
 
 TOOLS: list[dict[str, Any]] = [
     {
