@@ -488,3 +488,14 @@ def test_rows_without_tools_are_unchanged_beside_strict_auto_rows(client):
             assert call.function.name == "get_time" and json.loads(call.function.arguments)["zone"] in ("UTC", "CET")
         else:
             assert result.message.content == alone
+
+
+def test_strict_rows_write_what_plain_rows_write_until_the_trigger(client):
+    """Before the trigger the lazy grammar allows every token that writes text. The bias keeps the random model off
+    the tokens that write none (<pad>, <s>, and the ids above the tokenizer's 101), which plain rows may pick and
+    strict rows may not."""
+    silent = {str(i): -100 for i in [0, 1, *range(101, VOCAB)]}
+    kwargs = dict(model="tiny", messages=ASK, max_tokens=30, temperature=0, logit_bias=silent)
+    plain = client.chat.completions.create(tools=[CLOCK], **kwargs).choices[0].message
+    strict = client.chat.completions.create(tools=[_strict(CLOCK)], **kwargs).choices[0].message
+    assert "<tool_call>" not in plain.content and strict.content == plain.content
