@@ -381,7 +381,7 @@ def test_chat_content_parts_null_assistant_model_card_and_usage_chunk(client, se
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice: tool_choice 'auto'"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}] * 2}, "tools: two tools have the same function"),
         ({"tool_choice": "auto"}, "tool_choice: tool_choice needs tools"),
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"response_format": {"type": "json_object"}}, "response_format: the tokenizer has no token for '}'"),

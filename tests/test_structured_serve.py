@@ -258,8 +258,6 @@ def test_too_few_tokens_and_the_refusals(server, dirs):
     refused(chat, "response_format", messages=ASK, response_format={"type": "json_schema"})
     named = {"type": "function", "function": {"name": "nope"}}
     assert "'nope'" in refused(chat, "tool_choice", messages=ASK, tools=[WEATHER], tool_choice=named)
-    assert "'auto'" in refused(chat, "tool_choice", messages=ASK, tools=[WEATHER])
-    assert "'auto'" in refused(chat, "tool_choice", messages=ASK, tools=[WEATHER], tool_choice="auto")
     listed = {"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}
     refused(chat, "tools.0.function.parameters", messages=ASK, tools=[listed], tool_choice="required")
     forced = {"type": "function", "function": {"name": "get_weather"}}

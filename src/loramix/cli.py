@@ -703,6 +703,12 @@ def serve(
         "masks); beyond it that request alone gets a 400 naming response_format.",
     ),
     keep_alive_timeout: float = typer.Option(5.0, "--keep-alive-timeout", min=0.001, help="Idle keep-alive seconds."),
+    tool_call_parser: str | None = typer.Option(
+        None,
+        "--tool-call-parser",
+        help="The tool-call format tool_choice 'auto' reads: hermes, hermes_list, llama3_json, mistral or pythonic "
+        "(default: the chat template's).",
+    ),
     device: str | None = typer.Option(None, help="e.g. cpu, cuda."),
     dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16."),
     base: str | None = _BASE,
@@ -764,6 +770,13 @@ def serve(
             f"[yellow]warning:[/yellow] serving on {host} without an API key: anyone who can reach this host can use "
             "the model (set LORAMIX_API_KEY)"
         )
+    from .serve.toolparsers import PARSERS
+
+    if tool_call_parser is not None and tool_call_parser not in PARSERS:
+        raise typer.BadParameter(
+            f"unknown tool-call parser {tool_call_parser!r}; known: {', '.join(PARSERS)}",
+            param_hint="--tool-call-parser",
+        )
     name = model_id or Path(checkpoint).resolve().name
     if kv_cache_memory is not None:
         from .blocks import paged_budget
@@ -788,6 +801,7 @@ def serve(
         request_timeout=request_timeout,
         body_timeout=body_timeout,
         grammar_budget=grammar_budget,
+        tool_call_parser=tool_call_parser,
     )
     ray_flags = {
         "--address": address is not None,

@@ -4,6 +4,9 @@
                                                   None: any JSON object) compiled for one tokenizer; checked when
                                                   made (a `GrammarError` names what is wrong)
     Grammar.for_model(model, schema)              the same for a LoraMixModel's tokenizer, logits and EOS ids
+    Grammar.lark(tokenizer, text, vocab, eos)     a grammar in llguidance's Lark syntax (the lazy grammars of strict
+                                                  tool calls, serve/toolparsers.py), checked when made
+    Grammar.lark_for_model(model, text)           the same for a LoraMixModel
     grammar.matcher()                             a fresh matcher for one row (the grammar's state)
     GrammarRow(grammar)                           one row's grammar, advanced on a worker thread of its own
     apply_masks(scores, rows, masks, vocab)       packed masks ([V / 32] int32 each) applied on the scores' device
@@ -230,6 +233,34 @@ class Grammar:
         if key not in done:
             cls.for_model(model, ANY_OBJECT).warm()
             done.add(key)
+
+    @classmethod
+    def lark(cls, tokenizer: Any, text: str, *, vocab: int, eos: Sequence[int]) -> Grammar:
+        """A grammar in llguidance's Lark syntax (its docs/syntax.md) for `tokenizer`, over `vocab` logits, ending
+        with one of the `eos` ids; its `schema` is empty. Raises `GrammarError` when it cannot be compiled."""
+        if tokenizer is None:
+            raise GrammarError("structured output needs a tokenizer: load a checkpoint that has one, or pass one")
+        if not eos:
+            raise GrammarError("structured output needs an end-of-sequence token; the model has none")
+        llg = _llguidance()
+        table, _ = token_table(tokenizer, vocab, eos)
+        try:
+            compiled = llg.LLMatcher.grammar_from_lark(text)
+        except (ValueError, TypeError) as exc:
+            raise GrammarError(f"the grammar cannot be compiled: {_first_line(str(exc))}") from None
+        matcher = llg.LLMatcher(table, compiled, log_level=0)
+        if matcher.is_error():
+            raise GrammarError(f"the grammar cannot be compiled: {_first_line(matcher.get_error())}")
+        return cls({}, vocab, tuple(eos), matcher)
+
+    @classmethod
+    def lark_for_model(cls, model: Any, text: str, *, tokenizer: Any = None) -> Grammar:
+        """`lark` for a LoraMixModel: its tokenizer (or `tokenizer`), its logits' size, its EOS ids."""
+        from .base import resolve_defaults
+
+        vocab = model.model.get_output_embeddings().weight.shape[0]
+        eos = resolve_defaults(model).eos_token_ids
+        return cls.lark(tokenizer if tokenizer is not None else model.tokenizer, text, vocab=vocab, eos=eos)
 
     def matcher(self) -> Any:
         """A fresh grammar state for one row."""

@@ -10,8 +10,9 @@
 Sampling fields map to `generate`: max_tokens (or max_completion_tokens), temperature (0 = greedy), top_p, stop,
 seed, n, presence/frequency_penalty, logit_bias, logprobs (+ echo; chat: top_logprobs). Structured output:
 `response_format` json_object / json_schema (both endpoints) and `tools` with tool_choice "none", "required" or a
-named function (chat; serve/tools.py), enforced by a grammar in the decoder's sampler (grammar.py). Fields it
-cannot honour (tool_choice "auto", best_of > 1, ...) get a 400 naming them (docs/serving.md).
+named function (chat; serve/tools.py), enforced by a grammar in the decoder's sampler (grammar.py); tool_choice
+"auto" reads the calls in the model's own format (serve/toolparsers.py), strict tools under a lazy grammar. Fields it
+cannot honour (best_of > 1, ...) get a 400 naming them (docs/serving.md).
 The extension field `loramix` (OpenAI clients: `extra_body={"loramix": {...}}`) selects the speed mode, top_k,
 repetition_penalty, and `return_scalings` ("token", "layer" or "expert"), returned in the response's `loramix` field.
 Errors are OpenAI-style JSON: {"error": {"message", "type", "param", "code"}} with a 4xx status (5xx: 503 with
@@ -52,7 +53,19 @@ from ..text import render_chat
 from .engine import Engine, Job, QueueFull, TokenLogprob
 from .metrics import Metrics
 from .schemas import MAX_CHOICES, ChatRequest, CompletionRequest
-from .tools import ToolError, ToolPlan, call_id, chat_messages, plan_tools, template_reads_tools, tool_calls
+from .toolparsers import CallReader
+from .tools import (
+    ToolError,
+    ToolPlan,
+    auto_message,
+    call_id,
+    chat_messages,
+    check_parser,
+    entry,
+    plan_tools,
+    template_reads_tools,
+    tool_calls,
+)
 
 __all__ = ["ApiError", "ServerState", "check_api_key", "create_app"]
 
@@ -107,6 +120,7 @@ class ServerState:
     request_timeout: float | None
     grammar_budget: float | None = None
     special_ids: set[int] = field(default_factory=set)
+    tool_parser: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -229,13 +243,19 @@ async def _grammar(
     event loop; a 400 naming the field when it cannot be."""
     fmt = body.response_format
     json_format = fmt is not None and fmt.type != "text"
+    if json_format and plan is not None and plan.choice != "none":
+        raise ApiError(
+            400,
+            f"response_format {fmt.type!r} and tool_choice {plan.choice!r} both shape the answer; use one",
+            param="response_format",
+        )
+    if plan is not None and plan.choice == "auto" and plan.strict:
+        try:
+            text = plan.lazy_grammar(lambda trigger: _special_token(state, trigger))
+            return await asyncio.to_thread(Grammar.lark_for_model, state.model, text)
+        except (GrammarError, ValueError) as exc:
+            raise ApiError(400, f"tools: {exc}", param="tools") from None
     if plan is not None and plan.constrained:
-        if json_format:
-            raise ApiError(
-                400,
-                f"response_format {fmt.type!r} and tool_choice {plan.choice!r} both constrain the answer; use one",
-                param="response_format",
-            )
         param, schema = "tools", plan.schema()
     elif json_format:
         param = "response_format"
@@ -278,6 +298,12 @@ async def _compile(model: Any, schema: Any, budget: float | None) -> Grammar:
     if isinstance(result, BaseException):
         raise result
     return result
+
+
+def _special_token(state: ServerState, text: str) -> int | None:
+    """The id of the special token that writes `text` (a tool-call trigger such as [TOOL_CALLS]), or None."""
+    ids = state.tokenizer.encode(text, add_special_tokens=False)
+    return ids[0] if len(ids) == 1 and ids[0] in state.special_ids else None
 
 
 def _sampling(body: CompletionRequest | ChatRequest) -> SamplingSettings:
@@ -472,8 +498,9 @@ async def _sse(
     """Server-sent events for the reply's choices. The endpoint gives the choice objects only: `opening(index)` (or
     None), `piece(index, text)`, `finish(result)`; each goes out in the reply's envelope. The last finish chunk
     carries the loramix extension, unless a usage chunk (stream_options.include_usage) follows and carries it with
-    the usage. `piece` may give None (nothing to send yet). A client that hangs up cancels the jobs (the generator
-    is closed)."""
+    the usage. `piece` may give None (nothing to send yet), and `piece` and `finish` a list of choice objects (each
+    sent as its own chunk; the last of `finish`'s carries the finish reason). A client that hangs up cancels the jobs
+    (the generator is closed)."""
 
     def event(data: dict[str, Any]) -> bytes:
         return f"data: {json.dumps(data)}\n\n".encode()
@@ -488,12 +515,14 @@ async def _sse(
         while any(r is None for r in results):
             message = await sink.get()
             if message["type"] == "piece":
-                choice = piece(message["index"], message["text"])
-                if choice is not None:
+                for choice in _listed(piece(message["index"], message["text"])):
                     yield event(reply.envelope([choice]))
             elif message["type"] == "done":
                 results[message["index"]] = message
-                chunk = reply.envelope([finish(message)])
+                *before, last = _listed(finish(message))
+                for choice in before:
+                    yield event(reply.envelope([choice]))
+                chunk = reply.envelope([last])
                 if all(r is not None for r in results) and not usage:
                     chunk["loramix"] = reply.extension(results)  # type: ignore[arg-type]
                 yield event(chunk)
@@ -507,6 +536,11 @@ async def _sse(
         yield b"data: [DONE]\n\n"
     finally:
         _cancel(reply.jobs)
+
+
+def _listed(choice: Any) -> list[dict[str, Any]]:
+    """A choice function's answer as a list of choice objects (it may give None, one, or several)."""
+    return [] if choice is None else choice if isinstance(choice, list) else [choice]
 
 
 def _stream(reply: _Reply, sink: asyncio.Queue, body: Any, opening: ChoiceOf, piece: ChoiceOf, finish: ChoiceOf):
@@ -564,11 +598,11 @@ async def _completions(state: ServerState, request: Request, body: CompletionReq
 async def _chat(state: ServerState, request: Request, body: ChatRequest) -> Any:
     _check_fields(state, body, body.n)
     try:
-        plan = plan_tools(body)
+        plan = plan_tools(body, state.tokenizer, state.tool_parser)
+        templated_tools = plan is not None and template_reads_tools(state.tokenizer)
+        messages = chat_messages(body.messages, plan, templated_tools)
     except ToolError as exc:
         raise ApiError(400, f"{exc.param}: {exc}", param=exc.param) from None
-    templated_tools = plan is not None and template_reads_tools(state.tokenizer)
-    messages = chat_messages(body.messages, plan, templated_tools)
     try:
         text = render_chat(state.tokenizer, messages, tools=plan.tools if templated_tools else None)
     except ConfigError as exc:  # no template, and the plain format needs what the tokenizer cannot write
@@ -582,7 +616,7 @@ async def _chat(state: ServerState, request: Request, body: ChatRequest) -> Any:
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     jobs, sink = _submit(state, body, prompts, logprobs=logprobs, grammar=grammar)
     reply = _Reply(state, f"chatcmpl-{uuid.uuid4().hex}", "chat.completion.chunk", prompts, jobs)
-    calls = plan if plan is not None and plan.constrained else None
+    calls = plan if plan is not None and plan.choice != "none" else None
     if body.stream:
         return _stream(reply, sink, body, *_chat_deltas(calls, body.n))
     results = await _results(request, sink, jobs)
@@ -590,8 +624,13 @@ async def _chat(state: ServerState, request: Request, body: ChatRequest) -> Any:
     for i, r in enumerate(results):
         message: dict[str, Any] = {"role": "assistant", "content": r["text"]}
         reason = r["finish_reason"]
+        if calls is not None and calls.choice == "auto":
+            content, entries = auto_message(calls, r["text"])
+            if entries:
+                message = {"role": "assistant", "content": content, "tool_calls": entries}
+                reason = "tool_calls" if reason == "stop" else reason
         # complete (the grammar ended it: valid JSON), or a named call cut by max_tokens (its partial arguments)
-        if calls is not None and (reason == "stop" or calls.choice == "named"):
+        elif calls is not None and (reason == "stop" or calls.choice == "named"):
             message = {"role": "assistant", "content": None, "tool_calls": tool_calls(calls, r["text"])}
             reason = "tool_calls" if reason == "stop" else reason
         logprobs_out = _chat_logprobs(state, r["logprobs"]["completion"]) if r["logprobs"] is not None else None
@@ -617,6 +656,8 @@ def _chat_deltas(calls: ToolPlan | None, n: int) -> tuple[ChoiceOf, ChoiceOf, Ch
             lambda index, text: delta(index, {"content": text}),
             lambda result: delta(result["index"], {}, result["finish_reason"]),
         )
+    if calls.choice == "auto":
+        return _auto_deltas(calls, n, delta)
     if calls.choice == "named":
         ids = [call_id() for _ in range(n)]
 
@@ -644,6 +685,42 @@ def _chat_deltas(calls: ToolPlan | None, n: int) -> tuple[ChoiceOf, ChoiceOf, Ch
         lambda index: delta(index, {"role": "assistant", "content": None}),
         lambda index, text: None,
         finish_required,
+    )
+
+
+def _auto_deltas(plan: ToolPlan, n: int, delta: Callable[..., dict[str, Any]]) -> tuple[ChoiceOf, ChoiceOf, ChoiceOf]:
+    """The stream of an "auto" reply: text streams as content until the trigger (held back only while it could be
+    the trigger's start); then each call as OpenAI streams one: its id and name, then its arguments (strict: as
+    they are written, piece by piece; otherwise once its block is complete, and a block that is not a call of a
+    known tool as content; toolparsers.CallReader)."""
+    assert plan.parser is not None
+    readers = [CallReader(plan.parser, plan.names, incremental=plan.strict) for _ in range(n)]
+    counts = [0] * n
+
+    def chunks(index: int, events: list[Any]) -> list[dict[str, Any]]:
+        out = []
+        for event in events:
+            if event.text:
+                out.append(delta(index, {"content": event.text}))
+            name, arguments = event.call or (event.name, event.arguments)
+            if name is not None:
+                out.append(delta(index, {"tool_calls": [{"index": counts[index], **entry(name, "")}]}))
+                counts[index] += 1
+            if arguments:
+                piece = {"index": counts[index] - 1, "function": {"arguments": arguments}}
+                out.append(delta(index, {"tool_calls": [piece]}))
+        return out
+
+    def finish(result: dict[str, Any]) -> list[dict[str, Any]]:
+        index = result["index"]
+        out = chunks(index, readers[index].finish())
+        reason = "tool_calls" if counts[index] and result["finish_reason"] == "stop" else result["finish_reason"]
+        return [*out, delta(index, {}, reason)]
+
+    return (
+        lambda index: delta(index, {"role": "assistant", "content": ""}),
+        lambda index, text: chunks(index, readers[index].feed(text)),
+        finish,
     )
 
 
@@ -812,6 +889,7 @@ def create_app(
     max_num_batched_tokens: int = 512,
     prefix_caching: bool = True,
     grammar_budget: float | None = GRAMMAR_BUDGET_S,
+    tool_call_parser: str | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `model` (a LoraMixModel with a tokenizer); `app.state.server` is its `ServerState`.
     One worker thread runs the model: continuous batching
@@ -825,10 +903,17 @@ def create_app(
     context); the KV cache pool, allocated here, holds `kv_cache_memory` bytes ("2GiB" or a number; default 4 GiB
     on a CPU) or on CUDA `gpu_memory_utilization` of the device less what is in use (default 0.9);
     `max_num_batched_tokens` tokens of a long prompt prefill between two decode steps; `prefix_caching` reuses
-    the blocks of shared prompt prefixes."""
+    the blocks of shared prompt prefixes.
+
+    `tool_call_parser` names the tool-call format tool_choice "auto" reads (serve/toolparsers.py; None: the chat
+    template's)."""
     if model.tokenizer is None:
         raise LoramixError("serving needs a tokenizer: the checkpoint has none and its base provides none")
     check_api_key(api_key)
+    try:
+        check_parser(tool_call_parser)
+    except ToolError as exc:
+        raise ConfigError(f"tool_call_parser: {exc}") from None
     tokenizer = model.tokenizer
     context = model_length(model, max_model_len)
     prompt_limit = max_prompt_tokens or context - 1
@@ -861,6 +946,7 @@ def create_app(
         request_timeout=request_timeout,
         grammar_budget=grammar_budget,
         special_ids=set(getattr(tokenizer, "all_special_ids", [])) - {getattr(tokenizer, "unk_token_id", None)},
+        tool_parser=tool_call_parser,
     )
 
     @contextlib.asynccontextmanager

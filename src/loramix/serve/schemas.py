@@ -269,6 +269,8 @@ class ChatMessage(BaseModel):
     def _content(self) -> ChatMessage:
         if self.tool_calls and self.role != "assistant":
             raise ValueError(f"only an assistant message has tool_calls, not one of role {self.role!r}")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id: the id of the call whose result it carries")
         if self.content is None and not (self.role == "assistant"):
             raise ValueError(f"content may be null only for an assistant message, not for role {self.role!r}")
         return self
