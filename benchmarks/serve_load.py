@@ -374,16 +374,16 @@ def server_vs_library(
 # ---------------------------------------------------------------------- the random long-context checkpoint
 
 
-def random_checkpoint(root: Path) -> Path:
-    """A tiny random Llama with a 512-token context, the demo's tokenizer, 3 random experts, a random gate."""
+def random_checkpoint(root: Path, **overrides) -> Path:
+    """A tiny random Llama with a 512-token context (or as `overrides` say), the demo's tokenizer, 3 random experts,
+    a random gate."""
     from transformers import AutoTokenizer
 
     import loramix
     from loramix.demo import shipped_checkpoint
 
     tokenizer = AutoTokenizer.from_pretrained(shipped_checkpoint() / "tokenizer")
-    base = build_base(
-        root,
+    config = dict(
         vocab_size=len(tokenizer),
         hidden_size=128,
         intermediate_size=384,
@@ -395,6 +395,7 @@ def random_checkpoint(root: Path) -> Path:
         bos_token_id=1,
         eos_token_id=2,
     )
+    base = build_base(root, **{**config, **overrides})
     experts = build_experts(base, root, n=3, rank=4)
     model = loramix.from_pretrained(base, experts, loramix.MixConfig(), tokenizer=tokenizer)
     return model.save(root / "checkpoint", include_base=True)

@@ -36,10 +36,22 @@ from pathlib import Path
 
 import httpx
 
+from serve_load import random_checkpoint
+
 from common import build_base, build_experts, machine
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 RESIDUES = "ACDEFGHIKLMNPQRSTVWY"
+QUESTIONS = [
+    "What is photosynthesis?",
+    "Name a protein.",
+    "What is 2+2?",
+    "Say hello.",
+    "What is DNA?",
+    "Name a planet.",
+    "What is water?",
+    "Define enzyme.",
+]
 
 
 def status(pid: int) -> dict[str, float]:
@@ -128,17 +140,7 @@ def export_smollm2(src: Path) -> Path:
 
 def memory(src: Path, today: Path | None, threads: int, smollm2: Path) -> list[str]:
     chat = {"model": "bench", "max_tokens": 32, "temperature": 0}
-    questions = [
-        "What is photosynthesis?",
-        "Name a protein.",
-        "What is 2+2?",
-        "Say hello.",
-        "What is DNA?",
-        "Name a planet.",
-        "What is water?",
-        "Define enzyme.",
-    ]
-    bodies = [{**chat, "messages": [{"role": "user", "content": q}]} for q in questions]
+    bodies = [{**chat, "messages": [{"role": "user", "content": q}]} for q in QUESTIONS]
     rows = ["| server | flags | VmRSS after /health | VmHWM after 8 chat requests |", "|---|---|---|---|"]
     for name, tree in (("this checkout", src), ("previous (--today-src)", today)):
         if tree is None:
@@ -157,20 +159,10 @@ def memory(src: Path, today: Path | None, threads: int, smollm2: Path) -> list[s
 def budget(src: Path, threads: int, smollm2: Path) -> list[str]:
     """--kv-cache-memory 1GiB under 8 chat requests of 512 new tokens each (EOS biased out)."""
     chat = {"model": "bench", "max_tokens": 512, "temperature": 0, "logit_bias": {str(i): -100 for i in range(3)}}
-    questions = [
-        "What is photosynthesis?",
-        "Name a protein.",
-        "What is 2+2?",
-        "Say hello.",
-        "What is DNA?",
-        "Name a planet.",
-        "What is water?",
-        "Define enzyme.",
-    ]
     rows = []
     served = Served(smollm2, src, ["--kv-cache-memory", "1GiB", "--max-tokens", "512"], threads)
     start = served.status()["VmHWM"]
-    long = [{**chat, "messages": [{"role": "user", "content": q}]} for q in questions]
+    long = [{**chat, "messages": [{"role": "user", "content": q}]} for q in QUESTIONS]
     replies = asyncio.run(gather(served.url, long, "/v1/chat/completions"))
     assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
     tokens = sum(r.json()["usage"]["completion_tokens"] for r in replies)
@@ -188,28 +180,19 @@ def long_context(src: Path, threads: int) -> list[str]:
     from transformers import AutoTokenizer
 
     import loramix
-    from loramix.demo import shipped_checkpoint
     from loramix.sampling import SamplingSettings
 
     torch.set_num_threads(threads)
-    root = Path(tempfile.mkdtemp(prefix="long_"))
-    tokenizer = AutoTokenizer.from_pretrained(shipped_checkpoint() / "tokenizer")
-    base = build_base(
-        root,
-        vocab_size=len(tokenizer),
+    checkpoint = random_checkpoint(
+        Path(tempfile.mkdtemp(prefix="long_")),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=2,
         max_position_embeddings=32768,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
     )
-    experts = build_experts(base, root, n=3, rank=4)
-    model = loramix.from_pretrained(base, experts, loramix.MixConfig(), tokenizer=tokenizer)
-    checkpoint = model.save(root / "checkpoint", include_base=True)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer")
     rng = random.Random(0)
     long_prompt = "".join(rng.choice(RESIDUES) for _ in range(20_000))
     n_long = len(tokenizer(long_prompt).input_ids)

@@ -482,16 +482,7 @@ class Decoder:
                 for j, spec in enumerate(specs):
                     if spec.fixed is not None:
                         s[j] = spec.fixed.to(s)
-        keep = {} if prompt_logits else model.last_logits_only
-        out = model(
-            ids,
-            attention_mask=mask,
-            position_ids=positions,
-            scalings=s,
-            past_key_values=LoraMixCache(None, prompt.mixed),
-            use_cache=True,
-            **keep,
-        )
+        out = self._mixed(ids, mask, positions, s, prompt.mixed, every=prompt_logits)
         lengths = mask.sum(-1).tolist()
         tables = [self._allocate(self.blocks_for(n)) for n in lengths]
         self.paged.write_prompt(rows, tables, mask, prompt)
@@ -501,6 +492,17 @@ class Decoder:
             if self.prefix_cache:
                 self.allocator.register(tables[j], self._keys(real.tolist(), spec))
         return self._first(rows, out.logits[:, -1], s[:, -1], out.logits if prompt_logits else None)
+
+    def _mixed(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, s: torch.Tensor, cache: Any, every: bool = False
+    ) -> Any:
+        """The mixed pass of a prompt (or a piece of one) with its scalings s [J, T, L, N], extending `cache`; the
+        logits of every position (`every`) or of the last one."""
+        keep = {} if every else self.model.last_logits_only
+        mixed = LoraMixCache(None, cache)
+        return self.model(
+            ids, attention_mask=mask, position_ids=positions, scalings=s, past_key_values=mixed, use_cache=True, **keep
+        )
 
     def _first(
         self, rows: list[int], logits: torch.Tensor, last: torch.Tensor, prompt_logits: torch.Tensor | None
@@ -572,15 +574,7 @@ class Decoder:
             answer = len(p.ids) - p.output  # where the tokens it generated before start
             if p.held is not None and end > answer:
                 s[0, max(answer - start, 0) :] = p.held.to(s)
-        out = model(
-            ids,
-            attention_mask=mask,
-            position_ids=positions,
-            scalings=s,
-            past_key_values=LoraMixCache(None, cache.mixed),
-            use_cache=True,
-            **model.last_logits_only,
-        )
+        out = self._mixed(ids, mask, positions, s, cache.mixed)
         p.done = end
         p.logits, p.scalings = out.logits[0, -1], s[0, -1]
 
