@@ -494,7 +494,13 @@ class Decoder:
         return self._first(rows, out.logits[:, -1], s[:, -1], out.logits if prompt_logits else None)
 
     def _mixed(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, s: torch.Tensor, cache: Any, every: bool = False
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        s: torch.Tensor,
+        cache: Any,
+        every: bool = False,
     ) -> Any:
         """The mixed pass of a prompt (or a piece of one) with its scalings s [J, T, L, N], extending `cache`; the
         logits of every position (`every`) or of the last one."""
