@@ -241,3 +241,27 @@ def test_native_model_in_two_processes_equals_one_process(tasks, demo, tmp_path)
     for task, metric in (("demo_compare", "acc,none"), ("demo_qa", "exact_match,none")):
         assert two[task][metric] == one["results"][task][metric], task
     assert [s["doc_id"] for s in _samples(out, "demo_qa")] == list(range(8))
+
+
+def test_generate_until_stops_each_row_at_its_until_string(demo, monkeypatch):
+    """Rows stop once they wrote an `until` string (they no longer run on to EOS or max_gen_toks), and the answers
+    are the same text as generating to the end and cutting."""
+    from types import SimpleNamespace
+
+    from loramix.harness import LoramixLM
+
+    lm = LoramixLM(model=demo, batch_size=2)
+    generated, generate = [], demo.generate
+
+    def counted(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        generated.append(out.new_tokens.shape[1])
+        return out
+
+    monkeypatch.setattr(demo, "generate", counted)
+    prompts = ["GRAVY<GLWSKIKEVGKEAAKAAAKAAGKAALGAVSEAV>=", "What is the mass of W?"]
+    cut = lm.generate_until([SimpleNamespace(args=(p, {"until": ["."], "max_gen_toks": 40})) for p in prompts])
+    whole = lm.generate_until([SimpleNamespace(args=(p, {"until": [], "max_gen_toks": 40})) for p in prompts])
+    assert all("." in text for text in whole)
+    assert cut == [text[: text.index(".")] for text in whole]
+    assert generated[0] < generated[1]  # fewer tokens generated: the rows stopped at "."

@@ -282,8 +282,9 @@ class LoramixLM(TemplateLM):
 
     @torch.no_grad()
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        """Greedy (or sampled, with do_sample/temperature) answers, cut before the first `until` string; requests
-        with equal generation settings run in batches."""
+        """Greedy (or sampled, with do_sample/temperature) answers, cut before the first `until` string; a row stops
+        generating once it has written one (stop strings), not at `max_gen_toks`; requests with equal generation
+        settings run in batches."""
         results: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
@@ -298,6 +299,8 @@ class LoramixLM(TemplateLM):
             picked = {key: settings.pop(key) for key in ("top_p", "top_k", "seed") if key in settings}
             sampling = SamplingSettings.for_generate(do_sample, temperature or 1.0, **picked)
             kwargs: dict[str, Any] = {"max_new_tokens": max_new, "mode": self.mode, "sampling": sampling}
+            if any(until):  # rows stop where their answer ends (lm-eval's hf model does the same), then are cut
+                kwargs["stop_strings"] = [stop for stop in until if stop]
             if settings:
                 logger.warning("generate_until: ignoring generation arguments %s", sorted(settings))
             for start in range(0, len(members), self.batch_size):
