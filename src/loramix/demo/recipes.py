@@ -31,7 +31,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # a new peptide in every record (fresh.py), contexts on compare and Q&A
     "fresh": {"gate_data": "fresh"},
     # fresh, and an entropy term towards one expert per token
-    "fresh+entropy": {"gate_data": "fresh", "entropy_weight": 0.1},
+    "fresh+entropy": {"gate_data": "fresh", "entropy_weight": 0.2},
     # fresh, dropout inside the gate, the gate of the lowest validation loss
     "fresh+dropout+best": {"gate_data": "fresh", "gate_dropout": 0.2, "gate_keep_best": True},
 }
