@@ -153,3 +153,20 @@ def test_eval_reports_the_heldout_set_beside_the_data(tmp_path, world, records):
                           timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "bad.jsonl:2: peptide" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_gate_training_data_split_is_the_shipped_mixture_and_fresh_is_new(world):
+    import random
+
+    from loramix.demo.build import BuildConfig, domain_training_data, gate_training_data
+    from loramix.demo.world import DOMAINS
+
+    cfg = BuildConfig(gate_steps=3, gate_batch=4)
+    split = gate_training_data(world, cfg)
+    expected = [r for d in DOMAINS for r in domain_training_data(world, d, 3 * 4 // 4 + 1)]
+    random.Random(cfg.seed).shuffle(expected)
+    assert split == expected  # the recipe the shipped gate was trained with
+    fresh = gate_training_data(world, BuildConfig(gate_steps=3, gate_batch=4, gate_data="fresh"))
+    assert len(fresh) == 12 and fresh != split[:12]
+    with pytest.raises(ValueError, match="gate_data='other'"):
+        gate_training_data(world, BuildConfig(gate_data="other"))

@@ -1,5 +1,5 @@
 """Unlimited training data for the demo's gate: the labels are computable, so every training record can carry a new
-peptide (docs/demo.md, "Training a gate that generalises").
+peptide (docs/demo.md, "Training recipes, compared on the held-out set").
 
 Fresh peptides are made from the training split only, and never from the held-out generator's families
 (`loramix.demo.heldout`), so that the held-out set stays a different distribution:

@@ -1,5 +1,5 @@
-"""Gate training recipes for the mini-world, compared on the held-out set (docs/demo.md, "Training a gate that
-generalises"): each trains a new gate over the shipped base and experts, which stay as they are.
+"""Gate training recipes for the mini-world, compared on the held-out set (docs/demo.md, "Training recipes, compared
+on the held-out set"): each trains a new gate over the shipped base and experts, which stay as they are.
 
     python -m loramix.demo.recipes RECIPE OUT_DIR [--truncated]
 
@@ -32,6 +32,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "fresh": {"gate_data": "fresh"},
     # fresh, and an entropy term towards one expert per token
     "fresh+entropy": {"gate_data": "fresh", "entropy_weight": 0.2},
+    # the training split's records, and the entropy term
+    "split+entropy": {"gate_data": "split", "entropy_weight": 0.2},
     # fresh, dropout inside the gate, the gate of the lowest validation loss
     "fresh+dropout+best": {"gate_data": "fresh", "gate_dropout": 0.2, "gate_keep_best": True},
 }
