@@ -54,7 +54,7 @@ def test_heldout_set_is_large_new_and_labelled_by_protparam(world, records):
     train_gravy = sorted(gravy(p) for p in world.splits["train"])
     held_gravy = [r["answer"] for r in records if r["domain"] == "forward"]
     low, high = train_gravy[int(0.05 * len(train_gravy))], train_gravy[int(0.95 * len(train_gravy))]
-    assert sum(not low <= g <= high for g in held_gravy) > 0.3 * len(held_gravy)  # 10% of the training split
+    assert sum(not low <= g <= high for g in held_gravy) > 0.5 * len(held_gravy)  # 10% of the training split
 
 
 def test_smollm2_heldout_records_phrase_the_set_for_chat(records):
