@@ -145,6 +145,15 @@ def test_eval_reports_the_heldout_set_beside_the_data(tmp_path, world, records):
     for domain, metrics in expected.metrics["granular"].items():
         assert saved["heldout"]["metrics"]["granular"][domain] == pytest.approx(metrics, nan_ok=True)
     assert "--data / --heldout" in result.output and "granular / oracle" in result.output
+    from loramix.evaluate import EvalResult, beside
+
+    test_r, held_r = (EvalResult(metrics=d["metrics"], kinds=d["kinds"]) for d in (saved, saved["heldout"]))
+    header, rows = beside(test_r, held_r)
+    assert header[1] == "forward r2 test / held-out" and [r[0] for r in rows] == ["oracle", "granular",
+                                                                                  "granular / oracle"]
+    ratio = held_r.primary("granular", "compare") / held_r.primary("oracle", "compare")
+    assert rows[-1][2].endswith(f" / {ratio:.3f}")
+    assert rows[1][1].startswith(f"{test_r.primary('granular', 'forward'):.3f} / ")
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(held[0]) + "\n" + json.dumps({**held[1], "peptide": world.splits["train"][0]}) + "\n")
