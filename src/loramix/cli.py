@@ -1072,6 +1072,10 @@ def demo(
 def eval_cmd(
     checkpoint: Path = typer.Argument(..., help="A loramix checkpoint directory (with its tokenizer)."),
     data: str = typer.Option(..., "--data", help="JSONL: prompt, completion, domain (+ answer/target/then)."),
+    heldout: Path | None = typer.Option(
+        None, "--heldout", help="A held-out JSONL (python -m loramix.demo.heldout), scored beside --data; its "
+        "'peptide' fields are checked: 20 standard residues, none in the demo's training split."
+    ),
     truncated: Path | None = typer.Option(None, "--truncated", help="A second checkpoint with a truncated gate."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write results.json and results.md here."),
     systems: list[str] = typer.Option(None, "--system", help="Rows to run (default: all); repeatable."),
@@ -1114,6 +1118,12 @@ def eval_cmd(
             raise CheckpointError(refused)
     records = load_records(data)
     records = records[:limit] if limit else records
+    held = None
+    if heldout is not None:
+        from .demo.heldout import load_heldout
+
+        held = load_heldout(heldout)
+        held = held[:limit] if limit else held
     device = str(state.device) if state.num_processes > 1 else None  # one GPU per process under a launcher
     model = _load(checkpoint, device, None, base, quantize)
     trunc = None
@@ -1130,26 +1140,39 @@ def eval_cmd(
         progress=state.is_main_process,
         state=state,
     )
+    held_result = None
+    if held is not None:
+        held_result = evaluate(
+            model, held, truncated=trunc, systems=systems or SYSTEMS, batch_size=batch_size,
+            progress=state.is_main_process, state=state,
+        )
     try:
         if state.is_main_process:
-            _report_eval(result, len(records), state.num_processes, out)
+            _report_eval(result, len(records), state.num_processes, out, held_result)
     finally:
         finish(state)
 
 
-def _report_eval(result: Any, n_records: int, n_processes: int, out: Path | None) -> None:
-    """The table of `loramix eval` and its --out files (the main process's part)."""
+def _report_eval(result: Any, n_records: int, n_processes: int, out: Path | None, heldout: Any = None) -> None:
+    """The table of `loramix eval` (and, with a held-out set, its table beside the first) and its --out files (the
+    main process's part)."""
+    from .evaluate import beside
     from .io import write_owned_files
 
-    header, rows = result.primary_table()
-    table = Table(*header, title="primary metric per domain")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    tables = [(result.primary_table(), "primary metric per domain")]
+    if heldout is not None:
+        tables.append((beside(result, heldout), "primary metric per domain: --data / --heldout"))
+    for (header, rows), title in tables:
+        table = Table(*header, title=title)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
     if n_processes > 1:
         console.print(f"{n_records} records shared by {n_processes} processes")
     if out is not None:
-        results = {"results.json": json.dumps(result.to_dict(), indent=2), "results.md": result.to_markdown()}
+        payload = {**result.to_dict(), **({"heldout": heldout.to_dict()} if heldout is not None else {})}
+        markdown = result.to_markdown() + ("" if heldout is None else "\nHeld-out set:\n\n" + heldout.to_markdown())
+        results = {"results.json": json.dumps(payload, indent=2), "results.md": markdown}
         write_owned_files(out, results, what="--out")
         console.print(f"[green]wrote[/green] {out}/results.json and {out}/results.md")
 

@@ -21,7 +21,16 @@ import torch
 
 from .errors import ConfigError, LoramixError
 
-__all__ = ["DataError", "Example", "TokenizedDataset", "collate", "load_records", "split_records", "tokenize_records"]
+__all__ = [
+    "DataError",
+    "Example",
+    "TokenizedDataset",
+    "collate",
+    "load_records",
+    "read_jsonl",
+    "split_records",
+    "tokenize_records",
+]
 
 IGNORE = -100
 
@@ -74,27 +83,7 @@ def load_records(source: str | Path | Sequence[dict[str, Any]], *, split: str = 
         return [_check_record(r, f"record {i}") for i, r in enumerate(source)]
     path = Path(str(source)).expanduser()
     if path.suffix == ".jsonl" or (path.is_file() and path.suffix == ""):
-        if not path.is_file():
-            raise DataError(f"{path}: no such file")
-        records = []
-        try:
-            f = path.open(encoding="utf-8")
-        except PermissionError:
-            raise DataError(f"{path}: permission denied") from None
-        with f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-                except RecursionError:
-                    raise DataError(f"{path}:{number}: the JSON is nested too deeply for a record") from None
-                records.append(_check_record(record, f"{path}:{number}"))
-        if not records:
-            raise DataError(f"{path}: no records")
-        return records
+        return [r for _, r in read_jsonl(path)]
     try:
         import datasets
     except ImportError:  # pragma: no cover - datasets is a dependency of the train extra
@@ -110,6 +99,33 @@ def load_records(source: str | Path | Sequence[dict[str, Any]], *, split: str = 
     except (FileNotFoundError, ValueError, OSError) as exc:
         raise DataError(f"{source}: cannot load with datasets ({str(exc).splitlines()[0]})") from None
     return [_check_record(dict(r), f"{source} row {i}") for i, r in enumerate(data)]
+
+
+def read_jsonl(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """The records of a JSONL file, validated line by line, each with where it is ("FILE:LINE", for errors that name
+    the offending line); blank lines are skipped."""
+    path = Path(str(path)).expanduser()
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    records = []
+    try:
+        f = path.open(encoding="utf-8")
+    except PermissionError:
+        raise DataError(f"{path}: permission denied") from None
+    with f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{number}: the JSON is nested too deeply for a record") from None
+            records.append((f"{path}:{number}", _check_record(record, f"{path}:{number}")))
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
 
 
 def split_records(

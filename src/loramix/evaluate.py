@@ -33,7 +33,7 @@ from .scoring import Scorer, scorer, scorer_of
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SYSTEMS", "EvalResult", "cell", "evaluate", "generate_answers", "primary_metric"]
+__all__ = ["SYSTEMS", "EvalResult", "beside", "cell", "evaluate", "generate_answers", "primary_metric"]
 
 SYSTEMS = ("base", "experts", "uniform", "oracle", "router", "granular", "prompt", "truncated")
 
@@ -82,6 +82,27 @@ class EvalResult:
             "kinds": self.kinds,
             "primary_metric": {d: primary_metric(k) for d, k in self.kinds.items()},
         }
+
+
+def beside(test: EvalResult, heldout: EvalResult) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the primary metric per domain, "test subset / held-out" for every system that both ran,
+    then a row of granular over oracle on each (where both ran): the generalisation table of `loramix eval
+    --heldout`."""
+    domains = [d for d in test.kinds if d in heldout.kinds]
+    header = ["system", *[f"{d} {primary_metric(test.kinds[d])} test / held-out" for d in domains]]
+    rows = [
+        [system, *[f"{cell(test.primary(system, d))} / {cell(heldout.primary(system, d))}" for d in domains]]
+        for system in test.metrics
+        if system in heldout.metrics
+    ]
+    if all(s in r.metrics for s in ("granular", "oracle") for r in (test, heldout)):
+
+        def ratio(r: EvalResult, d: str) -> str:
+            oracle = r.primary("oracle", d)
+            return cell(r.primary("granular", d) / oracle if oracle > 0 else math.nan)
+
+        rows.append(["granular / oracle", *[f"{ratio(test, d)} / {ratio(heldout, d)}" for d in domains]])
+    return header, rows
 
 
 def _fixed(model: Any, weights: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,14 @@ class BuildConfig:
     gate_depth: int = 2
     gate_width: int = 64
     route_weight: float = 3.0
+    gate_data: str = "split"
+    """The gate's training records: "split" (the training split's records, repeated: the shipped gate) or "fresh"
+    (a new peptide in every record, `loramix.demo.fresh`; docs/demo.md, "Training recipes, compared on the held-out
+    set": it did not generalise better)."""
+    gate_dropout: float = 0.0
+    entropy_weight: float = 0.0
+    gate_keep_best: bool = False
+    """End with the gate of the lowest loss on the validation split's records (evaluated every 100 steps)."""
     seed: int = 0
     threads: int = 2
 
@@ -148,12 +156,49 @@ def domain_training_data(world: World, domain: str, n: int) -> list[dict[str, An
     return repeat_records(records, n, f"{world.seed}-repeat-{domain}")  # small domains (QA) are repeated
 
 
+def gate_training_data(world: World, cfg: BuildConfig) -> list[dict[str, Any]]:
+    """The gate's training records (cfg.gate_data): the four domains in equal shares, gate_steps x gate_batch."""
+    n = cfg.gate_steps * cfg.gate_batch
+    if cfg.gate_data == "fresh":
+        from .fresh import fresh_mixture
+
+        return fresh_mixture(world, n, seed=cfg.seed)
+    if cfg.gate_data != "split":
+        raise ValueError(f"gate_data={cfg.gate_data!r}; expected 'fresh' or 'split'")
+    per_domain = n // len(DOMAINS) + 1
+    mixture = [r for d in DOMAINS for r in domain_training_data(world, d, per_domain)]
+    random.Random(cfg.seed).shuffle(mixture)
+    return mixture
+
+
+def train_demo_gate(
+    model: Any, world: World, mixture: list[dict[str, Any]], out: Path, cfg: BuildConfig, progress: bool,
+    *, include_base: bool,
+) -> dict[str, Any]:
+    """Train `model`'s gate on `mixture` with the demo's objective (cfg) and save the checkpoint to `out`."""
+    from ..train import GateObjective, train_gate
+
+    train = _train_config(cfg, cfg.gate_lr, cfg.gate_steps, cfg.gate_batch, 20, progress)
+    eval_data = None
+    if cfg.gate_keep_best:
+        train.eval_every, train.keep_best = 100, True
+        eval_data = [r for d in DOMAINS for r in world.domain_records(d, "val", 50)]
+    # every example weighs the same (design answers are 5x longer than the others), and the records' domains
+    # supervise the router (docs/training.md, docs/demo.md)
+    objective = GateObjective(
+        loss_weighting="example", route_weight=cfg.route_weight, entropy_weight=cfg.entropy_weight
+    )
+    return train_gate(
+        model, mixture, out, train=train, eval_data=eval_data, objective=objective, include_base=include_base
+    )
+
+
 def build(out_dir: str | Path, cfg: BuildConfig | None = None, *, progress: bool = True) -> dict[str, Any]:
     """Build base, experts and gates into out_dir (base/, experts/<domain>/, checkpoint/, checkpoint-truncated/).
     Returns a record of the configuration, the metrics of every stage, and the time taken."""
     from ..config import GateConfig, MixConfig
     from ..model import from_pretrained
-    from ..train import GateObjective, train_expert, train_gate
+    from ..train import train_expert
     from ..train.common import run_dir_for
 
     cfg = cfg or BuildConfig()
@@ -188,21 +233,16 @@ def build(out_dir: str | Path, cfg: BuildConfig | None = None, *, progress: bool
         experts[domain] = out / "experts" / domain
         record["stages"][f"expert {domain}"] = {"metrics": metrics, "seconds": time.perf_counter() - stage}
 
-    per_domain = cfg.gate_steps * cfg.gate_batch // len(DOMAINS) + 1
-    mixture = [r for d in DOMAINS for r in domain_training_data(world, d, per_domain)]
-    random.Random(cfg.seed).shuffle(mixture)
+    mixture = gate_training_data(world, cfg)
     for name, k in (("checkpoint", None), ("checkpoint-truncated", max(1, cfg.layers // 2))):
         stage = time.perf_counter()
         torch.manual_seed(cfg.seed)
         config = MixConfig(
-            gate=GateConfig(depth=cfg.gate_depth, width=cfg.gate_width, layerwise=True, dropout=0.0), scaling_layer=k
+            gate=GateConfig(depth=cfg.gate_depth, width=cfg.gate_width, layerwise=True, dropout=cfg.gate_dropout),
+            scaling_layer=k,
         )
         model = from_pretrained(base_dir, experts, config)
-        train = _train_config(cfg, cfg.gate_lr, cfg.gate_steps, cfg.gate_batch, 20, progress)
-        # every example weighs the same (design answers are 5x longer than the others), and the records' domains
-        # supervise the router (docs/training.md, docs/demo.md)
-        objective = GateObjective(loss_weighting="example", route_weight=cfg.route_weight)
-        metrics = train_gate(model, mixture, out / name, train=train, objective=objective, include_base=k is None)
+        metrics = train_demo_gate(model, world, mixture, out / name, cfg, progress, include_base=k is None)
         record["stages"][f"gate {name}"] = {"metrics": metrics, "seconds": time.perf_counter() - stage}
     record["seconds"] = time.perf_counter() - start
     (out / "build.json").write_text(json.dumps(record, indent=2, default=str))

@@ -1,0 +1,150 @@
+"""Why a gate does not generalise: the figures of docs/demo.md's diagnosis, for one checkpoint on the demo's test
+subset and on the held-out set (`loramix.demo.heldout`).
+
+- granular against the oracle on both sets (how much of the gap is the gate: the oracle uses the same experts);
+- forward's MAE per held-out peptide family;
+- where composite prompts fail: the GRAVY part (segment 1 within 0.25 of the truth) or the verdict part (segment 2
+  right for the model's own GRAVY);
+- routing on the reference answers (teacher-forced): the entropy of each token's layer-averaged scalings, and the
+  share of answer positions whose dominant expert is the record's own (composite: forward for the number, compare
+  for the verdict), on prompt and answer positions separately.
+
+`python -m loramix.demo.diagnose CKPT OUT.json` runs it (about a minute on 2 cores for the mini-world).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..analysis.stats import token_entropy
+
+__all__ = ["composite_parts", "diagnose", "routing"]
+
+
+def composite_parts(records: list[dict[str, Any]], answers: list[str]) -> dict[str, float]:
+    """Shares of composite answers: GRAVY part right (within 0.25), verdict right for the model's own number, both."""
+    from ..scoring import parse_number
+    from .scoring import DESIGN_TOLERANCE, second_segment
+
+    n = len(records)
+    gravy_ok = verdict_ok = both = 0
+    for r, a in zip(records, answers):
+        first_text, _, rest = a.partition(r["then"])
+        first = parse_number(first_text)
+        if first is None:
+            continue
+        g = abs(first - float(r["first"])) <= DESIGN_TOLERANCE
+        v = rest.strip() == second_segment(r["then"], first)
+        gravy_ok += g
+        verdict_ok += v
+        both += g and v
+    return {"gravy_part": gravy_ok / n, "verdict_part": verdict_ok / n, "solved": both / n}
+
+
+@torch.no_grad()
+def routing(model: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Routing over each record's prompt + reference completion: mean entropy (nats; ln N is uniform) on prompt and
+    answer positions, the share of answer positions routed mainly to the record's expert, and the dominant experts
+    of the answer positions."""
+    tok = model.tokenizer
+    names = model.expert_names
+    sums: dict[str, float] = defaultdict(float)
+    counts: Counter[str] = Counter()
+    dominant: Counter[str] = Counter()
+    for r in records:
+        prompt = tok(r["prompt"], add_special_tokens=False)["input_ids"]
+        full = tok(r["prompt"] + r["completion"], add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([full], device=model.device)
+        s = model.compute_scalings(ids, torch.ones_like(ids))[0].float()  # [T, L, N]
+        h = token_entropy(s)
+        top = s.mean(1).argmax(-1)
+        n_prompt = len(prompt)
+        answer = range(n_prompt - 1, len(full) - 1)  # positions that predict an answer token
+        sums["prompt_entropy"] += float(h[: n_prompt - 1].sum())
+        counts["prompt_entropy"] += n_prompt - 1
+        if r["domain"] == "composite":  # the number is forward's, the verdict (after "?") compare's
+            cut = len(tok(r["prompt"] + r["completion"].split("?")[0] + "?", add_special_tokens=False)["input_ids"])
+            wanted = ["forward" if p < cut - 1 else "compare" for p in answer]
+        else:
+            wanted = [r["domain"]] * len(answer)
+        for p, w in zip(answer, wanted):
+            sums["answer_entropy"] += float(h[p])
+            counts["answer_entropy"] += 1
+            dominant[names[int(top[p])]] += 1
+            sums["own_expert"] += float(names[int(top[p])] == w)
+            counts["own_expert"] += 1
+    out: dict[str, Any] = {k: sums[k] / counts[k] if counts[k] else math.nan for k in counts}
+    total = sum(dominant.values())
+    out["dominant_on_answers"] = {k: v / total for k, v in dominant.most_common()}
+    return out
+
+
+def _family_mae(records: list[dict[str, Any]], answers: list[str]) -> dict[str, float]:
+    from ..scoring import parse_number
+
+    errors: dict[str, list[float]] = defaultdict(list)
+    for r, a in zip(records, answers):
+        x = parse_number(a)
+        errors[r.get("family", "all")].append(abs(x - r["answer"]) if x is not None else math.nan)
+    return {f: sum(e for e in v if math.isfinite(e)) / max(1, sum(math.isfinite(e) for e in v)) for f, v in
+            errors.items()}
+
+
+def diagnose(model: Any, sets: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The figures above for each named set of records (e.g. {"test": ..., "heldout": ...})."""
+    from ..evaluate import evaluate
+
+    out: dict[str, Any] = {}
+    for name, records in sets.items():
+        result = evaluate(model, records, systems=("oracle", "granular"), progress=False)
+        by_domain: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in records:
+            by_domain[r["domain"]].append(r)
+        entry: dict[str, Any] = {
+            "primary": {s: {d: result.primary(s, d) for d in result.kinds} for s in result.metrics},
+            "granular_over_oracle": {
+                d: result.primary("granular", d) / result.primary("oracle", d)
+                if result.primary("oracle", d) > 0
+                else math.nan
+                for d in result.kinds
+            },
+        }
+        if "composite" in by_domain:
+            entry["composite_parts"] = {
+                s: composite_parts(by_domain["composite"], result.answers[f"{s}/composite"])
+                for s in ("granular", "oracle")
+            }
+        if "forward" in by_domain:
+            entry["forward_mae_by_family"] = {
+                s: _family_mae(by_domain["forward"], result.answers[f"{s}/forward"]) for s in ("granular", "oracle")
+            }
+        entry["routing"] = {d: routing(model, recs[:100]) for d, recs in by_domain.items()}
+        out[name] = entry
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ..loading import load
+    from .heldout import heldout_records
+    from .run import test_records
+    from .world import World
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        raise SystemExit("usage: python -m loramix.demo.diagnose CHECKPOINT OUT.json")
+    model = load(args[0])
+    world = World()
+    result = diagnose(model, {"test": test_records(world), "heldout": heldout_records(world=world)})
+    Path(args[1]).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

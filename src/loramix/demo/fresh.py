@@ -1,0 +1,100 @@
+"""Unlimited training data for the demo's gate: the labels are computable, so every training record can carry a new
+peptide (docs/demo.md, "Training recipes, compared on the held-out set").
+
+Fresh peptides are made from the training split only, and never from the held-out generator's families
+(`loramix.demo.heldout`), so that the held-out set stays a different distribution:
+
+    mutated      a training peptide with 10-50% of its residues replaced by uniformly drawn ones
+    recombined   slices of two training peptides joined, cut to a length drawn uniformly from 8-40
+    shuffled     a training peptide's residues in a random order, cut to a random length (at least 8)
+    uniform      residues drawn uniformly from the 20, length uniform in 8-40
+
+A fresh peptide that is a validation, test or held-out peptide is drawn again.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from .world import AMINO_ACIDS, MAX_LENGTH, MIN_LENGTH, World, compare_pair, fmt, verdict
+
+__all__ = ["FreshPeptides", "fresh_mixture"]
+
+KINDS = ("mutated", "recombined", "shuffled", "uniform")
+
+
+class FreshPeptides:
+    """A stream of new peptides from the training split (see the module docstring); `exclude`: peptides never to
+    give (by default the world's validation and test splits and the held-out set's peptides)."""
+
+    def __init__(self, world: World, rng: random.Random, exclude: set[str] | None = None) -> None:
+        from .heldout import HELDOUT_SIZES, heldout_peptides
+
+        self.train = world.splits["train"]
+        self.rng = rng
+        if exclude is None:
+            exclude = set(world.splits["val"]) | set(world.splits["test"])
+            exclude |= {p for p, _ in heldout_peptides(sum(HELDOUT_SIZES.values()))}
+        self.exclude = exclude
+
+    def _one(self, kind: str) -> str:
+        rng = self.rng
+        if kind == "mutated":
+            rate = rng.uniform(0.1, 0.5)
+            return "".join(rng.choice(AMINO_ACIDS) if rng.random() < rate else c for c in rng.choice(self.train))
+        if kind == "recombined":
+            a, b = rng.choice(self.train), rng.choice(self.train)
+            joined = a[: rng.randint(1, len(a))] + b[rng.randint(0, len(b) - 1) :]
+            return (joined * 2)[: rng.randint(MIN_LENGTH, MAX_LENGTH)]
+        if kind == "shuffled":
+            seq = list(rng.choice(self.train))
+            rng.shuffle(seq)
+            return "".join(seq[: rng.randint(MIN_LENGTH, len(seq))])
+        return "".join(rng.choice(AMINO_ACIDS) for _ in range(rng.randint(MIN_LENGTH, MAX_LENGTH)))
+
+    def __call__(self) -> str:
+        while True:
+            seq = self._one(self.rng.choice(KINDS))
+            if MIN_LENGTH <= len(seq) <= MAX_LENGTH and seq not in self.exclude:
+                return seq
+
+
+def _context(rng: random.Random, world: World, peptide: str) -> str:
+    """Compare's contexts (docs/demo.md), with a fresh peptide where they hold one."""
+    kind = rng.random()
+    if kind < 0.5:
+        return ""
+    if kind < 0.65:
+        return peptide + " "
+    if kind < 0.8:
+        return " ".join(rng.choice(world.facts)["name"] for _ in range(rng.randint(1, 3))) + " "
+    return f"<{peptide}>="
+
+
+def fresh_mixture(
+    world: World, n: int, seed: int = 0, *, qa_context: bool = True, exclude: set[str] | None = None
+) -> list[dict[str, Any]]:
+    """n training records for the gate, the four domains in turn, each forward / design / context peptide new:
+    forward and design on fresh peptides, compare with fresh contexts, Q&A the closed table's questions (each after
+    a context of the world half of the time when qa_context)."""
+    rng = random.Random(f"{world.seed}-fresh-{seed}")
+    fresh = FreshPeptides(world, rng, exclude)
+    questions = world.qa_records()
+    out: list[dict[str, Any]] = []
+    for i in range(n):
+        domain = ("forward", "inverse", "compare", "qa")[i % 4]
+        if domain == "forward":
+            out.append(world.forward(fresh()))
+        elif domain == "inverse":
+            out.append(world.inverse(fresh()))
+        elif domain == "compare":
+            a, b = compare_pair(rng)
+            context = _context(rng, world, fresh())
+            out.append({"prompt": f"{context}{fmt(a)}>{fmt(b)}?", "completion": verdict(a, b), "domain": "compare"})
+        else:
+            q = rng.choice(questions)
+            context = _context(rng, world, fresh()) if qa_context else ""
+            out.append({**q, "prompt": context + q["prompt"]})
+    rng.shuffle(out)
+    return out
