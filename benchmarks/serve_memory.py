@@ -224,14 +224,22 @@ def long_context(src: Path, threads: int) -> list[str]:
 
 
 def bench_checkpoint(root: Path, context: int) -> Path:
-    """The ~25M Llama of serve_load.py's library scenario with a longer context, the demo's tokenizer, no EOS."""
+    """The ~25M Llama of serve_load.py's library scenario (its blocks; the demo tokenizer's vocabulary) with a longer
+    context, no EOS."""
     from transformers import AutoTokenizer
 
     import loramix
     from loramix.demo import shipped_checkpoint
 
     tokenizer = AutoTokenizer.from_pretrained(shipped_checkpoint() / "tokenizer")
-    base = build_base(root, eos_token_id=None, bos_token_id=None, pad_token_id=0, max_position_embeddings=context)
+    base = build_base(  # the tokenizer's vocabulary, so that every token is text (a streamed piece)
+        root,
+        vocab_size=len(tokenizer),
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=0,
+        max_position_embeddings=context,
+    )
     experts = build_experts(base, root, n=4, rank=8, targets=["q_proj", "k_proj", "v_proj", "o_proj"])
     model = loramix.from_pretrained(base, experts, loramix.MixConfig(), tokenizer=tokenizer)
     return model.save(root / "checkpoint", include_base=True)
