@@ -224,3 +224,31 @@ def test_a_failed_row_zeroes_only_the_blocks_it_holds_alone(mix):
     decoder.leave(0, failed=True)
     assert torch.equal(pool[shared * 16 : (shared + 1) * 16], before)
     assert not pool[own * 16 : (own + 1) * 16].any() and own in decoder.allocator.free
+
+
+def test_prompts_with_a_cached_prefix_join_together_before_the_next_step(mix):
+    """Requests sharing a cached system prompt each take one forward of their rest and all join before the next
+    decode step (not one per step), and answer as without the cache."""
+    system = "You are a protein chemist. GRAVY of ACDKLMNPQ is computed from the residues. "
+    engine = Engine(mix, max_batch=4, longest=120)
+    finish, at_steps = engine.decoder.finish, []
+
+    def counted(p):
+        at_steps.append(engine.decoder.steps)
+        return finish(p)
+
+    engine.decoder.finish = counted
+    try:
+        run(engine, [make_job(mix, system + "K?", max_tokens=4)])
+        with engine._cond:  # submitted together: none may be admitted before the others are queued
+            jobs = [make_job(mix, system + q, max_tokens=6, logit_bias=NO_EOS) for q in ("KK?", "MW?", "AC?")]
+            for job, _ in jobs:
+                engine._pending.append(job)
+            engine._cond.notify()
+        results = [sink.result for _, sink in jobs]
+        assert len(at_steps) == 3 and len(set(at_steps)) == 1
+        for (job, _), got in zip(jobs, results):
+            out = mix.generate(torch.tensor([job.ids]), max_new_tokens=6, sampling=SamplingSettings(logit_bias=NO_EOS))
+            assert got["text"] == mix.tokenizer.decode(out.new_tokens[0].tolist(), skip_special_tokens=True)
+    finally:
+        engine.close()

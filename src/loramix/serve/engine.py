@@ -452,10 +452,29 @@ class Engine:
 
     @torch.no_grad()
     def _admit(self) -> None:
-        """Let waiting jobs join as one prefilled batch, then take their first tokens."""
-        jobs = self._take()
-        if not jobs:
-            return
+        """Let waiting jobs join: short prompts as one prefilled batch; a prompt whose prefix is cached, with one
+        forward of its rest when that fits this step's token budget (`max_num_batched_tokens`), so that requests
+        sharing a system prompt all join before the next step; a longer one goes on in pieces (`_chunk`)."""
+        spent = 0
+        while True:
+            jobs = self._take()
+            if jobs:
+                self._join(jobs)
+            if self._prefill is None:
+                if not jobs:
+                    return
+                continue
+            p = self._prefill[2]
+            rest = len(p.ids) - p.done
+            if rest > self.max_num_batched_tokens - spent:
+                return
+            spent += rest
+            self._chunk(rest)
+            if self._prefill is not None:  # it cannot join yet (blocks, columns)
+                return
+
+    def _join(self, jobs: list[Job]) -> None:
+        """Prefill jobs as one left-padded batch into free rows, then take their first tokens."""
         self.batches += 1
         self.batched_requests += len(jobs)
         ids, mask = left_pad([j.ids for j in jobs], self.defaults.pad_token_id)
@@ -507,14 +526,16 @@ class Engine:
         self._prefill = (job, row, prefill)
 
     @torch.no_grad()
-    def _chunk(self) -> None:
-        """One piece of the prompt entering in pieces (at most `max_num_batched_tokens` less the decoding rows,
-        at least one block); once all of it is in, its row joins the decoding rows."""
+    def _chunk(self, n: int | None = None) -> None:
+        """One piece of the prompt entering in pieces (`n` tokens, or at most `max_num_batched_tokens` less the
+        decoding rows, at least one block); once all of it is in, its row joins the decoding rows."""
         if self._prefill is None:
             return
         job, row, p = self._prefill
         if not p.complete:
-            n = min(len(p.ids) - p.done, max(self.decoder.block_size, self.max_num_batched_tokens - self.decoding))
+            if n is None:
+                n = max(self.decoder.block_size, self.max_num_batched_tokens - self.decoding)
+            n = min(len(p.ids) - p.done, n)
             if not self._room(self.decoder.extend_blocks(p, n), job):
                 return  # rows that came first hold the blocks: wait for them
             try:
