@@ -7,9 +7,10 @@ table per row drives both passes' caches; `kv_cache_memory` bytes, or a fraction
     a request arrives     -> its jobs wait in a bounded queue (`max_queue` jobs; a full queue raises `QueueFull`: 503)
     before every step     -> cancelled and timed-out rows leave; the waiting jobs that fit join, in order, while a
                              row and the blocks of their prompts are free: short prompts prefilled as one left-padded
-                             batch (`Decoder.join`); a prompt longer than `max_num_batched_tokens`, or one whose
-                             prefix is cached (a shared system prompt), enters its row in pieces (`Decoder.begin`,
-                             `extend`, `finish`): one chunk before each step, so rows that stream keep streaming
+                             batch (`Decoder.join`); one whose prefix is cached (a shared system prompt) starts
+                             from the cached blocks and joins with one forward of its rest (`Decoder.begin`,
+                             `extend`, `finish`); a prompt longer than `max_num_batched_tokens` enters its row in
+                             pieces: one chunk before each step, so rows that stream keep streaming
     blocks run out        -> the row that came last is preempted: its blocks freed, its job back at the head of the
                              queue with the tokens it generated; it is recomputed (its stream goes on where it
                              stopped, the same tokens as without preemption) when blocks free
