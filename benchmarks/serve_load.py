@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -79,6 +80,19 @@ def _q(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(p * len(values)))] if values else float("nan")
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, seconds: float, stderr: Callable[[], str]) -> None:
+    """Poll `url`/health until it answers 200 (at most `seconds`); exit with the server's stderr if it died."""
+    for _ in range(int(seconds * 10)):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            sys.exit(f"the server exited: {stderr()[-2000:]}")
+        time.sleep(0.1)
+
+
 class Served:
     """`loramix serve CKPT` in a subprocess from the source tree `src`."""
 
@@ -89,15 +103,7 @@ class Served:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(src)}
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.url = f"http://127.0.0.1:{self.port}"
-        for _ in range(1200):
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None:
-                sys.exit(f"the server exited: {self.proc.stderr.read()[-2000:]}")
-            time.sleep(0.1)
+        wait_healthy(self.proc, self.url, 120, lambda: self.proc.stderr.read())
         for _ in range(3):  # warm up
             httpx.post(self.url + "/v1/completions", json=_body("warm up", 8), timeout=120)
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import httpx
 
-from serve_load import random_checkpoint
+from serve_load import _free_port, random_checkpoint, wait_healthy
 
 from common import build_base, build_experts, machine
 
@@ -68,27 +68,14 @@ class Served:
     """`loramix serve CKPT` in a subprocess from the source tree `src`; `lines`: what it printed at start."""
 
     def __init__(self, checkpoint: Path, src: Path, flags: list[str], threads: int) -> None:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = _free_port()
         cmd = [sys.executable, "-m", "loramix", "serve", str(checkpoint), "--port", str(self.port)]
         cmd += ["--log-level", "warning", "--model-id", "bench", *flags]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(src)}
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (open while the server runs)
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         self.url = f"http://127.0.0.1:{self.port}"
-        for _ in range(3000):
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                sys.exit(f"the server exited: {self.log.read()[-2000:]}")
-            time.sleep(0.1)
+        wait_healthy(self.proc, self.url, 300, lambda: (self.log.seek(0), self.log.read())[1])
         self.log.seek(0)
         self.lines = [line for line in self.log.read().splitlines() if "KV cache pool" in line]
 

@@ -284,7 +284,7 @@ class PagedCache:
         from .base import text_config
 
         self.layout = layout or layout_of(model, granular)
-        self.rows, self.columns, self.block_size = rows, columns, block_size
+        self.block_size = block_size
         self.allocator = BlockAllocator(blocks)
         self.config = text_config(model.model)
         device = model.device
@@ -334,8 +334,8 @@ class PagedCache:
         return table[position // self.block_size] * self.block_size + position % self.block_size
 
     def slots(self, table: Sequence[int], start: int, end: int) -> list[int]:
-        bs = self.block_size
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+        """The pool slots of a row's tokens at positions [start, end)."""
+        return [self.slot(table, p) for p in range(start, end)]
 
     def blocks_for(self, tokens: int) -> int:
         """Blocks that hold `tokens` tokens."""
@@ -374,14 +374,19 @@ class PagedCache:
         return view
 
     def write_prompt(
-        self, rows: Sequence[int], tables: Sequence[Sequence[int]], mask: torch.Tensor, prompt: Any
+        self,
+        rows: Sequence[int],
+        tables: Sequence[Sequence[int]],
+        lengths: Sequence[int],
+        mask: torch.Tensor,
+        prompt: Any,
     ) -> None:
-        """Copy a prefilled batch (DynamicCaches of J rows, T left-padded columns; mask [J, T]) into the rows' blocks:
-        row j's real tokens at its positions 0, 1, ... Its gate state into `gate_ema` rows."""
+        """Copy a prefilled batch (DynamicCaches of J rows, T left-padded columns; mask [J, T], `lengths` its row
+        sums, read on the host) into the rows' blocks: row j's real tokens at its positions 0, 1, ... Its gate state
+        into `gate_ema` rows."""
         real = mask.bool()  # [J, T]
         index = torch.tensor(
-            [s for j, table in enumerate(tables) for s in self.slots(table, 0, int(real[j].sum()))],
-            device=self.read.device,
+            [s for table, n in zip(tables, lengths) for s in self.slots(table, 0, n)], device=self.read.device
         )
         for pools, name in ((self.scaling, "scaling"), (self.mixed, "mixed")):
             source = getattr(prompt, name)

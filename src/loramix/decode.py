@@ -485,7 +485,7 @@ class Decoder:
         out = self._mixed(ids, mask, positions, s, prompt.mixed, every=prompt_logits)
         lengths = mask.sum(-1).tolist()
         tables = [self._allocate(self.blocks_for(n)) for n in lengths]
-        self.paged.write_prompt(rows, tables, mask, prompt)
+        self.paged.write_prompt(rows, tables, lengths, mask, prompt)
         for j, (row, spec) in enumerate(zip(rows, specs)):
             real = ids[j][mask[j].bool()]
             self._attach(row, spec, tables[j], real, s[j, -1])

@@ -565,9 +565,7 @@ class Engine:
             later = [r for r in self._rows if r is not None and (job is None or r.job.submitted > job.submitted)]
             if self._prefill is not None and self._prefill[0] is not job:
                 later.append(self._prefill[1])
-            if job is None and len(later) <= 1:
-                return False
-            if not later:
+            if len(later) <= (1 if job is None else 0):  # never the one row left, never the job itself
                 return False
             self._preempt(max(later, key=lambda r: (r.job.submitted, r.slot)))
         return True
