@@ -1,5 +1,7 @@
 """Generation: two KV caches equal full recomputation, batching with left padding, modes, sampling, streaming."""
 
+import re
+
 import pytest
 import torch
 
@@ -187,9 +189,15 @@ def test_stop_strings_and_streaming(llama_dir, llama_experts, tokenizer):
     stopped = mix.generate(ids, max_new_tokens=20, eos_token_id=[], stop_strings=[stop])
     stopped_text = tokenizer.decode(stopped.new_tokens[0], skip_special_tokens=True)
     assert stopped_text.endswith(stop) and text.startswith(stopped_text) and len(stopped_text) < len(text)
-    assert stopped.finish_reasons == ["stop"]
+    assert stopped.finish_reasons == ["stop"] and full.finish_reasons == ["length"]
+    assert stopped.texts == [text[: text.index(stop)]] and full.texts == [text]  # cut, as OpenAI does
+    kept = mix.generate(ids, max_new_tokens=20, eos_token_id=[], stop_strings=stop, include_stop_str_in_output=True)
+    assert kept.texts == [text[: text.index(stop) + len(stop)]] and torch.equal(kept.sequences, stopped.sequences)
     pieces = list(mix.stream("GRAVY of ACDE", max_new_tokens=20, eos_token_id=[]))
     assert len(pieces) > 1 and "".join(pieces) == text
+    assert "".join(mix.stream("GRAVY of ACDE", max_new_tokens=20, eos_token_id=[], stop_strings=[stop])) == (
+        stopped.texts[0]
+    )
 
 
 @pytest.mark.parametrize(
@@ -283,11 +291,17 @@ def test_repetition_penalty_matches_transformers(llama_dir, llama_experts):
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_non_finite_scalings_raise_instead_of_returning_padding(llama_dir, llama_experts, use_cache):
-    from loramix import LoramixError
-
+def test_a_row_with_non_finite_values_ends_alone_with_its_reason(llama_dir, llama_experts, use_cache):
     mix = _mix(llama_dir, llama_experts)
-    with torch.no_grad():
-        mix.gate.last.bias.fill_(float("nan"))  # e.g. a gate that overflowed: NaN scalings for every token
-    with pytest.raises(LoramixError, match=r"non-finite logits or scalings by step 1 \(rows \[0\]\)"):
-        mix.generate(PROMPT, max_new_tokens=4, eos_token_id=[], use_cache=use_cache)
+    alone = mix.generate(PROMPT, max_new_tokens=4, eos_token_id=[], use_cache=use_cache)
+    with torch.no_grad():  # token 90's embedding overflowed: NaN values for the row that reads it, and only it
+        mix.model.get_input_embeddings().weight[90] = float("nan")
+    ids = torch.cat([PROMPT, torch.tensor([[5, 17, 33, 90, 60, 42, 11]])])
+    out = mix.generate(ids, max_new_tokens=4, eos_token_id=[], use_cache=use_cache)
+    assert out.finish_reasons == ["length", "error"]
+    assert out.errors[0] is None and re.match(r"non-finite logits or scalings at step 1 ", out.errors[1])
+    assert out.lengths == [4, 0] and torch.equal(out.new_tokens[0], alone.new_tokens[0])
+    with torch.no_grad():  # every row: the gate itself gives NaN scalings
+        mix.gate.last.bias.fill_(float("nan"))
+    out = mix.generate(ids, max_new_tokens=4, eos_token_id=[], use_cache=use_cache)
+    assert out.finish_reasons == ["error", "error"] and out.lengths == [0, 0]

@@ -191,8 +191,10 @@ def test_bad_schemas_and_tokenizers_are_refused(mix, json_dirs):
     base, experts = json_dirs
     no_bar = loramix.from_pretrained(base, experts, MixConfig(), tokenizer=char_tokenizer(last="~", without="|"))
     small = {"type": "object", "properties": {"n": {"enum": ["a|b"]}}, "required": ["n"], "additionalProperties": False}
-    with pytest.raises(LoramixError, match="structured output failed"):
-        no_bar.generate(no_bar.tokenizer(["x"], return_tensors="pt").input_ids, max_new_tokens=20, json_schema=small)
+    out = no_bar.generate(no_bar.tokenizer(["x"], return_tensors="pt").input_ids, max_new_tokens=20, json_schema=small)
+    assert out.finish_reasons == ["error"] and out.errors[0].startswith("structured output failed at step ")
+    with pytest.raises(LoramixError, match="structured output failed"):  # one row streamed: its failure raises
+        "".join(no_bar.stream("x", max_new_tokens=20, json_schema=small))
 
 
 def test_the_cli_and_two_agents_answer_in_json(mix, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,10 @@ class GenerationDefaults:
     context: int | None
 
 
+_TOLD_EOS: weakref.WeakSet = weakref.WeakSet()
+"""Models whose EOS came from their tokenizer, already said (the notice is given once per model)."""
+
+
 def resolve_defaults(
     model: Any,
     *,
@@ -108,15 +113,27 @@ def resolve_defaults(
     """The one resolution of eos, pad and context (of a LoraMixModel: `model.model` is its transformers model),
     used by `generate`, the server, the CLI, the harness and the analysis.
 
-    eos: the argument; else the model's generation config, else its config. `[]` disables stopping on EOS.
+    eos: the argument; else the model's generation config, else its config, else the tokenizer's (as vLLM does; a
+    one-line notice says so, once per model). `[]` disables stopping on EOS.
     pad: the argument; else the generation config, the config, the tokenizer's pad token, the first eos id, 0.
+    tokenizer: the one to read (default: the model's).
     Nothing is written to the tokenizer or the model.
     """
     config = text_config(model.model)
     gen_config = getattr(model.model, "generation_config", None)
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     eos = _ids_list(eos_token_id)
     if eos_token_id is None:
         eos = _ids_list(getattr(gen_config, "eos_token_id", None) or getattr(config, "eos_token_id", None))
+        if not eos and getattr(tokenizer, "eos_token_id", None) is not None:
+            eos = _ids_list(tokenizer.eos_token_id)
+            if model not in _TOLD_EOS:
+                _TOLD_EOS.add(model)
+                logger.warning(
+                    "the model's configs name no EOS token: ending rows on the tokenizer's, %r (id %d)",
+                    tokenizer.eos_token,
+                    eos[0],
+                )
     if pad_token_id is None:
         for candidate in (
             getattr(gen_config, "pad_token_id", None),

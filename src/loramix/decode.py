@@ -218,13 +218,13 @@ class Joined:
 
 @dataclass
 class Stepped:
-    """One step of rows 0..k-1: tokens [k] chosen, their raw logits [k, V], the scalings [k, L, N] mixed with,
-    `eos` [k] (the token ends the row) and `bad` [k] (non-finite logits or scalings). All on the device."""
+    """One step of rows 0..k-1: tokens [k] chosen, their raw logits [k, V], the scalings [k, L, N] mixed with, and
+    `bad` [k] (non-finite logits or scalings). All on the device. Whether a token ends its row is the row's
+    `request.RequestState`'s to say."""
 
     tokens: torch.Tensor
     logits: torch.Tensor
     scalings: torch.Tensor
-    eos: torch.Tensor
     bad: torch.Tensor
 
 
@@ -267,7 +267,7 @@ class Prefill:
 class Decoder:
     """B row slots over C virtual cache columns, the caches in blocks (module docstring, blocks.py). `compile`:
     False, True (inductor) or a torch.compile backend name. `granular=False` makes a decoder whose rows are all
-    held (no scaling-pass cache). `eos`: the token ids that end a row. `generator`: the random stream of rows
+    held (no scaling-pass cache). `generator`: the random stream of rows
     without their own. `blocks`: the pool's blocks (default: every row can hold C tokens); `prefix_cache`: rows
     reuse the full blocks of prompts that share their prefix (blocks.BlockAllocator)."""
 
@@ -279,7 +279,6 @@ class Decoder:
         *,
         granular: bool = True,
         compile: Any = False,
-        eos: tuple[int, ...] = (),
         generator: torch.Generator | None = None,
         blocks: int | None = None,
         block_size: int = BLOCK_SIZE,
@@ -326,7 +325,6 @@ class Decoder:
                 torch._dynamo.mark_static_address(t)
         vocab = model.model.get_output_embeddings().weight.shape[0]
         self.sampler = Sampler(batch, vocab, device, generator)
-        self.eos = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
         self.rows: list[_Row | None] = [None] * batch
         self.column = 0  # the column the next step writes
         self.steps = 0
@@ -705,8 +703,7 @@ class Decoder:
         self.steps += 1
         for i in occupied:
             self.rows[i].generated += 1
-        eos = torch.isin(tokens, self.eos) if self.eos is not None else torch.zeros_like(tokens, dtype=torch.bool)
-        return Stepped(tokens, logits, scalings, eos, non_finite_rows(logits, scalings))
+        return Stepped(tokens, logits, scalings, non_finite_rows(logits, scalings))
 
 
 def non_finite_rows(logits: torch.Tensor, scalings: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,9 @@ Modes (recorded in the output):
                trained for that k: the mode needs a model whose config records it.
     fixed      (when `scalings=` is given) one mixture for every token, prompt included; no scaling pass at all.
                Used for baselines: single experts, uniform merge, a per-prompt router.
-Sampling: sampling.py (one batched sampler for greedy and sampled rows); stop strings: transformers' criteria.
+Sampling: sampling.py (one batched sampler for greedy and sampled rows). Each row's tokens, text, stop strings,
+finish reason and failure: request.py, the `RequestState` the server drives too (a failing row ends alone,
+"error"; the others go on).
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ from .blocks import static_cache_support
 from .decode import HELD_MODES, MODES, Decoder, RowSpec, cache_slots, compile_support, non_finite_rows
 from .errors import ConfigError, LoramixError
 from .grammar import Grammar
+from .request import RequestState, check_stops
 from .sampling import Sampler, SamplingSettings, row_generator
-from .text import IncrementalDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,11 @@ class GenerationOutput:
                 token, i.e. those of the position just before it (the last prompt token for the first one).
     logits:     [B, n, V] (with output_logits): the raw logits of each step, before any processing.
     lengths:    per row, the generated tokens up to and including the one that stopped it (the rest is padding).
+    finish_reasons: per row, "stop" (an end token or a stop string), "length" or "error" (request.py).
+    texts:      per row, the answer's text (with a tokenizer): stop strings cut, unless
+                include_stop_str_in_output; the end token is not text. None without a tokenizer.
+    errors:     per row, None, or why the row failed (finish reason "error": non-finite logits or scalings, a
+                grammar that could go no further); the row ended there, alone.
     """
 
     sequences: torch.Tensor
@@ -66,6 +73,8 @@ class GenerationOutput:
     logits: torch.Tensor | None = None
     lengths: list[int] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    texts: list[str] | None = None
+    errors: list[str | None] = field(default_factory=list)
 
     @property
     def new_tokens(self) -> torch.Tensor:
@@ -152,8 +161,9 @@ class DecodeState:
     """The growing batch of one generation, preallocated for its C = prompt + new tokens (or cache slots) columns.
 
     sequences [B, C], mask [B, C], positions [B, C]: filled up to `length` (a host int: slicing by it never syncs).
-    finished [B] bool, stopped [B] bool (ended by eos or a stop string), lengths [B] long (tokens generated up to
-    and including the one that ended the row): kept on the device, read back every `check_every` steps.
+    finished [B] bool, broken_at [B] long (the step at which a row's logits or scalings were not finite, 0: never),
+    lengths [B] long (tokens generated up to and including the one that ended the row): kept on the device, read
+    back every `check_every` steps.
     """
 
     sequences: torch.Tensor
@@ -161,7 +171,7 @@ class DecodeState:
     positions: torch.Tensor
     length: int
     finished: torch.Tensor
-    stopped: torch.Tensor
+    broken_at: torch.Tensor
     lengths: torch.Tensor
 
     @classmethod
@@ -175,7 +185,8 @@ class DecodeState:
         positions = torch.zeros(batch, columns, dtype=torch.long, device=device)
         positions[:, :prompt] = (mask.cumsum(-1) - 1).clamp_min(0)
         no = torch.zeros(batch, dtype=torch.bool, device=device)
-        return cls(sequences, full_mask, positions, prompt, no, no.clone(), torch.zeros_like(no, dtype=torch.long))
+        zero = torch.zeros_like(no, dtype=torch.long)
+        return cls(sequences, full_mask, positions, prompt, no, zero, zero.clone())
 
     @property
     def ids(self) -> torch.Tensor:
@@ -219,6 +230,7 @@ class Generation:
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         stop_strings: str | Sequence[str] | None = None,
+        include_stop_str_in_output: bool = False,
         tokenizer: Any = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
@@ -230,10 +242,9 @@ class Generation:
         compile: Any = False,
         json_schema: Any = None,
         grammar: Any = None,
+        text_per_step: bool = False,
+        skip_special_tokens: bool = True,
     ) -> None:
-        from transformers import StoppingCriteriaList
-        from transformers.generation.stopping_criteria import StopStringCriteria
-
         self.model = model
         self.max_new_tokens = _check_args(model, input_ids, max_new_tokens, mode, scaling_layer)
         if sampling is None:
@@ -242,15 +253,29 @@ class Generation:
             )
         self.sampling = sampling
         tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-        self.defaults = resolve_defaults(model, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-        self.stops = StoppingCriteriaList()
-        if stop_strings:
-            if tokenizer is None:
-                raise ConfigError(
-                    "stop_strings need a tokenizer (pass tokenizer=... or load a checkpoint that has one)"
-                )
-            strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
-            self.stops.append(StopStringCriteria(tokenizer, strings))
+        self.defaults = resolve_defaults(
+            model, eos_token_id=eos_token_id, pad_token_id=pad_token_id, tokenizer=tokenizer
+        )
+        stops = check_stops(stop_strings, "stop_strings")
+        self.tokenizer = tokenizer
+
+        def request() -> RequestState:
+            return RequestState(
+                tokenizer,
+                max_tokens=self.max_new_tokens,
+                stops=stops,
+                end_ids=self.defaults.eos_token_ids,
+                include_stop_str_in_output=include_stop_str_in_output,
+                skip_special_tokens=skip_special_tokens,
+            )
+
+        self._request = request
+        # the text decides when a row stops (stop strings), or a caller streams it: each row's RequestState is fed
+        # every step (one host read per step); otherwise end tokens stop rows on the device and the states are
+        # replayed from the tokens at the end (the same result: tests check both)
+        self.by_text = bool(stops) or text_per_step
+        self.requests = [request() for _ in range(input_ids.shape[0])] if self.by_text else None
+        self.failures: dict[int, str] = {}  # rows whose grammar could go no further: why
         self.generator = generator
         self.streamer = streamer
         device = model.device
@@ -303,43 +328,45 @@ class Generation:
         on_host = self.model.device.type == "cpu" or self.streamer is not None
         check_every = 1 if on_host else STOP_CHECK_EVERY
         forwards = self._decoder_steps() if self.backend is not None else self._recomputed_steps()
-        broken = torch.zeros_like(st.finished)  # rows whose logits or scalings were not finite
         try:
             for index in range(self.max_new_tokens):
                 logits, step_scalings, token = next(forwards)
-                broken = broken | non_finite_rows(logits, step_scalings)
+                # a row fails alone, before its token counts: non-finite values (on the device), or its grammar
+                bad = non_finite_rows(logits, step_scalings) & ~st.finished
+                st.broken_at = torch.where(bad, index + 1, st.broken_at)
+                st.finished = st.finished | bad | self._grammar_failed(index)
                 token = torch.where(st.finished, torch.full_like(token, self.defaults.pad_token_id), token)
                 st.append(token)
                 if self.streamer is not None:
                     self.streamer.put(token.cpu())
-                newly = torch.zeros_like(st.finished)
-                if self.eos is not None:
-                    newly |= torch.isin(token, self.eos)
-                if len(self.stops):
-                    newly |= self.stops(st.ids, logits).to(newly.device)
-                st.stopped |= newly & ~st.finished
+                if self.requests is not None:  # the one host read of this step
+                    for state, t, ended in zip(self.requests, *torch.stack([token, st.finished]).tolist()):
+                        if not ended:
+                            state.push(t)
+                    newly = torch.tensor([s.done for s in self.requests], device=token.device)
+                elif self.eos is not None:
+                    newly = torch.isin(token, self.eos)
+                else:
+                    newly = torch.zeros_like(st.finished)
                 st.finished = st.finished | newly
                 yield Step(index, token, logits, step_scalings, st.finished)
-                if self._sampler is not None and self._sampler.failures:
-                    rows = sorted(self._sampler.failures)
-                    raise LoramixError(
-                        f"structured output failed at step {index + 1} (rows {rows}): {self._sampler.failures[rows[0]]}"
-                    )
-                if (index + 1) % check_every == 0 or index + 1 == self.max_new_tokens:
-                    done, bad = torch.stack([st.finished.all(), broken.any()]).tolist()  # the one host read
-                    if bad:
-                        rows = broken.nonzero().flatten().tolist()
-                        raise LoramixError(
-                            f"generation produced non-finite logits or scalings by step {index + 1} (rows {rows}) in "
-                            f"{self.model.dtype}: check the gate and experts for NaN or overflow, or run in float32"
-                        )
-                    if done:
-                        break
+                at_check = (index + 1) % check_every == 0 or index + 1 == self.max_new_tokens
+                if at_check and bool(st.finished.all()):  # the one host read of these steps
+                    break
         finally:
             forwards.close()
             self._done = True
             if self.streamer is not None:
                 self.streamer.end()
+
+    def _grammar_failed(self, index: int) -> torch.Tensor:
+        """[B] bool: the rows whose grammar could go no further at this step (each recorded once, with why)."""
+        failed = torch.zeros_like(self.state.finished)
+        for row, why in self._sampler.failures.items() if self._sampler is not None else ():
+            if row not in self.failures:
+                self.failures[row] = f"structured output failed at step {index + 1}: {why}"
+                failed[row] = True
+        return failed
 
     def _specs(self) -> list[RowSpec]:
         device, n = self.model.device, self.state.sequences.shape[0]
@@ -417,17 +444,39 @@ class Generation:
         stop check are trimmed: `sequences` ends with the last row's last token."""
         st = self.state
         n = int(st.lengths.max()) if st.length > self.prompt_length else 0
-        stopped = st.stopped.tolist()
+        lengths, broken_at = torch.stack([st.lengths, st.broken_at]).tolist()
+        requests = self.requests
+        if requests is None:  # replay each row's tokens: the same states as fed step by step
+            new = st.sequences[:, self.prompt_length : self.prompt_length + n].tolist()
+            requests = [self._request() for _ in lengths]
+            for state, tokens, k in zip(requests, new, lengths):
+                for token in tokens[:k]:
+                    state.push(token)
+        for row, state in enumerate(requests):
+            if broken_at[row]:
+                state.fail(
+                    f"non-finite logits or scalings at step {broken_at[row]} in {self.model.dtype}: check the gate "
+                    "and experts for NaN or overflow, or run in float32"
+                )
+            elif row in self.failures:
+                state.fail(self.failures[row])
+            state.finish("length")  # a generation left early, or at the context's end
+        errors = [state.error for state in requests]
+        if any(errors):
+            failed = [row for row, error in enumerate(errors) if error]
+            logger.warning("%d of %d rows failed (rows %s): %s", len(failed), len(errors), failed, errors[failed[0]])
         return GenerationOutput(
             sequences=st.sequences[:, : self.prompt_length + n].contiguous(),
             prompt_length=self.prompt_length,
             mode=self.mode,
             scaling_layer=self.model.config.scaling_layer,
-            finish_reasons=["stop" if row else "length" for row in stopped],
-            lengths=st.lengths.tolist(),
+            finish_reasons=[state.finish_reason for state in requests],
+            lengths=lengths,
             scalings=scalings[:, :n] if scalings is not None else None,
             logits=logits[:, :n] if logits is not None else None,
             timings=timings or {},
+            texts=[state.text for state in requests] if self.tokenizer is not None else None,
+            errors=errors,
         )
 
 
@@ -464,7 +513,8 @@ def generate(
     """Generate from a batch of (left-padded) prompts of a LoraMixModel. Arguments as in transformers' `generate`:
 
     max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty (or `sampling=` a SamplingSettings),
-    eos_token_id, pad_token_id, stop_strings (+ tokenizer), seed or generator, use_cache (default True; False
+    eos_token_id, pad_token_id, stop_strings (+ tokenizer; cut from `texts`, kept with include_stop_str_in_output),
+    seed or generator, use_cache (default True; False
     recomputes the prefix for every token: the reference), streamer (a transformers streamer), plus `mode`
     ("granular", "prompt", "truncated"), `scalings` (fixed mixture, see module docstring), `scaling_layer` (checked
     against the gate's), `return_scalings`, `output_logits`, and `compile` (True, or a torch.compile backend name:
@@ -505,7 +555,8 @@ def stream(
     skip_special_tokens: bool = True,
     **kwargs: Any,
 ) -> Iterator[str]:
-    """Yield the generated text piece by piece (one prompt). Takes the arguments of `generate`."""
+    """Yield the generated text piece by piece (one prompt; stop strings cut, never shown in part). Takes the
+    arguments of `generate`. A failure of the row (finish reason "error") raises `LoramixError` after its text."""
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     if tokenizer is None:
         raise ConfigError("streaming text needs a tokenizer (pass tokenizer=... or load a checkpoint that has one)")
@@ -515,16 +566,17 @@ def stream(
         input_ids = prompt if prompt.dim() == 2 else prompt[None]
     if input_ids.shape[0] != 1:
         raise ConfigError("stream() takes one prompt; use generate() for batches")
-    decoder = IncrementalDecoder(tokenizer, skip_special_tokens=skip_special_tokens)
-    run = Generation(model, input_ids, tokenizer=tokenizer, **kwargs)
-    eos = set(run.defaults.eos_token_ids)
-    for step in run:  # one host sync per token: the text is shown as it comes
-        token = int(step.token[0])
-        if bool(step.finished[0]) and token in eos:
-            continue  # the end-of-sequence token itself is not text
-        piece = decoder.push(token)
+    run = Generation(
+        model, input_ids, tokenizer=tokenizer, text_per_step=True, skip_special_tokens=skip_special_tokens, **kwargs
+    )
+    request = run.requests[0]
+    for _ in run:  # one host sync per token: the text is shown as it comes
+        piece = request.take()
         if piece:
             yield piece
-    rest = decoder.flush()
+    run.output()  # the row's finish reason, or its failure
+    rest = request.take()
     if rest:
         yield rest
+    if request.error:
+        raise LoramixError(request.error)

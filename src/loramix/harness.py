@@ -299,8 +299,9 @@ class LoramixLM(TemplateLM):
             picked = {key: settings.pop(key) for key in ("top_p", "top_k", "seed") if key in settings}
             sampling = SamplingSettings.for_generate(do_sample, temperature or 1.0, **picked)
             kwargs: dict[str, Any] = {"max_new_tokens": max_new, "mode": self.mode, "sampling": sampling}
-            if any(until):  # rows stop where their answer ends (lm-eval's hf model does the same), then are cut
-                kwargs["stop_strings"] = [stop for stop in until if stop]
+            kwargs["tokenizer"] = self.tokenizer
+            # rows stop where their answer ends (lm-eval's hf model does the same), and are cut there
+            kwargs["stop_strings"] = [stop for stop in until if stop] or None
             if settings:
                 logger.warning("generate_until: ignoring generation arguments %s", sorted(settings))
             for start in range(0, len(members), self.batch_size):
@@ -313,11 +314,7 @@ class LoramixLM(TemplateLM):
                     kwargs.pop("mode", None)
                 out = self.mix.generate(ids, mask, **kwargs)
                 for r, i in enumerate(chunk):
-                    tokens = out.new_tokens[r, : out.lengths[r]].tolist()
-                    text = self.tok_decode(tokens)
-                    for stop in until:
-                        if stop and stop in text:
-                            text = text[: text.index(stop)]
+                    text = out.texts[r]  # request.py: cut before the first `until` string, as everywhere
                     results[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return results  # type: ignore[return-value]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..base import resolve_defaults
-from ..errors import ConfigError
+from ..errors import ConfigError, LoramixError
 from ..grammar import Grammar
 from ..io import atomic_directory, write_json
 from ..text import encode_prompts, render_chat
@@ -116,7 +116,9 @@ def converse(
             ids, mask = encode_prompts(model.tokenizer, [prompt], templated=templated)
             gen = model.generate(ids, mask, max_new_tokens=max_new_tokens, grammar=grammars[agent], **generate_kwargs)
             new = gen.new_tokens[0, : gen.lengths[0]].cpu()
-            text = model.tokenizer.decode(new, skip_special_tokens=True).strip()
+            if gen.errors[0]:  # a turn is one request: its failure ends the conversation
+                raise LoramixError(f"turn {turn} (agent {agent}): {gen.errors[0]}")
+            text = gen.texts[0].strip()  # request.py: stop strings cut, the end token not text
             full = torch.cat([ids[0], new])
             s = sequence_scalings(model, full)[ids.shape[1] :]  # the turn's own tokens
             if len(new):
@@ -131,6 +133,7 @@ def converse(
                     "agent": agent,
                     "text": text,
                     "tokens": len(new),
+                    "finish_reason": gen.finish_reasons[0],
                     "mean_scalings": mean,
                     "dominant": max(mean, key=mean.get) if mean else None,
                 }

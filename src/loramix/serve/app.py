@@ -227,6 +227,7 @@ def _job(state: ServerState, body: CompletionRequest | ChatRequest, ids: list[in
         mode=body.loramix.mode,
         sampling=_sampling(body),
         stops=body.stop or [],
+        include_stop_str_in_output=body.include_stop_str_in_output,
         return_scalings=body.loramix.return_scalings,
         stream=body.stream,
         **extra,

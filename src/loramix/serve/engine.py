@@ -16,7 +16,7 @@ table per row drives both passes' caches; `kv_cache_memory` bytes, or a fraction
                              stopped, the same tokens as without preemption) when blocks free
     every step            -> `Decoder.step()`: one forward over the occupied rows and every row's next token chosen on
                              the device by the batched sampler (each row's own settings and seeded stream); then ONE
-                             host read for the whole batch: tokens, EOS and failure flags, the metrics' mean scalings
+                             host read for the whole batch: tokens, failure flags, the metrics' mean scalings
     a row ends            -> EOS, a stop string, max_tokens, cancellation (`Job.cancelled`: the client hung up), its
                              deadline, or a failure of its own (non-finite logits or scalings): an error for that
                              request only; its row is free before the next step
@@ -25,7 +25,8 @@ Every way out of a row or the queue goes through `_end` (the decoder's row freed
 message sent), so a failed request leaves nothing behind for the next one, and every job gets exactly one final
 message: a handler never waits forever.
 
-Stop strings are applied on the text; streamed text never shows a stop string or a part of one. Log probabilities
+Each row's tokens, text, stop strings and finish reason are its `request.RequestState`, as in `generate()`: stop
+strings are applied on the text; streamed text never shows a stop string or a part of one. Log probabilities
 are those of the raw logits (before temperature, top-p, penalties or biases): for generated tokens from each step's
 logits; for the prompt (echo) from the prefill's logits (every prompt token has its own scalings in all modes).
 """
@@ -46,8 +47,9 @@ from ..base import resolve_defaults
 from ..blocks import BLOCK_SIZE, PoolLayout, describe, layout_of, pool_blocks
 from ..decode import Decoder, Prefill, RowSpec, cache_slots
 from ..errors import LoramixError
+from ..request import RequestState
 from ..sampling import SamplingSettings, row_generator
-from ..text import IncrementalDecoder, left_pad
+from ..text import left_pad
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +76,7 @@ class Job:
     mode: str = "granular"
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     stops: list[str] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
     return_scalings: str = "none"
     stream: bool = False
     logprobs: int | None = None
@@ -112,58 +115,38 @@ def _logprobs_at(logprobs: torch.Tensor, tokens: torch.Tensor, k: int) -> list[T
     return [TokenLogprob(t, lp, top) for t, lp, top in zip(tokens.tolist(), chosen, tops)]
 
 
-def _held_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters of `text` could be the start of a stop string (not safe to stream yet)."""
-    keep = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:k]):
-                keep = max(keep, k)
-                break
-    return keep
-
-
 class _Row:
-    """A job in a decoder row: its text, tokens and what it returns."""
+    """A job in a decoder row: its `RequestState` (tokens, text, stops, finish reason) and what it returns."""
 
-    def __init__(self, job: Job, tokenizer: Any, slot: int) -> None:
+    def __init__(self, job: Job, tokenizer: Any, slot: int, end_ids: tuple[int, ...]) -> None:
         self.job = job
         self.slot = slot
-        self.ids: list[int] = []  # the tokens generated (EOS apart)
+        self.request = RequestState(
+            tokenizer,
+            max_tokens=job.max_tokens,
+            stops=job.stops,
+            end_ids=end_ids,
+            include_stop_str_in_output=job.include_stop_str_in_output,
+        )
         self.started = False  # its first token was chosen (a preempted row's was, before)
         self.generator: torch.Generator | None = None  # its own random stream, kept across preemption
         self.held: torch.Tensor | None = None  # a preempted held row's scalings [L, N]
         self.last_token_at = 0.0
-        self.decoder = IncrementalDecoder(tokenizer)
-        self.text = ""
-        self.sent = 0
-        self.tokens = 0
-        self.done = False
-        self.finish_reason = "length"
         self.scalings: list[torch.Tensor] = []
         self.logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: list[TokenLogprob] = []
 
-    def finish(self, reason: str) -> None:
-        self.done = True
-        self.finish_reason = reason
+    @property
+    def generated(self) -> list[int]:
+        """The tokens generated so far that are text (a preempted row is recomputed from these)."""
+        return self.request.ids[: self.request.text_tokens]
 
-    def add_text(self, piece: str) -> None:
-        self.text += piece
-        for stop in self.job.stops:
-            at = self.text.find(stop)
-            if at >= 0:
-                self.text = self.text[:at]
-                self.finish("stop")
-        self.flush(final=self.done)
-
-    def flush(self, final: bool = False) -> None:
-        if not self.job.stream:
-            return
-        end = len(self.text) if final else len(self.text) - _held_back(self.text, self.job.stops)
-        if end > self.sent:
-            self.job.emit({"type": "piece", "text": self.text[self.sent : end]})
-            self.sent = end
+    def flush(self) -> None:
+        """Stream the text that is safe to show."""
+        if self.job.stream:
+            piece = self.request.take()
+            if piece:
+                self.job.emit({"type": "piece", "text": piece})
 
     def result(self) -> dict[str, Any]:
         scalings = None
@@ -180,9 +163,9 @@ class _Row:
             logprobs = {"prompt": self.prompt_logprobs, "completion": self.logprobs}
         return {
             "type": "done",
-            "text": self.text,
-            "finish_reason": self.finish_reason,
-            "completion_tokens": self.tokens,
+            "text": self.request.text,
+            "finish_reason": self.request.finish_reason or "length",
+            "completion_tokens": self.request.text_tokens,
             "scalings": scalings,
             "logprobs": logprobs,
         }
@@ -245,7 +228,6 @@ class Engine:
             self.max_batch,
             self.cache_len,
             compile=compile,
-            eos=self.defaults.eos_token_ids,
             blocks=blocks,
             block_size=block_size,
             prefix_cache=prefix_caching,
@@ -402,12 +384,12 @@ class Engine:
 
     def _prompt(self, job: Job) -> list[int]:
         """The tokens a job's row starts from: its prompt, and the tokens it generated before it was preempted."""
-        return job.ids + job.resume.ids if job.resume is not None else job.ids
+        return job.ids + job.resume.generated if job.resume is not None else job.ids
 
     def _spec(self, job: Job, row: _Row) -> RowSpec:
         if row.generator is None:
             row.generator = row_generator(job.sampling.seed, job.index, self.model.device)
-        return RowSpec(job.mode, job.sampling, row.generator, job.max_tokens - row.tokens, grammar=job.grammar)
+        return RowSpec(job.mode, job.sampling, row.generator, job.max_tokens - len(row.generated), grammar=job.grammar)
 
     def _in_pieces(self, job: Job) -> bool:
         """Whether a job enters its row in pieces: a resumed one, a prompt longer than one step's token budget, or one
@@ -481,7 +463,7 @@ class Engine:
         ids, mask = left_pad([j.ids for j in jobs], self.defaults.pad_token_id)
         self.decoder.place(ids.shape[1], max(j.max_tokens for j in jobs) - 1)
         slots = self._free_slots()[: len(jobs)]
-        rows = [_Row(job, self.tokenizer, slot) for job, slot in zip(jobs, slots)]
+        rows = [_Row(job, self.tokenizer, slot, self.defaults.eos_token_ids) for job, slot in zip(jobs, slots)]
         specs = [self._spec(job, row) for job, row in zip(jobs, rows)]
         for row in rows:
             self._rows[row.slot] = row
@@ -509,16 +491,13 @@ class Engine:
             row.started = True
             job.resume = None
             if job.max_tokens <= 0:  # the prompt only (echo)
-                row.finish("length")
                 self._end(job, row, "length")
             elif not self._failed(row, bool(bad[j])):
-                self._accept(
-                    row, tokens[j], tokens[j] in self.defaults.eos_token_ids, joined.logits[j], joined.scalings[j]
-                )
+                self._accept(row, tokens[j], joined.logits[j], joined.scalings[j])
 
     def _begin(self, job: Job, slot: int) -> None:
         """Start a job that enters its row in pieces (its cached prefix taken now; `_chunk` does the rest)."""
-        row = job.resume or _Row(job, self.tokenizer, slot)
+        row = job.resume or _Row(job, self.tokenizer, slot, self.defaults.eos_token_ids)
         row.slot = slot
         ids = self._prompt(job)
         prefill = self.decoder.begin(slot, ids, self._spec(job, row), output=len(ids) - len(job.ids), held=row.held)
@@ -592,7 +571,7 @@ class Engine:
             # a held row's answer was mixed with its held scalings and its scaling-pass keys may not all be written:
             # only its prompt's blocks are offered to the prefix cache
             self._rows[row.slot] = None
-            self.decoder.leave(row.slot, cache=job.ids if held else job.ids + row.ids[:-1])
+            self.decoder.leave(row.slot, cache=job.ids if held else job.ids + row.generated[:-1])
         job.resume = row
         with self._cond:
             self._pending.appendleft(job)
@@ -606,37 +585,27 @@ class Engine:
         if bad:
             self._end(row.job, row, "error", "the model produced non-finite values for this request", 500, failed=True)
         elif why is not None:
-            message = f"structured output: {why} (the answer so far: {row.text[-80:]!r})"
+            message = f"structured output: {why} (the answer so far: {row.request.text[-80:]!r})"
             self._end(row.job, row, "error", message, 400, param="response_format")
         else:
             return False
         return True
 
-    def _accept(self, row: _Row, token: int, eos: bool, logits: torch.Tensor, scalings: torch.Tensor) -> None:
-        """Record the row's new token (its text, logprobs, scalings); end the row if it is done."""
-        job = row.job
+    def _accept(self, row: _Row, token: int, logits: torch.Tensor, scalings: torch.Tensor) -> None:
+        """Record the row's new token (its request state, logprobs, scalings); end the row if it is done."""
+        job, request = row.job, row.request
         row.last_token_at = time.monotonic()
         if job.logprobs is not None:  # the EOS token too, as vLLM does
             lp = torch.log_softmax(logits[None].float(), -1)
             row.logprobs += _logprobs_at(lp, torch.tensor([token], device=lp.device), job.logprobs)
-        if eos:
-            row.finish("stop")
-            row.flush(final=True)
-        else:
-            if job.return_scalings != "none":
-                row.scalings.append(scalings.detach().cpu().clone())
-            row.tokens += 1
-            row.ids.append(token)
-            row.add_text(row.decoder.push(token))
-            if not row.done and row.tokens >= job.max_tokens:
-                row.add_text(row.decoder.flush())
-                if not row.done:
-                    row.finish("length")
-                row.flush(final=True)
+        request.push(token)
+        if job.return_scalings != "none" and len(row.scalings) < request.text_tokens:
+            row.scalings.append(scalings.detach().cpu().clone())
+        row.flush()
         if self.metrics is not None:
             self.metrics.tokens(1)
-        if row.done:
-            self._end(job, row, row.finish_reason)
+        if request.done:
+            self._end(job, row, request.finish_reason)
 
     @torch.no_grad()
     def _step(self) -> None:
@@ -646,15 +615,13 @@ class Engine:
         occupied = torch.tensor([row.slot for row in rows], device=out.tokens.device)
         mean = out.scalings.index_select(0, occupied).float().mean((0, 1))  # [N], for the metrics
         k = out.tokens.shape[0]
-        host = torch.cat([out.tokens.float(), out.eos.float(), out.bad.float(), mean]).tolist()  # the one sync
-        tokens, eos, bad = host[:k], host[k : 2 * k], host[2 * k : 3 * k]
+        host = torch.cat([out.tokens.float(), out.bad.float(), mean]).tolist()  # the one sync
+        tokens, bad = host[:k], host[k : 2 * k]
         now = time.monotonic()
         if self.metrics is not None:
-            self.metrics.step(len(rows), torch.tensor(host[3 * k :]))
+            self.metrics.step(len(rows), torch.tensor(host[2 * k :]))
         for row in rows:
             if self.metrics is not None:
                 self.metrics.inter_token(now - row.last_token_at)
             if not self._failed(row, bool(bad[row.slot])):
-                self._accept(
-                    row, int(tokens[row.slot]), bool(eos[row.slot]), out.logits[row.slot], out.scalings[row.slot]
-                )
+                self._accept(row, int(tokens[row.slot]), out.logits[row.slot], out.scalings[row.slot])

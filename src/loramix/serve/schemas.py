@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..request import MAX_STOPS, check_stops
 from ..sampling import REPETITION_PENALTY_RANGE
 
 # torch.Generator.manual_seed's range
@@ -136,6 +137,8 @@ class _Sampling(BaseModel):
     stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
+    include_stop_str_in_output: bool = Field(False, strict=True)
+    """vLLM's extension: keep the stop string that ended the answer in its text (default: cut, as OpenAI)."""
     seed: Count | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: Real = Field(0.0, ge=-2, le=2)
     frequency_penalty: Real = Field(0.0, ge=-2, le=2)
@@ -156,10 +159,7 @@ class _Sampling(BaseModel):
     def _stops(cls, value: str | list[str] | None) -> list[str] | None:
         if value is None:
             return None
-        stops = [value] if isinstance(value, str) else value
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop must be up to 4 non-empty strings")
-        return [_valid_text(s) for s in stops]
+        return [_valid_text(s) for s in check_stops(value, "stop", MAX_STOPS)]
 
     @field_validator("logit_bias")
     @classmethod
