@@ -10,6 +10,7 @@ from loramix.blocks import BlockAllocator, block_keys, layout_of, paged_budget, 
 from loramix.decode import Decoder, RowSpec
 from loramix.sampling import SamplingSettings
 from loramix.serve import Engine, create_app
+from loramix.serve.events import Done
 from test_gate_context import context_mix
 from test_serve import served_mix
 from test_serve_load import make_job
@@ -119,9 +120,9 @@ def test_rows_preempted_when_the_pool_runs_out_give_the_library_answers(mix):
         assert engine.preemptions > 0 and engine.blocks["used"] == 0
         for prompt, got, kwargs in zip(prompts, results, settings):
             want = run(alone, [make_job(mix, prompt, max_tokens=36, logit_bias=NO_EOS, **kwargs)])[0]
-            assert got["type"] == "done" and got["text"] == want["text"] and got["completion_tokens"] == 36
+            assert isinstance(got, Done) and got.text == want.text and got.completion_tokens == 36
             if "logprobs" in kwargs:
-                for a, b in zip(got["logprobs"]["completion"], want["logprobs"]["completion"]):
+                for a, b in zip(got.logprobs.completion, want.logprobs.completion):
                     assert a.token == b.token and abs(a.logprob - b.logprob) < 1e-5
                     assert [t for t, _ in a.top] == [t for t, _ in b.top]
     finally:
@@ -149,8 +150,8 @@ def test_shared_prefixes_are_reused_exactly(mix, mode):
     assert len(mix.tokenizer(system).input_ids) // 16 == 4 and len(mix.tokenizer(system[:40]).input_ids) // 16 == 2
     assert hits == 4 + 2 and none == 0  # the system prompt's 4 full blocks for the second, 2 for the third
     for a, b in zip(shared, alone):
-        assert a["text"] == b["text"]
-        for x, y in zip(a["logprobs"]["completion"], b["logprobs"]["completion"]):
+        assert a.text == b.text
+        for x, y in zip(a.logprobs.completion, b.logprobs.completion):
             assert x.token == y.token and abs(x.logprob - y.logprob) < 1e-5
 
 
@@ -172,7 +173,7 @@ def test_context_gates_under_paging_sharing_and_chunks(llama_dir, llama_experts,
                 max_new_tokens=8,
                 sampling=SamplingSettings(logit_bias=NO_EOS),
             )
-            assert got["text"] == mix.tokenizer.decode(out.new_tokens[0].tolist(), skip_special_tokens=True)
+            assert got.text == mix.tokenizer.decode(out.new_tokens[0].tolist(), skip_special_tokens=True)
     finally:
         engine.close()
 
@@ -200,7 +201,7 @@ def test_a_long_prompt_enters_in_chunks_while_a_row_streams(mix):
         assert len(at_steps) == 7 and at_steps == sorted(set(at_steps))  # ... with a decode step between pieces
         for job, got, n in ((streaming, got_stream, 40), (long, got_long, 6)):
             out = mix.generate(torch.tensor([job.ids]), max_new_tokens=n, sampling=SamplingSettings(logit_bias=NO_EOS))
-            assert got["text"] == mix.tokenizer.decode(out.new_tokens[0].tolist(), skip_special_tokens=True)
+            assert got.text == mix.tokenizer.decode(out.new_tokens[0].tolist(), skip_special_tokens=True)
     finally:
         engine.close()
 
@@ -249,6 +250,6 @@ def test_prompts_with_a_cached_prefix_join_together_before_the_next_step(mix):
         assert len(at_steps) == 3 and len(set(at_steps)) == 1
         for (job, _), got in zip(jobs, results):
             out = mix.generate(torch.tensor([job.ids]), max_new_tokens=6, sampling=SamplingSettings(logit_bias=NO_EOS))
-            assert got["text"] == mix.tokenizer.decode(out.new_tokens[0].tolist(), skip_special_tokens=True)
+            assert got.text == mix.tokenizer.decode(out.new_tokens[0].tolist(), skip_special_tokens=True)
     finally:
         engine.close()

@@ -10,6 +10,7 @@ import torch
 import loramix
 from loramix import ConfigError, GateConfig, MixConfig
 from loramix.config import from_xlora
+from loramix.serve.events import Done, Piece
 
 from conftest import char_tokenizer
 
@@ -265,7 +266,7 @@ def run_engine(mix, prompts, *, max_batch, compile=False):
     try:
         jobs = [
             Job(ids=mix.tokenizer(p).input_ids, max_tokens=n, mode=mode, return_scalings="token",
-                emit=lambda event, i=i: results.__setitem__(i, event) if event["type"] != "piece" else None)
+                emit=lambda event, i=i: results.__setitem__(i, event) if not isinstance(event, Piece) else None)
             for i, (p, n, mode) in enumerate(prompts)
         ]
         engine.submit_group(jobs)
@@ -276,7 +277,7 @@ def run_engine(mix, prompts, *, max_batch, compile=False):
             time.sleep(0.01)
     finally:
         engine.close()
-    assert all(results[i]["type"] == "done" for i in range(len(prompts))), results
+    assert all(isinstance(results[i], Done) for i in range(len(prompts))), results
     return [results[i] for i in range(len(prompts))], engine
 
 
@@ -292,8 +293,8 @@ def test_engine_slots_give_the_same_text_as_alone(mix, compile):
         ids = torch.tensor([mix.tokenizer(prompt).input_ids])
         want = mix.generate(ids, max_new_tokens=n, mode=mode, return_scalings=True, eos_token_id=[])
         text = mix.tokenizer.decode(want.new_tokens[0].tolist(), skip_special_tokens=True)
-        assert got["text"] == text, (prompt, got["text"], text)
-        torch.testing.assert_close(torch.tensor(got["scalings"]), want.scalings[0, : len(got["scalings"])],
+        assert got.text == text, (prompt, got.text, text)
+        torch.testing.assert_close(torch.tensor(got.scalings), want.scalings[0, : len(got.scalings)],
                                    rtol=1e-4, atol=1e-4)
 
 

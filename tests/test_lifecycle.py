@@ -12,9 +12,9 @@ from loramix.harness import LoramixLM
 from loramix.request import RequestState, check_stops
 from loramix.sampling import SamplingSettings
 from loramix.serve import create_app
+from test_serve import Server, served_mix
 
 from conftest import char_tokenizer, save_model, tiny_llama
-from test_serve import Server, served_mix
 
 PROMPT = "GRAVY of ACDK"
 """Encoded without BOS on every path: lm-eval's hf model adds no special tokens to generate_until contexts, and the
@@ -69,7 +69,12 @@ def test_generate_the_server_and_the_harness_give_the_same_answer(mix, client, s
         assert "".join(chunk.choices[0].text for chunk in streamed) == text
         assert _harness(mix, lm_eval, stops) == text
     kept = client.completions.create(
-        model="tiny", prompt=_ids(mix), max_tokens=20, stop=[stop], extra_body={"include_stop_str_in_output": True}, **http
+        model="tiny",
+        prompt=_ids(mix),
+        max_tokens=20,
+        stop=[stop],
+        extra_body={"include_stop_str_in_output": True},
+        **http,
     )
     assert kept.choices[0].text == full[: full.index(stop) + len(stop)] and kept.choices[0].finish_reason == "stop"
 

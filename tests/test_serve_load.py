@@ -14,6 +14,7 @@ import torch
 
 from loramix.sampling import SamplingSettings
 from loramix.serve import Engine, Job, create_app
+from loramix.serve.events import Done, Failed, Piece
 from test_serve import Server, _free_port, _greedy, served_mix
 
 EOS = 2  # char_tokenizer's </s>
@@ -50,21 +51,21 @@ class Sink:
     """A job's emit: collects its messages; `finished_at` orders the jobs by when they ended."""
 
     def __init__(self) -> None:
-        self.messages: list[dict] = []
+        self.messages: list = []
         self.done = threading.Event()
         self.started = threading.Event()
         self.finished_at = None
 
-    def __call__(self, message: dict) -> None:
+    def __call__(self, message) -> None:
         self.messages.append(message)
-        if message["type"] == "piece":
+        if isinstance(message, Piece):
             self.started.set()
-        if message["type"] in ("done", "error"):
+        if isinstance(message, (Done, Failed)):
             self.finished_at = next(_order)
             self.done.set()
 
     @property
-    def result(self) -> dict:
+    def result(self):
         assert self.done.wait(60), "the job never finished"
         return self.messages[-1]
 
@@ -101,12 +102,12 @@ def test_a_short_request_joins_a_running_long_one_and_both_equal_the_library(mix
             engine.submit(short)
             short_result, long_result = short_sink.result, long_sink.result
         assert short_sink.finished_at < long_sink.finished_at  # it did not wait for the long one
-        assert short_result["text"] == _greedy(mix, short.ids, 4)[0]
-        assert long_result["completion_tokens"] == 60
+        assert short_result.text == _greedy(mix, short.ids, 4)[0]
+        assert long_result.completion_tokens == 60
         # the long one, alone in the library with the same bias
         out = mix.generate(torch.tensor([long.ids]), max_new_tokens=60, sampling=SamplingSettings(logit_bias=NO_EOS))
         want = mix.tokenizer.decode(out.new_tokens[0].tolist(), skip_special_tokens=True)
-        assert long_result["text"] == want
+        assert long_result.text == want
     finally:
         engine.close()
 
@@ -124,9 +125,9 @@ def test_a_finished_row_frees_its_slot_at_once(mix):
                 engine.submit(job)
                 sinks.append(sink)
             results = [s.result for s in sinks]
-            assert long_sink.result["completion_tokens"] == 50
+            assert long_sink.result.completion_tokens == 50
         assert all(s.finished_at < long_sink.finished_at for s in sinks)
-        assert [r["completion_tokens"] for r in results] == [3, 3, 3]
+        assert [r.completion_tokens for r in results] == [3, 3, 3]
     finally:
         engine.close()
 
@@ -156,22 +157,22 @@ def test_per_row_settings_seeds_and_modes_in_one_batch_equal_each_request_alone(
     finally:
         engine.close()
     for a, b in zip(alone, together):
-        assert b["type"] == "done"
-        assert (a["text"], a["finish_reason"], a["completion_tokens"]) == (
-            b["text"],
-            b["finish_reason"],
-            b["completion_tokens"],
+        assert isinstance(b, Done)
+        assert (a.text, a.finish_reason, a.completion_tokens) == (
+            b.text,
+            b.finish_reason,
+            b.completion_tokens,
         )
     # the modes against the library: granular and prompt-mode greedy rows shared one batch
     ids = mix.tokenizer("ACDK").input_ids
-    assert together[0]["text"] == _greedy(mix, ids, 12)[0]
+    assert together[0].text == _greedy(mix, ids, 12)[0]
     out = mix.generate(torch.tensor([ids]), max_new_tokens=12, mode="prompt")
     want = mix.tokenizer.decode(out.new_tokens[0, : out.lengths[0]].tolist(), skip_special_tokens=True)
-    assert together[1]["text"] == want and together[0]["text"] != together[1]["text"]
-    assert "C" not in together[6]["text"] and len(together[6]["scalings"]) == mix.n_experts
+    assert together[1].text == want and together[0].text != together[1].text
+    assert "C" not in together[6].text and len(together[6].scalings) == mix.n_experts
     # the same logprobs alone and in a batch, to float tolerance (not bitwise: see docs/serving.md)
-    got = [e.logprob for e in together[5]["logprobs"]["completion"]]
-    want = [e.logprob for e in alone[5]["logprobs"]["completion"]]
+    got = [e.logprob for e in together[5].logprobs.completion]
+    want = [e.logprob for e in alone[5].logprobs.completion]
     assert got == pytest.approx(want, abs=1e-5)
 
 
@@ -187,9 +188,9 @@ def test_cancelled_job_frees_its_slot_within_one_step(mix):
             wait_for(lambda: engine.active == 0)
             assert engine.steps - at <= 1
         # a cancelled job gets one final message (its handler never waits forever), and no more text
-        assert sink.result == {"type": "error", "message": "the client closed the request", "status": 499}
-        assert [m["type"] for m in sink.messages].count("error") == 1
-        assert sum(m["type"] == "piece" for m in sink.messages) < 50
+        assert sink.result == Failed(0, "the client closed the request", 499)
+        assert sum(isinstance(m, Failed) for m in sink.messages) == 1
+        assert sum(isinstance(m, Piece) for m in sink.messages) < 50
     finally:
         engine.close()
 
@@ -207,8 +208,8 @@ def test_mixed_held_and_granular_rows_shift_along_the_cache(mix):
             got_first, got_late = first_sink.result, late_sink.result
     finally:
         engine.close()
-    assert got_first["text"] == run_alone(mix, "A", max_tokens=30, logit_bias=NO_EOS)["text"]
-    assert got_late["text"] == run_alone(mix, "MKTAYIAKQRQISFVKSHFSRQ", max_tokens=20, logit_bias=NO_EOS)["text"]
+    assert got_first.text == run_alone(mix, "A", max_tokens=30, logit_bias=NO_EOS).text
+    assert got_late.text == run_alone(mix, "MKTAYIAKQRQISFVKSHFSRQ", max_tokens=20, logit_bias=NO_EOS).text
 
 
 # ---------------------------------------------------------------------- over HTTP
@@ -411,7 +412,7 @@ def test_the_compiled_step_serves_the_same_slots(mix):
         try:
             made = [make_job(mix, prompt, **kwargs) for prompt, kwargs in settings]
             engine.submit_group([job for job, _ in made])
-            texts[compile] = [(sink.result["text"], sink.result["completion_tokens"]) for _, sink in made]
+            texts[compile] = [(sink.result.text, sink.result.completion_tokens) for _, sink in made]
         finally:
             engine.close()
     assert texts["aot_eager"] == texts[False]
@@ -432,7 +433,7 @@ def test_the_queue_bound_counts_only_jobs_waiting_beyond_the_free_slots(mix):
                 engine.submit(job)  # 2 for the free slots, 1 waiting
             with pytest.raises(QueueFull):
                 engine.submit(made[3][0])
-        assert all(sink.result["type"] == "done" for _, sink in made[:3])
+        assert all(isinstance(sink.result, Done) for _, sink in made[:3])
     finally:
         engine.close()
 
@@ -519,8 +520,8 @@ def test_a_queued_job_whose_client_hangs_up_gets_a_final_message(mix):
             engine.submit(queued)
             assert engine.queued == 1
             queued.cancelled = True  # the client hung up while the job waited for a row
-            assert queued_sink.result == {"type": "error", "message": "the client closed the request", "status": 499}
-            assert long_sink.result["completion_tokens"] == 60
+            assert queued_sink.result == Failed(0, "the client closed the request", 499)
+            assert long_sink.result.completion_tokens == 60
     finally:
         engine.close()
 

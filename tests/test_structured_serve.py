@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import loramix
 from loramix import GateConfig, MixConfig
 from loramix.serve import create_app
+from loramix.serve.events import Done, Failed
 from test_serve import Server
 
 from conftest import char_tokenizer, make_adapter, random_gate, save_model, tiny_llama
@@ -295,11 +296,11 @@ def test_a_grammar_that_gets_stuck_fails_its_request_alone(dirs):
         stuck, free = Sink(), Sink()
         engine.submit_group([Job(ids=[1, 40, 41], max_tokens=20, emit=stuck, grammar=grammar)])
         engine.submit_group([Job(ids=[1, 40, 41], max_tokens=20, emit=free)])
-        assert stuck.result["status"] == 400 and stuck.result["param"] == "response_format"
-        message = stuck.result["message"]
+        assert stuck.result.status == 400 and stuck.result.param == "response_format"
+        message = stuck.result.message
         assert message.startswith("structured output: the grammar cannot go on with this tokenizer (")
         assert message.endswith('(the answer so far: \'{"n":"a\')')
-        assert free.result["type"] == "done"
+        assert isinstance(free.result, Done)
     finally:
         engine.close()
 
@@ -327,9 +328,10 @@ def test_a_grammar_over_its_budget_fails_alone(dirs):
         slow, free = Sink(), Sink()
         engine.submit_group([Job(ids=[1, 40, 41], max_tokens=20, emit=slow, grammar=grammar)])
         engine.submit_group([Job(ids=[1, 40, 41], max_tokens=2, emit=free)])
-        assert slow.result.get("status") == 400 and slow.result["param"] == "response_format", slow.messages
-        assert "longer than this server's 0.01 s budget" in slow.result["message"]
-        assert free.result["type"] == "done" and free.result["completion_tokens"] == 2
+        assert isinstance(slow.result, Failed) and slow.result.status == 400, slow.messages
+        assert slow.result.param == "response_format"
+        assert "longer than this server's 0.01 s budget" in slow.result.message
+        assert isinstance(free.result, Done) and free.result.completion_tokens == 2
     finally:
         engine.close()
 

@@ -50,29 +50,29 @@ from ..errors import LoramixError
 from ..request import RequestState
 from ..sampling import SamplingSettings, row_generator
 from ..text import left_pad
+from .events import Done, Event, Failed, Logprobs, Piece, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Engine", "Job", "QueueFull", "TokenLogprob"]
+__all__ = ["Engine", "Job", "QueueFull"]
 
 
 @dataclass
 class Job:
     """One request's choice: prompt token ids, settings, and where to send results (called from the worker thread).
 
-    emit receives {"type": "piece", "text": str} while streaming, then {"type": "done", "text", "finish_reason",
-    "completion_tokens", "scalings", "logprobs"}, or {"type": "error", "message", "status"}: exactly one final one.
+    emit receives `events.Piece`s while streaming, then exactly one final event: `events.Done` or `events.Failed`.
 
     logprobs: None (off) or how many alternatives to return per position (0 = the chosen token only); the result's
-    "logprobs" is then {"prompt": [...], "completion": [...]} of `TokenLogprob`s (the prompt's only with
-    prompt_logprobs; its first token has no logprob). group: jobs of one request share it. index: the choice's
-    number, which seeds its own random stream (`sampling.row_generator`). grammar: the `grammar.Grammar` its tokens
-    follow (structured output), or None.
+    `logprobs` is then an `events.Logprobs` (the prompt's only with prompt_logprobs; its first token has none).
+    group: jobs of one request share it. index: the choice's number, which seeds its own random stream
+    (`sampling.row_generator`) and names its events. grammar: the `grammar.Grammar` its tokens follow (structured
+    output), or None.
     """
 
     ids: list[int]
     max_tokens: int
-    emit: Callable[[dict[str, Any]], None]
+    emit: Callable[[Event], None]
     mode: str = "granular"
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     stops: list[str] = field(default_factory=list)
@@ -92,16 +92,6 @@ class Job:
 
 class QueueFull(LoramixError):
     """The engine's queue holds `max_queue` jobs: the server answers 503 with Retry-After."""
-
-
-@dataclass
-class TokenLogprob:
-    """One position: the token, its log probability (None for a prompt's first token) and the `top` alternatives,
-    best first, as (token id, log probability)."""
-
-    token: int
-    logprob: float | None
-    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 def _logprobs_at(logprobs: torch.Tensor, tokens: torch.Tensor, k: int) -> list[TokenLogprob]:
@@ -146,9 +136,9 @@ class _Row:
         if self.job.stream:
             piece = self.request.take()
             if piece:
-                self.job.emit({"type": "piece", "text": piece})
+                self.job.emit(Piece(self.job.index, piece))
 
-    def result(self) -> dict[str, Any]:
+    def result(self) -> Done:
         scalings = None
         if self.job.return_scalings != "none" and self.scalings:
             s = torch.stack(self.scalings).float()  # [n, L, N]
@@ -158,17 +148,11 @@ class _Row:
                 scalings = s.mean(0).tolist()
             else:
                 scalings = s.mean((0, 1)).tolist()
-        logprobs = None
-        if self.job.logprobs is not None:
-            logprobs = {"prompt": self.prompt_logprobs, "completion": self.logprobs}
-        return {
-            "type": "done",
-            "text": self.request.text,
-            "finish_reason": self.request.finish_reason or "length",
-            "completion_tokens": self.request.text_tokens,
-            "scalings": scalings,
-            "logprobs": logprobs,
-        }
+        logprobs = Logprobs(self.prompt_logprobs, self.logprobs) if self.job.logprobs is not None else None
+        request = self.request
+        return Done(
+            self.job.index, request.text, request.finish_reason or "length", request.text_tokens, scalings, logprobs
+        )
 
 
 class Engine:
@@ -359,8 +343,7 @@ class Engine:
         if message is None and row is not None:
             job.emit(row.result())
         else:
-            error = {"type": "error", "message": message or why, "status": status}
-            job.emit({**error, "param": param} if param else error)
+            job.emit(Failed(job.index, message or why, status, param))
 
     def _ended_early(self, job: Job, row: _Row | None) -> bool:
         """End `job` (in its row, or queued) if its client hung up or its deadline passed; whether it did."""
