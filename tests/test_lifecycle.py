@@ -136,3 +136,10 @@ def test_eos_comes_from_the_tokenizer_when_the_configs_name_none(tmp_path, llama
     assert mix.generate(ids, max_new_tokens=8, eos_token_id=[]).lengths == [8]  # [] still turns EOS off
     grammar = loramix.grammar.Grammar.lark_for_model(mix, 'start: "ab"')  # structured output no longer refuses it
     assert grammar.eos == (2,)
+
+
+def test_a_loramix_model_is_what_the_decode_path_reads(mix):
+    from loramix.contracts import MixedModel
+
+    assert isinstance(mix, MixedModel)
+    assert not isinstance(mix.model, MixedModel)  # the bare transformers model is not: no gate, no scalings

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from .base import LoraMixCache
+from .contracts import MixedModel
 from .errors import ConfigError
 from .gate import GateCache
 
@@ -54,7 +55,7 @@ NULL, TRASH = 0, 1
 """The reserved blocks: zeros, read where a row holds no token; written where a row holds no token, never read."""
 
 
-def static_cache_support(model: Any) -> str | None:
+def static_cache_support(model: MixedModel) -> str | None:
     """None if the decoder can run this model (a LoraMixModel) over its paged caches; otherwise why not, in a few
     words (the caller then decodes by recomputing the prefix, with a warning)."""
     from transformers import StaticCache
@@ -179,7 +180,7 @@ class PoolLayout:
 _LAYOUTS: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], PoolLayout]] = weakref.WeakKeyDictionary()
 
 
-def layout_of(model: Any, granular: bool) -> PoolLayout:
+def layout_of(model: MixedModel, granular: bool) -> PoolLayout:
     """The pool layout of a LoraMixModel, read from one token's keys and values through both passes (what the
     attention layers really write: heads, head sizes, dtype), so no config field has to be guessed. Kept per model,
     dtype, device and scaling layer (a `generate` call reads it once, not each time)."""
@@ -190,7 +191,7 @@ def layout_of(model: Any, granular: bool) -> PoolLayout:
     return known[key]
 
 
-def _read_layout(model: Any, granular: bool) -> PoolLayout:
+def _read_layout(model: MixedModel, granular: bool) -> PoolLayout:
     from .base import new_dynamic_cache, text_config
 
     config = text_config(model.model)
@@ -272,7 +273,7 @@ class PagedCache:
 
     def __init__(
         self,
-        model: Any,
+        model: MixedModel,
         rows: int,
         columns: int,
         blocks: int,

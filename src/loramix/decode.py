@@ -50,6 +50,7 @@ import torch
 
 from .base import LoraMixCache, new_dynamic_cache, text_config
 from .blocks import BLOCK_SIZE, NULL, TRASH, BlockAllocator, PagedCache, PoolLayout, block_keys, static_cache_support
+from .contracts import MixedModel
 from .layers import PreparedScalings
 from .sampling import Sampler, SamplingSettings
 
@@ -273,7 +274,7 @@ class Decoder:
 
     def __init__(
         self,
-        model: Any,
+        model: MixedModel,
         batch: int,
         slots: int,
         *,

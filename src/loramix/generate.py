@@ -36,6 +36,7 @@ import torch
 
 from .base import resolve_defaults, text_config
 from .blocks import static_cache_support
+from .contracts import MixedModel
 from .decode import HELD_MODES, MODES, Decoder, RowSpec, cache_slots, compile_support, non_finite_rows
 from .errors import ConfigError, LoramixError
 from .grammar import Grammar
@@ -82,7 +83,9 @@ class GenerationOutput:
         return self.sequences[:, self.prompt_length :]
 
 
-def _check_args(model: Any, input_ids: torch.Tensor, max_new_tokens: int, mode: str, scaling_layer: int | None) -> int:
+def _check_args(
+    model: MixedModel, input_ids: torch.Tensor, max_new_tokens: int, mode: str, scaling_layer: int | None
+) -> int:
     if (
         not isinstance(input_ids, torch.Tensor)
         or input_ids.dim() != 2
@@ -216,7 +219,7 @@ class Generation:
 
     def __init__(
         self,
-        model: Any,
+        model: MixedModel,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         *,
@@ -480,7 +483,7 @@ class Generation:
         )
 
 
-def _decoder_backend(model: Any, compile: Any, use_cache: bool) -> Any:
+def _decoder_backend(model: MixedModel, compile: Any, use_cache: bool) -> Any:
     """How the decoder runs: "eager" (static caches, no compile), a torch.compile backend, or None for the
     recomputing path (use_cache=False, or a base without static caches: warned)."""
     if not use_cache:
@@ -502,7 +505,7 @@ def _decoder_backend(model: Any, compile: Any, use_cache: bool) -> Any:
 
 @torch.no_grad()
 def generate(
-    model: Any,
+    model: MixedModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     *,
@@ -548,7 +551,7 @@ def generate(
 
 @torch.no_grad()
 def stream(
-    model: Any,
+    model: MixedModel,
     prompt: str | torch.Tensor,
     *,
     tokenizer: Any = None,

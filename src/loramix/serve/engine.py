@@ -45,6 +45,7 @@ import torch
 
 from ..base import resolve_defaults
 from ..blocks import BLOCK_SIZE, PoolLayout, describe, layout_of, pool_blocks
+from ..contracts import MixedModel
 from ..decode import Decoder, Prefill, RowSpec, cache_slots
 from ..errors import LoramixError
 from ..request import RequestState
@@ -167,7 +168,7 @@ class Engine:
 
     def __init__(
         self,
-        model: Any,
+        model: MixedModel,
         *,
         max_batch: int = 8,
         batching: bool = True,

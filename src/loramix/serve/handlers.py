@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import Request
 
+from ..contracts import MixedModel
 from ..errors import ConfigError
 from ..grammar import ANY_OBJECT, OVER_BUDGET, Grammar, GrammarError
 from ..sampling import SamplingSettings
@@ -166,13 +167,13 @@ async def _grammar(
         raise ApiError(400, f"{param}: {exc}", param=param) from None
 
 
-def _warm(model: Any, schema: Any, budget: float | None) -> Grammar:
+def _warm(model: MixedModel, schema: Any, budget: float | None) -> Grammar:
     """The grammar compiled with its first mask (`Grammar.json` computes it: the costly part of a hard schema), and
     the budget the decoder grants its masks."""
     return dataclasses.replace(Grammar.for_model(model, schema), budget=budget)
 
 
-async def _compile(model: Any, schema: Any, budget: float | None) -> Grammar:
+async def _compile(model: MixedModel, schema: Any, budget: float | None) -> Grammar:
     """`_warm` on a thread of its own, waited for at most `budget` seconds (then a GrammarError; the thread, which
     cannot be stopped, finishes on its own and its result is dropped). llguidance's one-time work for the tokenizer
     (`Grammar.prepare`) comes first and is not counted."""

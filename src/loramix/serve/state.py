@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..contracts import MixedModel
 from .engine import Engine
 from .metrics import Metrics
 
@@ -16,7 +17,7 @@ __all__ = ["ServerState"]
 class ServerState:
     """What the endpoints share: the model, its engine and metrics, and the server's limits."""
 
-    model: Any
+    model: MixedModel
     engine: Engine
     metrics: Metrics
     model_id: str
