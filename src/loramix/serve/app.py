@@ -18,9 +18,9 @@ repetition_penalty, and `return_scalings` ("token", "layer" or "expert"), return
 Errors are OpenAI-style JSON: {"error": {"message", "type", "param", "code"}} with a 4xx status (5xx: 503 with
 Retry-After when the queue is full, 504 when a request runs past its timeout).
 
-Layers: schemas.py (the requests, pydantic), handlers.py (the two generating endpoints: checks, jobs, grammars),
-openai.py (the OpenAI shaping of answers, errors and streams), events.py (what the engine sends a handler), and this
-module (the app: its routes, the ASGI guard, the factory).
+Layers: schemas.py and responses.py (the requests and the response bodies, pydantic), handlers.py (the two
+generating endpoints: checks, jobs, grammars), openai.py (the OpenAI shaping of answers, errors and streams),
+events.py (what the engine sends a handler), and this module (the app: its routes, the ASGI guard, the factory).
 
 Load: requests run in the engine's continuous batch (engine.py). A client that disconnects (streaming or not) has its
 jobs cancelled; their slots are free before the next decode step. The request body is read by `_Guard` (an ASGI

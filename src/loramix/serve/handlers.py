@@ -326,7 +326,7 @@ async def completions(state: ServerState, request: Request, body: CompletionRequ
         )
     results = await _results(request, sink, jobs)
     choices = [choice(i, echo(i) + r.text, r) for i, r in enumerate(results)]
-    return reply.with_totals(reply.envelope(choices), results)
+    return reply.body(choices, results)
 
 
 async def chat(state: ServerState, request: Request, body: ChatRequest) -> Any:
@@ -369,4 +369,4 @@ async def chat(state: ServerState, request: Request, body: ChatRequest) -> Any:
             reason = "tool_calls" if reason == "stop" else reason
         logprobs_out = chat_logprobs(state, r.logprobs.completion) if r.logprobs is not None else None
         choices.append({"index": i, "message": message, "logprobs": logprobs_out, "finish_reason": reason})
-    return reply.with_totals(reply.envelope(choices, "chat.completion"), results)
+    return reply.body(choices, results)

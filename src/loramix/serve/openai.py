@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..grammar import token_bytes
 from .engine import Job
 from .events import Done, Piece, TokenLogprob
+from .responses import ChatCompletion, Completion, ErrorBody, ErrorResponse, Usage
 from .state import ServerState
 from .toolparsers import CallReader
 from .tools import ToolPlan, call_id, entry, tool_calls
@@ -50,11 +51,8 @@ class ApiError(Exception):
     def response(self) -> JSONResponse:
         """The error as OpenAI's API answers it: {"error": {message, type, param, code}} with the status."""
         message = self.message.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate cannot be sent
-        return JSONResponse(
-            status_code=self.status,
-            content={"error": {"message": message, "type": self.type, "param": self.param, "code": self.code}},
-            headers=self.headers,
-        )
+        body = ErrorResponse(error=ErrorBody(message=message, type=self.type, param=self.param, code=self.code))
+        return JSONResponse(status_code=self.status, content=body.model_dump(), headers=self.headers)
 
 
 def token_text(state: ServerState, token: int) -> str:
@@ -141,13 +139,26 @@ class Reply:
                 out["layers"] = model.layer_names
         return out
 
-    def with_totals(self, body: dict[str, Any], results: list[Done]) -> dict[str, Any]:
-        """The response (or the stream's usage chunk) with its usage and the loramix extension."""
+    def usage(self, results: list[Done]) -> Usage:
         prompt = sum(len(ids) for ids in self.prompts)
         completion = sum(r.completion_tokens for r in results)
-        body["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    def with_totals(self, body: dict[str, Any], results: list[Done]) -> dict[str, Any]:
+        """The stream's usage chunk: its usage and the loramix extension."""
+        body["usage"] = self.usage(results).model_dump()
         body["loramix"] = self.extension(results)
         return body
+
+    def body(self, choices: list[dict[str, Any]], results: list[Done]) -> dict[str, Any]:
+        """The whole (non-streamed) response, checked against its model (responses.py): a `Completion` or a
+        `ChatCompletion`; fields not set (a text message's tool_calls) are left out, as OpenAI does."""
+        model = Completion if self.kind == "text_completion" else ChatCompletion
+        kind = "text_completion" if model is Completion else "chat.completion"
+        response = model.model_validate(
+            {**self.envelope(choices, kind), "usage": self.usage(results), "loramix": self.extension(results)}
+        )
+        return response.model_dump(mode="json", exclude_unset=True)
 
 
 ChoiceOf = Callable[..., "dict[str, Any] | None"]
