@@ -23,6 +23,7 @@ from loramix.errors import ConfigError
 from loramix.evaluate import generate_answers
 from loramix.harness import LoramixLM
 from loramix.scoring import scorer_of
+from loramix.text import render_chat
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -105,6 +106,7 @@ def test_the_task_folder_is_found_and_the_loader_refuses_bad_input(tmp_path, tok
     for world in ("protein_", "protein_chat_"):
         for task in ("forward", "design", "compare", "qa", "compare_choice", "qa_choice"):
             assert world + task in names
+    assert {"protein_turns_forward", "protein_turns_design", "protein_turns_qa"} <= names
     with pytest.raises(ConfigError, match="checkpoint=DIR"):
         load("forward", "chat")
     with pytest.raises(ConfigError, match="protein_n"):
@@ -113,3 +115,11 @@ def test_the_task_folder_is_found_and_the_loader_refuses_bad_input(tmp_path, tok
     tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
     rows = load("forward", "chat", protein_n=2, checkpoint=str(tmp_path), mode="granular")["test"].to_list()
     assert rows == ChatWorld(tokenizer).domain_records("forward", "test", 2)
+    # the turns world: the same records with the user turn alone, for a chat API to render
+    turns = load("forward", "turns", protein_n=2)["test"].to_list()
+    assert [render_chat(tokenizer, [{"role": "user", "content": t["prompt"]}]) for t in turns] == [
+        r["prompt"] for r in rows
+    ]
+    assert [{**t, "prompt": ""} for t in turns] == [{**r, "prompt": ""} for r in rows]
+    with pytest.raises(ConfigError, match="compare has no turns task"):
+        load("compare", "turns")

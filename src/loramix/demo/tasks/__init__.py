@@ -13,12 +13,17 @@ Task names:
     protein_compare_choice, protein_qa_choice                               multiple choice (loglikelihood)
     protein_chat_*                                                          the same six in the SmolLM2 demo's chat
                                                                             phrasing (`loramix.demo.chat_world`)
-    tags: protein (the mini-world's six), protein_chat (the chat world's six)
+    protein_turns_forward, protein_turns_design, protein_turns_qa           the chat phrasing as the user turn alone,
+                                                                            for `local-chat-completions`
+    tags: protein (the mini-world's six), protein_chat (the chat world's six), protein_turns (the three)
 
 The chat tasks render each prompt with the evaluated model's own chat template: `load` takes the tokenizer from
 the model arguments that lm-eval passes to it as metadata (`checkpoint=DIR` of the native "loramix" model, or
-`tokenizer=DIR` of `local-completions`). Composite prompts (two segments: the harness appends ">B?" after the model's
-own first answer) are not one lm-eval request and stay in `loramix eval`.
+`tokenizer=DIR` of `local-completions`). The protein_turns tasks leave the template to the server (lm-eval's
+`--apply_chat_template` with `local-chat-completions`, which has no log probabilities); compare has no turn task: its
+prompt ends with the assistant's own "A>B?", which a chat API cannot take.
+Composite prompts (two segments: the harness appends ">B?" after the model's own first answer) are not one lm-eval
+request and stay in `loramix eval`.
 
 Metadata (`--metadata '{"protein_n": 300}'`): protein_n, the documents per task (default: the demo's test subset);
 protein_split, test (default) or val.
@@ -40,7 +45,7 @@ __all__ = ["TASKS_DIR", "load", "process_results", "tasks_dir"]
 TASKS_DIR = Path(__file__).resolve().parent
 """The folder of the task YAMLs: what `--include_path` needs."""
 
-WORLDS = ("mini", "chat")
+WORLDS = ("mini", "chat", "turns")
 SPLITS = ("test", "val")
 
 
@@ -90,6 +95,18 @@ def _tokenizer(metadata: dict[str, Any]) -> Any:
     return load_tokenizer(path)
 
 
+def _chat_world(world: str, tokenizer: Any) -> Any:
+    """The SmolLM2 demo's world: prompts rendered with `tokenizer`'s chat template ("chat"), or left as the user
+    turn for a chat API to render ("turns": the same records, drawn with the same random numbers)."""
+    from ..chat_world import ChatWorld
+
+    class Turns(ChatWorld):
+        def chat_prompt(self, user: str) -> str:
+            return user
+
+    return ChatWorld(tokenizer) if world == "chat" else Turns(None)
+
+
 def records(
     domain: str, world: str = "mini", n: int | None = None, split: str = "test", tokenizer: Any = None
 ) -> list[dict[str, Any]]:
@@ -105,12 +122,12 @@ def records(
         raise ConfigError(f"protein_split={split!r}; expected one of {', '.join(SPLITS)}")
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
         raise ConfigError(f"protein_n={n!r} must be an integer >= 1")
+    if world == "turns" and domain == "compare":
+        raise ConfigError("compare has no turns task: its prompt ends inside the assistant's turn (A>B?)")
     if world == "mini":
         out = _world().domain_records(domain, split, n or EVAL_SIZES[domain])
     else:
-        from ..chat_world import ChatWorld
-
-        out = ChatWorld(tokenizer).domain_records(domain, split, n or SMOLLM2_EVAL_SIZES[domain])
+        out = _chat_world(world, tokenizer).domain_records(domain, split, n or SMOLLM2_EVAL_SIZES[domain])
     if domain == "qa":
         out = [{**r, "kind": _qa_kind(r["completion"])} for r in out]
         out = [{**r, "choices": _choices(r["kind"])} for r in out]
