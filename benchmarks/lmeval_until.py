@@ -53,7 +53,7 @@ def cut(text: str, until: list[str]) -> str:
     return text
 
 
-def run(lm: Any, requests: list[Any], stop: bool, counter: dict[str, int]) -> list[str]:
+def run(lm: Any, requests: list[Any], stop: bool) -> list[str]:
     """Answers to `requests`; with stop=False the rows get no stop strings and are cut afterwards."""
     if stop:
         return lm.generate_until(requests)
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of both variants, the order rotating")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--system", default="mixture", help="the model's `system` (mixture, base, uniform, expert:NAME)")
+    parser.add_argument("--system", default="mixture", help="the lm-eval model's system (mixture, base, expert:NAME)")
     parser.add_argument("--limit", type=int, default=None, help="documents per task (default: every one)")
     args = parser.parse_args()
 
@@ -97,8 +97,8 @@ def main() -> None:
     tasks = lm_eval_requests(checkpoint, args.chat, args.limit)
     requests = [r for rs in tasks.values() for r in rs]
     print(
-        f"# {checkpoint} system={args.system}: tasks {', '.join(tasks)}; {len(requests)} rows; batch {args.batch_size}; "
-        f"torch {torch.__version__}, {args.threads} threads"
+        f"# {checkpoint} system={args.system}: tasks {', '.join(tasks)}; {len(requests)} rows; "
+        f"batch {args.batch_size}; torch {torch.__version__}, {args.threads} threads"
     )
     seconds: dict[str, list[float]] = {"until": [], "no-stop": []}
     counts: dict[str, tuple[int, int]] = {}
@@ -108,7 +108,7 @@ def main() -> None:
         for variant in order:
             counter.update(tokens=0, steps=0)
             start = time.perf_counter()
-            got = run(lm, requests, variant == "until", counter)
+            got = run(lm, requests, variant == "until")
             seconds[variant].append(time.perf_counter() - start)
             counts[variant] = (counter["tokens"], counter["steps"])
             answers[variant] = got

@@ -3,8 +3,10 @@ checkpoint through lm-eval's API with a small --limit."""
 
 import math
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,3 +125,17 @@ def test_the_task_folder_is_found_and_the_loader_refuses_bad_input(tmp_path, tok
     assert [{**t, "prompt": ""} for t in turns] == [{**r, "prompt": ""} for r in rows]
     with pytest.raises(ConfigError, match="compare has no turns task"):
         load("compare", "turns")
+
+
+def test_until_benchmark_counts_fewer_tokens_when_rows_stop_at_until():
+    """benchmarks/lmeval_until.py end to end on a few documents: the demo's base model does not end its answers, so
+    rows given `until` as stop strings generate fewer tokens, with the same answers."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "lmeval_until.py"
+    args = ["--threads", "1", "--rounds", "1", "--limit", "4", "--system", "base"]
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = {line.split()[0]: line for line in done.stdout.splitlines() if " rows=" in line}
+    tokens = {k: int(re.search(r"tokens=(\d+)", v).group(1)) for k, v in lines.items()}
+    assert set(tokens) == {"until", "no-stop"} and "rows=16" in lines["until"]
+    assert 0 < tokens["until"] < tokens["no-stop"]
+    assert "same answers: True" in done.stdout
