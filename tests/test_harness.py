@@ -265,3 +265,25 @@ def test_generate_until_stops_each_row_at_its_until_string(demo, monkeypatch):
     assert all("." in text for text in whole)
     assert cut == [text[: text.index(".")] for text in whole]
     assert generated[0] < generated[1]  # fewer tokens generated: the rows stopped at "."
+
+
+def test_chat_templating_as_lm_evals_hf_model(llama_dir, llama_experts):
+    """--apply_chat_template: the few-shot conversation rendered with the tokenizer's template (continuing the last
+    assistant message when asked), or the plain fallback; the tokenizer's name fingerprints the cache."""
+    from conftest import char_tokenizer
+    from loramix.harness import LoramixLM
+    from loramix.text import render_chat
+
+    tok = char_tokenizer()
+    mix = loramix.from_pretrained(llama_dir, llama_experts, loramix.MixConfig(), tokenizer=tok)
+    plain = LoramixLM(model=mix)
+    chat = [{"role": "user", "content": "AB?"}, {"role": "assistant", "content": "C"}]
+    assert plain.apply_chat_template(chat[:1]) == render_chat(tok, chat[:1]) == "user: AB?\nassistant:"
+    assert plain.apply_chat_template(chat, add_generation_prompt=False) == "user: AB?\nassistant: C"
+    assert plain.chat_template(True) == "" and plain.tokenizer_name
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    tok.chat_template += "{% if add_generation_prompt %}<assistant>{% endif %}"
+    templated = LoramixLM(model=mix)
+    assert templated.apply_chat_template(chat[:1]) == "<user>AB?<assistant>"
+    assert templated.apply_chat_template(chat, add_generation_prompt=False) == "<user>AB?<assistant>C"
+    assert templated.chat_template(True) == tok.chat_template

@@ -50,7 +50,7 @@ from .loading import load
 from .parallel import finish, processes, threads_for_processes
 from .quant import QUANTIZE_CHOICES
 from .sampling import SamplingSettings
-from .text import left_pad
+from .text import left_pad, render_chat
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +206,30 @@ class LoramixLM(TemplateLM):
 
     def tok_decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ chat templating (--apply_chat_template)
+
+    @property
+    def tokenizer_name(self) -> str:
+        """What fingerprints lm-eval's request cache for templated prompts (the hf model's spelling)."""
+        return str(getattr(self.tokenizer, "name_or_path", None) or "loramix").replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The tokenizer's chat template when one is asked for ("" for none: the plain fallback, text.render_chat)."""
+        return (getattr(self.tokenizer, "chat_template", None) or "") if chat_template else None
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The few-shot conversation as one prompt: the tokenizer's chat template, as lm-eval's hf model renders it
+        (add_generation_prompt False continues the last assistant message), or loramix's plain fallback."""
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(
+                chat_history,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=not add_generation_prompt,
+            )
+        text = render_chat(self.tokenizer, chat_history)
+        return text if add_generation_prompt else text[: -len("assistant:")].rstrip("\n ")
 
     # ------------------------------------------------------------------ scoring
 
