@@ -50,6 +50,7 @@ from ..errors import ConfigError, LoramixError
 from ..grammar import ANY_OBJECT, OVER_BUDGET, Grammar, GrammarError, token_bytes
 from ..sampling import SamplingSettings
 from ..text import render_chat
+from .config import check_api_key
 from .engine import Engine, Job, QueueFull, TokenLogprob
 from .metrics import Metrics
 from .schemas import MAX_CHOICES, ChatRequest, CompletionRequest
@@ -850,22 +851,6 @@ def model_length(model: Any, max_model_len: int | None) -> int:
             f"rope_scaling that would extend it); give at most {context}"
         )
     return max_model_len
-
-
-def check_api_key(api_key: str | None, name: str = "api_key") -> None:
-    """An API key must be non-empty (empty would turn authentication off) and printable ASCII: HTTP clients send
-    header values as ASCII or latin-1, so a key with other characters would match for some clients only."""
-    if api_key is None:
-        return
-    if not api_key.strip():
-        raise ConfigError(
-            f"{name} is empty, which would turn authentication off; give a non-empty key, or none to serve without one"
-        )
-    if not (api_key.isascii() and api_key.isprintable()):
-        raise ConfigError(
-            f"{name} has characters other than printable ASCII, which HTTP clients do not send alike in a header: "
-            "use letters, digits and punctuation (e.g. `openssl rand -hex 32`)"
-        )
 
 
 def create_app(
