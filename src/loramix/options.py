@@ -125,7 +125,7 @@ def config_options(
             try:
                 kwargs[param] = cls(**values)
             except ConfigError as exc:  # name the option rather than the field
-                raise typer.BadParameter(str(exc), param_hint=_option_of(exc, flags)) from None
+                raise typer.BadParameter(str(exc), param_hint=_option_of(exc, flags, fields)) from None
             return command(**kwargs)
 
         kept = [p for p in signature.parameters.values() if p.name != param]
@@ -161,12 +161,16 @@ def _or_none(kind: type, text: str) -> Any:
         raise typer.BadParameter(f"{text!r} is not a {kind.__name__} (or none)") from None
 
 
-def _option_of(exc: ConfigError, flags: dict[str, str]) -> str | None:
-    """The option of the field a config error names (`exc.field`). Configs that do not say it yet (train/'s) are
-    named by the message's leading "field=" ("gate.depth=0 must ..." -> "--depth")."""
+def _option_of(exc: ConfigError, flags: dict[str, str], fields: list[dataclasses.Field]) -> str | None:
+    """The option of the field a config error names (`exc.field`), and its environment variable if it has one.
+    Configs that do not say the field yet (train/'s) are named by the message's leading "field=" ("gate.depth=0
+    must ..." -> "--depth")."""
     name = exc.field
     if name is None:
         match = re.match(r"(?:\w+\.)?(\w+)=", str(exc))
         name = match.group(1) if match else None
     flag = flags.get(name) if name else None
-    return flag.split("/")[0].split(" ")[0] if flag else None
+    if not flag:
+        return None
+    envvar = next((f.metadata.get("cli", {}).get("envvar") for f in fields if f.name == name), None)
+    return flag.split("/")[0].split(" ")[0] + (f" / {envvar}" if envvar else "")

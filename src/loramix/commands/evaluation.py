@@ -41,10 +41,8 @@ def eval_cmd(
     the main process prints the table and alone writes --out (docs/scaling.md)."""
     from .. import demo  # noqa: F401  (registers the demo's record kinds, "design" and "two_segment")
     from ..data import load_records
-    from ..errors import CheckpointError
     from ..evaluate import SYSTEMS, evaluate
-    from ..io import check_owned_files
-    from ..parallel import agree, finish, processes, same_on_every_process, threads_for_processes
+    from ..parallel import agree, finish, processes, threads_for_processes
 
     unknown = sorted(set(systems or []) - set(SYSTEMS))
     if unknown:
@@ -56,16 +54,8 @@ def eval_cmd(
     options = {"checkpoint": str(checkpoint), "--data": data, "--truncated": str(truncated), "--system": systems}
     options |= {"--limit": limit, "--batch-size": batch_size, "--base": load.base, "--quantize": load.quantize}
     agree(options, state)  # ranks with other options would mix their answers under one label
-    if out is not None:  # before the run, not after it; by the process that writes, its verdict for all
-        refused = None
-        if state.is_main_process:
-            try:
-                check_owned_files(out, ("results.json", "results.md"), what="--out")
-            except CheckpointError as exc:
-                refused = str(exc)
-        refused = same_on_every_process(refused, state)
-        if refused is not None:
-            raise CheckpointError(refused)
+    if out is not None:
+        check_out(out, state)
     records = load_records(data)
     records = records[:limit] if limit else records
     held = None
@@ -81,31 +71,33 @@ def eval_cmd(
         from ..loading import load as load_checkpoint
 
         trunc = load_checkpoint(truncated, load.base, device=device, quantize=load.quantize)
-    result = evaluate(
-        model,
-        records,
-        truncated=trunc,
-        systems=systems or SYSTEMS,
-        batch_size=batch_size,
-        progress=state.is_main_process and interactive(),
-        state=state,
-    )
-    held_result = None
-    if held is not None:
-        held_result = evaluate(
-            model,
-            held,
-            truncated=trunc,
-            systems=systems or SYSTEMS,
-            batch_size=batch_size,
-            progress=state.is_main_process and interactive(),
-            state=state,
-        )
+    run = dict(truncated=trunc, systems=systems or SYSTEMS, batch_size=batch_size, state=state)
+    run["progress"] = state.is_main_process and interactive()  # a bar on a terminal only, not in a log file
+    result = evaluate(model, records, **run)
+    held_result = evaluate(model, held, **run) if held is not None else None
     try:
         if state.is_main_process:
             report_eval(result, len(records), state.num_processes, out, held_result)
     finally:
         finish(state)
+
+
+def check_out(out: Path, state: Any) -> None:
+    """Refuse an --out whose results files loramix did not write: before the run, not after it; checked by the
+    process that writes, its verdict for all."""
+    from ..errors import CheckpointError
+    from ..io import check_owned_files
+    from ..parallel import same_on_every_process
+
+    refused = None
+    if state.is_main_process:
+        try:
+            check_owned_files(out, ("results.json", "results.md"), what="--out")
+        except CheckpointError as exc:
+            refused = str(exc)
+    refused = same_on_every_process(refused, state)
+    if refused is not None:
+        raise CheckpointError(refused)
 
 
 def report_eval(result: Any, n_records: int, n_processes: int, out: Path | None, heldout: Any = None) -> None:

@@ -899,11 +899,9 @@ def create_app(
         check_parser(tool_call_parser)
     except ToolError as exc:
         raise ConfigError(f"tool_call_parser: {exc}") from None
-    tokenizer = model.tokenizer
     context = model_length(model, max_model_len)
     prompt_limit = max_prompt_tokens or context - 1
     metrics = Metrics(model.expert_names)
-    budget = paged_budget(kv_cache_memory) if isinstance(kv_cache_memory, str) else kv_cache_memory
     engine = Engine(
         model,
         batching=batching,
@@ -912,7 +910,7 @@ def create_app(
         max_queue=max_queue,
         longest=min(context, prompt_limit + max_tokens_limit),
         metrics=metrics,
-        kv_cache_memory=budget,
+        kv_cache_memory=paged_budget(kv_cache_memory) if isinstance(kv_cache_memory, str) else kv_cache_memory,
         gpu_memory_utilization=gpu_memory_utilization,
         prefix_caching=prefix_caching,
         max_num_batched_tokens=max_num_batched_tokens,
@@ -930,20 +928,31 @@ def create_app(
         vocab_size=getattr(text_config(model.model), "vocab_size", None),
         request_timeout=request_timeout,
         grammar_budget=grammar_budget,
-        special_ids=set(getattr(tokenizer, "all_special_ids", [])) - {getattr(tokenizer, "unk_token_id", None)},
+        special_ids=_special_ids(model.tokenizer),
         tool_parser=tool_call_parser,
     )
+    return _assemble(state, api_key=api_key, max_body=max_body, body_timeout=body_timeout)
+
+
+def _special_ids(tokenizer: Any) -> set[int]:
+    """The tokenizer's special token ids but its unknown token's."""
+    return set(getattr(tokenizer, "all_special_ids", [])) - {getattr(tokenizer, "unk_token_id", None)}
+
+
+def _assemble(state: ServerState, *, api_key: str | None, max_body: int, body_timeout: float | None) -> FastAPI:
+    """The FastAPI app around a built `ServerState`: its routes, the guard (API key, body limits) outermost, and
+    the engine closed when the app shuts down."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        engine.close()
+        state.engine.close()
 
     app = FastAPI(title="loramix", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.server = state
-    app.state.engine = engine
+    app.state.engine = state.engine
     _routes(app, state)
-    app.add_middleware(_Guard, api_key=api_key, max_body=max_body, body_timeout=body_timeout, metrics=metrics)
+    app.add_middleware(_Guard, api_key=api_key, max_body=max_body, body_timeout=body_timeout, metrics=state.metrics)
     return app
 
 
