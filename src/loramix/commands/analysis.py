@@ -12,7 +12,7 @@ from ..options import config_options, field_docs
 from ..settings import GenerateConfig, LoadConfig, SamplingOptions
 from .common import Command, console, load_model, read_schema
 
-app = typer.Typer()
+app = typer.Typer(add_completion=False)
 
 
 @app.command("analyze", cls=Command)

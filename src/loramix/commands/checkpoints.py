@@ -13,7 +13,7 @@ from ..options import config_options
 from ..settings import LoadConfig
 from .common import Command, console, err_console, load_model, read_checkpoint_meta
 
-app = typer.Typer()
+app = typer.Typer(add_completion=False)
 
 
 @app.command("info", cls=Command)

@@ -8,7 +8,7 @@ import typer
 
 from .common import Command, console
 
-app = typer.Typer()
+app = typer.Typer(add_completion=False)
 
 
 @app.command("demo", cls=Command)

@@ -13,7 +13,7 @@ from ..options import config_options
 from ..settings import LoadConfig
 from .common import Command, console, interactive, load_model
 
-app = typer.Typer()
+app = typer.Typer(add_completion=False)
 
 
 @app.command("eval", cls=Command)

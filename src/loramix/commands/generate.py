@@ -13,7 +13,7 @@ from ..options import config_options
 from ..settings import GenerateConfig, LoadConfig, SamplingOptions
 from .common import Command, console, err_console, load_model, read_prompts, read_schema
 
-app = typer.Typer()
+app = typer.Typer(add_completion=False)
 
 EXPERT_COLOURS = ["cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta"]
 
@@ -40,7 +40,7 @@ def show_scalings(tokenizer: Any, tokens: list[int], scalings: Any, names: list[
 @app.command("generate", cls=Command)
 @config_options(LoadConfig, "load")
 @config_options(SamplingOptions, "sampling")
-@config_options(GenerateConfig, "run", names={"max_new_tokens": "--max-new-tokens -n"})
+@config_options(GenerateConfig, "run", names={"max_new_tokens": "--max-new-tokens -n", "compile": "--compile"})
 def generate(
     checkpoint: Path = typer.Argument(..., help="A loramix checkpoint directory (with its tokenizer)."),
     prompt: list[str] = typer.Option(None, "--prompt", "-p", help="A prompt; repeat for several."),

@@ -14,7 +14,7 @@ from ..serve.config import ServeConfig
 from ..settings import LoadConfig
 from .common import Command, err_console, load_model, read_checkpoint_meta
 
-app = typer.Typer()
+app = typer.Typer(add_completion=False)
 
 NAMES = {"prefix_caching": "--enable-prefix-caching/--no-enable-prefix-caching", "compile": "--compile"}
 

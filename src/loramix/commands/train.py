@@ -14,7 +14,7 @@ from ..options import config_options, field_docs
 from ..settings import LoadConfig
 from .common import Command, check_quantize, console, err_console, interactive, load_model, parse_experts
 
-app = typer.Typer()
+app = typer.Typer(add_completion=False)
 
 QUANTIZE = typer.Option(None, "--quantize", help=field_docs(LoadConfig)["quantize"].replace("[", "\\["))
 
