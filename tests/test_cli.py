@@ -335,3 +335,24 @@ def test_progress_bars_only_on_a_terminal(checkpoint, tmp_path):
                                "--system", "base"], stdout=subprocess.PIPE, stderr=err, text=True, timeout=300)
     assert proc.returncode == 0, log.read_text()[-2000:]
     assert "\r" not in log.read_text() and "evaluating" not in log.read_text()
+
+
+def test_training_shows_no_progress_bar_off_a_terminal(monkeypatch):
+    """train-expert / train-gate: the bar only when stderr is a terminal (metrics.jsonl and the printed metrics
+    say how training went in a log)."""
+    import io
+
+    from loramix.cli import load_command
+    from loramix.commands.train import off_terminal
+    from loramix.train import TrainConfig
+
+    load_command("train-gate")
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert off_terminal(TrainConfig()).progress is False
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert off_terminal(TrainConfig()).progress is True
