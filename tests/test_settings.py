@@ -7,7 +7,7 @@ import pytest
 from loramix.config import GateConfig, MixConfig
 from loramix.errors import ConfigError
 from loramix.serve.config import ServeConfig, check_api_key, replica_bounds
-from loramix.settings import SEED_MAX, SEED_MIN, GenerateConfig, LoadConfig, SamplingOptions
+from loramix.settings import SEED_MAX, SEED_MIN, EvalConfig, GenerateConfig, LoadConfig, SamplingOptions
 
 
 def _field(make):
@@ -35,6 +35,8 @@ def _field(make):
         (lambda: SamplingOptions(temperature=-1.0), "temperature", "temperature=-1.0 must be >= 0.0"),
         (lambda: GenerateConfig(mode="turbo"), "mode", "unknown mode 'turbo'; expected one of granular, prompt"),
         (lambda: GenerateConfig(max_new_tokens=0), "max_new_tokens", "max_new_tokens=0 must be >= 1"),
+        (lambda: EvalConfig(systems=["base", "nope"]), "systems", "unknown system(s) ['nope']; expected some of"),
+        (lambda: EvalConfig(limit=0), "limit", "limit=0 must be >= 1"),
         (lambda: GateConfig(depth=0), "depth", "gate.depth=0 must be an integer from 1 to 64"),
         (lambda: GateConfig(top_k=None, topk_softmax=True), "topk_softmax", "gate.topk_softmax=true needs"),
         (lambda: MixConfig(sparse_top_k="often"), "sparse_top_k", "sparse_top_k='often' must be one of"),
@@ -70,3 +72,17 @@ def test_serve_config_gives_create_app_and_ray_their_arguments():
     assert scaling["max_ongoing_requests"] == 4 and scaling["target_ongoing_requests"] == 4.0
     assert dataclasses.replace(config, batching=False).scaling()["max_ongoing_requests"] == 1
     assert SEED_MIN < 0 < SEED_MAX
+
+
+def test_a_refused_eval_setting_is_a_usage_error_naming_the_option(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from loramix.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["loramix", "eval", str(tmp_path), "--data", "x.jsonl", "--system", "nope"])
+    monkeypatch.setenv("COLUMNS", "300")
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert exit_.value.code == 2 and len(lines) == 1, lines
+    assert "Invalid value for --system: unknown system(s) ['nope']; expected some of" in lines[0]

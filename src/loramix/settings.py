@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from .errors import ConfigError
 from .options import check_bounds, cli_metadata
 
-__all__ = ["SEED_MAX", "SEED_MIN", "GenerateConfig", "LoadConfig", "SamplingOptions"]
+__all__ = ["SEED_MAX", "SEED_MIN", "EvalConfig", "GenerateConfig", "LoadConfig", "SamplingOptions"]
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 """A sampling seed's range: what torch.Generator.manual_seed takes (the CLI and the server alike)."""
@@ -89,3 +89,23 @@ class GenerateConfig:
 
         if self.mode not in MODES:
             raise ConfigError(f"unknown mode {self.mode!r}; expected one of {', '.join(MODES)}", field="mode")
+
+
+@dataclass
+class EvalConfig:
+    """Which rows `loramix eval` scores, on how many records, in what batches."""
+
+    systems: list[str] = field(default_factory=list)
+    """Rows to run (default: all); repeatable."""
+    limit: int | None = field(default=None, metadata=cli_metadata(min=1))
+    """At most this many records."""
+    batch_size: int = field(default=64, metadata=cli_metadata(min=1))
+    """Prompts per generate call."""
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+        from .evaluate import SYSTEMS  # the one list of rows (imports torch: the command is about to load a model)
+
+        unknown = sorted(set(self.systems) - set(SYSTEMS))
+        if unknown:
+            raise ConfigError(f"unknown system(s) {unknown}; expected some of {', '.join(SYSTEMS)}", field="systems")

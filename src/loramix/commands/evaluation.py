@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..options import config_options
-from ..settings import LoadConfig
+from ..settings import EvalConfig, LoadConfig
 from .common import Command, console, interactive, load_model
 
 app = typer.Typer(add_completion=False)
@@ -18,6 +18,7 @@ app = typer.Typer(add_completion=False)
 
 @app.command("eval", cls=Command)
 @config_options(LoadConfig, "load", skip=("device", "dtype"))
+@config_options(EvalConfig, "run", names={"systems": "--system"})
 def eval_cmd(
     checkpoint: Path = typer.Argument(..., help="A loramix checkpoint directory (with its tokenizer)."),
     data: str = typer.Option(..., "--data", help="JSONL: prompt, completion, domain (+ answer/target/then)."),
@@ -29,9 +30,7 @@ def eval_cmd(
     ),
     truncated: Path | None = typer.Option(None, "--truncated", help="A second checkpoint with a truncated gate."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write results.json and results.md here."),
-    systems: list[str] = typer.Option(None, "--system", help="Rows to run (default: all); repeatable."),
-    limit: int | None = typer.Option(None, min=1, help="At most this many records."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Prompts per generate call."),
+    run: Any = None,
     load: Any = None,
 ) -> None:
     """Score a checkpoint against the baselines (base, each expert, uniform merge, oracle, per-prompt router,
@@ -44,11 +43,7 @@ def eval_cmd(
     from ..evaluate import SYSTEMS, evaluate
     from ..parallel import agree, finish, processes, threads_for_processes
 
-    unknown = sorted(set(systems or []) - set(SYSTEMS))
-    if unknown:
-        raise typer.BadParameter(
-            f"unknown system(s) {unknown}; expected some of {', '.join(SYSTEMS)}", param_hint="--system"
-        )
+    systems, limit, batch_size = run.systems, run.limit, run.batch_size
     state = processes()
     threads_for_processes(state)
     options = {"checkpoint": str(checkpoint), "--data": data, "--truncated": str(truncated), "--system": systems}
@@ -71,10 +66,10 @@ def eval_cmd(
         from ..loading import load as load_checkpoint
 
         trunc = load_checkpoint(truncated, load.base, device=device, quantize=load.quantize)
-    run = dict(truncated=trunc, systems=systems or SYSTEMS, batch_size=batch_size, state=state)
-    run["progress"] = state.is_main_process and interactive()  # a bar on a terminal only, not in a log file
-    result = evaluate(model, records, **run)
-    held_result = evaluate(model, held, **run) if held is not None else None
+    rows = dict(truncated=trunc, systems=systems or SYSTEMS, batch_size=batch_size, state=state)
+    rows["progress"] = state.is_main_process and interactive()  # a bar on a terminal only, not in a log file
+    result = evaluate(model, records, **rows)
+    held_result = evaluate(model, held, **rows) if held is not None else None
     try:
         if state.is_main_process:
             report_eval(result, len(records), state.num_processes, out, held_result)
