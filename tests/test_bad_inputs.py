@@ -397,7 +397,9 @@ def test_every_loramix_error_is_one_line_in_the_cli(error, tmp_path, monkeypatch
     def broken(path):
         raise error(f"{path}: broken on purpose\nwith a second line the CLI must not print")
 
-    monkeypatch.setattr(cli, "_read_checkpoint_meta", broken)
+    from loramix.commands import checkpoints
+
+    monkeypatch.setattr(checkpoints, "read_checkpoint_meta", broken)
     code, lines = _main(monkeypatch, capsys, "info", tmp_path)
     assert (code, lines) == (1, [f"error: {tmp_path}: broken on purpose"])
     monkeypatch.setattr(sys, "argv", ["loramix", "--debug", "info", str(tmp_path)])
@@ -811,7 +813,9 @@ def test_a_library_that_fails_to_import_is_one_line(tmp_path, monkeypatch, capsy
     def broken(path):  # what transformers raises when an installed backend (torchao) is broken inside
         raise ImportError("cannot import name '_C' from partially initialized module 'torchao'")
 
-    monkeypatch.setattr(cli, "_read_checkpoint_meta", broken)
+    from loramix.commands import checkpoints
+
+    monkeypatch.setattr(checkpoints, "read_checkpoint_meta", broken)
     code, lines = _main(monkeypatch, capsys, "info", tmp_path)
     assert (code, len(lines)) == (1, 1), lines
     assert lines[0].startswith("error: a library failed to import (ImportError: cannot import name '_C' from "), lines

@@ -270,9 +270,10 @@ def test_generate_until_stops_each_row_at_its_until_string(demo, monkeypatch):
 def test_chat_templating_as_lm_evals_hf_model(llama_dir, llama_experts):
     """--apply_chat_template: the few-shot conversation rendered with the tokenizer's template (continuing the last
     assistant message when asked), or the plain fallback; the tokenizer's name fingerprints the cache."""
-    from conftest import char_tokenizer
     from loramix.harness import LoramixLM
     from loramix.text import render_chat
+
+    from conftest import char_tokenizer
 
     tok = char_tokenizer()
     mix = loramix.from_pretrained(llama_dir, llama_experts, loramix.MixConfig(), tokenizer=tok)

@@ -31,9 +31,9 @@ the temperature itself rounds to 0 in float32). Nothing is lost: at 1e-3 the sof
 logit gap above 0.05 (a ratio of e^50)."""
 
 
-def _check(condition: bool, message: str) -> None:
+def _check(condition: bool, message: str, field: str) -> None:
     if not condition:
-        raise ConfigError(message)
+        raise ConfigError(message, field=field)
 
 
 def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -117,56 +117,79 @@ class GateConfig:
     """With context="attention": the width of the attention's queries, keys and values."""
 
     def __post_init__(self) -> None:
-        _check(self.router in ROUTERS, f"gate.router={self.router!r} must be one of {', '.join(map(repr, ROUTERS))}")
+        _check(
+            self.router in ROUTERS,
+            f"gate.router={self.router!r} must be one of {', '.join(map(repr, ROUTERS))}",
+            field="router",
+        )
         _check(
             is_int(self.depth) and 1 <= self.depth <= MAX_GATE_DEPTH,
             f"gate.depth={self.depth!r} must be an integer from 1 to {MAX_GATE_DEPTH}",
+            field="depth",
         )
         _check(
             self.width is None or (is_int(self.width) and 1 <= self.width <= MAX_GATE_WIDTH),
             f"gate.width={self.width!r} must be an integer from 1 to {MAX_GATE_WIDTH}, or unset to use the model's "
             "hidden size",
+            field="width",
         )
         _check(
             is_number(self.dropout) and 0.0 <= self.dropout < 1.0,
             f"gate.dropout={self.dropout!r} must be a number in [0, 1)",
+            field="dropout",
         )
-        _check(isinstance(self.softmax, bool), f"gate.softmax={self.softmax!r} must be true or false")
+        _check(isinstance(self.softmax, bool), f"gate.softmax={self.softmax!r} must be true or false", field="softmax")
         _check(
             is_number(self.temperature) and self.temperature >= MIN_TEMPERATURE,
             f"gate.temperature={self.temperature!r} must be a number >= {MIN_TEMPERATURE} (smaller temperatures "
             "overflow the gate's softmax in half precision; 1e-3 is already a hard argmax)",
+            field="temperature",
         )
         _check(
             self.top_k is None or (is_int(self.top_k) and self.top_k >= 1),
             f"gate.top_k={self.top_k!r} must be an integer >= 1, or unset for dense mixing",
+            field="top_k",
         )
-        _check(isinstance(self.topk_softmax, bool), f"gate.topk_softmax={self.topk_softmax!r} must be true or false")
+        _check(
+            isinstance(self.topk_softmax, bool),
+            f"gate.topk_softmax={self.topk_softmax!r} must be true or false",
+            field="topk_softmax",
+        )
         _check(
             not (self.topk_softmax and self.top_k is None),
             "gate.topk_softmax=true needs gate.top_k (the softmax re-normalises the kept top-k scalings)",
+            field="topk_softmax",
         )
-        _check(isinstance(self.layerwise, bool), f"gate.layerwise={self.layerwise!r} must be true or false")
-        _check(isinstance(self.bias, bool), f"gate.bias={self.bias!r} must be true or false")
+        _check(
+            isinstance(self.layerwise, bool),
+            f"gate.layerwise={self.layerwise!r} must be true or false",
+            field="layerwise",
+        )
+        _check(isinstance(self.bias, bool), f"gate.bias={self.bias!r} must be true or false", field="bias")
         _check(
             self.hidden_size is None or (is_int(self.hidden_size) and self.hidden_size >= 1),
             f"gate.hidden_size={self.hidden_size!r} must be an integer >= 1; leave it unset to infer it",
+            field="hidden_size",
         )
         _check(
             self.context in CONTEXTS,
             f"gate.context={self.context!r} must be one of {', '.join(map(repr, CONTEXTS))}",
+            field="context",
         )
         _check(
             self.context == "none" or self.router == "mlp",
             f"gate.context={self.context!r} feeds the MLP gate; gate.router={self.router!r} reads no hidden states",
+            field="context",
         )
         _check(
             is_number(self.context_decay) and 0.0 < self.context_decay < 1.0,
             f"gate.context_decay={self.context_decay!r} must be a number in (0, 1)",
+            field="context_decay",
         )
         _check(
             is_int(self.context_width) and 1 <= self.context_width <= MAX_GATE_WIDTH,
             f"gate.context_width={self.context_width!r} must be an integer from 1 to {MAX_GATE_WIDTH}",
+            field="context_width",
         )
 
     def parameter_count(self, hidden_size: int, n_layers: int, n_experts: int) -> int:
@@ -220,28 +243,35 @@ class MixConfig:
         if isinstance(self.gate, dict):
             self.gate = GateConfig.from_dict(self.gate)
         _check(
-            isinstance(self.gate, GateConfig), f"gate must be a GateConfig or a dict, got {type(self.gate).__name__}"
+            isinstance(self.gate, GateConfig),
+            f"gate must be a GateConfig or a dict, got {type(self.gate).__name__}",
+            field="gate",
         )
         _check(
             self.scaling_pass_value is None or is_number(self.scaling_pass_value),
             f"scaling_pass_value={self.scaling_pass_value!r} must be a finite number, or null for 1/N",
+            field="scaling_pass_value",
         )
         _check(
             is_number(self.global_scaling_weight),
             f"global_scaling_weight={self.global_scaling_weight!r} must be a finite number",
+            field="global_scaling_weight",
         )
         _check(
             isinstance(self.trainable_experts, bool),
             f"trainable_experts={self.trainable_experts!r} must be true or false",
+            field="trainable_experts",
         )
         _check(
             self.scaling_layer is None or (is_int(self.scaling_layer) and self.scaling_layer >= 1),
             f"scaling_layer={self.scaling_layer!r} must be an integer >= 1 (number of decoder blocks the scaling "
             "pass runs), or unset for all of them",
+            field="scaling_layer",
         )
         _check(
             self.sparse_top_k in SPARSE_TOP_K,
             f"sparse_top_k={self.sparse_top_k!r} must be one of {', '.join(map(repr, SPARSE_TOP_K))}",
+            field="sparse_top_k",
         )
 
     def validate_for(
@@ -264,23 +294,27 @@ class MixConfig:
             if count > max(base_parameters, 1 << 20):
                 raise ConfigError(
                     f"gate.depth={g.depth} and gate.width={g.width} give a gate of {count:,} parameters, more than "
-                    f"the base model's {base_parameters:,}; choose a smaller width or depth"
+                    f"the base model's {base_parameters:,}; choose a smaller width or depth",
+                    field="depth",
                 )
         if g.hidden_size is not None and g.hidden_size != hidden_size:
             raise ConfigError(
                 f"gate.hidden_size={g.hidden_size} does not match the base model's hidden size {hidden_size}; "
-                "leave it unset to infer it"
+                "leave it unset to infer it",
+                field="hidden_size",
             )
         if g.top_k is not None and g.top_k > n_experts:
-            raise ConfigError(f"gate.top_k={g.top_k} is larger than the number of experts ({n_experts})")
+            raise ConfigError(f"gate.top_k={g.top_k} is larger than the number of experts ({n_experts})", field="top_k")
         if g.router == "arrow" and self.scaling_layer is not None:
             raise ConfigError(
                 "gate.router='arrow' reads every adapted layer in the scaling pass; a truncated scaling pass "
-                f"(scaling_layer={self.scaling_layer}) would leave the later layers unrouted"
+                f"(scaling_layer={self.scaling_layer}) would leave the later layers unrouted",
+                field="scaling_layer",
             )
         if self.scaling_layer is not None and n_blocks is not None and self.scaling_layer > n_blocks:
             raise ConfigError(
-                f"scaling_layer={self.scaling_layer} is out of range: the base model has {n_blocks} decoder blocks"
+                f"scaling_layer={self.scaling_layer} is out of range: the base model has {n_blocks} decoder blocks",
+                field="scaling_layer",
             )
 
     def resolved_scaling_pass_value(self, n_experts: int) -> float:

@@ -8,7 +8,12 @@ class LoramixError(Exception):
 
 
 class ConfigError(LoramixError, ValueError):
-    """A configuration field is missing, out of range or inconsistent with the model."""
+    """A configuration field is missing, out of range or inconsistent with the model. `field` names the config
+    field at fault when one is (the command line turns it into the option's name, the server into the 400's param)."""
+
+    def __init__(self, message: str = "", *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class AdapterError(LoramixError):

@@ -45,6 +45,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from .base import DTYPES, resolve_defaults
+from .decode import MODES  # the one list of speed modes
 from .errors import ConfigError, LoramixError
 from .loading import load
 from .parallel import finish, processes, threads_for_processes
@@ -57,7 +58,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["LoramixLM", "main"]
 
 SYSTEMS = ("mixture", "base", "uniform", "expert:NAME")
-MODES = ("granular", "prompt", "truncated")
 MODEL_ARGS = ("base", "batch_size", "checkpoint", "device", "dtype", "max_length", "mode", "quantize", "system")
 """The `--model_args` keys of the "loramix" model."""
 LM_EVAL_ARGS = ("max_batch_size", "trust_remote_code")

@@ -46,6 +46,7 @@ from ..base import resolve_defaults, text_config
 from ..blocks import paged_budget
 from ..errors import ConfigError, LoramixError
 from . import handlers
+from .config import check_api_key
 from .engine import Engine
 from .metrics import Metrics
 from .openai import ApiError
@@ -185,22 +186,6 @@ def model_length(model: Any, max_model_len: int | None) -> int:
     return max_model_len
 
 
-def check_api_key(api_key: str | None, name: str = "api_key") -> None:
-    """An API key must be non-empty (empty would turn authentication off) and printable ASCII: HTTP clients send
-    header values as ASCII or latin-1, so a key with other characters would match for some clients only."""
-    if api_key is None:
-        return
-    if not api_key.strip():
-        raise ConfigError(
-            f"{name} is empty, which would turn authentication off; give a non-empty key, or none to serve without one"
-        )
-    if not (api_key.isascii() and api_key.isprintable()):
-        raise ConfigError(
-            f"{name} has characters other than printable ASCII, which HTTP clients do not send alike in a header: "
-            "use letters, digits and punctuation (e.g. `openssl rand -hex 32`)"
-        )
-
-
 def create_app(
     model: Any,
     *,
@@ -247,11 +232,9 @@ def create_app(
         check_parser(tool_call_parser)
     except ToolError as exc:
         raise ConfigError(f"tool_call_parser: {exc}") from None
-    tokenizer = model.tokenizer
     context = model_length(model, max_model_len)
     prompt_limit = max_prompt_tokens or context - 1
     metrics = Metrics(model.expert_names)
-    budget = paged_budget(kv_cache_memory) if isinstance(kv_cache_memory, str) else kv_cache_memory
     engine = Engine(
         model,
         batching=batching,
@@ -260,7 +243,7 @@ def create_app(
         max_queue=max_queue,
         longest=min(context, prompt_limit + max_tokens_limit),
         metrics=metrics,
-        kv_cache_memory=budget,
+        kv_cache_memory=paged_budget(kv_cache_memory) if isinstance(kv_cache_memory, str) else kv_cache_memory,
         gpu_memory_utilization=gpu_memory_utilization,
         prefix_caching=prefix_caching,
         max_num_batched_tokens=max_num_batched_tokens,
@@ -278,20 +261,31 @@ def create_app(
         vocab_size=getattr(text_config(model.model), "vocab_size", None),
         request_timeout=request_timeout,
         grammar_budget=grammar_budget,
-        special_ids=set(getattr(tokenizer, "all_special_ids", [])) - {getattr(tokenizer, "unk_token_id", None)},
+        special_ids=_special_ids(model.tokenizer),
         tool_parser=tool_call_parser,
     )
+    return _assemble(state, api_key=api_key, max_body=max_body, body_timeout=body_timeout)
+
+
+def _special_ids(tokenizer: Any) -> set[int]:
+    """The tokenizer's special token ids but its unknown token's."""
+    return set(getattr(tokenizer, "all_special_ids", [])) - {getattr(tokenizer, "unk_token_id", None)}
+
+
+def _assemble(state: ServerState, *, api_key: str | None, max_body: int, body_timeout: float | None) -> FastAPI:
+    """The FastAPI app around a built `ServerState`: its routes, the guard (API key, body limits) outermost, and
+    the engine closed when the app shuts down."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        engine.close()
+        state.engine.close()
 
     app = FastAPI(title="loramix", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.server = state
-    app.state.engine = engine
+    app.state.engine = state.engine
     _routes(app, state)
-    app.add_middleware(_Guard, api_key=api_key, max_body=max_body, body_timeout=body_timeout, metrics=metrics)
+    app.add_middleware(_Guard, api_key=api_key, max_body=max_body, body_timeout=body_timeout, metrics=state.metrics)
     return app
 
 

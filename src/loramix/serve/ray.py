@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, LoramixError
+from .config import check_api_key, replica_bounds
+from .server import check_port
 
 __all__ = [
     "APP_NAME",
@@ -100,12 +102,7 @@ class ReplicaConfig:
     def __post_init__(self) -> None:
         if self.threads < 1:
             raise ConfigError(f"threads={self.threads}: each replica needs at least one torch thread")
-        if self.api_key is not None and not self.api_key.strip():
-            raise ConfigError("api_key is empty, which would turn authentication off; give a key or none")
-        if self.api_key is not None:
-            from .app import check_api_key
-
-            check_api_key(self.api_key)  # printable ASCII
+        check_api_key(self.api_key)
         if self.model_id is None:
             self.model_id = Path(self.checkpoint).name or APP_NAME
 
@@ -145,14 +142,7 @@ class Scaling:
             if self.target_ongoing_requests is not None:
                 raise ConfigError("target_ongoing_requests needs autoscaling: set min_replicas or max_replicas")
             return
-        low = 1 if self.min_replicas is None else self.min_replicas
-        high = max(self.replicas, low) if self.max_replicas is None else self.max_replicas
-        if low < 0:
-            raise ConfigError(f"min_replicas={low}: must be >= 0")
-        if high < 1 or high < low:
-            raise ConfigError(f"max_replicas={high}: must be >= 1 and >= min_replicas ({low})")
-        if not low <= self.replicas <= high:
-            raise ConfigError(f"replicas={self.replicas} is outside min_replicas={low} .. max_replicas={high}")
+        low, high = replica_bounds(self.replicas, self.min_replicas, self.max_replicas)
         if self.target_ongoing_requests is not None and self.target_ongoing_requests <= 0:
             raise ConfigError(f"target_ongoing_requests={self.target_ongoing_requests}: must be > 0")
         self.min_replicas, self.max_replicas = low, high
@@ -332,29 +322,6 @@ def _probe(address: str, timeout: float = 5.0) -> None:
         ) from exc
 
 
-def _check_port(host: str, port: int) -> None:
-    """Fail at once when something listens on host:port already. Ray Serve's proxy binds with SO_REUSEPORT, so a
-    second `serve --replicas` on the port of a first would share it silently (the kernel splits the connections), and
-    a port another server holds ends in a long traceback: a plain bind here (SO_REUSEADDR only, as uvicorn does) is
-    refused in both cases."""
-    if port == 0:
-        return
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except OSError as exc:
-        raise RayServeError(f"--host {host}: cannot bind to it ({exc.strerror or exc})") from exc
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            raise RayServeError(
-                f"--port {port}: {host}:{port} is already in use ({exc.strerror or exc}); stop the server there or "
-                "choose another --port"
-            ) from exc
-
-
 def _check_resources(ray: Any, scaling: Scaling) -> None:
     """Replicas the cluster cannot hold would wait for resources forever: a RayServeError naming the flag."""
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
@@ -436,7 +403,7 @@ def run(
     if address is not None:
         _probe(address)
     else:  # the local instance's proxy binds host:port on this machine
-        _check_port(host, port)
+        check_port(host, port, RayServeError)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the driver's "Started Serve ..." lines
     local = address is None
     started = False

@@ -7,11 +7,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..decode import MODES
 from ..request import MAX_STOPS, check_stops
 from ..sampling import REPETITION_PENALTY_RANGE
-
-# torch.Generator.manual_seed's range
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+from ..settings import SEED_MAX, SEED_MIN  # torch.Generator.manual_seed's range, the CLI's too
 
 
 def _valid_text(value: str) -> str:
@@ -45,7 +44,7 @@ class LoramixOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["granular", "prompt", "truncated"] = "granular"
+    mode: Literal[MODES] = "granular"  # type: ignore[valid-type]  (decode.MODES, the one list)
     """Speed mode of generation (docs/generation.md)."""
     return_scalings: Literal["none", "token", "layer", "expert"] = "none"
     """Scalings in the response: per generated token [n][L][N], per layer [L][N] (mean over the generated tokens), or

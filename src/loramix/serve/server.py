@@ -12,11 +12,36 @@ the app's (`create_app(body_timeout=...)`, 408).
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
-__all__ = ["MAX_HEAD_BYTES", "header_timeout_protocol", "run"]
+from ..errors import LoramixError
+
+__all__ = ["MAX_HEAD_BYTES", "check_port", "header_timeout_protocol", "run"]
 
 MAX_HEAD_BYTES = 16 * 1024
+
+
+def check_port(host: str, port: int, error: type[LoramixError] = LoramixError) -> None:
+    """Fail at once, naming --port, when something listens on host:port already (`loramix serve` checks before
+    the model loads; uvicorn would find out after it, and exit 3). A plain bind with SO_REUSEADDR only, as uvicorn
+    binds: also refused when another Ray Serve proxy holds the port with SO_REUSEPORT (which would share it)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise error(f"--host {host}: cannot bind to it ({exc.strerror or exc})") from exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise error(
+                f"--port {port}: {host}:{port} is already in use ({exc.strerror or exc}); stop the server there or "
+                "choose another --port"
+            ) from exc
 
 
 def header_timeout_protocol(header_timeout: float) -> type:
