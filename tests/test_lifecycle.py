@@ -143,3 +143,46 @@ def test_a_loramix_model_is_what_the_decode_path_reads(mix):
 
     assert isinstance(mix, MixedModel)
     assert not isinstance(mix.model, MixedModel)  # the bare transformers model is not: no gate, no scalings
+
+
+@pytest.mark.parametrize("seeded", [False, True], ids=["greedy", "seeded"])
+def test_loramix_generate_prints_what_generate_gives(mix, tmp_path_factory, seeded):
+    """The CLI (`loramix generate --json`) against `generate()` on the same checkpoint: text and finish reason, with
+    and without --stop (a text prompt: the tokenizer adds its BOS on both sides)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from loramix.cli import app
+
+    ckpt = mix.save(tmp_path_factory.mktemp("lifecycle") / "ckpt")
+    sampling = SamplingSettings(temperature=0.9, seed=7) if seeded else SamplingSettings()
+    flags = ["--temperature", "0.9", "--seed", "7"] if seeded else []
+    ids = mix.tokenizer([PROMPT], return_tensors="pt").input_ids
+    full = mix.generate(ids, max_new_tokens=20, sampling=sampling).texts[0]
+    stop = full[6:8]
+    for stops in ([], [stop]):
+        out = mix.generate(ids, max_new_tokens=20, sampling=sampling, stop_strings=stops or None)
+        args = ["generate", str(ckpt), "-p", PROMPT, "-n", "20", "--json", *flags]
+        result = CliRunner().invoke(app, args + [a for s in stops for a in ("--stop", s)])
+        assert result.exit_code == 0, result.output
+        record = json.loads(result.stdout.splitlines()[-1])
+        assert (record["completion"], record["finish_reason"]) == (out.texts[0], out.finish_reasons[0])
+    assert record["finish_reason"] == "stop" and record["completion"] == full[: full.index(stop)]
+
+
+def test_loramix_generate_names_a_failed_row_and_prints_the_others(llama_dir, llama_experts, capsys):
+    import json
+
+    from loramix.commands.generate import _batch
+
+    model = served_mix(llama_dir, llama_experts)
+    bad = model.tokenizer.convert_tokens_to_ids("~") if "~" in model.tokenizer.get_vocab() else 90
+    with torch.no_grad():  # one token's embedding overflowed: the row that reads it fails, alone
+        model.model.get_input_embeddings().weight[bad] = float("nan")
+    prompts = [PROMPT, model.tokenizer.decode([bad])]
+    failed = _batch(model, prompts, prompts, False, {"max_new_tokens": 4}, show=False, as_json=True)
+    out = capsys.readouterr()
+    records = [json.loads(line) for line in out.out.splitlines()]
+    assert failed == 1 and [r["finish_reason"] for r in records] == ["length", "error"]
+    assert "non-finite" in records[1]["error"] and "error:" in out.err and "non-finite" in out.err

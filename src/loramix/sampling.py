@@ -44,17 +44,19 @@ logit of 1 into Inf and the probabilities into NaN; within [0.01, 100] a logit o
 even in float16 (65504), and no useful penalty lies outside (transformers' docs suggest 1.0 to 1.2)."""
 
 
-def _finite(name: str, value: Any, low: float | None = None, high: float | None = None) -> float:
+def _finite(
+    name: str, value: Any, low: float | None = None, high: float | None = None, field: str | None = None
+) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name}={value!r} must be a number") from None
+        raise ConfigError(f"{name}={value!r} must be a number", field=field or name) from None
     if not math.isfinite(number):
-        raise ConfigError(f"{name}={value!r} must be a finite number")
+        raise ConfigError(f"{name}={value!r} must be a finite number", field=field or name)
     if high is None and low is not None and number < low:
-        raise ConfigError(f"{name}={value!r} must be >= {low:g}")
+        raise ConfigError(f"{name}={value!r} must be >= {low:g}", field=field or name)
     if (low is not None and number < low) or (high is not None and number > high):
-        raise ConfigError(f"{name}={value!r} must be in [{low:g}, {high:g}]")
+        raise ConfigError(f"{name}={value!r} must be in [{low:g}, {high:g}]", field=field or name)
     return number
 
 
@@ -83,18 +85,20 @@ class SamplingSettings:
         _finite("temperature", self.temperature, 0.0, None)
         _finite("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
+            raise ConfigError(f"top_p={self.top_p} must be in (0, 1]", field="top_p")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ConfigError(f"top_k={self.top_k!r} must be an integer >= 0 (0 disables top-k sampling)")
+            raise ConfigError(
+                f"top_k={self.top_k!r} must be an integer >= 0 (0 disables top-k sampling)", field="top_k"
+            )
         _finite("repetition_penalty", self.repetition_penalty, *REPETITION_PENALTY_RANGE)
         _finite("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _finite("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         for token, value in self.logit_bias.items():
             if isinstance(token, bool) or not isinstance(token, int) or token < 0:
-                raise ConfigError(f"logit_bias: key {token!r} must be a token id (an integer >= 0)")
-            _finite(f"logit_bias[{token}]", value, -100.0, 100.0)
+                raise ConfigError(f"logit_bias: key {token!r} must be a token id (an integer >= 0)", field="logit_bias")
+            _finite(f"logit_bias[{token}]", value, -100.0, 100.0, field="logit_bias")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ConfigError(f"seed={self.seed!r} must be an integer")
+            raise ConfigError(f"seed={self.seed!r} must be an integer", field="seed")
 
     @classmethod
     def for_generate(cls, do_sample: bool = False, temperature: float = 1.0, **fields: Any) -> SamplingSettings:

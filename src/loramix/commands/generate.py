@@ -81,8 +81,9 @@ def generate(
     if stream_:
         _stream(model, prompts, texts, chat, options)
         return
+    failed = 0
     for start in range(0, len(texts), run.batch_size):
-        _batch(
+        failed += _batch(
             model,
             prompts[start : start + run.batch_size],
             texts[start : start + run.batch_size],
@@ -91,6 +92,8 @@ def generate(
             show=show,
             as_json=as_json,
         )
+    if failed:  # every other answer was printed; the failures were named as they came
+        raise typer.Exit(1)
 
 
 def _stream(model: Any, prompts: list[str], texts: list[str], chat: bool, options: dict[str, Any]) -> None:
@@ -99,7 +102,7 @@ def _stream(model: Any, prompts: list[str], texts: list[str], chat: bool, option
 
     for original, text in zip(prompts, texts):
         ids, _ = encode_prompts(model.tokenizer, [text], templated=chat)
-        console.print(f"[bold]{original}[/bold]", end="")
+        console.print(f"[bold]{original}[/bold]", end="\n" if chat else "")  # a chat answer is not a continuation
         for piece in stream_text(model, ids, **options):
             console.print(piece, end="", highlight=False, markup=False)
         console.print()
@@ -107,8 +110,9 @@ def _stream(model: Any, prompts: list[str], texts: list[str], chat: bool, option
 
 def _batch(
     model: Any, prompts: list[str], texts: list[str], chat: bool, options: dict[str, Any], *, show: bool, as_json: bool
-) -> None:
-    """One batch of prompts: generate, print each answer (text or a JSON line), and the throughput."""
+) -> int:
+    """One batch of prompts: generate, print each answer (text or a JSON line; its text and finish reason as
+    `generate()` gives them, stop strings cut) and the throughput; a failed row is one red line. How many failed."""
     from ..text import encode_prompts
 
     tokenizer = model.tokenizer
@@ -117,19 +121,23 @@ def _batch(
     seconds = out.timings["seconds"]
     for row, original in enumerate(prompts):
         keep = out.new_tokens[row, : out.lengths[row]].tolist()
-        completion = tokenizer.decode(keep, skip_special_tokens=True)
+        completion = out.texts[row]
+        if out.errors[row]:
+            err_console.print(f"[red]error:[/red] prompt {prompts[row]!r}: {out.errors[row]}", highlight=False)
         if as_json:
             record = {
                 "prompt": original,
                 "completion": completion,
                 "mode": out.mode,
                 "finish_reason": out.finish_reasons[row],
+                **({"error": out.errors[row]} if out.errors[row] else {}),
                 "new_tokens": len(keep),
                 "tokens_per_s": round(out.new_tokens.numel() / seconds, 2) if seconds else None,
             }
             print(json.dumps(record), flush=True)  # JSON lines: one object per prompt
-        else:
-            console.print(f"[bold]{original}[/bold][green]{completion}[/green]", highlight=False)
+        elif not out.errors[row]:
+            gap = "\n" if chat else ""  # a chat answer is not a continuation of the prompt
+            console.print(f"[bold]{original}[/bold]{gap}[green]{completion}[/green]", highlight=False)
         if show and out.scalings is not None:
             show_scalings(tokenizer, keep, out.scalings[row, : len(keep)], model.expert_names)
     if not as_json:
@@ -137,3 +145,4 @@ def _batch(
             f"[dim]{out.new_tokens.numel()} tokens in {seconds:.2f}s "
             f"({out.new_tokens.numel() / max(seconds, 1e-9):.1f} tokens/s), mode {out.mode}[/dim]"
         )
+    return sum(error is not None for error in out.errors)

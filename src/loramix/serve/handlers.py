@@ -219,8 +219,7 @@ def _sampling(body: CompletionRequest | ChatRequest) -> SamplingSettings:
             seed=body.seed,
         )
     except ConfigError as exc:
-        field_name = str(exc).split("=")[0].split(":")[0].split("[")[0]
-        raise ApiError(400, str(exc), param=_SAMPLING_PARAMS.get(field_name, field_name)) from None
+        raise ApiError(400, str(exc), param=_SAMPLING_PARAMS.get(exc.field, exc.field)) from None
 
 
 def _submit(
