@@ -288,3 +288,10 @@ def test_chat_templating_as_lm_evals_hf_model(llama_dir, llama_experts):
     assert templated.apply_chat_template(chat[:1]) == "<user>AB?<assistant>"
     assert templated.apply_chat_template(chat, add_generation_prompt=False) == "<user>AB?<assistant>C"
     assert templated.chat_template(True) == tok.chat_template
+
+
+def test_python_m_harness_without_lm_eval_names_the_extra(tmp_path):
+    (tmp_path / "lm_eval.py").write_text('raise ModuleNotFoundError("No module named \'lm_eval\'", name="lm_eval")\n')
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = subprocess.run([sys.executable, "-m", "loramix.harness", "--help"], capture_output=True, text=True, env=env)
+    assert out.returncode == 1 and out.stderr == "error: lm_eval is not installed: pip install 'loramix[eval]'\n"

@@ -38,11 +38,17 @@ import logging
 import sys
 from typing import Any
 
-import lm_eval.models  # noqa: F401  (lm-eval's own models first: its registry loads them only while it is empty)
 import torch
-from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+try:
+    import lm_eval.models  # noqa: F401  (lm-eval's own models first: its registry loads them only while it is empty)
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+except ImportError as exc:
+    if __name__ == "__main__" and exc.name is not None and exc.name.split(".")[0] == "lm_eval":
+        sys.exit("error: lm_eval is not installed: pip install 'loramix[eval]'")  # `python -m loramix.harness`
+    raise
 
 from .base import DTYPES, resolve_defaults
 from .decode import MODES  # the one list of speed modes
