@@ -186,3 +186,12 @@ def test_loramix_generate_names_a_failed_row_and_prints_the_others(llama_dir, ll
     records = [json.loads(line) for line in out.out.splitlines()]
     assert failed == 1 and [r["finish_reason"] for r in records] == ["length", "error"]
     assert "non-finite" in records[1]["error"] and "error:" in out.err and "non-finite" in out.err
+
+
+def test_an_empty_stop_is_a_usage_error_naming_the_option(tmp_path):
+    from typer.testing import CliRunner
+
+    from loramix.cli import app
+
+    result = CliRunner().invoke(app, ["generate", str(tmp_path), "-p", "x", "--stop", "a", "--stop", ""])
+    assert result.exit_code == 2 and "--stop" in result.output and "stop[1] is empty" in result.output

@@ -40,14 +40,14 @@ def check_stops(stops: str | Sequence[str] | None, field: str = "stop", limit: i
     if isinstance(stops, str):
         stops = [stops]
     if not isinstance(stops, (list, tuple)):
-        raise ConfigError(f"{field} must be a string or a list of strings, got {type(stops).__name__}")
+        raise ConfigError(f"{field} must be a string or a list of strings, got {type(stops).__name__}", field=field)
     for i, stop in enumerate(stops):
         if not isinstance(stop, str):
-            raise ConfigError(f"{field}[{i}] must be a string, got {type(stop).__name__}")
+            raise ConfigError(f"{field}[{i}] must be a string, got {type(stop).__name__}", field=field)
         if not stop:
-            raise ConfigError(f"{field}[{i}] is empty: a stop string needs at least one character")
+            raise ConfigError(f"{field}[{i}] is empty: a stop string needs at least one character", field=field)
     if limit is not None and len(stops) > limit:
-        raise ConfigError(f"{field} has {len(stops)} strings; at most {limit} are allowed")
+        raise ConfigError(f"{field} has {len(stops)} strings; at most {limit} are allowed", field=field)
     return list(stops)
 
 

@@ -76,7 +76,7 @@ class GenerateConfig:
     max_new_tokens: int = field(default=64, metadata=cli_metadata(min=1))
     """Tokens to generate per prompt."""
     stop: list[str] = field(default_factory=list)
-    """Stop when this string is generated; repeat for several."""
+    """Stop when this string is generated (it is cut from the answer); repeat for several."""
     batch_size: int = field(default=8, metadata=cli_metadata(min=1))
     """Prompts generated together (left padding)."""
     compile: bool = False
@@ -89,6 +89,9 @@ class GenerateConfig:
 
         if self.mode not in MODES:
             raise ConfigError(f"unknown mode {self.mode!r}; expected one of {', '.join(MODES)}", field="mode")
+        from .request import check_stops  # the stop list's one check (an empty string would stop at once)
+
+        self.stop = check_stops(self.stop, "stop")
 
 
 @dataclass
