@@ -117,9 +117,13 @@ class Served:
 
 
 def _body(prompt: str, max_tokens: int, stream: bool = False, no_eos: bool = True) -> dict:
+    """A greedy request that runs to max_tokens: EOS is biased away (no_eos), or else ignored (vLLM's ignore_eos: the
+    benchmark models' configs name no EOS, but the server takes the tokenizer's)."""
     body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
     if no_eos:
         body["logit_bias"] = NO_EOS
+    else:
+        body["ignore_eos"] = True
     return body
 
 
@@ -353,7 +357,7 @@ def server_vs_library(
     def library(batch: int) -> float:
         ids, mask = encode_prompts(model.tokenizer, prompts[:batch])
         start = time.perf_counter()
-        out = model.generate(ids, mask, max_new_tokens=new)
+        out = model.generate(ids, mask, max_new_tokens=new, eos_token_id=[])  # as the server's ignore_eos
         return out.new_tokens.numel() / (time.perf_counter() - start)
 
     library(clients)  # warm up

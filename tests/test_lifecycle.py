@@ -2,6 +2,7 @@
 model, greedy and seeded, with and without stop strings; EOS from the tokenizer when the configs name none."""
 
 import logging
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -117,16 +118,21 @@ def test_bad_stop_lists_are_a_400_naming_stop(client):
         assert error["param"] == "stop" and words in error["message"], error
 
 
-def test_eos_comes_from_the_tokenizer_when_the_configs_name_none(tmp_path, llama_experts, caplog):
+def _eos_first(path, experts):
+    """A model whose configs name no EOS, whose tokenizer's EOS (id 2) is the greedy first token of PROMPT."""
     base = tiny_llama(eos_token_id=None)
     base.generation_config.eos_token_id = None
-    path = save_model(base, tmp_path / "no-eos")
-    mix = loramix.from_pretrained(path, llama_experts, loramix.MixConfig(), tokenizer=char_tokenizer())
+    mix = loramix.from_pretrained(save_model(base, path), experts, loramix.MixConfig(), tokenizer=char_tokenizer())
     ids = mix.tokenizer([PROMPT], return_tensors="pt").input_ids
     first = int(mix.generate(ids, max_new_tokens=1, eos_token_id=[]).new_tokens[0, 0])
-    with torch.no_grad():  # make the tokenizer's EOS (id 2) the greedy first token
+    with torch.no_grad():
         head = mix.model.get_output_embeddings().weight
         head[2] = head[first] * 2
+    return mix, ids
+
+
+def test_eos_comes_from_the_tokenizer_when_the_configs_name_none(tmp_path, llama_experts, caplog):
+    mix, ids = _eos_first(tmp_path / "no-eos", llama_experts)
     with caplog.at_level(logging.WARNING, logger="loramix.base"):
         out = mix.generate(ids, max_new_tokens=8)
         mix.generate(ids, max_new_tokens=8)
@@ -195,3 +201,31 @@ def test_an_empty_stop_is_a_usage_error_naming_the_option(tmp_path):
 
     result = CliRunner().invoke(app, ["generate", str(tmp_path), "-p", "x", "--stop", "a", "--stop", ""])
     assert result.exit_code == 2 and "--stop" in result.output and "stop[1] is empty" in result.output
+
+
+def test_the_server_ends_on_the_tokenizers_eos_unless_asked_to_ignore_it(tmp_path, llama_experts):
+    from loramix.serve import Engine, Job
+    from loramix.serve.events import Done
+
+    mix, ids = _eos_first(tmp_path / "no-eos", llama_experts)
+    engine = Engine(mix, max_batch=2)
+    try:
+        results = {}
+        jobs = [
+            Job(
+                ids=ids[0].tolist(),
+                max_tokens=6,
+                index=i,
+                ignore_eos=bool(i),
+                emit=lambda e: results.update({e.index: e} if isinstance(e, Done) else {}),
+            )
+            for i in range(2)
+        ]
+        engine.submit_group(jobs)
+        deadline = time.time() + 120
+        while len(results) < 2 and time.time() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.close()
+    assert (results[0].finish_reason, results[0].completion_tokens, results[0].text) == ("stop", 0, "")
+    assert (results[1].finish_reason, results[1].completion_tokens) == ("length", 6)  # vLLM's ignore_eos

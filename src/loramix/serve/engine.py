@@ -78,6 +78,7 @@ class Job:
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     stops: list[str] = field(default_factory=list)
     include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
     return_scalings: str = "none"
     stream: bool = False
     logprobs: int | None = None
@@ -116,7 +117,7 @@ class _Row:
             tokenizer,
             max_tokens=job.max_tokens,
             stops=job.stops,
-            end_ids=end_ids,
+            end_ids=() if job.ignore_eos else end_ids,
             include_stop_str_in_output=job.include_stop_str_in_output,
         )
         self.started = False  # its first token was chosen (a preempted row's was, before)

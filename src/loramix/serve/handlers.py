@@ -126,6 +126,7 @@ def make_job(state: ServerState, body: CompletionRequest | ChatRequest, ids: lis
         sampling=_sampling(body),
         stops=body.stop or [],
         include_stop_str_in_output=body.include_stop_str_in_output,
+        ignore_eos=body.ignore_eos,
         return_scalings=body.loramix.return_scalings,
         stream=body.stream,
         **extra,

@@ -138,6 +138,8 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     include_stop_str_in_output: bool = Field(False, strict=True)
     """vLLM's extension: keep the stop string that ended the answer in its text (default: cut, as OpenAI)."""
+    ignore_eos: bool = Field(False, strict=True)
+    """vLLM's extension: the end-of-sequence token does not end the answer (it runs to max_tokens or a stop)."""
     seed: Count | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: Real = Field(0.0, ge=-2, le=2)
     frequency_penalty: Real = Field(0.0, ge=-2, le=2)
