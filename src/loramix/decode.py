@@ -191,16 +191,22 @@ def compile_function(fn: Callable[..., Any], model: Any, backend: str) -> Callab
     return _frozen(compiled) if options.get("options", {}).get("freezing") else compiled
 
 
+CPU_INDUCTOR_OPTIONS = {"freezing": True, "cpp.enable_concat_linear": True, "cpp.weight_prepack": False}
+"""Inductor's options for a CPU decode step: the weights frozen (constants of the compiled code, so a compiled step
+no longer sees later changes to them), which lets inductor concatenate the matmuls that read the same input (q, k
+and v, each module's base weight and its experts' A) into one; weights not repacked for oneDNN, whose packed tensors
+inductor cannot cache on disk (the next process would compile everything again). docs/generation.md."""
+
+
 def compile_options(model: Any, backend: str) -> dict[str, Any]:
     """The torch.compile arguments of the decode step: one full graph of static shapes; with inductor, CUDA graphs
-    on CUDA (mode="reduce-overhead"), and on a CPU the weights frozen (`freezing`: inductor folds them in as
-    constants and lays them out for its matmuls, so a compiled step no longer sees later changes to the weights)."""
+    on CUDA (mode="reduce-overhead") and CPU_INDUCTOR_OPTIONS on a CPU."""
     options: dict[str, Any] = dict(fullgraph=True, dynamic=False, backend=backend)
     if backend == "inductor":
         if model.device.type == "cuda":
             options["mode"] = "reduce-overhead"
         elif model.device.type == "cpu":
-            options["options"] = {"freezing": True}
+            options["options"] = dict(CPU_INDUCTOR_OPTIONS)
     return options
 
 
