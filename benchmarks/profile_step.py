@@ -5,6 +5,8 @@
     python benchmarks/profile_step.py --model tiny --steps 3 --rounds 1    # a smoke run (tests/test_benchmarks.py)
 
 The mixture is vs_mistralrs.py's: 4 random rank-8 PEFT experts on q/k/v/o/gate_proj, a depth-1 layer-wise gate.
+Variants: eager granular; compiled granular with torch.compile's inductor defaults (what `compile=True` did before
+issue 41); compiled granular and prompt mode as `compile=True` does now (decode.CPU_INDUCTOR_OPTIONS).
 One decoder row (batch 1), a 1-token prompt, a 64-column bucket; each timed step is a real `Decoder.step` (the cache
 grows). Three tables (markdown on stdout):
 
@@ -140,11 +142,13 @@ def main() -> None:
     backend = True if args.backend == "inductor" else args.backend
     print(f"{args.model}, 4 rank-8 experts on {','.join(TARGETS)}, batch 1, {args.threads} threads; {machine()}")
     decoders = {}
-    for name, granular, compile in [
-        ("eager granular", True, False),
-        ("compiled granular", True, backend),
-        ("compiled prompt mode", False, backend),
-    ]:
+    from torch._inductor.compile_fx import compile_fx
+
+    variants = [("eager granular", True, False)]
+    if args.backend == "inductor":  # inductor as a callable: torch.compile's defaults, without CPU_INDUCTOR_OPTIONS
+        variants.append(("compiled granular, inductor defaults (before)", True, compile_fx))
+    variants += [("compiled granular", True, backend), ("compiled prompt mode", False, backend)]
+    for name, granular, compile in variants:
         start = time.perf_counter()
         with torch.no_grad():
             decoders[name] = new_decoder(mix, granular, compile)
