@@ -42,8 +42,8 @@ every row's tokens. loramix: one `generate` call over the B rows, compiled, gran
 Python `Runner` serves one request at a time from one thread and refuses a second thread's request while one runs
 ("Already borrowed"), so its batch is one request with `n_choices=B` on a Runner with `max_seqs=B`: its scheduler
 decodes the B sequences of that request together. mistral.rs 0.9.5's X-LoRA models fail such a batch in their prompt
-step ("shape mismatch in broadcast_mul, lhs: [4, 8, 576], rhs: [16, 1, 1, 1, 4]" at B = 16): the failure is printed
-and the base model's batch is measured for reference.
+step ("shape mismatch in broadcast_mul, lhs: [4, 8, 576], rhs: [16, 1, 1, 1, 4]" at B = 16) and its plain base model
+answers with one choice: each failure is printed, and there is no mistral.rs batch figure.
 """
 
 from __future__ import annotations
