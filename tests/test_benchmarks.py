@@ -29,3 +29,23 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     assert exact["loramix_cached_vs_recomputed_equal"] == 4
     assert any(r["kind"] == "prefill" for r in records)
     assert (tmp_path / "o").read_text().count("\n") == len(records)
+
+
+def test_profile_step_runs_tiny(tmp_path):
+    """benchmarks/profile_step.py prints its three tables (tiny model, the cheap "eager" compile backend)."""
+    script = SCRIPT.parent / "profile_step.py"
+    args = "--model tiny --threads 1 --steps 2 --rounds 1 --calls 3 --backend eager"
+    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1] / "src")}
+    result = subprocess.run(
+        [sys.executable, str(script), *args.split()], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    guards = "guard check (profiler: TorchDynamo Cache Lookup)"
+    for row in ("Decoder.step (wall)", guards, "matmuls (profiler)", "held step (mixed pass with experts)"):
+        assert row in rows, out
+    step = [float(x) for x in rows["Decoder.step (wall)"].split("|")[2:5]]
+    assert all(ms > 0 for ms in step)
+    assert float(rows[guards].split("|")[2] or 0) == 0 < float(rows[guards].split("|")[3])  # eager: no guards
+    assert sum(line.startswith("| q_proj |") for line in out.splitlines()) == 1

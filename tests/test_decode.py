@@ -12,7 +12,7 @@ import torch
 
 import loramix
 from loramix import ConfigError, GateConfig, MixConfig
-from loramix.decode import Decoder, RowSpec, compiled_step, decode_step
+from loramix.decode import Decoder, RowSpec, compile_options, compiled_step, decode_step
 from loramix.text import encode_prompts
 
 from conftest import char_tokenizer
@@ -72,10 +72,35 @@ def test_compiled_gpt2_equals_eager(gpt2_dir, gpt2_experts):
 
 
 def test_inductor_compiled_step_equals_eager(llama_dir, llama_experts):
+    from torch._dynamo.utils import counters
+
     mix = _mix(llama_dir, llama_experts)
+    assert compile_options(mix, "inductor")["options"]["freezing"]  # a CPU: the weights frozen
     ids, mask = _batch()
-    eager = mix.generate(ids, mask, max_new_tokens=6, output_logits=True, eos_token_id=[])
-    compiled = mix.generate(ids, mask, max_new_tokens=6, output_logits=True, eos_token_id=[], compile=True)
+    kwargs = dict(max_new_tokens=6, output_logits=True, eos_token_id=[])
+    eager = mix.generate(ids, mask, **kwargs)
+    compiled = mix.generate(ids, mask, **kwargs, compile=True)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    torch.testing.assert_close(compiled.logits, eager.logits, **TOL)
+    # other prompts through the same compiled step (a new decoder, new buffers): nothing of the first call's inputs
+    # may have been frozen into it, and it is not compiled again
+    graphs = counters["stats"]["unique_graphs"]
+    ids, mask = ids.flip(0), mask.flip(0)
+    ids[:, -1] = torch.tensor([3, 50])
+    eager = mix.generate(ids, mask, **kwargs)
+    compiled = mix.generate(ids, mask, **kwargs, compile=True)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert torch.equal(compiled.sequences, eager.sequences)
+    torch.testing.assert_close(compiled.logits, eager.logits, **TOL)
+    # another model of the same shapes (other gate weights), compiled anew: inductor's on-disk cache may serve the
+    # first model's compiled code, but never its frozen weights
+    torch._dynamo.reset()
+    other = _mix(llama_dir, llama_experts)
+    with torch.no_grad():
+        for p in other.gate.parameters():
+            p.mul_(-2.0)
+    eager = other.generate(ids, mask, **kwargs)
+    compiled = other.generate(ids, mask, **kwargs, compile=True)
     assert torch.equal(compiled.sequences, eager.sequences)
     torch.testing.assert_close(compiled.logits, eager.logits, **TOL)
 

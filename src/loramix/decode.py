@@ -66,6 +66,8 @@ __all__ = [
     "RowSpec",
     "Stepped",
     "cache_slots",
+    "compile_function",
+    "compile_options",
     "compile_support",
     "compiled_step",
     "decode_step",
@@ -177,13 +179,48 @@ def compiled_step(model: Any, rows: int, slots: int, held: bool, backend: Any = 
     per_model = _COMPILED.setdefault(model, {})
     step = per_model.get(key)
     if step is None:
-        options: dict[str, Any] = dict(fullgraph=True, dynamic=False, backend=backend)
-        if backend == "inductor" and model.device.type == "cuda":
-            options["mode"] = "reduce-overhead"
         logger.info("compiling the decode step: %d rows, %d cache slots, %s", rows, slots, "held" if held else "gated")
-        step = torch.compile(decode_step, **options)
-        per_model[key] = step
+        step = per_model[key] = compile_function(decode_step, model, backend)
     return step
+
+
+def compile_function(fn: Callable[..., Any], model: Any, backend: str) -> Callable[..., Any]:
+    """`fn` (a function of the model and preallocated buffers, like `decode_step`) under torch.compile with
+    `compile_options`; compiled at its first call."""
+    options = compile_options(model, backend)
+    compiled = torch.compile(fn, **options)
+    return _frozen(compiled) if options.get("options", {}).get("freezing") else compiled
+
+
+CPU_INDUCTOR_OPTIONS = {"freezing": True, "cpp.enable_concat_linear": True, "cpp.weight_prepack": False}
+"""Inductor's options for a CPU decode step: the weights frozen (constants of the compiled code, so a compiled step
+no longer sees later changes to them), which lets inductor concatenate the matmuls that read the same input (q, k
+and v, each module's base weight and its experts' A) into one; weights not repacked for oneDNN, whose packed tensors
+inductor cannot cache on disk (the next process would compile everything again). docs/generation.md."""
+
+
+def compile_options(model: Any, backend: str) -> dict[str, Any]:
+    """The torch.compile arguments of the decode step: one full graph of static shapes; with inductor, CUDA graphs
+    on CUDA (mode="reduce-overhead") and CPU_INDUCTOR_OPTIONS on a CPU."""
+    options: dict[str, Any] = dict(fullgraph=True, dynamic=False, backend=backend)
+    if backend == "inductor":
+        if model.device.type == "cuda":
+            options["mode"] = "reduce-overhead"
+        elif model.device.type == "cpu":
+            options["options"] = dict(CPU_INDUCTOR_OPTIONS)
+    return options
+
+
+def _frozen(step: Callable[..., Any]) -> Callable[..., Any]:
+    """A step compiled with inductor's `freezing`: dynamo must trace it with freezing on too (it then installs
+    the model's parameters in the graph, where inductor can fold them), so it runs with the flag set."""
+    import torch._inductor.config
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch._inductor.config.patch(freezing=True):
+            return step(*args, **kwargs)
+
+    return run
 
 
 @dataclass
@@ -310,7 +347,9 @@ class Decoder:
             cache=self.paged.view(batch, slots),
             prepared=PreparedScalings(scalings, multipliers, sizes=model.rank_sizes),
         )
-        if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs replay them without copies
+        # fixed addresses: CUDA graphs replay them without copies. Not elsewhere: a frozen CPU step (compile_options)
+        # would take such tensors for constants, and these change between steps
+        if device.type == "cuda" and not torch.compiler.is_compiling():
             b = self.buffers
             for t in (
                 b.ids,
