@@ -179,3 +179,27 @@ def test_gate_training_data_split_is_the_shipped_mixture_and_fresh_is_new(world)
     assert len(fresh) == 12 and fresh != split[:12]
     with pytest.raises(ValueError, match="gate_data='other'"):
         gate_training_data(world, BuildConfig(gate_data="other"))
+
+
+def test_varied_forward_expert_data_is_new_wide_and_never_held_out(world):
+    import random
+
+    from loramix.demo.build import domain_training_data
+    from loramix.demo.fresh import VariedPeptides, forward_expert_records
+
+    varied = VariedPeptides(world, random.Random(0))
+    peptides = [varied() for _ in range(3000)]
+    lengths = [len(p) for p in peptides]
+    assert min(lengths) == 5 and max(lengths) == 50 and all(set(p) <= set(AMINO_ACIDS) for p in peptides)
+    assert not set(peptides) & varied.exclude and {p for p, _ in heldout_peptides(300)} <= varied.exclude
+    values = sorted(gravy(p) for p in peptides)
+    assert values[30] < -2.0 and values[-30] > 1.5  # random compositions reach every GRAVY range
+    records = forward_expert_records(world, 400, seed=3)
+    assert records == forward_expert_records(world, 400, seed=3) and len(records) == 400
+    in_split = [r for r in records if r["prompt"][6:-2] in world.train_set]
+    assert 195 <= len(in_split) <= 210  # half the split's peptides (a varied one is rarely a training peptide)
+    assert all(r["completion"] == fmt(gravy(r["prompt"][6:-2])) and r["domain"] == "forward" for r in records)
+    assert domain_training_data(world, "forward", 50, "varied") == forward_expert_records(world, 50, seed=0)
+    assert domain_training_data(world, "inverse", 50, "varied") == domain_training_data(world, "inverse", 50)
+    with pytest.raises(ValueError, match="expert_data='other'"):
+        domain_training_data(world, "forward", 5, "other")
