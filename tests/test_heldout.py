@@ -185,7 +185,7 @@ def test_varied_forward_expert_data_is_new_wide_and_never_held_out(world):
     import random
 
     from loramix.demo.build import domain_training_data
-    from loramix.demo.fresh import VariedPeptides, forward_expert_records
+    from loramix.demo.fresh import TiltedPeptides, VariedPeptides, forward_expert_records
 
     varied = VariedPeptides(world, random.Random(0))
     peptides = [varied() for _ in range(3000)]
@@ -203,3 +203,7 @@ def test_varied_forward_expert_data_is_new_wide_and_never_held_out(world):
     assert domain_training_data(world, "inverse", 50, "varied") == domain_training_data(world, "inverse", 50)
     with pytest.raises(ValueError, match="expert_data='other'"):
         domain_training_data(world, "forward", 5, "other")
+    tilted = TiltedPeptides(world, random.Random(0))
+    values = sorted(gravy(tilted()) for _ in range(1000))
+    assert values[100] < -2.0 and values[-100] > 2.0  # a tenth of them beyond -2 and 2 on each side
+    assert domain_training_data(world, "forward", 50, "tilted") == forward_expert_records(world, 50, tilted=True)

@@ -59,7 +59,8 @@ class BuildConfig:
     set": it did not generalise better)."""
     expert_data: str = "split"
     """The forward (GRAVY) expert's training records: "split" (the training split's peptides, repeated) or "varied"
-    (half of them, the other half each on a new peptide of 5-50 residues: `loramix.demo.fresh.forward_expert_records`).
+    (half of them, the other half each on a new peptide of 5-50 residues: `loramix.demo.fresh.forward_expert_records`)
+    or "tilted" (the same, half of the new peptides from a hydropathy-tilted composition: every GRAVY range).
     The other experts always train on the split."""
     gate_dropout: float = 0.0
     entropy_weight: float = 0.0
@@ -157,12 +158,12 @@ def _pretrain(base_dir: Path, world: World, cfg: BuildConfig, progress: bool) ->
 
 def domain_training_data(world: World, domain: str, n: int, expert_data: str = "split") -> list[dict[str, Any]]:
     """n training records of one domain for its expert (expert_data: BuildConfig.expert_data)."""
-    if expert_data not in ("split", "varied"):
-        raise ValueError(f"expert_data={expert_data!r}; expected 'split' or 'varied'")
-    if domain == "forward" and expert_data == "varied":
+    if expert_data not in ("split", "varied", "tilted"):
+        raise ValueError(f"expert_data={expert_data!r}; expected 'split', 'varied' or 'tilted'")
+    if domain == "forward" and expert_data != "split":
         from .fresh import forward_expert_records
 
-        return forward_expert_records(world, n, seed=world.seed)
+        return forward_expert_records(world, n, seed=world.seed, tilted=expert_data == "tilted")
     records = world.domain_records(domain, "train", n=None if domain != "compare" else n)
     return repeat_records(records, n, f"{world.seed}-repeat-{domain}")  # small domains (QA) are repeated
 

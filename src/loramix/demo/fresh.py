@@ -17,6 +17,11 @@ A fresh peptide that is a validation, test or held-out peptide is drawn again.
     composition  residues drawn from a random composition (Dirichlet, concentration 0.5, over the 20), length 5-50
     uniform      as above, length 5-50
 
+and `expert_data="tilted"` adds
+
+    tilted       residues drawn with probabilities proportional to exp(t * KD(residue)), KD the Kyte-Doolittle
+                 hydropathy and t uniform in [-0.5, 0.5] (expected GRAVY from -3.1 to 3.0), length 5-50
+
 so that the expert sees GRAVY values of every range and residue mixtures unlike the antimicrobial peptides of the
 training split. Neither is the held-out generator: no family pattern (transmembrane stretch, heptad, repeat motif),
 no Swiss-Prot composition, and every held-out peptide is excluded.
@@ -29,7 +34,7 @@ from typing import Any
 
 from .world import AMINO_ACIDS, MAX_LENGTH, MIN_LENGTH, World, compare_pair, fmt, verdict
 
-__all__ = ["FreshPeptides", "VariedPeptides", "forward_expert_records", "fresh_mixture"]
+__all__ = ["FreshPeptides", "TiltedPeptides", "VariedPeptides", "forward_expert_records", "fresh_mixture"]
 
 KINDS = ("mutated", "recombined", "shuffled", "uniform")
 
@@ -92,18 +97,37 @@ class VariedPeptides(FreshPeptides):
                 return seq
 
 
+class TiltedPeptides(VariedPeptides):
+    """VariedPeptides' kinds, and as many again drawn from a hydropathy-tilted composition (the module docstring)."""
+
+    KINDS = VariedPeptides.KINDS + ("tilted",) * len(VariedPeptides.KINDS)
+
+    def _one(self, kind: str) -> str:
+        if kind != "tilted":
+            return super()._one(kind)
+        import math
+
+        from Bio.SeqUtils.ProtParamData import kd
+
+        t = self.rng.uniform(-0.5, 0.5)
+        weights = [math.exp(t * kd[a]) for a in AMINO_ACIDS]
+        return "".join(self.rng.choices(AMINO_ACIDS, weights=weights, k=self.rng.randint(self.MIN, self.MAX)))
+
+
 def forward_expert_records(
-    world: World, n: int, seed: int = 0, *, split_share: float = 0.5, exclude: set[str] | None = None
+    world: World, n: int, seed: int = 0, *, split_share: float = 0.5, exclude: set[str] | None = None,
+    tilted: bool = False,
 ) -> list[dict[str, Any]]:
     """n forward records for the GRAVY expert: a share `split_share` from the training split (its peptides, repeated
-    as the shipped expert saw them), the rest each on a new peptide from `VariedPeptides`."""
+    as the shipped expert saw them), the rest each on a new peptide from `VariedPeptides` (`TiltedPeptides` when
+    `tilted`)."""
     from .world import repeat_records
 
     rng = random.Random(f"{world.seed}-varied-forward-{seed}")
     n_split = round(n * split_share)
     split = [world.forward(p) for p in world.splits["train"]]
     out = repeat_records(split, n_split, f"{world.seed}-varied-split-{seed}") if n_split else []
-    varied = VariedPeptides(world, rng, exclude)
+    varied = (TiltedPeptides if tilted else VariedPeptides)(world, rng, exclude)
     out += [world.forward(varied()) for _ in range(n - n_split)]
     rng.shuffle(out)
     return out

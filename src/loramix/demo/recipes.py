@@ -4,9 +4,10 @@ held-out set"): each trains a new gate over the shipped base and experts, or a n
     python -m loramix.demo.recipes RECIPE OUT_DIR [--truncated]
 
 trains RECIPE's gate into OUT_DIR/checkpoint (with --truncated, also the k = L/2 gate into
-OUT_DIR/checkpoint-truncated). A recipe with "expert_data": "varied" first trains a new forward expert over the
-shipped base into OUT_DIR/experts/forward (the other experts copied); with "gate": "shipped" it keeps the shipped gate
-as it is (the gate reads the base's hidden states, which the experts do not change). Then `python -m
+OUT_DIR/checkpoint-truncated). A recipe with "expert_data" ("varied", "tilted") first trains a new forward expert
+over the shipped base into OUT_DIR/experts/forward (the other experts copied); with "gate": "shipped" it keeps the
+shipped gate as it is (the gate reads the base's hidden states, which the experts do not change). An expert or gate
+already in OUT_DIR is kept (a second run with --truncated adds the truncated gate). Then `python -m
 loramix.demo.diagnose OUT_DIR/checkpoint OUT.json` or `loramix eval OUT_DIR/checkpoint --data test.jsonl --heldout
 heldout.jsonl` scores it. Torch threads: $LORAMIX_THREADS, default 1.
 """
@@ -47,6 +48,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "varied-expert-long": {"expert_data": "varied", "expert_steps": 3000, "gate": "shipped"},
     # the same expert, and a new gate trained over it (the split's records)
     "varied-expert-long+gate": {"expert_data": "varied", "expert_steps": 3000, "gate": "train"},
+    # a forward expert trained on varied and hydropathy-tilted peptides (every GRAVY range), the shipped gate kept
+    "tilted-expert": {"expert_data": "tilted", "gate": "shipped"},
+    "tilted-expert+gate": {"expert_data": "tilted", "gate": "train"},
     # the 1,500-step expert, and a new gate on fresh records
     "varied-expert+fresh-gate": {"expert_data": "varied", "gate": "train", "gate_data": "fresh"},
 }
@@ -111,6 +115,8 @@ def reexpert(checkpoint: str | Path, out: str | Path, cfg: BuildConfig, *, gate:
         config = dataclasses.replace(source.config, gate=dataclasses.replace(
             source.config.gate, dropout=cfg.gate_dropout, depth=cfg.gate_depth, width=cfg.gate_width))
         model = from_pretrained(base_dir, experts, config)
+        if (out / name / "loramix_config.json").is_file():  # an earlier run's gate over the same experts: kept
+            continue
         if gate == "shipped":
             model.gate.load_state_dict(source.gate.state_dict())
             model.save(out / name, include_base=k is None)
