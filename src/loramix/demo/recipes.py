@@ -46,13 +46,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "varied-expert+gate": {"expert_data": "varied", "gate": "train"},
     # the forward expert on varied peptides for twice the steps (3,000 of 32), the shipped gate kept
     "varied-expert-long": {"expert_data": "varied", "expert_steps": 3000, "gate": "shipped"},
-    # the same expert, and a new gate trained over it (the split's records)
-    "varied-expert-long+gate": {"expert_data": "varied", "expert_steps": 3000, "gate": "train"},
     # a forward expert trained on varied and hydropathy-tilted peptides (every GRAVY range), the shipped gate kept
     "tilted-expert": {"expert_data": "tilted", "gate": "shipped"},
+    # the same expert, and a new gate trained over it
     "tilted-expert+gate": {"expert_data": "tilted", "gate": "train"},
-    # the 1,500-step expert, and a new gate on fresh records
-    "varied-expert+fresh-gate": {"expert_data": "varied", "gate": "train", "gate_data": "fresh"},
 }
 
 
