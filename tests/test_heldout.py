@@ -179,3 +179,60 @@ def test_gate_training_data_split_is_the_shipped_mixture_and_fresh_is_new(world)
     assert len(fresh) == 12 and fresh != split[:12]
     with pytest.raises(ValueError, match="gate_data='other'"):
         gate_training_data(world, BuildConfig(gate_data="other"))
+
+
+def test_varied_forward_expert_data_is_new_wide_and_never_held_out(world):
+    import random
+
+    from loramix.demo.build import domain_training_data
+    from loramix.demo.fresh import TiltedPeptides, VariedPeptides, forward_expert_records
+
+    varied = VariedPeptides(world, random.Random(0))
+    peptides = [varied() for _ in range(3000)]
+    lengths = [len(p) for p in peptides]
+    assert min(lengths) == 5 and max(lengths) == 50 and all(set(p) <= set(AMINO_ACIDS) for p in peptides)
+    assert not set(peptides) & varied.exclude and {p for p, _ in heldout_peptides(300)} <= varied.exclude
+    values = sorted(gravy(p) for p in peptides)
+    assert values[30] < -2.0 and values[-30] > 1.5  # random compositions reach every GRAVY range
+    records = forward_expert_records(world, 400, seed=3)
+    assert records == forward_expert_records(world, 400, seed=3) and len(records) == 400
+    in_split = [r for r in records if r["prompt"][6:-2] in world.train_set]
+    assert 195 <= len(in_split) <= 210  # half the split's peptides (a varied one is rarely a training peptide)
+    assert all(r["completion"] == fmt(gravy(r["prompt"][6:-2])) and r["domain"] == "forward" for r in records)
+    assert domain_training_data(world, "forward", 50, "varied") == forward_expert_records(world, 50, seed=0)
+    assert domain_training_data(world, "inverse", 50, "varied") == domain_training_data(world, "inverse", 50)
+    with pytest.raises(ValueError, match="expert_data='other'"):
+        domain_training_data(world, "forward", 5, "other")
+    tilted = TiltedPeptides(world, random.Random(0))
+    values = sorted(gravy(tilted()) for _ in range(1000))
+    assert values[100] < -2.0 and values[-100] > 2.0  # a tenth of them beyond -2 and 2 on each side
+    assert domain_training_data(world, "forward", 50, "tilted") == forward_expert_records(world, 50, tilted=True)
+
+
+def test_reexpert_replaces_only_the_forward_expert_and_keeps_or_trains_the_gate(tmp_path):
+    import torch
+
+    from loramix.demo.build import BuildConfig
+    from loramix.demo.recipes import reexpert
+    from loramix.demo.run import shipped_checkpoint
+    from loramix.experts import unstack_experts
+    from loramix.loading import load
+
+    def experts_of(model):
+        stacked = {p: layer.stacked() for p, layer in zip(model.layer_names, model.mixed_layers())}
+        return unstack_experts(stacked, model.n_experts)
+
+    cfg = BuildConfig(expert_steps=2, expert_batch=4, gate_steps=2, gate_batch=4, expert_data="tilted", threads=1)
+    shipped = load(shipped_checkpoint())
+    reexpert(shipped_checkpoint(), tmp_path / "kept", cfg, gate="shipped", progress=False)
+    kept = load(tmp_path / "kept" / "checkpoint")
+    assert kept.expert_names == shipped.expert_names
+    for name, a, b in zip(shipped.expert_names, experts_of(shipped), experts_of(kept)):
+        assert all(torch.equal(a[k], b[k]) for k in a) == (name != "forward"), name
+    gate_a, gate_b = shipped.gate.state_dict(), kept.gate.state_dict()
+    assert all(torch.equal(gate_a[k], gate_b[k]) for k in gate_a)  # the shipped gate, as it is
+    reexpert(shipped_checkpoint(), tmp_path / "new", cfg, gate="train", progress=False)
+    new = load(tmp_path / "new" / "checkpoint")
+    assert any(not torch.equal(gate_a[k], new.gate.state_dict()[k]) for k in gate_a)  # a gate trained over it
+    for a, b in zip(experts_of(kept), experts_of(new)):  # the same seed and data: the same forward expert
+        assert all(torch.equal(a[k], b[k]) for k in a)

@@ -57,6 +57,11 @@ class BuildConfig:
     """The gate's training records: "split" (the training split's records, repeated: the shipped gate) or "fresh"
     (a new peptide in every record, `loramix.demo.fresh`; docs/demo.md, "Training recipes, compared on the held-out
     set": it did not generalise better)."""
+    expert_data: str = "split"
+    """The forward (GRAVY) expert's training records: "split" (the training split's peptides, repeated) or "varied"
+    (half of them, the other half each on a new peptide of 5-50 residues: `loramix.demo.fresh.forward_expert_records`)
+    or "tilted" (the same, half of the new peptides from a hydropathy-tilted composition: every GRAVY range).
+    The other experts always train on the split."""
     gate_dropout: float = 0.0
     entropy_weight: float = 0.0
     gate_keep_best: bool = False
@@ -151,7 +156,14 @@ def _pretrain(base_dir: Path, world: World, cfg: BuildConfig, progress: bool) ->
     return metrics
 
 
-def domain_training_data(world: World, domain: str, n: int) -> list[dict[str, Any]]:
+def domain_training_data(world: World, domain: str, n: int, expert_data: str = "split") -> list[dict[str, Any]]:
+    """n training records of one domain for its expert (expert_data: BuildConfig.expert_data)."""
+    if expert_data not in ("split", "varied", "tilted"):
+        raise ValueError(f"expert_data={expert_data!r}; expected 'split', 'varied' or 'tilted'")
+    if domain == "forward" and expert_data != "split":
+        from .fresh import forward_expert_records
+
+        return forward_expert_records(world, n, seed=world.seed, tilted=expert_data == "tilted")
     records = world.domain_records(domain, "train", n=None if domain != "compare" else n)
     return repeat_records(records, n, f"{world.seed}-repeat-{domain}")  # small domains (QA) are repeated
 
@@ -169,6 +181,26 @@ def gate_training_data(world: World, cfg: BuildConfig) -> list[dict[str, Any]]:
     mixture = [r for d in DOMAINS for r in domain_training_data(world, d, per_domain)]
     random.Random(cfg.seed).shuffle(mixture)
     return mixture
+
+
+def train_demo_expert(
+    base_dir: Path, world: World, domain: str, out: Path, cfg: BuildConfig, progress: bool
+) -> dict[str, Any]:
+    """Train one domain's LoRA expert over the base in `base_dir` (cfg's sizes and data) into `out`."""
+    from ..train import train_expert
+
+    steps = cfg.qa_expert_steps if domain == "qa" else cfg.expert_steps
+    train = _train_config(cfg, cfg.expert_lr, steps, cfg.expert_batch, 30, progress)
+    return train_expert(
+        base_dir,
+        domain_training_data(world, domain, steps * cfg.expert_batch, cfg.expert_data),
+        out,
+        rank=cfg.expert_rank,
+        alpha=cfg.expert_alpha,
+        dropout=0.0,
+        train=train,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
 
 
 def train_demo_gate(
@@ -198,7 +230,6 @@ def build(out_dir: str | Path, cfg: BuildConfig | None = None, *, progress: bool
     Returns a record of the configuration, the metrics of every stage, and the time taken."""
     from ..config import GateConfig, MixConfig
     from ..model import from_pretrained
-    from ..train import train_expert
     from ..train.common import run_dir_for
 
     cfg = cfg or BuildConfig()
@@ -217,19 +248,7 @@ def build(out_dir: str | Path, cfg: BuildConfig | None = None, *, progress: bool
     experts = {}
     for domain in DOMAINS:
         stage = time.perf_counter()
-        steps = cfg.qa_expert_steps if domain == "qa" else cfg.expert_steps
-        n_expert = steps * cfg.expert_batch
-        train = _train_config(cfg, cfg.expert_lr, steps, cfg.expert_batch, 30, progress)
-        metrics = train_expert(
-            base_dir,
-            domain_training_data(world, domain, n_expert),
-            out / "experts" / domain,
-            rank=cfg.expert_rank,
-            alpha=cfg.expert_alpha,
-            dropout=0.0,
-            train=train,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        )
+        metrics = train_demo_expert(base_dir, world, domain, out / "experts" / domain, cfg, progress)
         experts[domain] = out / "experts" / domain
         record["stages"][f"expert {domain}"] = {"metrics": metrics, "seconds": time.perf_counter() - stage}
 

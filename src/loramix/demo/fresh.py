@@ -10,6 +10,21 @@ Fresh peptides are made from the training split only, and never from the held-ou
     uniform      residues drawn uniformly from the 20, length uniform in 8-40
 
 A fresh peptide that is a validation, test or held-out peptide is drawn again.
+
+`VariedPeptides` widens the stream for training the forward (GRAVY) expert (`forward_expert_records`): lengths
+5-50 instead of 8-40, and two more kinds,
+
+    composition  residues drawn from a random composition (Dirichlet, concentration 0.5, over the 20), length 5-50
+    uniform      as above, length 5-50
+
+and `expert_data="tilted"` adds
+
+    tilted       residues drawn with probabilities proportional to exp(t * KD(residue)), KD the Kyte-Doolittle
+                 hydropathy and t uniform in [-0.5, 0.5] (expected GRAVY from -3.1 to 3.0), length 5-50
+
+so that the expert sees GRAVY values of every range and residue mixtures unlike the antimicrobial peptides of the
+training split. Neither is the held-out generator: no family pattern (transmembrane stretch, heptad, repeat motif),
+no Swiss-Prot composition, and every held-out peptide is excluded.
 """
 
 from __future__ import annotations
@@ -19,7 +34,7 @@ from typing import Any
 
 from .world import AMINO_ACIDS, MAX_LENGTH, MIN_LENGTH, World, compare_pair, fmt, verdict
 
-__all__ = ["FreshPeptides", "fresh_mixture"]
+__all__ = ["FreshPeptides", "TiltedPeptides", "VariedPeptides", "forward_expert_records", "fresh_mixture"]
 
 KINDS = ("mutated", "recombined", "shuffled", "uniform")
 
@@ -58,6 +73,64 @@ class FreshPeptides:
             seq = self._one(self.rng.choice(KINDS))
             if MIN_LENGTH <= len(seq) <= MAX_LENGTH and seq not in self.exclude:
                 return seq
+
+
+class VariedPeptides(FreshPeptides):
+    """FreshPeptides' kinds, plus random-composition and uniform peptides of 5-50 residues (the module docstring)."""
+
+    KINDS = ("mutated", "recombined", "shuffled", "composition", "uniform")
+    MIN, MAX = 5, 50
+
+    def _one(self, kind: str) -> str:
+        rng = self.rng
+        if kind == "composition":
+            weights = [rng.gammavariate(0.5, 1.0) for _ in AMINO_ACIDS]
+            return "".join(rng.choices(AMINO_ACIDS, weights=weights, k=rng.randint(self.MIN, self.MAX)))
+        if kind == "uniform":
+            return "".join(rng.choice(AMINO_ACIDS) for _ in range(rng.randint(self.MIN, self.MAX)))
+        return super()._one(kind)
+
+    def __call__(self) -> str:
+        while True:
+            seq = self._one(self.rng.choice(self.KINDS))
+            if self.MIN <= len(seq) <= self.MAX and seq not in self.exclude:
+                return seq
+
+
+class TiltedPeptides(VariedPeptides):
+    """VariedPeptides' kinds, and as many again drawn from a hydropathy-tilted composition (the module docstring)."""
+
+    KINDS = VariedPeptides.KINDS + ("tilted",) * len(VariedPeptides.KINDS)
+
+    def _one(self, kind: str) -> str:
+        if kind != "tilted":
+            return super()._one(kind)
+        import math
+
+        from Bio.SeqUtils.ProtParamData import kd
+
+        t = self.rng.uniform(-0.5, 0.5)
+        weights = [math.exp(t * kd[a]) for a in AMINO_ACIDS]
+        return "".join(self.rng.choices(AMINO_ACIDS, weights=weights, k=self.rng.randint(self.MIN, self.MAX)))
+
+
+def forward_expert_records(
+    world: World, n: int, seed: int = 0, *, split_share: float = 0.5, exclude: set[str] | None = None,
+    tilted: bool = False,
+) -> list[dict[str, Any]]:
+    """n forward records for the GRAVY expert: a share `split_share` from the training split (its peptides, repeated
+    as the shipped expert saw them), the rest each on a new peptide from `VariedPeptides` (`TiltedPeptides` when
+    `tilted`)."""
+    from .world import repeat_records
+
+    rng = random.Random(f"{world.seed}-varied-forward-{seed}")
+    n_split = round(n * split_share)
+    split = [world.forward(p) for p in world.splits["train"]]
+    out = repeat_records(split, n_split, f"{world.seed}-varied-split-{seed}") if n_split else []
+    varied = (TiltedPeptides if tilted else VariedPeptides)(world, rng, exclude)
+    out += [world.forward(varied()) for _ in range(n - n_split)]
+    rng.shuffle(out)
+    return out
 
 
 def _context(rng: random.Random, world: World, peptide: str) -> str:

@@ -1,11 +1,15 @@
-"""Gate training recipes for the mini-world, compared on the held-out set (docs/demo.md, "Training recipes, compared
-on the held-out set"): each trains a new gate over the shipped base and experts, which stay as they are.
+"""Training recipes for the mini-world, compared on the held-out set (docs/demo.md, "Training recipes, compared on the
+held-out set"): each trains a new gate over the shipped base and experts, or a new forward expert (and gate).
 
     python -m loramix.demo.recipes RECIPE OUT_DIR [--truncated]
 
 trains RECIPE's gate into OUT_DIR/checkpoint (with --truncated, also the k = L/2 gate into
-OUT_DIR/checkpoint-truncated), then `python -m loramix.demo.diagnose OUT_DIR/checkpoint OUT.json` or `loramix eval
-OUT_DIR/checkpoint --data test.jsonl --heldout heldout.jsonl` scores it. Torch threads: $LORAMIX_THREADS, default 1.
+OUT_DIR/checkpoint-truncated). A recipe with "expert_data" ("varied", "tilted") first trains a new forward expert
+over the shipped base into OUT_DIR/experts/forward (the other experts copied); with "gate": "shipped" it keeps the
+shipped gate as it is (the gate reads the base's hidden states, which the experts do not change). An expert or gate
+already in OUT_DIR is kept (a second run with --truncated adds the truncated gate). Then `python -m
+loramix.demo.diagnose OUT_DIR/checkpoint OUT.json` or `loramix eval OUT_DIR/checkpoint --data test.jsonl --heldout
+heldout.jsonl` scores it. Torch threads: $LORAMIX_THREADS, default 1.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 from .build import BuildConfig, gate_training_data, train_demo_gate
 from .world import World
 
-__all__ = ["RECIPES", "regate"]
+__all__ = ["RECIPES", "reexpert", "regate"]
 
 RECIPES: dict[str, dict[str, Any]] = {
     # the earlier shipped gate: the training split's records, repeated
@@ -36,6 +40,16 @@ RECIPES: dict[str, dict[str, Any]] = {
     "split+entropy": {"gate_data": "split", "entropy_weight": 0.2},
     # fresh, dropout inside the gate, the gate of the lowest validation loss
     "fresh+dropout+best": {"gate_data": "fresh", "gate_dropout": 0.2, "gate_keep_best": True},
+    # a forward expert trained on varied peptides (fresh.forward_expert_records), the shipped gate kept
+    "varied-expert": {"expert_data": "varied", "gate": "shipped"},
+    # the same expert, and a new gate trained over it (the split's records): what `build` makes with expert_data
+    "varied-expert+gate": {"expert_data": "varied", "gate": "train"},
+    # the forward expert on varied peptides for twice the steps (3,000 of 32), the shipped gate kept
+    "varied-expert-long": {"expert_data": "varied", "expert_steps": 3000, "gate": "shipped"},
+    # a forward expert trained on varied and hydropathy-tilted peptides (every GRAVY range), the shipped gate kept
+    "tilted-expert": {"expert_data": "tilted", "gate": "shipped"},
+    # the same expert, and a new gate trained over it
+    "tilted-expert+gate": {"expert_data": "tilted", "gate": "train"},
 }
 
 
@@ -58,6 +72,59 @@ def regate(checkpoint: str | Path, out: str | Path, cfg: BuildConfig, *, scaling
     return train_demo_gate(model, world, mixture, Path(out), cfg, progress, include_base=scaling_layer is None)
 
 
+def reexpert(checkpoint: str | Path, out: str | Path, cfg: BuildConfig, *, gate: str = "train",
+             truncated: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """A new forward expert (cfg.expert_data's records) over `checkpoint`'s base, the other experts as they are; then
+    the gate: `gate="shipped"` copies `checkpoint`'s (and `truncated`'s) gate, "train" trains a new one (cfg's).
+    Writes OUT/base, OUT/experts/<name>, OUT/checkpoint and, with `truncated`, OUT/checkpoint-truncated."""
+    import shutil
+
+    from ..interop.peft import write_peft_experts
+    from ..loading import load
+    from ..model import from_pretrained
+    from .build import train_demo_expert
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    shipped = load(checkpoint)
+    base_dir = out / "base"
+    if not base_dir.exists():
+        shutil.copytree(checkpoint / "base", base_dir)
+        for f in (checkpoint / "tokenizer").iterdir():
+            shutil.copy(f, base_dir / f.name)
+    names = shipped.expert_names
+    write_peft_experts(shipped, out / "experts-shipped", names)
+    experts = {n: out / "experts-shipped" / n for n in names}
+    world = World(seed=cfg.seed)
+    record: dict[str, Any] = {}
+    start = time.perf_counter()
+    if not (out / "experts" / "forward" / "adapter_config.json").is_file():  # else: an earlier run's, reused
+        record["expert forward"] = train_demo_expert(
+            base_dir, world, "forward", out / "experts" / "forward", cfg, progress
+        )
+        record["expert seconds"] = time.perf_counter() - start
+    experts["forward"] = out / "experts" / "forward"
+    runs: list[tuple[str, Any, int | None]] = [("checkpoint", shipped, None)]
+    if truncated is not None:
+        t = load(truncated)
+        runs.append(("checkpoint-truncated", t, t.config.scaling_layer))
+    for name, source, k in runs:
+        torch.manual_seed(cfg.seed)
+        config = dataclasses.replace(source.config, gate=dataclasses.replace(
+            source.config.gate, dropout=cfg.gate_dropout, depth=cfg.gate_depth, width=cfg.gate_width))
+        model = from_pretrained(base_dir, experts, config)
+        if (out / name / "loramix_config.json").is_file():  # an earlier run's gate over the same experts: kept
+            continue
+        if gate == "shipped":
+            model.gate.load_state_dict(source.gate.state_dict())
+            model.save(out / name, include_base=k is None)
+            continue
+        start = time.perf_counter()
+        record[name] = train_demo_gate(model, world, gate_training_data(world, cfg), out / name, cfg, progress,
+                                       include_base=k is None)
+        record[f"{name} seconds"] = time.perf_counter() - start
+    return record
+
+
 def main(argv: list[str] | None = None) -> None:
     from .run import shipped_checkpoint
 
@@ -68,12 +135,19 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"usage: python -m loramix.demo.recipes {{{','.join(RECIPES)}}} OUT_DIR [--truncated]")
     threads = int(os.environ.get("LORAMIX_THREADS", "1"))
     torch.set_num_threads(threads)
-    cfg = BuildConfig(threads=threads, **RECIPES[args[0]])
+    options = dict(RECIPES[args[0]])
+    gate = options.pop("gate", None)
+    cfg = BuildConfig(threads=threads, **options)
     out = Path(args[1])
     record: dict[str, Any] = {"recipe": args[0], "config": dataclasses.asdict(cfg)}
     start = time.perf_counter()
-    record["checkpoint"] = regate(shipped_checkpoint(), out / "checkpoint", cfg)
-    if truncated:
+    if gate is not None:
+        truncated_path = shipped_checkpoint().parent / "checkpoint-truncated"
+        record["build"] = reexpert(shipped_checkpoint(), out, cfg, gate=gate,
+                                   truncated=truncated_path if truncated else None)
+    else:
+        record["checkpoint"] = regate(shipped_checkpoint(), out / "checkpoint", cfg)
+    if truncated and gate is None:
         k = max(1, cfg.layers // 2)
         record["checkpoint-truncated"] = regate(shipped_checkpoint(), out / "checkpoint-truncated", cfg,
                                                 scaling_layer=k)
