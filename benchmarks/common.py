@@ -66,6 +66,25 @@ def build_experts(base_dir: Path, workdir: Path, n: int = 4, rank: int = 8, targ
     return out
 
 
+def sharp_mixture(base_dir: Path, workdir: Path) -> object:
+    """4 random rank-8 experts on TARGETS and a depth-1 layer-wise gate with N(0, 1) weights (scalings that change
+    from token to token), over `base_dir`: the mixture vs_mistralrs.py and profile_step.py time."""
+    import loramix
+
+    experts = build_experts(base_dir, workdir, n=4, rank=8, targets=TARGETS)
+    mix = loramix.from_pretrained(
+        base_dir,
+        {f"expert{i}": p for i, p in enumerate(experts)},  # names that are no substring of another file name
+        loramix.MixConfig(gate=loramix.GateConfig(depth=1, layerwise=True)),
+    ).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in mix.gate.named_parameters():
+            if name.endswith("weight"):
+                p.normal_(0.0, 1.0)
+    return mix
+
+
 def workdir() -> Path:
     """A scratch directory for models and experts, removed when the benchmark exits."""
     import atexit

@@ -36,12 +36,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import TARGETS, build_base, build_experts, machine, workdir
+from common import TARGETS, build_base, machine, sharp_mixture, workdir
 
 
 def build(model: str):
-    import loramix
-
     work = workdir()
     if model == "smollm2":
         from generate import smollm2_base
@@ -54,18 +52,7 @@ def build(model: str):
         )  # fmt: skip
     else:
         base_dir = build_base(work)
-    experts = build_experts(base_dir, work, n=4, rank=8, targets=TARGETS)
-    mix = loramix.from_pretrained(
-        base_dir,
-        {f"expert{i}": p for i, p in enumerate(experts)},
-        loramix.MixConfig(gate=loramix.GateConfig(depth=1, layerwise=True)),
-    ).eval()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in mix.gate.named_parameters():
-            if name.endswith("weight"):
-                p.normal_(0.0, 1.0)
-    return mix
+    return sharp_mixture(base_dir, work)
 
 
 def new_decoder(mix, granular: bool, compile):

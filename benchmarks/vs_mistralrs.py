@@ -60,7 +60,7 @@ from pathlib import Path
 
 import torch
 
-from common import TARGETS, build_experts, machine, workdir
+from common import machine, sharp_mixture, workdir
 
 PROMPT = "The"  # one token for SmolLM2's tokenizer (checked), no BOS added by either side
 # measured on this machine before loramix existed: median of 3, 128 new tokens, 2 threads
@@ -169,22 +169,11 @@ def set_threads(threads: int) -> None:
 
 def build(work: Path):
     """The SmolLM2 base, 4 experts, the mixture with a random non-uniform gate, and its mistral.rs export."""
-    import loramix
     from generate import smollm2_base
     from loramix.interop.mistralrs import export_mistralrs
 
     base_dir = smollm2_base(work)
-    experts = build_experts(base_dir, work, n=4, rank=8, targets=TARGETS)
-    mix = loramix.from_pretrained(
-        base_dir,
-        {f"expert{i}": p for i, p in enumerate(experts)},  # names that are no substring of another file name
-        loramix.MixConfig(gate=loramix.GateConfig(depth=1, layerwise=True)),
-    ).eval()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in mix.gate.named_parameters():
-            if name.endswith("weight"):
-                p.normal_(0.0, 1.0)
+    mix = sharp_mixture(base_dir, work)
     mistralrs_base = work / "mistralrs-base"
     xlora_dir = export_mistralrs(mix, work / "xlora", base_model_id=str(mistralrs_base), with_base=mistralrs_base)
     return base_dir, mix, mistralrs_base, xlora_dir
