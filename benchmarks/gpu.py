@@ -76,10 +76,12 @@ def build(size: str, device: torch.device, dtype: torch.dtype, n_experts: int, r
         with torch.device(device):
             template = LlamaForCausalLM._from_config(config, dtype=dtype).eval()
 
-        def make():  # another model object over the same parameter tensors (memory for one set of weights)
-            import copy
+        def make():  # another model object; on CUDA over the same parameter tensors (memory for one set of weights)
+            import copy  # on a CPU its own copy: loramix stores the mixture's wide linears transposed (layout.py),
+            # and the transformers base keeps transformers' layout
 
-            return copy.deepcopy(template, memo={id(p): p for p in template.parameters()})
+            shared = {id(p): p for p in template.parameters()} if device.type == "cuda" else None
+            return copy.deepcopy(template, memo=shared)
 
     base = make()
     base.generation_config.eos_token_id = None

@@ -49,3 +49,20 @@ def test_profile_step_runs_tiny(tmp_path):
     assert all(ms > 0 for ms in step)
     assert float(rows[guards].split("|")[2] or 0) == 0 < float(rows[guards].split("|")[3])  # eager: no guards
     assert sum(line.startswith("| q_proj |") for line in out.splitlines()) == 1
+
+
+def test_cpu_layout_benchmark_runs_tiny():
+    """benchmarks/cpu_layout.py times both layouts (tiny model): the transposed copies are transposed, the row-major
+    copies are not, and every table row has a speed-up."""
+    script = SCRIPT.parent / "cpu_layout.py"
+    args = "--model tiny --threads 1 --new-tokens 3 --repeats 1 --matmuls 1 --batch 1 2"
+    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1] / "src")}
+    result = subprocess.run(
+        [sys.executable, str(script), *args.split()], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "transposed weights: 5 in the mixture, 5 in the base; row-major copies: 0, 0" in out, out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "x" in line.split("|")[-2]]
+    names = {r[0].strip() for r in rows}
+    assert {"transformers base", "loramix granular", "loramix prompt", "256 x 64", "128 x 64"} <= names, out

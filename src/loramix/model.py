@@ -34,6 +34,7 @@ from .experts import ExpertInfo, StackedLoRA, linear_features, read_adapter, sta
 from .gate import GateCache, arrow_prototypes, build_gate
 from .generate import GenerationOutput, generate, stream
 from .layers import MixedLoRALinear, MixState, PreparedScalings, rank_multipliers
+from .layout import apply_cpu_layout, restore_layout
 from .quant import compute_dtype
 
 logger = logging.getLogger(__name__)
@@ -157,6 +158,7 @@ class LoraMixModel(nn.Module):
         self._views: dict[int, nn.Module] = {}  # truncated views of the backbone (see scaling_backbone); not submodules
         self.freeze()
         self.eval()  # like transformers' from_pretrained: call .train() to train the gate
+        apply_cpu_layout(model)  # a frozen float32 base on a CPU: its wide linears stored transposed (layout.py)
 
     # ------------------------------------------------------------------ structure
 
@@ -469,6 +471,7 @@ class LoraMixModel(nn.Module):
         for path in self.layer_names:
             _set_submodule(self.model, path, self.model.get_submodule(path).base_layer)
         model = self.model
+        restore_layout(model)
         self.layer_names = []
         return model
 
