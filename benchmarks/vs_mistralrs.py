@@ -44,6 +44,11 @@ Python `Runner` serves one request at a time from one thread and refuses a secon
 decodes the B sequences of that request together. mistral.rs 0.9.5's X-LoRA models fail such a batch in their prompt
 step ("shape mismatch in broadcast_mul, lhs: [4, 8, 576], rhs: [16, 1, 1, 1, 4]" at B = 16) and its plain base model
 answers with one choice: each failure is printed, and there is no mistral.rs batch figure.
+
+Serve (--serve-clients C, 0 to skip): the mixture saved and served by `loramix serve --max-batch C` (eager, --threads
+torch threads, a subprocess on loopback), C concurrent greedy completions of the prompt with --batch-new-tokens tokens
+and `ignore_eos`; tok/s counts every client's tokens over the wall time of the whole exchange (end-to-end). mistral.rs
+has no concurrent figure (its Python Runner above; its HTTP server is not part of the `mistralrs` wheel).
 """
 
 from __future__ import annotations
@@ -256,6 +261,43 @@ def batch_variants(mix, ids: torch.Tensor, batch: int, n: int, repeats: int) -> 
     return out
 
 
+def serve_variant(mix, work: Path, clients: int, n: int, repeats: int, threads: int) -> Variant:
+    """`loramix serve` of the same mixture (eager, `--max-batch clients`, --threads torch threads) in a subprocess:
+    `clients` concurrent greedy completions of the prompt, n tokens each (ignore_eos). Each run's tok/s counts every
+    client's tokens over the wall time from the first request sent to the last answer (end-to-end: the server's
+    prompt steps, HTTP and JSON included)."""
+    import asyncio
+
+    import httpx
+
+    from serve_load import SRC, Served, _body
+
+    served = Served(mix.save(work / "served", include_base=True), SRC, ["--max-batch", str(clients)], threads)
+
+    async def once() -> Run:
+        async with httpx.AsyncClient(base_url=served.url, timeout=600) as client:
+            start = time.perf_counter()
+            body = _body(PROMPT, n, no_eos=False)
+            replies = await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(clients)))
+            wall = time.perf_counter() - start
+        bad = [r.text for r in replies if r.status_code != 200]
+        if bad:
+            raise RuntimeError(f"the server refused a request: {bad[0][:300]}")
+        tokens = min(r.json()["usage"]["completion_tokens"] for r in replies)
+        text = replies[0].json()["choices"][0]["text"]
+        return Run(wall, 0.0, wall, tokens, (text, text), batch=clients)
+
+    name = f"loramix serve, {clients} clients (eager, end-to-end)"
+    variant = Variant(name)
+    try:
+        asyncio.run(once())  # warm-up
+        variant.runs = [asyncio.run(once()) for _ in range(repeats)]
+    finally:
+        served.close()
+    print(f"  {name}: {variant.e2e_tps:.2f} tok/s end-to-end", flush=True)
+    return variant
+
+
 # ---------------------------------------------------------------------- mistral.rs
 
 
@@ -329,6 +371,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per variant (after one warm-up run)")
     parser.add_argument("--batch", type=int, default=16, help="rows of the batch comparison (0: none)")
     parser.add_argument("--batch-new-tokens", type=int, default=32, help="new tokens per row of the batch comparison")
+    parser.add_argument(
+        "--serve-clients",
+        type=int,
+        default=16,
+        help="concurrent clients of `loramix serve` (0: none), --batch-new-tokens tokens each",
+    )
     args = parser.parse_args()
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (the first token is not part of the decode time)")
@@ -356,6 +404,9 @@ def main() -> None:
     variants = torch_variants(base_dir, mix, ids, n, args.repeats)
     if args.batch:
         variants.update(batch_variants(mix, ids, args.batch, args.batch_new_tokens, args.repeats))
+    if args.serve_clients:
+        variant = serve_variant(mix, work, args.serve_clients, args.batch_new_tokens, args.repeats, args.threads)
+        variants[variant.name] = variant
     del mix
     gc.collect()
 
@@ -405,7 +456,7 @@ def report(variants: dict[str, Variant], args) -> None:
             f"{f'{ref:.1f}' if ref else ''} | {cpu.get('cpu_per_wall', float('nan')):.2f}, "
             f"{cpu.get('busy_threads', '?')} | {cpu.get('others_per_wall', float('nan')):.2f} |"
         )
-    others = max(r.cpu.get("others_per_wall", 0.0) for v in variants.values() for r in v.runs)
+    others = max(r.cpu.get("others_per_wall", 0.0) for v in variants.values() for r in v.runs)  # not the server's
     if others > 0.2:
         print(
             f"\nWARNING: other processes used up to {others:.2f} CPU-seconds per second during the timed runs: they "
@@ -434,6 +485,14 @@ def report(variants: dict[str, Variant], args) -> None:
                     f"batch {args.batch}: {mine} / {theirs}: {a.decode_tps / b.decode_tps:.2f}x decode, "
                     f"{a.e2e_tps / b.e2e_tps:.2f}x end-to-end"
                 )
+            elif mine in variants:
+                print(
+                    f"batch {args.batch}: {mine}: {variants[mine].e2e_tps:.2f} tok/s end-to-end; {theirs}: no "
+                    "figure (above)"
+                )
+        served = f"loramix serve, {args.serve_clients} clients (eager, end-to-end)"
+        if served in variants:
+            print(f"{served}: {variants[served].e2e_tps:.2f} tok/s end-to-end; mistral.rs: no figure (above)")
     print()
     pairs = [
         ("loramix granular", "mistral.rs X-LoRA granular", ""),

@@ -62,6 +62,9 @@ class BuildConfig:
     (half of them, the other half each on a new peptide of 5-50 residues: `loramix.demo.fresh.forward_expert_records`)
     or "tilted" (the same, half of the new peptides from a hydropathy-tilted composition: every GRAVY range).
     The other experts always train on the split."""
+    expert_split_share: float = 0.5
+    """With expert_data "varied" or "tilted": the share of the forward expert's records taken from the training split
+    (the rest are new peptides)."""
     gate_dropout: float = 0.0
     entropy_weight: float = 0.0
     gate_keep_best: bool = False
@@ -156,14 +159,17 @@ def _pretrain(base_dir: Path, world: World, cfg: BuildConfig, progress: bool) ->
     return metrics
 
 
-def domain_training_data(world: World, domain: str, n: int, expert_data: str = "split") -> list[dict[str, Any]]:
-    """n training records of one domain for its expert (expert_data: BuildConfig.expert_data)."""
+def domain_training_data(world: World, domain: str, n: int, expert_data: str = "split",
+                         split_share: float = 0.5) -> list[dict[str, Any]]:
+    """n training records of one domain for its expert (expert_data, split_share: BuildConfig.expert_data,
+    .expert_split_share)."""
     if expert_data not in ("split", "varied", "tilted"):
         raise ValueError(f"expert_data={expert_data!r}; expected 'split', 'varied' or 'tilted'")
     if domain == "forward" and expert_data != "split":
         from .fresh import forward_expert_records
 
-        return forward_expert_records(world, n, seed=world.seed, tilted=expert_data == "tilted")
+        return forward_expert_records(world, n, seed=world.seed, split_share=split_share,
+                                      tilted=expert_data == "tilted")
     records = world.domain_records(domain, "train", n=None if domain != "compare" else n)
     return repeat_records(records, n, f"{world.seed}-repeat-{domain}")  # small domains (QA) are repeated
 
@@ -193,7 +199,7 @@ def train_demo_expert(
     train = _train_config(cfg, cfg.expert_lr, steps, cfg.expert_batch, 30, progress)
     return train_expert(
         base_dir,
-        domain_training_data(world, domain, steps * cfg.expert_batch, cfg.expert_data),
+        domain_training_data(world, domain, steps * cfg.expert_batch, cfg.expert_data, cfg.expert_split_share),
         out,
         rank=cfg.expert_rank,
         alpha=cfg.expert_alpha,

@@ -50,6 +50,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     "tilted-expert": {"expert_data": "tilted", "gate": "shipped"},
     # the same expert, and a new gate trained over it
     "tilted-expert+gate": {"expert_data": "tilted", "gate": "train"},
+    # the tilted expert for twice the steps (3,000 of 32), the shipped gate kept: the precision on the split's peptides
+    "tilted-expert-long": {"expert_data": "tilted", "expert_steps": 3000, "gate": "shipped"},
+    # the tilted expert, three quarters of its records from the training split, twice the steps, the shipped gate kept
+    "tilted-expert-mostly-split": {"expert_data": "tilted", "expert_split_share": 0.75, "expert_steps": 3000,
+                                   "gate": "shipped"},
+    # the same expert, and a new gate trained over it
+    "tilted-expert-mostly-split+gate": {"expert_data": "tilted", "expert_split_share": 0.75, "expert_steps": 3000,
+                                        "gate": "train"},
 }
 
 
