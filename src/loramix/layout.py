@@ -1,7 +1,7 @@
 """Weight layouts for a frozen float32 base on a CPU: the wide linears (more outputs than inputs: an MLP's gate and up
 projections, the LM head) stored transposed, in-features-major, so that a decode step's matrix-vector products read
-them as MKL's fast path does (benchmarks/RESULTS.md, "Weight layout for CPU decode": at batch 1 these products run
-1.6-1.8x faster; the narrow ones, q/k/v/o and down, are faster as transformers stores them).
+them as MKL's fast path does (benchmarks/RESULTS.md, "The weight layout on a CPU": at batch 1 these products run
+about 1.5-1.6x faster; the narrow ones, q/k/v/o and down, are faster as transformers stores them).
 
 The weights keep their shapes, values and `nn.Parameter` objects (only `.data` becomes a transposed view of a
 contiguous [in, out] tensor), so every module, hook and tied weight sees the same tensor. `state_dict()` still
