@@ -9,6 +9,16 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
 
 
+def run_benchmark(name: str, args: str) -> str:
+    """Run benchmarks/NAME with ARGS against this checkout's src/; its stdout (fails on a non-zero exit)."""
+    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1] / "src")}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / name), *args.split()], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
 def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     args = (
         "--threads 2 --device cpu --size tiny --batch 2 --prompt 8 --new 4 --rounds 1 --prefill 1x16 --exact-tokens 4"
@@ -33,14 +43,7 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
 
 def test_profile_step_runs_tiny(tmp_path):
     """benchmarks/profile_step.py prints its three tables (tiny model, the cheap "eager" compile backend)."""
-    script = SCRIPT.parent / "profile_step.py"
-    args = "--model tiny --threads 1 --steps 2 --rounds 1 --calls 3 --backend eager"
-    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1] / "src")}
-    result = subprocess.run(
-        [sys.executable, str(script), *args.split()], capture_output=True, text=True, timeout=600, env=env
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    out = result.stdout
+    out = run_benchmark("profile_step.py", "--model tiny --threads 1 --steps 2 --rounds 1 --calls 3 --backend eager")
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
     guards = "guard check (profiler: TorchDynamo Cache Lookup)"
     for row in ("Decoder.step (wall)", guards, "matmuls (profiler)", "held step (mixed pass with experts)"):
@@ -54,14 +57,7 @@ def test_profile_step_runs_tiny(tmp_path):
 def test_cpu_layout_benchmark_runs_tiny():
     """benchmarks/cpu_layout.py times both layouts (tiny model): the transposed copies are transposed, the row-major
     copies are not, and every table row has a speed-up."""
-    script = SCRIPT.parent / "cpu_layout.py"
-    args = "--model tiny --threads 1 --new-tokens 3 --repeats 1 --matmuls 1 --batch 1 2"
-    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1] / "src")}
-    result = subprocess.run(
-        [sys.executable, str(script), *args.split()], capture_output=True, text=True, timeout=600, env=env
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    out = result.stdout
+    out = run_benchmark("cpu_layout.py", "--model tiny --threads 1 --new-tokens 3 --repeats 1 --matmuls 1 --batch 1 2")
     assert "transposed weights: 5 in the mixture, 5 in the base; row-major copies: 0, 0" in out, out
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "x" in line.split("|")[-2]]
     names = {r[0].strip() for r in rows}

@@ -65,6 +65,10 @@ class BuildConfig:
     expert_split_share: float = 0.5
     """With expert_data "varied" or "tilted": the share of the forward expert's records taken from the training split
     (the rest are new peptides)."""
+    trainable_experts: bool = False
+    """Train the experts with the gate (MixConfig.trainable_experts, the paper's option), at expert_lr_scale times the
+    gate's learning rate."""
+    expert_lr_scale: float = 1.0
     gate_dropout: float = 0.0
     entropy_weight: float = 0.0
     gate_keep_best: bool = False
@@ -223,8 +227,9 @@ def train_demo_gate(
         eval_data = [r for d in DOMAINS for r in world.domain_records(d, "val", 50)]
     # every example weighs the same (design answers are 5x longer than the others), and the records' domains
     # supervise the router (docs/training.md, docs/demo.md)
+    joint = {"expert_lr_scale": cfg.expert_lr_scale} if cfg.trainable_experts else {}
     objective = GateObjective(
-        loss_weighting="example", route_weight=cfg.route_weight, entropy_weight=cfg.entropy_weight
+        loss_weighting="example", route_weight=cfg.route_weight, entropy_weight=cfg.entropy_weight, **joint
     )
     return train_gate(
         model, mixture, out, train=train, eval_data=eval_data, objective=objective, include_base=include_base

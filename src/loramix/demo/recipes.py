@@ -58,6 +58,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the same expert, and a new gate trained over it
     "tilted-expert-mostly-split+gate": {"expert_data": "tilted", "expert_split_share": 0.75, "expert_steps": 3000,
                                         "gate": "train"},
+    # the same expert, then the gate and every expert trained together (the experts at 0.1x the gate's rate)
+    "tilted-expert-mostly-split+joint": {"expert_data": "tilted", "expert_split_share": 0.75, "expert_steps": 3000,
+                                         "gate": "train", "trainable_experts": True, "expert_lr_scale": 0.1},
+    # the same at 0.3x
+    "tilted-expert-mostly-split+joint-0.3": {"expert_data": "tilted", "expert_split_share": 0.75,
+                                             "expert_steps": 3000, "gate": "train", "trainable_experts": True,
+                                             "expert_lr_scale": 0.3},
 }
 
 
@@ -117,7 +124,7 @@ def reexpert(checkpoint: str | Path, out: str | Path, cfg: BuildConfig, *, gate:
         runs.append(("checkpoint-truncated", t, t.config.scaling_layer))
     for name, source, k in runs:
         torch.manual_seed(cfg.seed)
-        config = dataclasses.replace(source.config, gate=dataclasses.replace(
+        config = dataclasses.replace(source.config, trainable_experts=cfg.trainable_experts, gate=dataclasses.replace(
             source.config.gate, dropout=cfg.gate_dropout, depth=cfg.gate_depth, width=cfg.gate_width))
         model = from_pretrained(base_dir, experts, config)
         if (out / name / "loramix_config.json").is_file():  # an earlier run's gate over the same experts: kept
