@@ -69,6 +69,8 @@ class BuildConfig:
     """Train the experts with the gate (MixConfig.trainable_experts, the paper's option), at expert_lr_scale times the
     gate's learning rate."""
     expert_lr_scale: float = 1.0
+    expert_anchor_weight: float = 0.0
+    """With trainable_experts: the L2 anchor to the experts' starting values (GateObjective.expert_anchor_weight)."""
     gate_dropout: float = 0.0
     entropy_weight: float = 0.0
     gate_keep_best: bool = False
@@ -227,7 +229,11 @@ def train_demo_gate(
         eval_data = [r for d in DOMAINS for r in world.domain_records(d, "val", 50)]
     # every example weighs the same (design answers are 5x longer than the others), and the records' domains
     # supervise the router (docs/training.md, docs/demo.md)
-    joint = {"expert_lr_scale": cfg.expert_lr_scale} if cfg.trainable_experts else {}
+    joint = (
+        {"expert_lr_scale": cfg.expert_lr_scale, "expert_anchor_weight": cfg.expert_anchor_weight}
+        if cfg.trainable_experts
+        else {}
+    )
     objective = GateObjective(
         loss_weighting="example", route_weight=cfg.route_weight, entropy_weight=cfg.entropy_weight, **joint
     )

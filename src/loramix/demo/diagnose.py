@@ -9,11 +9,13 @@ subset and on the held-out set (`loramix.demo.heldout`).
   share of answer positions whose dominant expert is the record's own (composite: forward for the number, compare
   for the verdict), on prompt and answer positions separately.
 
-`python -m loramix.demo.diagnose CKPT OUT.json` runs it (about a minute on 2 cores for the mini-world).
+`python -m loramix.demo.diagnose CKPT OUT.json [--temperature T]` runs it (about a minute on 2 cores for the
+mini-world).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -136,10 +138,20 @@ def main(argv: list[str] | None = None) -> None:
     from .run import test_records
     from .world import World
 
-    args = sys.argv[1:] if argv is None else argv
+    args = list(sys.argv[1:] if argv is None else argv)
+    temperature = None
+    if "--temperature" in args:  # the gate's softmax temperature replaced (0.001: an argmax per token and layer)
+        i = args.index("--temperature")
+        try:
+            temperature = float(args[i + 1])
+        except (IndexError, ValueError):
+            raise SystemExit("--temperature needs a number (e.g. 0.001)") from None
+        del args[i : i + 2]
     if len(args) != 2:
-        raise SystemExit("usage: python -m loramix.demo.diagnose CHECKPOINT OUT.json")
+        raise SystemExit("usage: python -m loramix.demo.diagnose CHECKPOINT OUT.json [--temperature T]")
     model = load(args[0])
+    if temperature is not None:
+        model.gate.config = dataclasses.replace(model.gate.config, temperature=temperature)
     world = World()
     result = diagnose(model, {"test": test_records(world), "heldout": heldout_records(world=world)})
     Path(args[1]).write_text(json.dumps(result, indent=2))

@@ -61,6 +61,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the same expert, then the gate and every expert trained together (the experts at 0.1x the gate's rate)
     "tilted-expert-mostly-split+joint": {"expert_data": "tilted", "expert_split_share": 0.75, "expert_steps": 3000,
                                          "gate": "train", "trainable_experts": True, "expert_lr_scale": 0.1},
+    # the same (0.1x), with an L2 anchor to the experts' starting values
+    "tilted-expert-mostly-split+joint-anchor": {"expert_data": "tilted", "expert_split_share": 0.75,
+                                                "expert_steps": 3000, "gate": "train", "trainable_experts": True,
+                                                "expert_lr_scale": 0.1, "expert_anchor_weight": 10.0},
+    # the same at 0.03x, no anchor
+    "tilted-expert-mostly-split+joint-0.03": {"expert_data": "tilted", "expert_split_share": 0.75,
+                                              "expert_steps": 3000, "gate": "train", "trainable_experts": True,
+                                              "expert_lr_scale": 0.03},
     # the same at 0.3x
     "tilted-expert-mostly-split+joint-0.3": {"expert_data": "tilted", "expert_split_share": 0.75,
                                              "expert_steps": 3000, "gate": "train", "trainable_experts": True,
