@@ -57,7 +57,7 @@ def test_profile_step_runs_tiny(tmp_path):
 def test_cpu_layout_benchmark_runs_tiny():
     """benchmarks/cpu_layout.py times both layouts (tiny model): the transposed copies are transposed, the row-major
     copies are not, and every table row has a speed-up."""
-    out = run_benchmark("cpu_layout.py", "--model tiny --threads 1 --new-tokens 3 --repeats 1 --matmuls 1 --batch 1 2")
+    out = run_benchmark("cpu_layout.py", "--model tiny --threads 1 --new-tokens 2 --repeats 1 --matmuls 1 --batch 1")
     assert "transposed weights: 5 in the mixture, 5 in the base; row-major copies: 0, 0" in out, out
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "x" in line.split("|")[-2]]
     names = {r[0].strip() for r in rows}
