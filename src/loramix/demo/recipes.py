@@ -69,6 +69,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     "tilted-expert-mostly-split+joint-0.03": {"expert_data": "tilted", "expert_split_share": 0.75,
                                               "expert_steps": 3000, "gate": "train", "trainable_experts": True,
                                               "expert_lr_scale": 0.03},
+    # +joint (0.1x) for twice the gate's steps
+    "tilted-expert-mostly-split+joint-long": {"expert_data": "tilted", "expert_split_share": 0.75,
+                                              "expert_steps": 3000, "gate": "train", "trainable_experts": True,
+                                              "expert_lr_scale": 0.1, "gate_steps": 3000},
+    # +joint (0.1x) with the routing term at 10 (the shipped 3)
+    "tilted-expert-mostly-split+joint-route": {"expert_data": "tilted", "expert_split_share": 0.75,
+                                               "expert_steps": 3000, "gate": "train", "trainable_experts": True,
+                                               "expert_lr_scale": 0.1, "route_weight": 10.0},
     # the same at 0.3x
     "tilted-expert-mostly-split+joint-0.3": {"expert_data": "tilted", "expert_split_share": 0.75,
                                              "expert_steps": 3000, "gate": "train", "trainable_experts": True,
