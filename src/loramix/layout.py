@@ -49,23 +49,23 @@ def apply_cpu_layout(model: nn.Module) -> int:
     return len(done)
 
 
+def _transposed(model: nn.Module) -> list[nn.Parameter]:
+    """The distinct 2-d parameters of `model` stored transposed (the layout of apply_cpu_layout)."""
+    distinct = {id(p): p for p in model.parameters()}.values()  # parameters() already skips tied duplicates
+    return [p for p in distinct if p.dim() == 2 and not p.is_contiguous() and p.t().is_contiguous()]
+
+
 def transposed_weights(model: nn.Module) -> int:
-    """How many distinct 2-d parameters of `model` are stored transposed (the layout of apply_cpu_layout)."""
-    seen = {id(p): p for p in model.parameters()}
-    return sum(1 for p in seen.values() if p.dim() == 2 and not p.is_contiguous() and p.t().is_contiguous())
+    """How many distinct 2-d parameters of `model` are stored transposed."""
+    return len(_transposed(model))
 
 
 def restore_layout(model: nn.Module) -> int:
     """Put every transposed 2-d parameter of `model` back in row-major layout; returns how many."""
-    n = 0
-    seen: set[int] = set()
-    for p in model.parameters():
-        if id(p) in seen or p.dim() != 2 or p.is_contiguous() or not p.t().is_contiguous():
-            continue
-        seen.add(id(p))
+    params = _transposed(model)
+    for p in params:
         p.data = p.data.contiguous()
-        n += 1
-    return n
+    return len(params)
 
 
 def _contiguous_state(module: nn.Module, state: dict[str, Any], prefix: str, _metadata: Any) -> None:

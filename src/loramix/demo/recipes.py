@@ -29,6 +29,11 @@ from .world import World
 
 __all__ = ["RECIPES", "reexpert", "regate"]
 
+# the forward expert that generalises alone (docs/demo.md, "Round 3"): tilted, 3/4 of its records from the split
+_MOSTLY_SPLIT: dict[str, Any] = {"expert_data": "tilted", "expert_split_share": 0.75, "expert_steps": 3000}
+# over it, a new gate trained with every expert (at 0.1x the gate's learning rate)
+_JOINT: dict[str, Any] = {**_MOSTLY_SPLIT, "gate": "train", "trainable_experts": True, "expert_lr_scale": 0.1}
+
 RECIPES: dict[str, dict[str, Any]] = {
     # the earlier shipped gate: the training split's records, repeated
     "split": {"gate_data": "split"},
@@ -53,34 +58,21 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the tilted expert for twice the steps (3,000 of 32), the shipped gate kept: the precision on the split's peptides
     "tilted-expert-long": {"expert_data": "tilted", "expert_steps": 3000, "gate": "shipped"},
     # the tilted expert, three quarters of its records from the training split, twice the steps, the shipped gate kept
-    "tilted-expert-mostly-split": {"expert_data": "tilted", "expert_split_share": 0.75, "expert_steps": 3000,
-                                   "gate": "shipped"},
+    "tilted-expert-mostly-split": {**_MOSTLY_SPLIT, "gate": "shipped"},
     # the same expert, and a new gate trained over it
-    "tilted-expert-mostly-split+gate": {"expert_data": "tilted", "expert_split_share": 0.75, "expert_steps": 3000,
-                                        "gate": "train"},
+    "tilted-expert-mostly-split+gate": {**_MOSTLY_SPLIT, "gate": "train"},
     # the same expert, then the gate and every expert trained together (the experts at 0.1x the gate's rate)
-    "tilted-expert-mostly-split+joint": {"expert_data": "tilted", "expert_split_share": 0.75, "expert_steps": 3000,
-                                         "gate": "train", "trainable_experts": True, "expert_lr_scale": 0.1},
+    "tilted-expert-mostly-split+joint": _JOINT,
     # the same (0.1x), with an L2 anchor to the experts' starting values
-    "tilted-expert-mostly-split+joint-anchor": {"expert_data": "tilted", "expert_split_share": 0.75,
-                                                "expert_steps": 3000, "gate": "train", "trainable_experts": True,
-                                                "expert_lr_scale": 0.1, "expert_anchor_weight": 10.0},
+    "tilted-expert-mostly-split+joint-anchor": {**_JOINT, "expert_anchor_weight": 10.0},
     # the same at 0.03x, no anchor
-    "tilted-expert-mostly-split+joint-0.03": {"expert_data": "tilted", "expert_split_share": 0.75,
-                                              "expert_steps": 3000, "gate": "train", "trainable_experts": True,
-                                              "expert_lr_scale": 0.03},
+    "tilted-expert-mostly-split+joint-0.03": {**_JOINT, "expert_lr_scale": 0.03},
     # +joint (0.1x) for twice the gate's steps
-    "tilted-expert-mostly-split+joint-long": {"expert_data": "tilted", "expert_split_share": 0.75,
-                                              "expert_steps": 3000, "gate": "train", "trainable_experts": True,
-                                              "expert_lr_scale": 0.1, "gate_steps": 3000},
+    "tilted-expert-mostly-split+joint-long": {**_JOINT, "gate_steps": 3000},
     # +joint (0.1x) with the routing term at 10 (the shipped 3)
-    "tilted-expert-mostly-split+joint-route": {"expert_data": "tilted", "expert_split_share": 0.75,
-                                               "expert_steps": 3000, "gate": "train", "trainable_experts": True,
-                                               "expert_lr_scale": 0.1, "route_weight": 10.0},
+    "tilted-expert-mostly-split+joint-route": {**_JOINT, "route_weight": 10.0},
     # the same at 0.3x
-    "tilted-expert-mostly-split+joint-0.3": {"expert_data": "tilted", "expert_split_share": 0.75,
-                                             "expert_steps": 3000, "gate": "train", "trainable_experts": True,
-                                             "expert_lr_scale": 0.3},
+    "tilted-expert-mostly-split+joint-0.3": {**_JOINT, "expert_lr_scale": 0.3},
 }
 
 
@@ -139,12 +131,12 @@ def reexpert(checkpoint: str | Path, out: str | Path, cfg: BuildConfig, *, gate:
         t = load(truncated)
         runs.append(("checkpoint-truncated", t, t.config.scaling_layer))
     for name, source, k in runs:
+        if (out / name / "loramix_config.json").is_file():  # an earlier run's gate over the same experts: kept
+            continue
         torch.manual_seed(cfg.seed)
         config = dataclasses.replace(source.config, trainable_experts=cfg.trainable_experts, gate=dataclasses.replace(
             source.config.gate, dropout=cfg.gate_dropout, depth=cfg.gate_depth, width=cfg.gate_width))
         model = from_pretrained(base_dir, experts, config)
-        if (out / name / "loramix_config.json").is_file():  # an earlier run's gate over the same experts: kept
-            continue
         if gate == "shipped":
             model.gate.load_state_dict(source.gate.state_dict())
             model.save(out / name, include_base=k is None)
