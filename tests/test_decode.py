@@ -71,6 +71,26 @@ def test_compiled_gpt2_equals_eager(gpt2_dir, gpt2_experts):
     torch.testing.assert_close(compiled.logits, eager.logits, **TOL)
 
 
+def test_inductor_compiled_one_row_step_equals_eager(llama_dir, llama_experts):
+    """One row: the step whose products become reductions (gemv.py) and whose attention is plain (attention.py);
+    compiling puts the row-major layout back (layout.py)."""
+    from loramix.attention import STEP_ATTENTION
+    from loramix.gemv import RowReduction
+    from loramix.layout import transposed_weights
+
+    mix = _mix(llama_dir, llama_experts)
+    assert isinstance(compile_options(mix, "inductor")["options"]["post_grad_custom_post_pass"], RowReduction)
+    ids, mask = _batch()
+    ids, mask = ids[1:], mask[1:]
+    kwargs = dict(max_new_tokens=6, output_logits=True, eos_token_id=[])
+    eager = mix.generate(ids, mask, **kwargs)
+    compiled = mix.generate(ids, mask, **kwargs, compile=True)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    torch.testing.assert_close(compiled.logits, eager.logits, **TOL)
+    assert transposed_weights(mix) == 0 and mix.model.config._attn_implementation == STEP_ATTENTION
+    assert torch.equal(mix.generate(ids, mask, **kwargs).sequences, eager.sequences)  # eager after it: unchanged
+
+
 def test_inductor_compiled_step_equals_eager(llama_dir, llama_experts):
     from torch._dynamo.utils import counters
 
