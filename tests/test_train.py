@@ -373,6 +373,18 @@ def test_trainable_experts_with_a_lower_rate_an_anchor_and_the_best_evaluation(w
     logged = [json.loads(x) for x in (tmp_path / "slow.run" / "metrics.jsonl").read_text().splitlines()]
     assert {r["lr"] for r in logged if "lr" in r} == {0.05}  # the gate's (configured) rate, not the experts'
 
+    # frozen_experts: their rows of lora_A and columns of lora_B stay exactly as loaded, the others move
+    names = list(expert_dirs)
+    kept, _, _ = run("kept", GateObjective(frozen_experts=(names[0],)))
+    fresh = loramix.from_pretrained(world / "base", expert_dirs, config)
+    for layer, start in zip(kept.mixed_layers(), fresh.mixed_layers()):
+        r = layer.ranks[0]
+        assert torch.equal(layer.lora_A[:r], start.lora_A[:r]) and torch.equal(layer.lora_B[:, :r], start.lora_B[:, :r])
+    assert any(not torch.equal(a.lora_A[a.ranks[0]:], b.lora_A[b.ranks[0]:])
+               for a, b in zip(kept.mixed_layers(), fresh.mixed_layers()))
+    with pytest.raises(loramix.ConfigError, match="frozen_experts: no expert 'nope'"):
+        run("unknown", GateObjective(frozen_experts=("nope",)))
+
     mix = loramix.from_pretrained(world / "base", expert_dirs, config)
     layer = next(mix.mixed_layers())
     anchor = ExpertAnchor({"a": layer.lora_A})

@@ -71,6 +71,8 @@ class BuildConfig:
     expert_lr_scale: float = 1.0
     expert_anchor_weight: float = 0.0
     """With trainable_experts: the L2 anchor to the experts' starting values (GateObjective.expert_anchor_weight)."""
+    frozen_experts: tuple[str, ...] = ()
+    """With trainable_experts: the experts kept as they are (GateObjective.frozen_experts)."""
     gate_dropout: float = 0.0
     entropy_weight: float = 0.0
     gate_keep_best: bool = False
@@ -230,7 +232,8 @@ def train_demo_gate(
     # every example weighs the same (design answers are 5x longer than the others), and the records' domains
     # supervise the router (docs/training.md, docs/demo.md)
     joint = (
-        {"expert_lr_scale": cfg.expert_lr_scale, "expert_anchor_weight": cfg.expert_anchor_weight}
+        {"expert_lr_scale": cfg.expert_lr_scale, "expert_anchor_weight": cfg.expert_anchor_weight,
+         "frozen_experts": tuple(cfg.frozen_experts)}
         if cfg.trainable_experts
         else {}
     )

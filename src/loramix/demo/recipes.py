@@ -73,6 +73,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "tilted-expert-mostly-split+joint-route": {**_JOINT, "route_weight": 10.0},
     # the same at 0.3x
     "tilted-expert-mostly-split+joint-0.3": {**_JOINT, "expert_lr_scale": 0.3},
+    # +joint (0.1x) with the design (inverse) expert kept as it trained alone
+    "tilted-expert-mostly-split+joint-keep-inverse": {**_JOINT, "frozen_experts": ("inverse",)},
+    # the same, the forward expert kept too (it generalises alone): compare and Q&A train with the gate
+    "tilted-expert-mostly-split+joint-keep-forward-inverse": {**_JOINT, "frozen_experts": ("forward", "inverse")},
 }
 
 

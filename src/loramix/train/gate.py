@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,10 @@ class GateObjective:
     """With trainable_experts: weight of an L2 anchor to the experts' starting values, sum ||W - W0||^2 / sum ||W0||^2
     over their LoRA matrices."""
 
+    frozen_experts: tuple[str, ...] = ()
+    """With trainable_experts: the experts that stay as they are while the others train with the gate (their rows of
+    every stacked LoRA matrix get no gradient)."""
+
     context_lr_scale: float = 1.0
     """With gate.context="attention": the attention's learning rate relative to the MLP's (docs/gates.md)."""
 
@@ -89,6 +93,27 @@ class GateObjective:
             raise ConfigError(f"context_lr_scale={self.context_lr_scale} must be a finite number > 0")
         if not (math.isfinite(self.expert_anchor_weight) and self.expert_anchor_weight >= 0):
             raise ConfigError(f"expert_anchor_weight={self.expert_anchor_weight} must be a finite number >= 0")
+        self.frozen_experts = tuple(self.frozen_experts)
+
+
+def freeze_experts(model: Any, names: Sequence[str]) -> list[Any]:
+    """Keep the experts `names` of `model` (trainable experts) as they are: a gradient hook zeroes their rows of every
+    layer's stacked lora_A and their columns of lora_B. An unknown name is refused. Returns the hooks' handles."""
+    unknown = [n for n in names if n not in model.expert_names]
+    if unknown:
+        raise ConfigError(f"frozen_experts: no expert {unknown[0]!r} (the experts: {', '.join(model.expert_names)})")
+    frozen = [model.expert_names.index(n) for n in names]
+    handles = []
+    for layer in model.mixed_layers():
+        keep = torch.ones(layer.n_rank_rows, dtype=layer.lora_A.dtype, device=layer.lora_A.device)
+        start = 0
+        for i, rank in enumerate(layer.ranks):
+            if i in frozen:
+                keep[start:start + rank] = 0
+            start += rank
+        handles.append(layer.lora_A.register_hook(lambda g, keep=keep: g * keep[:, None]))
+        handles.append(layer.lora_B.register_hook(lambda g, keep=keep: g * keep))
+    return handles
 
 
 class ExpertAnchor:
@@ -213,6 +238,13 @@ def train_gate(
     experts = {n: p for n, p in trainable.items() if n.endswith((".lora_A", ".lora_B"))}
     if (objective.expert_lr_scale != 1.0 or objective.expert_anchor_weight) and not experts:
         raise ConfigError("expert_lr_scale and expert_anchor_weight apply to trainable experts: set trainable_experts")
+    hooks: list[Any] = []
+    if objective.frozen_experts:
+        if not experts:
+            raise ConfigError("frozen_experts applies to trainable experts: set trainable_experts")
+        if train.weight_decay:
+            raise ConfigError("frozen_experts needs weight_decay=0 (decay would move the frozen experts)")
+        hooks = freeze_experts(model, objective.frozen_experts)
     anchor = ExpertAnchor(experts) if objective.expert_anchor_weight else None
     context = {n: p for n, p in trainable.items() if n.startswith("gate.context.")}
     if objective.context_lr_scale != 1.0 and not context:
@@ -239,7 +271,11 @@ def train_gate(
         lr_scale={**{n: objective.expert_lr_scale for n in experts},
                   **{n: objective.context_lr_scale for n in context}},
     )
-    metrics = trainer.train(resume=resume, force=force_resume)
+    try:
+        metrics = trainer.train(resume=resume, force=force_resume)
+    finally:
+        for hook in hooks:
+            hook.remove()
     if trainer.accelerator.is_main_process:
         trainer.model.save(out_dir, include_base=include_base)
         logger.info("saved the mixture to %s", out_dir)
