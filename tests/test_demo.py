@@ -110,52 +110,62 @@ def test_mean_is_a_bounded_score_and_the_raw_r2_stays():
     assert row.split(" | ")[1] == f"{qa['forward']['r2']:.2f}" and row.endswith(" | 0.25 |")  # ... kept in its column
 
 
-def test_build_and_run_at_a_tiny_size(tmp_path):
-    """The whole rebuild pipeline (pretraining, 4 experts, 2 gates) and the demo run, with a tiny model and budget."""
+def test_build_run_and_compare_at_a_tiny_size(tmp_path):
+    """The whole rebuild pipeline (pretraining, 4 experts, 2 gates), the demo run on it and the comparison with the
+    shipped numbers (`loramix demo --rebuild`), with a tiny model and budget: one build serves all three."""
     from rich.console import Console
-
-    from loramix.demo.build import BuildConfig, build
-    from loramix.demo.run import run_demo
-
-    cfg = BuildConfig(hidden=32, layers=2, heads=2, intermediate=64, pretrain_steps=4, pretrain_batch=4,
-                      expert_steps=3, expert_batch=4, gate_steps=3, gate_batch=4, gate_width=16)
-    record = build(tmp_path / "build", cfg, progress=False)
-    assert set(record["stages"]) == {"base", "expert forward", "expert inverse", "expert compare", "expert qa",
-                                     "gate checkpoint", "gate checkpoint-truncated"}
-    # every stage trained: PEFT starts lora_B at zero, and a gate starts where the same seed puts it
     from safetensors.torch import load_file
 
     import loramix
     from loramix.config import GateConfig, MixConfig
+    from loramix.demo.build import BuildConfig
+    from loramix.demo.rebuild import rebuild_and_compare
+    from loramix.demo.run import weights_dir
 
+    cfg = BuildConfig(hidden=32, layers=2, heads=2, intermediate=64, pretrain_steps=4, pretrain_batch=4,
+                      expert_steps=3, expert_batch=4, gate_steps=3, gate_batch=4, gate_width=16)
+    sizes = {"forward": 3, "inverse": 2, "compare": 3, "qa": 3, "composite": 2}
+    console = Console(record=True, width=200)
+    comparison = rebuild_and_compare(tmp_path, config=cfg, sizes=sizes, console=console)
+    build_dir = tmp_path / "build"
+    record = json.loads((build_dir / "build.json").read_text())
+    assert set(record["stages"]) == {"base", "expert forward", "expert inverse", "expert compare", "expert qa",
+                                     "gate checkpoint", "gate checkpoint-truncated"}
+    # every stage trained: PEFT starts lora_B at zero, and a gate starts where the same seed puts it
     for domain in ("forward", "inverse", "compare", "qa"):
-        tensors = load_file(str(tmp_path / "build" / "experts" / domain / "adapter_model.safetensors"))
+        tensors = load_file(str(build_dir / "experts" / domain / "adapter_model.safetensors"))
         assert all(t.abs().max() > 0 for k, t in tensors.items() if "lora_B" in k), domain
     for name, k in (("checkpoint", None), ("checkpoint-truncated", 1)):
-        trained = load_file(str(tmp_path / "build" / name / "gate.safetensors"))
+        trained = load_file(str(build_dir / name / "gate.safetensors"))
         torch.manual_seed(cfg.seed)
         fresh = loramix.from_pretrained(
-            tmp_path / "build" / "checkpoint" / "base",
-            {d: tmp_path / "build" / "experts" / d for d in ("forward", "inverse", "compare", "qa")},
+            build_dir / "checkpoint" / "base",
+            {d: build_dir / "experts" / d for d in ("forward", "inverse", "compare", "qa")},
             MixConfig(gate=GateConfig(depth=cfg.gate_depth, width=cfg.gate_width, layerwise=True, dropout=0.0),
                       scaling_layer=k),
         ).gate.state_dict()
         assert any(not torch.equal(trained[key], fresh[key]) for key in fresh), f"the {name} gate did not train"
         assert record["stages"][f"gate {name}"]["metrics"]["loss"] > 0
-    sizes = {"forward": 3, "inverse": 2, "compare": 3, "qa": 3, "composite": 2}
-    console = Console(record=True, width=200)
-    payload = run_demo(tmp_path / "out", checkpoint=tmp_path / "build" / "checkpoint",
-                       truncated=tmp_path / "build" / "checkpoint-truncated", progress=False, console=console,
-                       sizes=sizes)
-    systems = list(payload["results"]["metrics"])
-    assert systems == ["base", "expert:forward", "expert:inverse", "expert:compare", "expert:qa", "uniform",
-                       "oracle", "router", "granular", "prompt", "truncated"]
-    saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert saved["summary"]["targets"].keys() == payload["summary"]["targets"].keys()
-    assert "| loramix granular |" in (tmp_path / "out" / "results.md").read_text()
+    # the demo run on the rebuilt weights
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert list(saved["results"]["metrics"]) == ["base", "expert:forward", "expert:inverse", "expert:compare",
+                                                 "expert:qa", "uniform", "oracle", "router", "granular", "prompt",
+                                                 "truncated"]
+    assert "| loramix granular |" in (tmp_path / "results.md").read_text()
     figures = saved["analysis"]["figures"]
     assert "figures/usage-by-domain.png" in figures and any("domain-composite" in f for f in figures)
-    assert "baselines on the test subset" in console.export_text()
+    text = console.export_text()
+    assert "baselines on the test subset" in text
+    # the comparison with the shipped numbers
+    shipped = json.loads((weights_dir() / "results.json").read_text())["results"]
+    rebuilt = saved["results"]
+    assert json.loads((tmp_path / "rebuild.json").read_text())["differences"].keys() == comparison["differences"].keys()
+    assert "build_seconds" in comparison
+    want = (rebuilt["metrics"]["granular"]["compare"]["exact_match"]
+            - shipped["metrics"]["granular"]["compare"]["exact_match"])
+    assert comparison["differences"]["granular/compare"] == pytest.approx(want)
+    assert comparison["max_abs_difference"] >= abs(want)
+    assert "shipped weights vs rebuilt weights" in text
 
 
 def test_shipped_weights_load_and_reproduce_their_examples(world):
