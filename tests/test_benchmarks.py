@@ -62,3 +62,11 @@ def test_cpu_layout_benchmark_runs_tiny():
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "x" in line.split("|")[-2]]
     names = {r[0].strip() for r in rows}
     assert {"transformers base", "loramix granular", "loramix prompt", "256 x 64", "128 x 64"} <= names, out
+
+
+def test_row_products_benchmark_runs_tiny():
+    """benchmarks/row_products.py: with the pass, the row-major products become reductions (each variant checked
+    against the eager module inside the script) and the in-features-major ones stay matmuls."""
+    out = run_benchmark("row_products.py", "--threads 1 --rounds 1 --tiny")
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| 4")]
+    assert [(r[0], r[2], r[3]) for r in rows] == [("48 x 32", "row-major", "2"), ("48 x 32", "in-features-major", "0")]
