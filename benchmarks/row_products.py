@@ -78,6 +78,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for n_out, n_in, count in TINY if args.tiny else SMOLLM2:
         for layout, transposed in (("row-major", False), ("in-features-major", True)):
+            torch._dynamo.reset()  # every Products shares one forward: without a reset, dynamo's recompile limit hits
             module = Products(n_out, n_in, count, transposed).eval()
             x = torch.randn(1, 1, n_in)
             (mm_run, _), (red_run, rows) = compiled(module, False), compiled(module, True)
