@@ -75,6 +75,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     "tilted-expert-mostly-split+joint-0.3": {**_JOINT, "expert_lr_scale": 0.3},
     # +joint (0.1x) with the design (inverse) expert kept as it trained alone
     "tilted-expert-mostly-split+joint-keep-inverse": {**_JOINT, "frozen_experts": ("inverse",)},
+    # +joint-keep-inverse for twice the gate's steps
+    "tilted-expert-mostly-split+joint-keep-inverse-long": {**_JOINT, "frozen_experts": ("inverse",),
+                                                           "gate_steps": 3000},
+    # +joint-keep-inverse with the other experts at 0.3x the gate's rate
+    "tilted-expert-mostly-split+joint-keep-inverse-0.3": {**_JOINT, "frozen_experts": ("inverse",),
+                                                          "expert_lr_scale": 0.3},
     # the same, the forward expert kept too (it generalises alone): compare and Q&A train with the gate
     "tilted-expert-mostly-split+joint-keep-forward-inverse": {**_JOINT, "frozen_experts": ("forward", "inverse")},
 }
