@@ -6,7 +6,9 @@
 
 The mixture is vs_mistralrs.py's: 4 random rank-8 PEFT experts on q/k/v/o/gate_proj, a depth-1 layer-wise gate.
 Variants: eager granular; compiled granular with torch.compile's inductor defaults (what `compile=True` did before
-issue 41); compiled granular and prompt mode as `compile=True` does now (decode.CPU_INDUCTOR_OPTIONS).
+issue 41); compiled granular and prompt mode as `compile=True` does now (decode.CPU_INDUCTOR_OPTIONS). With inductor,
+every variant runs on the model as `compile=True` leaves it (`decode.prepare_cpu_step`: row-major weights, the step
+attention), so that one variant's compile does not invalidate another's.
 One decoder row (batch 1), a 1-token prompt, a 64-column bucket; each timed step is a real `Decoder.step` (the cache
 grows). Three tables (markdown on stdout):
 
@@ -127,6 +129,8 @@ def main() -> None:
 
     mix = build(args.model)
     backend = True if args.backend == "inductor" else args.backend
+    if args.backend == "inductor":  # before any variant compiles: every variant sees the model compile=True leaves
+        decode.prepare_cpu_step(mix)  # (row-major weights, the step attention), so none is invalidated by another
     print(f"{args.model}, 4 rank-8 experts on {','.join(TARGETS)}, batch 1, {args.threads} threads; {machine()}")
     decoders = {}
     from torch._inductor.compile_fx import compile_fx

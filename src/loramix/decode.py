@@ -74,6 +74,7 @@ __all__ = [
     "compiled_step",
     "decode_step",
     "non_finite_rows",
+    "prepare_cpu_step",
 ]
 
 MODES = ("granular", "prompt", "truncated")
@@ -191,12 +192,19 @@ def compile_function(fn: Callable[..., Any], model: Any, backend: str) -> Callab
     `compile_options`; compiled at its first call."""
     options = compile_options(model, backend)
     inductor = options.get("options", {})
-    if "post_grad_custom_post_pass" in inductor:  # a CPU step: row-major weights and the step attention
-        if restore_layout(model):
-            logger.info("compiling on a CPU: the wide linears back in row-major layout, which the step reads fastest")
-        use_step_attention(model.model)
+    if "post_grad_custom_post_pass" in inductor:
+        prepare_cpu_step(model)
     compiled = torch.compile(fn, **options)
     return _frozen(compiled) if inductor.get("freezing") else compiled
+
+
+def prepare_cpu_step(model: Any) -> None:
+    """What compiling a CPU step with CPU_INDUCTOR_OPTIONS first does to the model: its weights back in row-major
+    layout (which `gemv.RowReduction` reads; layout.py), and the step attention (attention.py). Code that compiles
+    other functions of the same model calls it first, so that no compiled code sees the model change under it."""
+    if restore_layout(model):
+        logger.info("compiling on a CPU: the wide linears back in row-major layout, which the step reads fastest")
+    use_step_attention(model.model)
 
 
 CPU_INDUCTOR_OPTIONS = {"freezing": True, "cpp.weight_prepack": False}
