@@ -2,8 +2,9 @@
 
 Inside a step compiled for a CPU, `torch.nn.functional.scaled_dot_product_attention` stays one opaque call per layer
 (its flash kernel for CPU), which for one query row costs far more than the arithmetic: about 0.23 ms a layer for
-SmolLM2-135M, a third of a step once the products stream at memory speed (benchmarks/RESULTS.md, "One-row products
-as reductions"). Written as two matmuls and a softmax, inductor fuses it with its neighbours.
+SmolLM2-135M, a large share of a step once the products stream at memory speed (benchmarks/RESULTS.md, "One-row
+products as reductions, and plain attention in the compiled step"). Written as two matmuls and a softmax, inductor
+fuses it with its neighbours.
 
 `use_step_attention(model)` registers an attention implementation with transformers (`AttentionInterface`, with SDPA's
 boolean masks) that runs SDPA itself, unchanged, whenever it is not being compiled, and the plain form while dynamo
