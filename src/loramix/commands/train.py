@@ -108,7 +108,7 @@ def _gate_options(command: Any) -> Any:
     names = {"dropout": "--gate-dropout", "layerwise": "--layerwise/--shared"}
     command = config_options(GateConfig, "gate", names=names, skip=("hidden_size",))(command)
     command = config_options(MixConfig, "mix", skip=("gate",))(command)
-    return config_options(GateObjective, "objective")(command)
+    return config_options(GateObjective, "objective", names={"frozen_experts": "--frozen-expert"})(command)
 
 
 FROM_INIT = ("gate", "scaling_layer", "trainable_experts")  # what train-gate --init may change of the mixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +70,9 @@ class GateObjective:
     """With trainable_experts: weight of an L2 anchor to the experts' starting values, sum ||W - W0||^2 / sum ||W0||^2
     over their LoRA matrices."""
 
-    frozen_experts: tuple[str, ...] = ()
-    """With trainable_experts: the experts that stay as they are while the others train with the gate (their rows of
-    every stacked LoRA matrix get no gradient)."""
+    frozen_experts: list[str] = field(default_factory=list)
+    """With trainable_experts: an expert that stays as it is while the others train with the gate (its rows of every
+    stacked LoRA matrix get no gradient); repeat for several."""
 
     context_lr_scale: float = 1.0
     """With gate.context="attention": the attention's learning rate relative to the MLP's (docs/gates.md)."""
@@ -93,7 +93,7 @@ class GateObjective:
             raise ConfigError(f"context_lr_scale={self.context_lr_scale} must be a finite number > 0")
         if not (math.isfinite(self.expert_anchor_weight) and self.expert_anchor_weight >= 0):
             raise ConfigError(f"expert_anchor_weight={self.expert_anchor_weight} must be a finite number >= 0")
-        self.frozen_experts = tuple(self.frozen_experts)
+        self.frozen_experts = list(self.frozen_experts or ())
 
 
 def freeze_experts(model: Any, names: Sequence[str]) -> list[Any]:
