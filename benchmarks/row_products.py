@@ -51,14 +51,15 @@ def compiled(module: nn.Module, with_pass: bool):
     from loramix.decode import CPU_INDUCTOR_OPTIONS
     from loramix.gemv import RowReduction
 
-    options = dict(CPU_INDUCTOR_OPTIONS, fx_graph_cache=False)  # compiled here, so the pass runs and counts
+    options = dict(CPU_INDUCTOR_OPTIONS)
     rows = RowReduction()
     if with_pass:
         options["post_grad_custom_post_pass"] = rows
     step = torch.compile(module, fullgraph=True, dynamic=False, options=options)
 
     def run(x):
-        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        # caches off: compiled here, so that the pass runs and counts what it rewrites
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True, force_disable_caches=True):
             return step(x)
 
     return run, rows

@@ -26,7 +26,8 @@ def compiled(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, RowReduc
     torch._dynamo.reset()
     rows = RowReduction()
     options = {"freezing": True, "cpp.weight_prepack": False, "post_grad_custom_post_pass": rows}
-    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+    # caches off: a graph served from inductor's on-disk cache never reaches the pass, which then counts nothing
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True, force_disable_caches=True):
         out = torch.compile(module, fullgraph=True, dynamic=False, options=options)(x)
     return out, rows
 
