@@ -233,7 +233,7 @@ def train_demo_gate(
     # supervise the router (docs/training.md, docs/demo.md)
     joint = (
         {"expert_lr_scale": cfg.expert_lr_scale, "expert_anchor_weight": cfg.expert_anchor_weight,
-         "frozen_experts": list(cfg.frozen_experts)}
+         "frozen_experts": cfg.frozen_experts}
         if cfg.trainable_experts
         else {}
     )

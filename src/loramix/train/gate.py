@@ -102,15 +102,11 @@ def freeze_experts(model: Any, names: Sequence[str]) -> list[Any]:
     unknown = [n for n in names if n not in model.expert_names]
     if unknown:
         raise ConfigError(f"frozen_experts: no expert {unknown[0]!r} (the experts: {', '.join(model.expert_names)})")
-    frozen = [model.expert_names.index(n) for n in names]
+    frozen = torch.tensor([model.expert_names.index(n) for n in names])
     handles = []
     for layer in model.mixed_layers():
-        keep = torch.ones(layer.n_rank_rows, dtype=layer.lora_A.dtype, device=layer.lora_A.device)
-        start = 0
-        for i, rank in enumerate(layer.ranks):
-            if i in frozen:
-                keep[start:start + rank] = 0
-            start += rank
+        # rank_expert: the expert of each stacked rank row
+        keep = (~torch.isin(layer.rank_expert, frozen.to(layer.rank_expert.device))).to(layer.lora_A.dtype)
         handles.append(layer.lora_A.register_hook(lambda g, keep=keep: g * keep[:, None]))
         handles.append(layer.lora_B.register_hook(lambda g, keep=keep: g * keep))
     return handles
