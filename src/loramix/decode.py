@@ -211,7 +211,7 @@ CPU_INDUCTOR_OPTIONS = {"freezing": True, "cpp.weight_prepack": False}
 """Inductor's options for a CPU decode step: the weights frozen (constants of the compiled code, so a compiled step
 no longer sees later changes to them), not repacked for oneDNN (its packed tensors cannot be cached on disk: the next
 process would compile everything again). `compile_options` adds `gemv.RowReduction`, which turns each one-row
-product of a row-major weight into a fused reduction that streams the weight 1.8-4.7x faster than MKL's; inductor's
+product of a row-major weight into a fused reduction that streams the weight 1.9-2.6x faster than MKL's; inductor's
 `concat_linear` is left off, since the weights it concatenates come out in-features-major, which the reduction does
 not take. Compiling also restores the row-major layout (layout.py) and gives the model the step attention
 (attention.py). docs/generation.md, "Compiling on a CPU"."""

@@ -1,10 +1,11 @@
 """One-row matrix products as reductions, for inductor on a CPU.
 
 A batch-1 decode step is matrix-vector products: every weight is read once per token, so the step runs at the speed
-the weights stream from memory. MKL's `sgemm` with one row streams them at about 11 GB/s on the machine of
+the weights stream from memory. MKL's `sgemm` with one row streams them at 8-12 GB/s on the machine of
 benchmarks/RESULTS.md (an AMD EPYC, 2 threads); the same product written as a product and a sum over the input
 features, which inductor fuses into one vectorised reduction that reads each row-major weight row once, streams them
-at 27-48 GB/s ("One-row products as reductions", RESULTS.md). `RowReduction` is the inductor graph pass that
+at 18-28 GB/s, 1.9-2.6x faster (RESULTS.md, "One-row products as reductions, and plain attention in the compiled
+step"; benchmarks/row_products.py). `RowReduction` is the inductor graph pass that
 rewrites them: every float32 CPU `mm`/`addmm` whose left operand has one row and whose right operand is a weight
 stored row-major (its [K, N] view is in-features-contiguous, as `nn.Linear` keeps it) becomes `sum(x^T * W^T, 0)`.
 Products of more rows stay matrix multiplies (a reduction would read the weight once per row), and so do weights
