@@ -30,7 +30,7 @@ from .base import LoraMixCache, load_base_model, load_tokenizer, new_dynamic_cac
 from .checkpoint import save_checkpoint
 from .config import MixConfig
 from .errors import ConfigError, LoramixError
-from .experts import ExpertInfo, StackedLoRA, linear_features, read_adapter, stack_experts
+from .experts import ExpertInfo, StackedLoRA, linear_features, read_adapter, stack_experts, unstack_experts
 from .gate import GateCache, arrow_prototypes, build_gate
 from .generate import GenerationOutput, generate, stream
 from .layers import MixedLoRALinear, MixState, PreparedScalings, rank_multipliers
@@ -219,6 +219,14 @@ class LoraMixModel(nn.Module):
         """The mixed layers in layer-index order."""
         for path in self.layer_names:
             yield self.model.get_submodule(path)
+
+    def stacked_experts(self) -> dict[str, StackedLoRA]:
+        """Each mixed layer's experts as stacked tensors, by layer path (in layer-index order)."""
+        return {path: layer.stacked() for path, layer in zip(self.layer_names, self.mixed_layers())}
+
+    def expert_tensors(self) -> list[dict[str, torch.Tensor]]:
+        """Per expert, its tensors under PEFT's names (`loramix.experts.unstack_experts`: views, not copies)."""
+        return unstack_experts(self.stacked_experts(), self.n_experts)
 
     def freeze(self) -> None:
         """Base frozen; experts frozen unless `config.trainable_experts`; the gate trainable."""

@@ -305,7 +305,7 @@ def export_mistralrs(
         "order": names,
         "layers": {path: i for i, path in enumerate(model.layer_names)},
     }
-    stacked = {path: layer.stacked() for path, layer in zip(model.layer_names, model.mixed_layers())}
+    stacked = model.stacked_experts()
     per_expert = unstack_experts(stacked, model.n_experts)
     with atomic_directory(out, marker=XLORA_CONFIG, owned=_XLORA_FILES, what="--out") as tmp:
         for info, table, tensors in zip(model.experts, tables, per_expert):

@@ -219,7 +219,7 @@ def write_peft_experts(model: LoraMixModel, folder: str | Path, names: list[str]
     """Write each expert as a plain PEFT LoRA adapter directory folder/<name> (default names "0".."n-1")."""
     folder = Path(folder)
     names = names or [str(i) for i in range(model.n_experts)]
-    stacked = {path: layer.stacked() for path, layer in zip(model.layer_names, model.mixed_layers())}
+    stacked = model.stacked_experts()
     per_expert = unstack_experts(stacked, model.n_experts)
     targets: list[set[str]] = [set() for _ in range(model.n_experts)]
     ranks: list[dict[str, int]] = [{} for _ in range(model.n_experts)]
