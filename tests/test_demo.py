@@ -123,7 +123,8 @@ def test_build_run_and_compare_at_a_tiny_size(tmp_path):
     from loramix.demo.run import weights_dir
 
     cfg = BuildConfig(hidden=32, layers=2, heads=2, intermediate=64, pretrain_steps=4, pretrain_batch=4,
-                      expert_steps=3, expert_batch=4, gate_steps=3, gate_batch=4, gate_width=16)
+                      expert_steps=3, forward_expert_steps=3, expert_batch=4, gate_steps=3, gate_batch=4,
+                      gate_width=16)
     sizes = {"forward": 3, "inverse": 2, "compare": 3, "qa": 3, "composite": 2}
     console = Console(record=True, width=200)
     comparison = rebuild_and_compare(tmp_path, config=cfg, sizes=sizes, console=console)
@@ -138,13 +139,19 @@ def test_build_run_and_compare_at_a_tiny_size(tmp_path):
     for name, k in (("checkpoint", None), ("checkpoint-truncated", 1)):
         trained = load_file(str(build_dir / name / "gate.safetensors"))
         torch.manual_seed(cfg.seed)
-        fresh = loramix.from_pretrained(
+        start = loramix.from_pretrained(
             build_dir / "checkpoint" / "base",
             {d: build_dir / "experts" / d for d in ("forward", "inverse", "compare", "qa")},
             MixConfig(gate=GateConfig(depth=cfg.gate_depth, width=cfg.gate_width, layerwise=True, dropout=0.0),
                       scaling_layer=k),
-        ).gate.state_dict()
+        )
+        fresh = start.gate.state_dict()
         assert any(not torch.equal(trained[key], fresh[key]) for key in fresh), f"the {name} gate did not train"
+        # the experts trained with the gate, the design expert kept as it trained alone (BuildConfig's defaults)
+        saved = loramix.load(build_dir / name)
+        assert saved.config.trainable_experts
+        for expert, a, b in zip(saved.expert_names, start.expert_tensors(), saved.expert_tensors()):
+            assert all(torch.equal(a[key], b[key]) for key in a) == (expert == "inverse"), (name, expert)
         assert record["stages"][f"gate {name}"]["metrics"]["loss"] > 0
     # the demo run on the rebuilt weights
     saved = json.loads((tmp_path / "results.json").read_text())

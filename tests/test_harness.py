@@ -82,7 +82,9 @@ def test_native_loglikelihood_equals_the_model_and_systems_switch_the_mixture(de
 
     lm = LoramixLM(model=demo, batch_size=2)
     ids = demo.tokenizer("1.30>0.20?").input_ids
-    requests = [(None, ids, demo.tokenizer("yes").input_ids), (None, ids[:4], ids[4:]), (None, ids, [3])]
+    requests = [(None, ids, demo.tokenizer("yes").input_ids), (None, ids[:4], ids[4:]), (None, ids, [3]),
+                # a composite answer: the forward expert's number, then the compare expert's verdict
+                (None, demo.tokenizer("GRAVY<FIITGLVRGLTKLF>=").input_ids, demo.tokenizer("1.52>-0.12?yes").input_ids)]
     got = [lp for lp, _ in lm._loglikelihood_tokens(requests)]
     for (_, context, continuation), value in zip(requests, got):
         whole = torch.tensor([context + continuation])
@@ -96,8 +98,8 @@ def test_native_loglikelihood_equals_the_model_and_systems_switch_the_mixture(de
         s[..., demo.expert_names.index("qa")] = 1
         lp = torch.log_softmax(demo(torch.tensor([requests[0][1] + requests[0][2]]), scalings=s).logits[0], -1)
     assert qa == pytest.approx(sum(float(lp[len(ids) - 1 + k, t]) for k, t in enumerate(requests[0][2])), abs=1e-5)
-    held = LoramixLM(model=demo, mode="prompt")._loglikelihood_tokens(requests[:1])[0][0]
-    assert held != pytest.approx(got[0], abs=1e-6)  # prompt mode holds the context's last scalings
+    held = LoramixLM(model=demo, mode="prompt")._loglikelihood_tokens(requests[3:])[0][0]
+    assert held != pytest.approx(got[3], abs=1e-3)  # prompt mode holds the context's last scalings (forward's)
     with pytest.raises(loramix.LoramixError, match="system="):
         LoramixLM(model=demo, system="expert:nope")
 

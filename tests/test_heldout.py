@@ -212,27 +212,22 @@ def test_varied_forward_expert_data_is_new_wide_and_never_held_out(world):
 def test_reexpert_replaces_only_the_forward_expert_and_keeps_or_trains_the_gate(tmp_path):
     import torch
 
-    from loramix.demo.build import BuildConfig
-    from loramix.demo.recipes import reexpert
+    from loramix.demo.recipes import earlier_config, reexpert
     from loramix.demo.run import shipped_checkpoint
-    from loramix.experts import unstack_experts
     from loramix.loading import load
 
-    def experts_of(model):
-        stacked = {p: layer.stacked() for p, layer in zip(model.layer_names, model.mixed_layers())}
-        return unstack_experts(stacked, model.n_experts)
-
-    cfg = BuildConfig(expert_steps=2, expert_batch=4, gate_steps=2, gate_batch=4, expert_data="tilted", threads=1)
+    cfg = earlier_config(forward_expert_steps=2, expert_batch=4, gate_steps=2, gate_batch=4, expert_data="tilted",
+                         threads=1)
     shipped = load(shipped_checkpoint())
     reexpert(shipped_checkpoint(), tmp_path / "kept", cfg, gate="shipped", progress=False)
     kept = load(tmp_path / "kept" / "checkpoint")
     assert kept.expert_names == shipped.expert_names
-    for name, a, b in zip(shipped.expert_names, experts_of(shipped), experts_of(kept)):
+    for name, a, b in zip(shipped.expert_names, shipped.expert_tensors(), kept.expert_tensors()):
         assert all(torch.equal(a[k], b[k]) for k in a) == (name != "forward"), name
     gate_a, gate_b = shipped.gate.state_dict(), kept.gate.state_dict()
     assert all(torch.equal(gate_a[k], gate_b[k]) for k in gate_a)  # the shipped gate, as it is
     reexpert(shipped_checkpoint(), tmp_path / "new", cfg, gate="train", progress=False)
     new = load(tmp_path / "new" / "checkpoint")
     assert any(not torch.equal(gate_a[k], new.gate.state_dict()[k]) for k in gate_a)  # a gate trained over it
-    for a, b in zip(experts_of(kept), experts_of(new)):  # the same seed and data: the same forward expert
+    for a, b in zip(kept.expert_tensors(), new.expert_tensors()):  # the same seed and data: the same forward expert
         assert all(torch.equal(a[k], b[k]) for k in a)

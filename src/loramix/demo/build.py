@@ -2,9 +2,12 @@
 
 1. a character-level tokenizer for the world (the `tokenizers` library, saved as a transformers tokenizer);
 2. a tiny LlamaForCausalLM pretrained on generic text of the world (raw peptides, numbers, words; no task);
-3. one LoRA expert per domain (`loramix.train.train_expert`);
-4. the gate on the mixture of the four domains, not the composite prompts (`loramix.train.train_gate`), and a
-   second gate for the truncated scaling pass (k = L/2).
+3. one LoRA expert per domain (`loramix.train.train_expert`); the forward (GRAVY) expert on peptides of every length
+   and hydropathy besides the training split's, for twice the steps;
+4. the gate on the mixture of the four domains, not the composite prompts (`loramix.train.train_gate`), trained with
+   the experts (at 0.1x its learning rate) except the design (inverse) expert, which stays as it trained alone; and a
+   second gate (with its own copy of the experts) for the truncated scaling pass (k = L/2). docs/demo.md, "Round 4",
+   has the comparison that chose this recipe.
 """
 
 from __future__ import annotations
@@ -42,12 +45,14 @@ class BuildConfig:
     pretrain_batch: int = 32
     pretrain_lr: float = 3e-3
     expert_steps: int = 1500
+    forward_expert_steps: int = 3000
+    """The forward (GRAVY) expert's steps (expert_steps is every other expert's but Q&A's)."""
     qa_expert_steps: int = 800
     expert_batch: int = 32
     expert_lr: float = 3e-3
     expert_rank: int = 8
     expert_alpha: int = 16
-    gate_steps: int = 1500
+    gate_steps: int = 3000
     gate_batch: int = 32
     gate_lr: float = 1e-2
     gate_depth: int = 2
@@ -57,21 +62,21 @@ class BuildConfig:
     """The gate's training records: "split" (the training split's records, repeated: the shipped gate) or "fresh"
     (a new peptide in every record, `loramix.demo.fresh`; docs/demo.md, "Training recipes, compared on the held-out
     set": it did not generalise better)."""
-    expert_data: str = "split"
+    expert_data: str = "tilted"
     """The forward (GRAVY) expert's training records: "split" (the training split's peptides, repeated) or "varied"
     (half of them, the other half each on a new peptide of 5-50 residues: `loramix.demo.fresh.forward_expert_records`)
     or "tilted" (the same, half of the new peptides from a hydropathy-tilted composition: every GRAVY range).
     The other experts always train on the split."""
-    expert_split_share: float = 0.5
+    expert_split_share: float = 0.75
     """With expert_data "varied" or "tilted": the share of the forward expert's records taken from the training split
     (the rest are new peptides)."""
-    trainable_experts: bool = False
+    trainable_experts: bool = True
     """Train the experts with the gate (MixConfig.trainable_experts, the paper's option), at expert_lr_scale times the
     gate's learning rate."""
-    expert_lr_scale: float = 1.0
+    expert_lr_scale: float = 0.1
     expert_anchor_weight: float = 0.0
     """With trainable_experts: the L2 anchor to the experts' starting values (GateObjective.expert_anchor_weight)."""
-    frozen_experts: tuple[str, ...] = ()
+    frozen_experts: tuple[str, ...] = ("inverse",)
     """With trainable_experts: the experts kept as they are (GateObjective.frozen_experts)."""
     gate_dropout: float = 0.0
     entropy_weight: float = 0.0
@@ -203,7 +208,7 @@ def train_demo_expert(
     """Train one domain's LoRA expert over the base in `base_dir` (cfg's sizes and data) into `out`."""
     from ..train import train_expert
 
-    steps = cfg.qa_expert_steps if domain == "qa" else cfg.expert_steps
+    steps = {"qa": cfg.qa_expert_steps, "forward": cfg.forward_expert_steps}.get(domain, cfg.expert_steps)
     train = _train_config(cfg, cfg.expert_lr, steps, cfg.expert_batch, 30, progress)
     return train_expert(
         base_dir,
@@ -279,6 +284,7 @@ def build(out_dir: str | Path, cfg: BuildConfig | None = None, *, progress: bool
         config = MixConfig(
             gate=GateConfig(depth=cfg.gate_depth, width=cfg.gate_width, layerwise=True, dropout=cfg.gate_dropout),
             scaling_layer=k,
+            trainable_experts=cfg.trainable_experts,
         )
         model = from_pretrained(base_dir, experts, config)
         metrics = train_demo_gate(model, world, mixture, out / name, cfg, progress, include_base=k is None)

@@ -1,7 +1,12 @@
 """Training recipes for the mini-world, compared on the held-out set (docs/demo.md, "Training recipes, compared on the
-held-out set"): each trains a new gate over the shipped base and experts, or a new forward expert (and gate).
+held-out set", "Round 3", "Round 4"): each trains a new gate over a demo build's base and experts, or a new forward
+expert (and gate). A recipe is a change to EARLIER, the build of the weights shipped up to round 4 (forward expert on
+the split for 1,500 steps, a gate alone for 1,500 steps), over whose weights every recipe in the docs was trained:
+`--from WEIGHTS` takes them (src/loramix/demo/weights at commit ce6c8fa: docs/demo.md, "Round 4"); the default is the
+weights shipped now. The shipped build (BuildConfig's defaults) is
+"tilted-expert-mostly-split+joint-keep-inverse-long".
 
-    python -m loramix.demo.recipes RECIPE OUT_DIR [--truncated]
+    python -m loramix.demo.recipes RECIPE OUT_DIR [--truncated] [--from WEIGHTS]
 
 trains RECIPE's gate into OUT_DIR/checkpoint (with --truncated, also the k = L/2 gate into
 OUT_DIR/checkpoint-truncated). A recipe with "expert_data" ("varied", "tilted") first trains a new forward expert
@@ -27,10 +32,21 @@ import torch
 from .build import BuildConfig, gate_training_data, train_demo_gate
 from .world import World
 
-__all__ = ["RECIPES", "reexpert", "regate"]
+__all__ = ["EARLIER", "RECIPES", "earlier_config", "reexpert", "regate"]
+
+# what the recipes change: the build of the weights shipped before round 4 (BuildConfig's defaults then)
+EARLIER: dict[str, Any] = {"expert_data": "split", "expert_split_share": 0.5, "forward_expert_steps": 1500,
+                           "gate_steps": 1500, "trainable_experts": False, "expert_lr_scale": 1.0,
+                           "frozen_experts": ()}
+
+
+def earlier_config(**changes: Any) -> BuildConfig:
+    """EARLIER's BuildConfig with `changes` (a recipe's options)."""
+    return BuildConfig(**{**EARLIER, **changes})
+
 
 # the forward expert that generalises alone (docs/demo.md, "Round 3"): tilted, 3/4 of its records from the split
-_MOSTLY_SPLIT: dict[str, Any] = {"expert_data": "tilted", "expert_split_share": 0.75, "expert_steps": 3000}
+_MOSTLY_SPLIT: dict[str, Any] = {"expert_data": "tilted", "expert_split_share": 0.75, "forward_expert_steps": 3000}
 # over it, a new gate trained with every expert (at 0.1x the gate's learning rate)
 _JOINT: dict[str, Any] = {**_MOSTLY_SPLIT, "gate": "train", "trainable_experts": True, "expert_lr_scale": 0.1}
 
@@ -50,13 +66,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the same expert, and a new gate trained over it (the split's records): what `build` makes with expert_data
     "varied-expert+gate": {"expert_data": "varied", "gate": "train"},
     # the forward expert on varied peptides for twice the steps (3,000 of 32), the shipped gate kept
-    "varied-expert-long": {"expert_data": "varied", "expert_steps": 3000, "gate": "shipped"},
+    "varied-expert-long": {"expert_data": "varied", "forward_expert_steps": 3000, "gate": "shipped"},
     # a forward expert trained on varied and hydropathy-tilted peptides (every GRAVY range), the shipped gate kept
     "tilted-expert": {"expert_data": "tilted", "gate": "shipped"},
     # the same expert, and a new gate trained over it
     "tilted-expert+gate": {"expert_data": "tilted", "gate": "train"},
     # the tilted expert for twice the steps (3,000 of 32), the shipped gate kept: the precision on the split's peptides
-    "tilted-expert-long": {"expert_data": "tilted", "expert_steps": 3000, "gate": "shipped"},
+    "tilted-expert-long": {"expert_data": "tilted", "forward_expert_steps": 3000, "gate": "shipped"},
     # the tilted expert, three quarters of its records from the training split, twice the steps, the shipped gate kept
     "tilted-expert-mostly-split": {**_MOSTLY_SPLIT, "gate": "shipped"},
     # the same expert, and a new gate trained over it
@@ -161,31 +177,44 @@ def reexpert(checkpoint: str | Path, out: str | Path, cfg: BuildConfig, *, gate:
 def main(argv: list[str] | None = None) -> None:
     from .run import shipped_checkpoint
 
-    args = sys.argv[1:] if argv is None else argv
+    args = list(sys.argv[1:] if argv is None else argv)
     truncated = "--truncated" in args
     args = [a for a in args if a != "--truncated"]
+    weights = shipped_checkpoint().parent
+    if "--from" in args:
+        i = args.index("--from")
+        if i + 1 == len(args):
+            raise SystemExit("--from needs a weights folder (with checkpoint/ and checkpoint-truncated/)")
+        weights = Path(args.pop(i + 1))
+        args.pop(i)
     if len(args) != 2 or args[0] not in RECIPES:
-        raise SystemExit(f"usage: python -m loramix.demo.recipes {{{','.join(RECIPES)}}} OUT_DIR [--truncated]")
+        raise SystemExit(f"usage: python -m loramix.demo.recipes {{{','.join(RECIPES)}}} OUT_DIR [--truncated] "
+                         "[--from WEIGHTS]")
     threads = int(os.environ.get("LORAMIX_THREADS", "1"))
     torch.set_num_threads(threads)
     options = dict(RECIPES[args[0]])
     gate = options.pop("gate", None)
-    cfg = BuildConfig(threads=threads, **options)
+    cfg = earlier_config(threads=threads, **options)
     out = Path(args[1])
     record: dict[str, Any] = {"recipe": args[0], "config": dataclasses.asdict(cfg)}
     start = time.perf_counter()
     if gate is not None:
-        truncated_path = shipped_checkpoint().parent / "checkpoint-truncated"
-        record["build"] = reexpert(shipped_checkpoint(), out, cfg, gate=gate,
-                                   truncated=truncated_path if truncated else None)
+        record["build"] = reexpert(weights / "checkpoint", out, cfg, gate=gate,
+                                   truncated=weights / "checkpoint-truncated" if truncated else None)
     else:
-        record["checkpoint"] = regate(shipped_checkpoint(), out / "checkpoint", cfg)
+        record["checkpoint"] = regate(weights / "checkpoint", out / "checkpoint", cfg)
     if truncated and gate is None:
         k = max(1, cfg.layers // 2)
-        record["checkpoint-truncated"] = regate(shipped_checkpoint(), out / "checkpoint-truncated", cfg,
+        record["checkpoint-truncated"] = regate(weights / "checkpoint", out / "checkpoint-truncated", cfg,
                                                 scaling_layer=k)
     record["seconds"] = time.perf_counter() - start
-    (out / "recipe.json").write_text(json.dumps(record, indent=2, default=str))
+    from ..io import write_text_atomic
+
+    previous = out / "recipe.json"  # an earlier run into OUT_DIR (the gate, before --truncated): kept beside this one
+    if previous.is_file():
+        earlier = json.loads(previous.read_text())
+        record["earlier_runs"] = [*earlier.pop("earlier_runs", []), earlier]
+    write_text_atomic(previous, json.dumps(record, indent=2, default=str))
 
 
 if __name__ == "__main__":
