@@ -6,9 +6,10 @@ bundled base; every variant answers the same records greedily in granular mode, 
 router (its scalings averaged over the prompt; `--systems` chooses). Settings of Arrow (top-k, temperature) are
 chosen on the validation split; the test split is the demo's fixed test subset.
 `--contexts ema attention` (or `none`: the MLP again) trains one gate per context over the same experts and base
-with the shipped gate's recipe (loramix.demo.build: the same gate mixture, depth 2, width 64, layer-wise, lr 0.01,
-batch 32, 1,500 steps, the example-weighted loss with domain supervision, seed 0), so that only the context differs
-from the shipped gate.
+with the recipe of the gate shipped until round 4 (loramix.demo.recipes.EARLIER: the same gate mixture, depth 2,
+width 64, layer-wise, lr 0.01, batch 32, 1,500 steps, the example-weighted loss with domain supervision, seed 0, the
+experts frozen), so that only the context differs. docs/gates.md's tables were measured over the weights shipped until
+round 4 (commit ce6c8fa); since then the shipped experts were trained with their gate (docs/demo.md, "Round 4").
 `--pack F` replaces a fraction F of the context gates' training records by packed pairs of two records of different
 domains (`packed_pairs`); `--route-weight W` and `--route-tokens answer` change their routing term. `--trained-arrow`
 trains the Arrow router (all experts, temperature 1) from Arrow's prototypes with the same data, rate, steps and loss
@@ -33,7 +34,8 @@ from pathlib import Path
 import torch
 
 import loramix
-from loramix.demo.build import BuildConfig, domain_training_data
+from loramix.demo.build import domain_training_data
+from loramix.demo.recipes import earlier_config
 from loramix.demo.run import EVAL_SIZES, shipped_checkpoint
 from loramix.demo.world import DOMAINS, World
 from loramix.evaluate import evaluate
@@ -90,7 +92,7 @@ def gate_mixture(world: World, steps: int, pack: float = 0.0) -> list[dict]:
     """The shipped gate's training mixture for `steps` steps (loramix.demo.build.build), `pack` of it packed."""
     import random
 
-    cfg = BuildConfig()
+    cfg = earlier_config()
     per_domain = steps * cfg.gate_batch // len(DOMAINS) + 1
     mixture = [r for d in DOMAINS for r in domain_training_data(world, d, per_domain)]
     random.Random(cfg.seed).shuffle(mixture)
@@ -103,7 +105,7 @@ def train_context_gate(context: str, base: Path, experts: dict, tokenizer, mixtu
     """A gate reading `context` ("arrow": the Arrow router over all experts, trained from Arrow's prototypes; EMA
     decay `decay`; the attention's rate x `lr_scale`), trained on `mixture` with the shipped gate's recipe
     (loramix.demo.build.build); returns it and its training seconds (`label`: more fields of its JSON line)."""
-    cfg = BuildConfig()
+    cfg = earlier_config()
     torch.manual_seed(cfg.seed)
     if context == "arrow":
         gate = loramix.GateConfig(router="arrow")
@@ -134,7 +136,7 @@ def main() -> None:
     parser.add_argument("--no-arrow", action="store_true", help="leave out the Arrow grid")
     parser.add_argument("--no-shipped", action="store_true", help="leave out the shipped MLP gate")
     parser.add_argument("--contexts", nargs="*", default=[], choices=["none", "ema", "attention"])
-    parser.add_argument("--steps", type=int, default=BuildConfig().gate_steps)
+    parser.add_argument("--steps", type=int, default=earlier_config().gate_steps)
     parser.add_argument("--systems", nargs="+", default=["granular", "prompt", "router"],
                         choices=["granular", "prompt", "router"], help="granular and prompt mode, per-prompt router")
     parser.add_argument("--save-dir", type=Path, default=None, help="keep each trained gate's checkpoint here")
