@@ -156,3 +156,25 @@ def test_export_goes_with_the_smollm2_model(tmp_path):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2 and "--export" in result.output, result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_diagnose_smollm2_scores_both_sets_and_the_chat_nll(shipped):
+    """`python -m loramix.demo.diagnose --smollm2`: granular against the oracle on the test subset and the given
+    records, where composite prompts fail, the routing, and the chat NLL over the base's, as retention computes it."""
+    from loramix.demo.diagnose import diagnose_smollm2
+
+    mix, _ = shipped
+    world = ChatWorld(mix.tokenizer, read_references(smollm2_weights() / "chat_references.jsonl"))
+    other = [r for d in ("forward", "composite", "chat") for r in world.domain_records(d, "val", 1)]
+    result = diagnose_smollm2(mix, other, sizes={"composite": 1})
+    assert set(result) == {"test", "heldout"}
+    assert set(result["test"]["primary"]["granular"]) == {"composite"} and "chat_nll_over_base" not in result["test"]
+    assert set(result["heldout"]["primary"]["granular"]) == {"forward", "composite", "chat"}
+    for name in ("test", "heldout"):
+        entry = result[name]
+        # the composite parts are the scorer's "solved", split in two
+        assert entry["composite_parts"]["granular"]["solved"] == entry["primary"]["granular"]["composite"]
+    assert result["heldout"]["routing"]["chat"]["own_expert"] > 0.5  # chat goes to the zero (base) expert
+    chat = [r for r in other if r["domain"] == "chat"]
+    nll = retention(mix, None, chat, ["base", "granular"])
+    assert result["heldout"]["chat_nll_over_base"] == pytest.approx(nll["granular"] / nll["base"])

@@ -10,7 +10,9 @@ subset and on the held-out set (`loramix.demo.heldout`).
   for the verdict), on prompt and answer positions separately.
 
 `python -m loramix.demo.diagnose CKPT OUT.json [--temperature T]` runs it (about a minute on 2 cores for the
-mini-world).
+mini-world). `python -m loramix.demo.diagnose --smollm2 HELDOUT.jsonl OUT.json` does the same for the shipped SmolLM2
+mixture on its test subset and a chat-phrased held-out file (`python -m loramix.demo.heldout DIR --smollm2`), and adds
+the chat NLL of the base's own answers over the base's (about 45 minutes at 1 thread).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 
 from ..analysis.stats import token_entropy
 
-__all__ = ["composite_parts", "diagnose", "routing"]
+__all__ = ["composite_parts", "diagnose", "diagnose_smollm2", "routing"]
 
 
 def composite_parts(records: list[dict[str, Any]], answers: list[str]) -> dict[str, float]:
@@ -132,6 +134,27 @@ def diagnose(model: Any, sets: dict[str, list[dict[str, Any]]]) -> dict[str, Any
     return out
 
 
+def diagnose_smollm2(mix: Any, heldout: list[dict[str, Any]], sizes: dict[str, int] | None = None) -> dict[str, Any]:
+    """`diagnose` of a SmolLM2 mixture (`smollm2_run.load_mixtures`) on the demo's test subset (`sizes`, default the
+    demo's) and the `heldout` records, each set with the chat NLL of the base's own answers under granular over the
+    base's (docs/demo-smollm2.md)."""
+    from .chat_world import ChatWorld
+    from .smollm2_run import SMOLLM2_EVAL_SIZES, read_references, retention, smollm2_weights
+
+    world = ChatWorld(mix.tokenizer, read_references(smollm2_weights() / "chat_references.jsonl"))
+    sets = {
+        "test": [r for d, n in (sizes or SMOLLM2_EVAL_SIZES).items() for r in world.domain_records(d, "test", n)],
+        "heldout": heldout,
+    }
+    result = diagnose(mix, sets)
+    for name, records in sets.items():
+        chat = [r for r in records if r["domain"] == "chat"]
+        if chat:
+            nll = retention(mix, None, chat, ["base", "granular"])
+            result[name]["chat_nll_over_base"] = nll["granular"] / nll["base"]
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     from ..loading import load
     from .heldout import heldout_records
@@ -139,6 +162,20 @@ def main(argv: list[str] | None = None) -> None:
     from .world import World
 
     args = list(sys.argv[1:] if argv is None else argv)
+    if "--smollm2" in args:
+        i = args.index("--smollm2")
+        if i + 1 >= len(args) or len(args) != 3:
+            raise SystemExit("usage: python -m loramix.demo.diagnose --smollm2 HELDOUT.jsonl OUT.json")
+        heldout = args.pop(i + 1)
+        args.pop(i)
+        from .heldout import load_heldout
+        from .smollm2_run import load_mixtures
+
+        mix, _ = load_mixtures(truncated=False)
+        result = diagnose_smollm2(mix, load_heldout(heldout))
+        Path(args[0]).write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=1))
+        return
     temperature = None
     if "--temperature" in args:  # the gate's softmax temperature replaced (0.001: an argmax per token and layer)
         i = args.index("--temperature")
