@@ -89,7 +89,8 @@ def packed_pairs(records: list[dict], fraction: float, seed: int, max_chars: int
 
 
 def gate_mixture(world: World, steps: int, pack: float = 0.0) -> list[dict]:
-    """The shipped gate's training mixture for `steps` steps (loramix.demo.build.build), `pack` of it packed."""
+    """The training mixture of the gate shipped until round 4 (recipes.EARLIER) for `steps` steps, `pack` of it
+    packed."""
     import random
 
     cfg = earlier_config()
@@ -103,8 +104,9 @@ def train_context_gate(context: str, base: Path, experts: dict, tokenizer, mixtu
                        out: Path, decay: float = 0.9, lr_scale: float = 1.0, route_weight: float | None = None,
                        route_tokens: str = "all", **label) -> tuple:
     """A gate reading `context` ("arrow": the Arrow router over all experts, trained from Arrow's prototypes; EMA
-    decay `decay`; the attention's rate x `lr_scale`), trained on `mixture` with the shipped gate's recipe
-    (loramix.demo.build.build); returns it and its training seconds (`label`: more fields of its JSON line)."""
+    decay `decay`; the attention's rate x `lr_scale`), trained on `mixture` with the recipe of the gate shipped until
+    round 4 (recipes.EARLIER: the experts frozen); returns it and its training seconds (`label`: more fields of its
+    JSON line)."""
     cfg = earlier_config()
     torch.manual_seed(cfg.seed)
     if context == "arrow":

@@ -231,3 +231,13 @@ def test_reexpert_replaces_only_the_forward_expert_and_keeps_or_trains_the_gate(
     assert any(not torch.equal(gate_a[k], new.gate.state_dict()[k]) for k in gate_a)  # a gate trained over it
     for a, b in zip(kept.expert_tensors(), new.expert_tensors()):  # the same seed and data: the same forward expert
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_shipped_recipe_is_the_builds_defaults():
+    """The recipe the docs say ships (docs/demo.md, "Round 4") is what `loramix demo --rebuild` builds."""
+    from loramix.demo.build import BuildConfig
+    from loramix.demo.recipes import RECIPES, earlier_config
+
+    options = dict(RECIPES["tilted-expert-mostly-split+joint-keep-inverse-long"])
+    assert options.pop("gate") == "train"
+    assert earlier_config(**options) == BuildConfig()

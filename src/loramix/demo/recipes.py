@@ -175,6 +175,7 @@ def reexpert(checkpoint: str | Path, out: str | Path, cfg: BuildConfig, *, gate:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ..io import write_text_atomic
     from .run import shipped_checkpoint
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -208,8 +209,6 @@ def main(argv: list[str] | None = None) -> None:
         record["checkpoint-truncated"] = regate(weights / "checkpoint", out / "checkpoint-truncated", cfg,
                                                 scaling_layer=k)
     record["seconds"] = time.perf_counter() - start
-    from ..io import write_text_atomic
-
     previous = out / "recipe.json"  # an earlier run into OUT_DIR (the gate, before --truncated): kept beside this one
     if previous.is_file():
         earlier = json.loads(previous.read_text())
