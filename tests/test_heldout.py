@@ -234,10 +234,10 @@ def test_reexpert_replaces_only_the_forward_expert_and_keeps_or_trains_the_gate(
 
 
 def test_the_shipped_recipe_is_the_builds_defaults():
-    """The recipe the docs say ships (docs/demo.md, "Round 4") is what `loramix demo --rebuild` builds."""
+    """The recipe the docs say ships (docs/demo.md, "Round 5") is what `loramix demo --rebuild` builds."""
     from loramix.demo.build import BuildConfig
     from loramix.demo.recipes import RECIPES, earlier_config
 
-    options = dict(RECIPES["tilted-expert-mostly-split+joint-keep-inverse-long"])
+    options = dict(RECIPES["tilted-expert-mostly-split+joint-keep-inverse-xlong"])
     assert options.pop("gate") == "train"
     assert earlier_config(**options) == BuildConfig()

@@ -52,7 +52,7 @@ class BuildConfig:
     expert_lr: float = 3e-3
     expert_rank: int = 8
     expert_alpha: int = 16
-    gate_steps: int = 3000
+    gate_steps: int = 4500
     gate_batch: int = 32
     gate_lr: float = 1e-2
     gate_depth: int = 2

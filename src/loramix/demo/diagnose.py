@@ -9,10 +9,12 @@ subset and on the held-out set (`loramix.demo.heldout`).
   share of answer positions whose dominant expert is the record's own (composite: forward for the number, compare
   for the verdict), on prompt and answer positions separately.
 
-`python -m loramix.demo.diagnose CKPT OUT.json [--temperature T]` runs it (about a minute on 2 cores for the
-mini-world). `python -m loramix.demo.diagnose --smollm2 HELDOUT.jsonl OUT.json` does the same for the shipped SmolLM2
-mixture on its test subset and a chat-phrased held-out file (`python -m loramix.demo.heldout DIR --smollm2`), and adds
-the chat NLL of the base's own answers over the base's (about 45 minutes at 1 thread).
+`python -m loramix.demo.diagnose CKPT OUT.json [--temperature T] [--heldout-seed N]` runs it for the mini-world
+(--heldout-seed: another held-out set of the same make, a confirmation set for a recipe chosen on the default one).
+`python -m loramix.demo.diagnose --smollm2 HELDOUT.jsonl OUT.json [--checkpoint DIR]` does the same for the shipped
+SmolLM2 mixture (or a checkpoint of it, e.g. `loramix demo --model smollm2 --export DIR`'s) on its test subset and a
+chat-phrased held-out file (`python -m loramix.demo.heldout DIR --smollm2`), and adds the chat NLL of the base's own
+answers over the base's (about 45 minutes at 1 thread).
 """
 
 from __future__ import annotations
@@ -157,21 +159,29 @@ def diagnose_smollm2(mix: Any, heldout: list[dict[str, Any]], sizes: dict[str, i
 
 def main(argv: list[str] | None = None) -> None:
     from ..loading import load
-    from .heldout import heldout_records
+    from .heldout import HELDOUT_SEED, heldout_records
     from .run import test_records
     from .world import World
 
     args = list(sys.argv[1:] if argv is None else argv)
     if "--smollm2" in args:
+        checkpoint = None
+        if "--checkpoint" in args:  # a loramix checkpoint of the SmolLM2 mixture (e.g. `--export`'s) instead
+            i = args.index("--checkpoint")
+            if i + 1 >= len(args):
+                raise SystemExit("--checkpoint needs a loramix checkpoint directory")
+            checkpoint = args.pop(i + 1)
+            args.pop(i)
         i = args.index("--smollm2")
         if i + 1 >= len(args) or len(args) != 3:
-            raise SystemExit("usage: python -m loramix.demo.diagnose --smollm2 HELDOUT.jsonl OUT.json")
+            raise SystemExit("usage: python -m loramix.demo.diagnose --smollm2 HELDOUT.jsonl OUT.json "
+                             "[--checkpoint DIR]")
         heldout = args.pop(i + 1)
         args.pop(i)
         from .heldout import load_heldout
         from .smollm2_run import load_mixtures
 
-        mix, _ = load_mixtures(truncated=False)
+        mix = load(checkpoint) if checkpoint is not None else load_mixtures(truncated=False)[0]
         result = diagnose_smollm2(mix, load_heldout(heldout))
         Path(args[0]).write_text(json.dumps(result, indent=2))
         print(json.dumps(result, indent=1))
@@ -184,13 +194,23 @@ def main(argv: list[str] | None = None) -> None:
         except (IndexError, ValueError):
             raise SystemExit("--temperature needs a number (e.g. 0.001)") from None
         del args[i : i + 2]
+    seed = HELDOUT_SEED
+    if "--heldout-seed" in args:
+        i = args.index("--heldout-seed")
+        try:
+            seed = int(args[i + 1])
+        except (IndexError, ValueError):
+            raise SystemExit("--heldout-seed needs an integer (the default set's is "
+                             f"{HELDOUT_SEED})") from None
+        del args[i : i + 2]
     if len(args) != 2:
-        raise SystemExit("usage: python -m loramix.demo.diagnose CHECKPOINT OUT.json [--temperature T]")
+        raise SystemExit("usage: python -m loramix.demo.diagnose CHECKPOINT OUT.json [--temperature T] "
+                         "[--heldout-seed N]")
     model = load(args[0])
     if temperature is not None:
         model.gate.config = dataclasses.replace(model.gate.config, temperature=temperature)
     world = World()
-    result = diagnose(model, {"test": test_records(world), "heldout": heldout_records(world=world)})
+    result = diagnose(model, {"test": test_records(world), "heldout": heldout_records(seed=seed, world=world)})
     Path(args[1]).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=1))
 

@@ -4,7 +4,7 @@ expert (and gate). A recipe is a change to EARLIER, the build of the weights shi
 the split for 1,500 steps, a gate alone for 1,500 steps), over whose weights every recipe in the docs was trained:
 `--from WEIGHTS` takes them (src/loramix/demo/weights at commit ce6c8fa: docs/demo.md, "Round 4"); the default is the
 weights shipped now. The shipped build (BuildConfig's defaults) is
-"tilted-expert-mostly-split+joint-keep-inverse-long".
+"tilted-expert-mostly-split+joint-keep-inverse-xlong".
 
     python -m loramix.demo.recipes RECIPE OUT_DIR [--truncated] [--from WEIGHTS]
 
@@ -94,6 +94,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     # +joint-keep-inverse for twice the gate's steps
     "tilted-expert-mostly-split+joint-keep-inverse-long": {**_JOINT, "frozen_experts": ("inverse",),
                                                            "gate_steps": 3000},
+    # +joint-keep-inverse for three times the gate's steps
+    "tilted-expert-mostly-split+joint-keep-inverse-xlong": {**_JOINT, "frozen_experts": ("inverse",),
+                                                            "gate_steps": 4500},
     # +joint-keep-inverse with the other experts at 0.3x the gate's rate
     "tilted-expert-mostly-split+joint-keep-inverse-0.3": {**_JOINT, "frozen_experts": ("inverse",),
                                                           "expert_lr_scale": 0.3},
