@@ -292,18 +292,7 @@ def build(
                 "--gate-dropout",
                 "0",
                 "--layerwise",
-                "--loss-weighting",
-                "example",
-                "--route-weight",
-                str(cfg.route_weight),
-                "--lr",
-                str(cfg.gate_lr),
-                "--warmup-steps",
-                "20",
-                "--max-steps",
-                str(steps),
-                "--batch-size",
-                str(cfg.gate_batch),
+                *_gate_training_args(cfg, warmup=20, steps=steps),
                 *common,
                 *(["--scaling-layer", str(k)] if k is not None else []),
             ]
@@ -325,18 +314,7 @@ def build(
                 "--expert-lr-scale",
                 str(cfg.joint_expert_lr_scale),
                 *[a for name in cfg.joint_frozen for a in ("--frozen-expert", name)],
-                "--loss-weighting",
-                "example",
-                "--route-weight",
-                str(cfg.route_weight),
-                "--lr",
-                str(cfg.gate_lr),
-                "--warmup-steps",
-                "10",
-                "--max-steps",
-                str(cfg.joint_steps),
-                "--batch-size",
-                str(cfg.gate_batch),
+                *_gate_training_args(cfg, warmup=10, steps=cfg.joint_steps),
                 *common,
             ]
         )
@@ -348,6 +326,12 @@ def build(
         record["seconds"] += earlier.get("seconds", 0.0)
     (out / "build.json").write_text(json.dumps(record, indent=2))
     return record
+
+
+def _gate_training_args(cfg: SmolBuildConfig, *, warmup: int, steps: int) -> list[str]:
+    """train-gate's objective and schedule options, as every gate stage of the build uses them."""
+    return ["--loss-weighting", "example", "--route-weight", str(cfg.route_weight), "--lr", str(cfg.gate_lr),
+            "--warmup-steps", str(warmup), "--max-steps", str(steps), "--batch-size", str(cfg.gate_batch)]
 
 
 def joint_mixture(world: ChatWorld, cfg: SmolBuildConfig) -> list[dict[str, Any]]:
