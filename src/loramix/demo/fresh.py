@@ -44,7 +44,7 @@ class FreshPeptides:
     give (by default the world's validation and test splits and the held-out set's peptides)."""
 
     def __init__(self, world: World, rng: random.Random, exclude: set[str] | None = None) -> None:
-        from .heldout import HELDOUT_SIZES, heldout_peptides
+        from .peptide_families import HELDOUT_SIZES, heldout_peptides
 
         self.train = world.splits["train"]
         self.rng = rng
