@@ -157,6 +157,20 @@ def diagnose_smollm2(mix: Any, heldout: list[dict[str, Any]], sizes: dict[str, i
     return result
 
 
+def _pop_option(args: list[str], flag: str, parse: Any, what: str) -> Any:
+    """`flag VALUE` taken out of args and parsed (None when absent); a missing or unparsable value stops with
+    "FLAG needs WHAT"."""
+    if flag not in args:
+        return None
+    i = args.index(flag)
+    try:
+        value = parse(args[i + 1])
+    except (IndexError, ValueError):
+        raise SystemExit(f"{flag} needs {what}") from None
+    del args[i : i + 2]
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     from ..loading import load
     from .heldout import HELDOUT_SEED, heldout_records
@@ -165,13 +179,8 @@ def main(argv: list[str] | None = None) -> None:
 
     args = list(sys.argv[1:] if argv is None else argv)
     if "--smollm2" in args:
-        checkpoint = None
-        if "--checkpoint" in args:  # a loramix checkpoint of the SmolLM2 mixture (e.g. `--export`'s) instead
-            i = args.index("--checkpoint")
-            if i + 1 >= len(args):
-                raise SystemExit("--checkpoint needs a loramix checkpoint directory")
-            checkpoint = args.pop(i + 1)
-            args.pop(i)
+        # a loramix checkpoint of the SmolLM2 mixture (e.g. `--export`'s) instead of the shipped parts
+        checkpoint = _pop_option(args, "--checkpoint", str, "a loramix checkpoint directory")
         i = args.index("--smollm2")
         if i + 1 >= len(args) or len(args) != 3:
             raise SystemExit("usage: python -m loramix.demo.diagnose --smollm2 HELDOUT.jsonl OUT.json "
@@ -186,23 +195,10 @@ def main(argv: list[str] | None = None) -> None:
         Path(args[0]).write_text(json.dumps(result, indent=2))
         print(json.dumps(result, indent=1))
         return
-    temperature = None
-    if "--temperature" in args:  # the gate's softmax temperature replaced (0.001: an argmax per token and layer)
-        i = args.index("--temperature")
-        try:
-            temperature = float(args[i + 1])
-        except (IndexError, ValueError):
-            raise SystemExit("--temperature needs a number (e.g. 0.001)") from None
-        del args[i : i + 2]
-    seed = HELDOUT_SEED
-    if "--heldout-seed" in args:
-        i = args.index("--heldout-seed")
-        try:
-            seed = int(args[i + 1])
-        except (IndexError, ValueError):
-            raise SystemExit("--heldout-seed needs an integer (the default set's is "
-                             f"{HELDOUT_SEED})") from None
-        del args[i : i + 2]
+    # the gate's softmax temperature replaced (0.001: an argmax per token and layer)
+    temperature = _pop_option(args, "--temperature", float, "a number (e.g. 0.001)")
+    seed = _pop_option(args, "--heldout-seed", int, f"an integer (the default set's is {HELDOUT_SEED})")
+    seed = HELDOUT_SEED if seed is None else seed
     if len(args) != 2:
         raise SystemExit("usage: python -m loramix.demo.diagnose CHECKPOINT OUT.json [--temperature T] "
                          "[--heldout-seed N]")
