@@ -259,13 +259,7 @@ def build(
     if "experts" in stages:
         zero_expert(base_dir, experts["chat"])
 
-    per_domain = cfg.gate_steps * cfg.gate_batch // len(CHAT_DOMAINS) + 1
-    mixture = []
-    for domain in CHAT_DOMAINS:
-        train = world.domain_records(domain, "train", per_domain if domain == "compare" else None)
-        mixture += repeat_records(train, per_domain, f"{cfg.seed}-gate-{domain}")
-    random.Random(cfg.seed).shuffle(mixture)
-    data = _write_jsonl(out / "data" / "gate.jsonl", mixture)
+    data = _write_jsonl(out / "data" / "gate.jsonl", gate_mixture(world, cfg.gate_steps * cfg.gate_batch, cfg.seed))
     expert_args = [a for name, path in experts.items() for a in ("--expert", f"{name}={path}")]
     n_layers = _n_layers(base_dir)
     for name, steps, k in (
@@ -334,24 +328,32 @@ def _gate_training_args(cfg: SmolBuildConfig, *, warmup: int, steps: int) -> lis
             "--warmup-steps", str(warmup), "--max-steps", str(steps), "--batch-size", str(cfg.gate_batch)]
 
 
-def joint_mixture(world: ChatWorld, cfg: SmolBuildConfig) -> list[dict[str, Any]]:
-    """The joint stage's records: the gate's mixture of the five domains (joint_steps x gate_batch), a share
-    cfg.joint_new_share of the forward records each on a new peptide of every length and hydropathy."""
-    from .fresh import TiltedPeptides
-
-    per_domain = cfg.joint_steps * cfg.gate_batch // len(CHAT_DOMAINS) + 1
+def gate_mixture(world: ChatWorld, n: int, seed: int, *, tag: str = "", new_forward: float = 0.0
+                 ) -> list[dict[str, Any]]:
+    """About n training records for a gate: the five domains in equal shares, each domain's training split repeated
+    (seeded by `seed` and `tag`), shuffled; a share `new_forward` of the forward records each on a new peptide of
+    every length and hydropathy (`fresh.TiltedPeptides`: never a validation, test or held-out peptide)."""
+    per_domain = n // len(CHAT_DOMAINS) + 1
     mixture = []
     for domain in CHAT_DOMAINS:
         train = world.domain_records(domain, "train", per_domain if domain == "compare" else None)
-        records = repeat_records(train, per_domain, f"{cfg.seed}-gate-{domain}-ft")
-        if domain == "forward" and cfg.joint_new_share > 0:
-            rng = random.Random(f"{cfg.seed}-smol-tilted")
-            peptides = TiltedPeptides(world.world, rng)  # never a validation, test or held-out peptide
-            n_new = round(per_domain * cfg.joint_new_share)
+        records = repeat_records(train, per_domain, f"{seed}-gate-{domain}{tag}")
+        if domain == "forward" and new_forward > 0:
+            from .fresh import TiltedPeptides
+
+            rng = random.Random(f"{seed}-smol-tilted")
+            peptides = TiltedPeptides(world.world, rng)
+            n_new = round(per_domain * new_forward)
             records = records[: per_domain - n_new] + [world.forward(peptides(), rng) for _ in range(n_new)]
         mixture += records
-    random.Random(cfg.seed).shuffle(mixture)
+    random.Random(seed).shuffle(mixture)
     return mixture
+
+
+def joint_mixture(world: ChatWorld, cfg: SmolBuildConfig) -> list[dict[str, Any]]:
+    """The joint stage's records: the gate's mixture of the five domains (joint_steps x gate_batch), a share
+    cfg.joint_new_share of the forward records each on a new peptide of every length and hydropathy."""
+    return gate_mixture(world, cfg.joint_steps * cfg.gate_batch, cfg.seed, tag="-ft", new_forward=cfg.joint_new_share)
 
 
 def _n_layers(base_dir: Path) -> int:
