@@ -15,7 +15,7 @@ from loramix.demo.smollm2_run import mixture_from_parts
 from conftest import load_base
 
 
-def _build_dir(tmp_path, llama_dir, experts, *, joint: bool):
+def _build_dir(tmp_path, llama_dir, experts, *, joint: bool, frozen=("b",)):
     build = tmp_path / "build"
     names = dict(zip(("a", "b", "c"), experts))
     for name, path in names.items():
@@ -39,7 +39,7 @@ def _build_dir(tmp_path, llama_dir, experts, *, joint: bool):
                     t.add_(0.1 * torch.randn_like(t))
         mix.save(build / "checkpoint-joint")
     (build / "chat_references.jsonl").write_text("")
-    (build / "build.json").write_text(json.dumps({"config": {"joint_frozen": ["b"]}, "stages": {}}))
+    (build / "build.json").write_text(json.dumps({"config": {"joint_frozen": list(frozen)}, "stages": {}}))
     return build, mix
 
 
@@ -61,6 +61,16 @@ def test_ship_lays_out_the_joint_stage(tmp_path, llama_dir, llama_experts_same_t
     parts = mixture_from_parts(load_base(llama_dir), tokenizer, weights / "gate", weights / "experts")
     with torch.no_grad():
         torch.testing.assert_close(parts(input_ids).logits, joint.eval()(input_ids).logits)
+
+
+def test_a_joint_stage_with_every_expert_frozen_ships_its_gate(tmp_path, llama_dir, llama_experts_same_targets):
+    build, _ = _build_dir(tmp_path, llama_dir, llama_experts_same_targets, joint=True, frozen=("a", "b", "c"))
+    weights = ship(build, tmp_path / "weights")
+    assert (weights / "gate" / "gate.safetensors").read_bytes() == (
+        build / "checkpoint-joint" / "gate.safetensors").read_bytes()
+    for expert in ("a", "b", "c"):  # copied as they trained alone
+        assert (weights / "experts" / expert / "adapter_model.safetensors").read_bytes() == (
+            build / "experts" / expert / "adapter_model.safetensors").read_bytes()
 
 
 def test_ship_without_a_joint_stage_copies_the_experts(tmp_path, llama_dir, llama_experts_same_targets):

@@ -389,8 +389,9 @@ def ship(build_dir: str | Path, weights: str | Path) -> Path:
     if staging.exists():
         shutil.rmtree(staging)  # our own leftover from an interrupted ship
     joint = build_dir / "checkpoint-joint"
+    has_joint = (joint / "loramix_config.json").is_file()
     trained: set[str] = set()
-    if (joint / "loramix_config.json").is_file():
+    if has_joint:
         from ..interop.peft import write_peft_experts
         from ..loading import load
 
@@ -413,7 +414,7 @@ def ship(build_dir: str | Path, weights: str | Path) -> Path:
         (staging / "experts" / expert).mkdir(parents=True)
         for name in SHIPPED_EXPERT_FILES:
             shutil.copy2(build_dir / "experts" / expert / name, staging / "experts" / expert / name)
-    gate_source = "checkpoint-joint" if trained else "checkpoint"
+    gate_source = "checkpoint-joint" if has_joint else "checkpoint"
     for source, target in ((gate_source, "gate"), ("checkpoint-truncated", "gate-truncated")):
         (staging / target).mkdir(parents=True)
         for name in SHIPPED_GATE_FILES:
