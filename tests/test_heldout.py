@@ -164,21 +164,31 @@ def test_eval_reports_the_heldout_set_beside_the_data(tmp_path, world, records):
     assert "bad.jsonl:2: peptide" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_gate_training_data_split_is_the_shipped_mixture_and_fresh_is_new(world):
+def test_gate_training_data_split_fresh_and_expert(world):
     import random
 
     from loramix.demo.build import BuildConfig, domain_training_data, gate_training_data
     from loramix.demo.world import DOMAINS
 
-    cfg = BuildConfig(gate_steps=3, gate_batch=4)
+    cfg = BuildConfig(gate_steps=3, gate_batch=4, gate_data="split")
     split = gate_training_data(world, cfg)
     expected = [r for d in DOMAINS for r in domain_training_data(world, d, 3 * 4 // 4 + 1)]
     random.Random(cfg.seed).shuffle(expected)
-    assert split == expected  # the recipe the shipped gate was trained with
+    assert split == expected  # the recipe the gates shipped until round 5 were trained with
     fresh = gate_training_data(world, BuildConfig(gate_steps=3, gate_batch=4, gate_data="fresh"))
     assert len(fresh) == 12 and fresh != split[:12]
     with pytest.raises(ValueError, match="gate_data='other'"):
         gate_training_data(world, BuildConfig(gate_data="other"))
+    # "expert": the split's records, but the forward ones drawn as the forward expert's (a share new peptides)
+    cfg = BuildConfig(gate_steps=100, gate_batch=4, gate_data="expert", gate_split_share=0.5)
+    mixed = gate_training_data(world, cfg)
+    plain = gate_training_data(world, BuildConfig(gate_steps=100, gate_batch=4, gate_data="split"))
+    forward = [r for r in mixed if r["domain"] == "forward"]
+    assert sorted(map(str, (r for r in mixed if r["domain"] != "forward"))) == sorted(
+        map(str, (r for r in plain if r["domain"] != "forward")))
+    new = [r for r in forward if r["prompt"][6:-2] not in world.train_set]
+    assert len(forward) == 101 and 45 <= len(new) <= 55
+    assert not {r["prompt"][6:-2] for r in new} & {p for p, _ in heldout_peptides(300)}
 
 
 def test_varied_forward_expert_data_is_new_wide_and_never_held_out(world):
@@ -234,10 +244,10 @@ def test_reexpert_replaces_only_the_forward_expert_and_keeps_or_trains_the_gate(
 
 
 def test_the_shipped_recipe_is_the_builds_defaults():
-    """The recipe the docs say ships (docs/demo.md, "Round 5") is what `loramix demo --rebuild` builds."""
+    """The recipe the docs say ships (docs/demo.md, "Round 6") is what `loramix demo --rebuild` builds."""
     from loramix.demo.build import BuildConfig
     from loramix.demo.recipes import RECIPES, earlier_config
 
-    options = dict(RECIPES["tilted-expert-mostly-split+joint-keep-inverse-xlong"])
+    options = dict(RECIPES["tilted-expert-mostly-split+joint-keep-inverse-xlong-gate-tilted-half"])
     assert options.pop("gate") == "train"
     assert earlier_config(**options) == BuildConfig()

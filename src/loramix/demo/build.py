@@ -58,10 +58,13 @@ class BuildConfig:
     gate_depth: int = 2
     gate_width: int = 64
     route_weight: float = 3.0
-    gate_data: str = "split"
-    """The gate's training records: "split" (the training split's records, repeated: the shipped gate) or "fresh"
-    (a new peptide in every record, `loramix.demo.fresh`; docs/demo.md, "Training recipes, compared on the held-out
-    set": it did not generalise better)."""
+    gate_data: str = "expert"
+    """The gate's training records: "split" (the training split's records, repeated: the gates shipped until round
+    5), "fresh" (a new peptide in every record, `loramix.demo.fresh`; docs/demo.md, "Training recipes, compared on the
+    held-out set": it did not generalise better) or "expert" (the split's, but the forward records drawn as the
+    forward expert's, expert_data, with gate_split_share of them from the split; docs/demo.md, "Round 6")."""
+    gate_split_share: float = 0.5
+    """With gate_data "expert": the share of the gate's forward records taken from the training split."""
     expert_data: str = "tilted"
     """The forward (GRAVY) expert's training records: "split" (the training split's peptides, repeated) or "varied"
     (half of them, the other half each on a new peptide of 5-50 residues: `loramix.demo.fresh.forward_expert_records`)
@@ -194,10 +197,12 @@ def gate_training_data(world: World, cfg: BuildConfig) -> list[dict[str, Any]]:
         from .fresh import fresh_mixture
 
         return fresh_mixture(world, n, seed=cfg.seed)
-    if cfg.gate_data != "split":
-        raise ValueError(f"gate_data={cfg.gate_data!r}; expected 'fresh' or 'split'")
+    if cfg.gate_data not in ("split", "expert"):
+        raise ValueError(f"gate_data={cfg.gate_data!r}; expected 'split', 'fresh' or 'expert'")
     per_domain = n // len(DOMAINS) + 1
-    mixture = [r for d in DOMAINS for r in domain_training_data(world, d, per_domain)]
+    mixture = [r for d in DOMAINS for r in (
+        domain_training_data(world, d, per_domain, cfg.expert_data, cfg.gate_split_share)
+        if cfg.gate_data == "expert" and d == "forward" else domain_training_data(world, d, per_domain))]
     random.Random(cfg.seed).shuffle(mixture)
     return mixture
 

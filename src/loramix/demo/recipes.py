@@ -4,7 +4,7 @@ expert (and gate). A recipe is a change to EARLIER, the build of the weights shi
 the split for 1,500 steps, a gate alone for 1,500 steps), over whose weights every recipe in the docs was trained:
 `--from WEIGHTS` takes them (src/loramix/demo/weights at commit ce6c8fa: docs/demo.md, "Round 4"); the default is the
 weights shipped now. The shipped build (BuildConfig's defaults) is
-"tilted-expert-mostly-split+joint-keep-inverse-xlong".
+"tilted-expert-mostly-split+joint-keep-inverse-xlong-gate-tilted-half" (docs/demo.md, "Round 6").
 
     python -m loramix.demo.recipes RECIPE OUT_DIR [--truncated] [--from WEIGHTS]
 
@@ -37,7 +37,7 @@ __all__ = ["EARLIER", "RECIPES", "earlier_config", "reexpert", "regate"]
 # what the recipes change: the build of the weights shipped before round 4 (BuildConfig's defaults then)
 EARLIER: dict[str, Any] = {"expert_data": "split", "expert_split_share": 0.5, "forward_expert_steps": 1500,
                            "gate_steps": 1500, "trainable_experts": False, "expert_lr_scale": 1.0,
-                           "frozen_experts": ()}
+                           "frozen_experts": (), "gate_data": "split"}
 
 
 def earlier_config(**changes: Any) -> BuildConfig:
@@ -97,6 +97,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     # +joint-keep-inverse for three times the gate's steps
     "tilted-expert-mostly-split+joint-keep-inverse-xlong": {**_JOINT, "frozen_experts": ("inverse",),
                                                             "gate_steps": 4500},
+    # +joint-keep-inverse-xlong, the gate's forward records drawn as the forward expert's (a quarter new peptides)
+    "tilted-expert-mostly-split+joint-keep-inverse-xlong-gate-tilted": {
+        **_JOINT, "frozen_experts": ("inverse",), "gate_steps": 4500, "gate_data": "expert", "gate_split_share": 0.75},
+    # the same, half of the gate's forward records new peptides
+    "tilted-expert-mostly-split+joint-keep-inverse-xlong-gate-tilted-half": {
+        **_JOINT, "frozen_experts": ("inverse",), "gate_steps": 4500, "gate_data": "expert", "gate_split_share": 0.5},
     # +joint-keep-inverse with the other experts at 0.3x the gate's rate
     "tilted-expert-mostly-split+joint-keep-inverse-0.3": {**_JOINT, "frozen_experts": ("inverse",),
                                                           "expert_lr_scale": 0.3},
