@@ -341,10 +341,53 @@ def test_gate_objective_terms_have_their_documented_values(llama_dir, llama_expe
     # only the positions that predict a trained token: 3 in record 0 (positions 1-3), 2 in record 1 (0-1)
     _, parts = gate_loss(mix, batch, GateObjective(route_weight=1.0, route_tokens="answer"), torch.tensor([0, 2]))
     assert parts["route"] == pytest.approx(float(-(torch.log(p[0]) * 3 + torch.log(p[2]) * 2) / 5), rel=1e-5)
+    # the first 2 tokens of every row (a shared prefix) to expert 1, the rest to their domain's
+    _, parts = gate_loss(mix, batch, GateObjective(route_weight=1.0, shared_prefix_expert="math"), torch.tensor([0, 2]),
+                         shared_prefix=(2, 1))
+    want = -(torch.log(p[1]) * 4 + torch.log(p[0]) * 3 + torch.log(p[2]) * 1) / 8
+    assert parts["route"] == pytest.approx(float(want), rel=1e-5)
+    with pytest.raises(loramix.ConfigError, match="shared_prefix_expert='math' routes prompt tokens"):
+        GateObjective(shared_prefix_expert="math")  # no routing term
+    with pytest.raises(loramix.ConfigError, match="shared_prefix_expert='math' routes prompt tokens"):
+        GateObjective(route_weight=1.0, route_tokens="answer", shared_prefix_expert="math")
     with pytest.raises(loramix.ConfigError, match="route_tokens='prompt'"):
         GateObjective(route_tokens="prompt")
     with pytest.raises(loramix.ConfigError, match="loss_weighting='tokens'"):
         GateObjective(loss_weighting="tokens")
+
+
+def test_the_shared_prefix_is_routed_to_the_named_expert(world, experts, tmp_path):
+    """GateObjective.shared_prefix_expert: the tokens every record starts with (as a chat template's system turn) go
+    to the named expert, the others to their record's domain; the prefix is found in the records, and refused when
+    there is none or the expert is unknown."""
+    from loramix.train.gate import GateObjective
+
+    records = [{**r, "prompt": "## " + r["prompt"]} for r in domain_records(64, seed=5)]
+    data = _jsonl(tmp_path / "prefixed.jsonl", records)
+    paths = {n: p for n, (p, _) in experts.items()}
+    gate = loramix.MixConfig(gate=loramix.GateConfig(depth=2, layerwise=True))
+    train = TrainConfig(learning_rate=5e-2, max_steps=120, batch_size=16, warmup_steps=5, seed=0, progress=False)
+    letters = [r for r in records if r["domain"] == "letters"][:8]
+    shares = {}
+    for name, prefix_expert in (("with", "digits"), ("without", None)):
+        objective = GateObjective(route_weight=10.0, shared_prefix_expert=prefix_expert)
+        train_gate(None, data, tmp_path / name, base=world / "base", experts=paths, config=gate, train=train,
+                   objective=objective)
+        mix = loramix.load(tmp_path / name)
+        ids = mix.tokenizer([r["prompt"] + r["completion"] for r in letters], return_tensors="pt").input_ids
+        with torch.no_grad():
+            s = mix(ids).scalings.mean(2)  # [B, T, N], layer-averaged
+        shares[name] = s[:, :3, mix.expert_names.index("digits")].mean()
+        assert (s[:, 4:].argmax(-1) == mix.expert_names.index("letters")).float().mean() > 0.8  # the rest: its domain
+    assert json.loads((tmp_path / "with.run" / "hparams.json").read_text())["shared_prefix_tokens"] == 3
+    print(shares)
+    assert shares["with"] > 0.75 and shares["with"] > shares["without"] + 0.2
+    for bad, message in (("nobody", "shared_prefix_expert: no expert 'nobody'"), ("digits", "share no first token")):
+        with pytest.raises(loramix.ConfigError, match=message):
+            train_gate(None, data if bad == "nobody" else world / "mixed.jsonl", tmp_path / "bad", base=world / "base",
+                       experts=paths, config=gate, train=train,
+                       objective=GateObjective(route_weight=1.0, shared_prefix_expert=bad))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_trainable_experts_with_a_lower_rate_an_anchor_and_the_best_evaluation(world, experts, tmp_path):

@@ -62,6 +62,12 @@ class GateObjective:
     """Tokens the routing term covers: "all" real tokens of the record, or "answer" only, the positions that predict
     a trained token (the last prompt token and the completion)."""
 
+    shared_prefix_expert: str | None = None
+    """With route_weight: the expert the routing term sends the tokens that every training record starts with (a chat
+    template's system turn: their hidden states are the same in every prompt, so no gate can route them by domain),
+    e.g. a zero expert that stands for the base, so that no expert training with the gate rewrites the keys and values
+    every answer reads there (docs/demo-smollm2.md). None: they take their record's domain like its other tokens."""
+
     expert_lr_scale: float = 1.0
     """With trainable_experts: the experts' learning rate relative to the gate's (lower keeps them near what they
     learnt alone)."""
@@ -87,6 +93,9 @@ class GateObjective:
             raise ConfigError(f"route_weight={self.route_weight} must be >= 0")
         if self.route_tokens not in ("all", "answer"):
             raise ConfigError(f"route_tokens={self.route_tokens!r}; expected 'all' or 'answer'")
+        if self.shared_prefix_expert is not None and (not self.route_weight or self.route_tokens != "all"):
+            raise ConfigError(f"shared_prefix_expert={self.shared_prefix_expert!r} routes prompt tokens: it needs "
+                              "route_weight > 0 and route_tokens='all'")
         if not (math.isfinite(self.expert_lr_scale) and self.expert_lr_scale > 0):
             raise ConfigError(f"expert_lr_scale={self.expert_lr_scale} must be a finite number > 0")
         if not (math.isfinite(self.context_lr_scale) and self.context_lr_scale > 0):
@@ -99,10 +108,7 @@ class GateObjective:
 def freeze_experts(model: Any, names: Sequence[str]) -> list[Any]:
     """Keep the experts `names` of `model` (trainable experts) as they are: a gradient hook zeroes their rows of every
     layer's stacked lora_A and their columns of lora_B. An unknown name is refused. Returns the hooks' handles."""
-    unknown = [n for n in names if n not in model.expert_names]
-    if unknown:
-        raise ConfigError(f"frozen_experts: no expert {unknown[0]!r} (the experts: {', '.join(model.expert_names)})")
-    frozen = torch.tensor([model.expert_names.index(n) for n in names])
+    frozen = torch.tensor([_expert_index(model.expert_names, n, "frozen_experts") for n in names])
     handles = []
     for layer in model.mixed_layers():
         # rank_expert: the expert of each stacked rank row
@@ -110,6 +116,24 @@ def freeze_experts(model: Any, names: Sequence[str]) -> list[Any]:
         handles.append(layer.lora_A.register_hook(lambda g, keep=keep: g * keep[:, None]))
         handles.append(layer.lora_B.register_hook(lambda g, keep=keep: g * keep))
     return handles
+
+
+def _expert_index(names: Sequence[str], name: str, field: str) -> int:
+    """names.index(name); an unknown name is refused naming the objective's field and the experts."""
+    if name not in names:
+        raise ConfigError(f"{field}: no expert {name!r} (the experts: {', '.join(names)})")
+    return list(names).index(name)
+
+
+def shared_prefix_length(examples: Sequence[Any]) -> int:
+    """The number of first tokens every example's input_ids share (0 for none, or no examples)."""
+    if not examples:
+        return 0
+    first = examples[0].input_ids
+    n = min(len(e.input_ids) for e in examples)
+    for e in examples[1:]:
+        n = next((i for i, (a, b) in enumerate(zip(first[:n], e.input_ids[:n], strict=True)) if a != b), n)
+    return n
 
 
 class ExpertAnchor:
@@ -130,11 +154,14 @@ def gate_loss(
     objective: GateObjective | None = None,
     expert_of_domain: torch.Tensor | None = None,
     anchor: ExpertAnchor | None = None,
+    shared_prefix: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss of the gate for one batch (see `GateObjective`), and the logged parts.
 
     expert_of_domain: [number of domains] expert index of each domain id of the batch ("domain"), -1 for none;
     needed by route_weight. anchor: the trainable experts' starting values; needed by expert_anchor_weight.
+    shared_prefix: (n, e): the routing term sends the first n tokens of every (right-padded) row to expert e
+    (GateObjective.shared_prefix_expert).
     """
     objective = objective or GateObjective()
     if objective.loss_weighting == "example":
@@ -162,14 +189,16 @@ def gate_loss(
             raise ConfigError("route_weight needs the experts of the domains (train_gate provides them)")
         domain = batch["domain"].to(expert_of_domain.device)
         target = torch.where(domain >= 0, expert_of_domain[domain.clamp_min(0)], torch.full_like(domain, -1))
-        target = target.to(s.device)  # expert_of_domain lives on the CPU; the scalings on the model's device
-        keep = (target >= 0).to(s.dtype)[:, None] * batch["attention_mask"].to(s.dtype)  # [B, T]
+        target = target.to(s.device)[:, None].repeat(1, s.shape[1])  # [B, T]; expert_of_domain lives on the CPU
+        if shared_prefix is not None:
+            target[:, : shared_prefix[0]] = shared_prefix[1]
+        keep = (target >= 0).to(s.dtype) * batch["attention_mask"].to(s.dtype)  # [B, T]
         if objective.route_tokens == "answer":  # positions whose next token is trained
             predicts = torch.zeros_like(keep)
             predicts[:, :-1] = (batch["labels"][:, 1:] != -100).to(s.dtype)
             keep = keep * predicts
         log_p = p.mean(2).clamp_min(1e-9).log()  # [B, T, N]
-        nll = -log_p.gather(-1, target.clamp_min(0)[:, None, None].expand(-1, s.shape[1], 1)).squeeze(-1)
+        nll = -log_p.gather(-1, target.clamp_min(0)[..., None]).squeeze(-1)
         r = (nll * keep).sum() / keep.sum().clamp_min(1)
         loss = loss + objective.route_weight * r
         extras["route"] = float(r.detach())
@@ -231,6 +260,14 @@ def train_gate(
             f"route_weight needs records whose 'domain' names an expert (experts {names}, domains {train_set.domains})"
         )
 
+    shared_prefix = None
+    if objective.shared_prefix_expert is not None:
+        shared_prefix = (shared_prefix_length(train_set.examples), _expert_index(names, objective.shared_prefix_expert,
+                                                                         "shared_prefix_expert"))
+        if shared_prefix[0] == 0:
+            raise ConfigError(f"shared_prefix_expert={objective.shared_prefix_expert!r}: the training records share "
+                              "no first token (a chat template's system turn, for instance)")
+
     experts = {n: p for n, p in trainable.items() if n.endswith((".lora_A", ".lora_B"))}
     if (objective.expert_lr_scale != 1.0 or objective.expert_anchor_weight) and not experts:
         raise ConfigError("expert_lr_scale and expert_anchor_weight apply to trainable experts: set trainable_experts")
@@ -248,9 +285,11 @@ def train_gate(
                           "'attention'")
 
     def loss_fn(m, batch):
-        return gate_loss(m, batch, objective, expert_of_domain, anchor)
+        return gate_loss(m, batch, objective, expert_of_domain, anchor, shared_prefix)
 
     hparams = {"mix_config": model.config.to_dict(), "experts": model.expert_names, "objective": asdict(objective)}
+    if shared_prefix is not None:
+        hparams["shared_prefix_tokens"] = shared_prefix[0]
     trainer = Trainer(
         model,
         trainable,
