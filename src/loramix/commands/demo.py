@@ -26,7 +26,7 @@ def demo(
     rebuild: bool = typer.Option(
         False,
         "--rebuild",
-        help="Re-create every weight from scratch first (mini: about 75 min on 1 thread; smollm2: hours on 2 CPU "
+        help="Re-create every weight from scratch first (mini: about 90 min on 1 thread; smollm2: hours on 2 CPU "
         "cores, minutes on a GPU; docs/demo-smollm2.md).",
     ),
     threads: int = typer.Option(2, min=1, help="torch threads."),
