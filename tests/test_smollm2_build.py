@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import loramix
-from loramix.demo.smollm2 import SmolBuildConfig, joint_mixture, ship
+from loramix.demo.smollm2 import SmolBuildConfig, joint_args, joint_mixture, ship
 from loramix.demo.smollm2_run import mixture_from_parts
 
 from conftest import load_base
@@ -112,3 +112,23 @@ def test_joint_mixture_puts_a_quarter_of_forward_on_new_peptides():
     unseen |= {p for p, _ in heldout_peptides(sum(HELDOUT_SIZES.values()))}
     assert not set(new) & unseen
     assert joint_mixture(world, cfg) == records  # seeded
+
+
+def test_joint_args_are_a_train_gate_command_line(tmp_path):
+    """The joint stage's command parses as `loramix train-gate` does it, with the build's options; the shared
+    template prefix goes to the named expert only when the config names one."""
+    from loramix.cli import load_command
+
+    command = load_command("train-gate")
+    cfg = SmolBuildConfig(joint_steps=7, joint_frozen=("inverse", "qa"), joint_shared_prefix_expert="chat")
+    args = joint_args(cfg, tmp_path / "ckpt", tmp_path / "joint.jsonl", tmp_path / "out")
+    assert args[0] == "train-gate"
+    params = command.make_context("train-gate", args[1:]).params
+    assert params["init"] == tmp_path / "ckpt" and params["out"] == tmp_path / "out"
+    assert params["mix__trainable_experts"] is True
+    assert params["objective__frozen_experts"] == ["inverse", "qa"]
+    assert params["objective__expert_lr_scale"] == cfg.joint_expert_lr_scale
+    assert params["objective__shared_prefix_expert"] == "chat"
+    assert params["train__max_steps"] == 7
+    unset = joint_args(SmolBuildConfig(joint_steps=7, joint_shared_prefix_expert=None), *[tmp_path] * 3)
+    assert command.make_context("train-gate", unset[1:]).params["objective__shared_prefix_expert"] is None

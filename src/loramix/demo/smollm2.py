@@ -146,6 +146,10 @@ class SmolBuildConfig:
     """The experts the joint stage keeps as they are (the design expert; the zero chat expert, which is the base)."""
     joint_new_share: float = 0.25
     """The share of the joint stage's forward records on a new peptide (`fresh.TiltedPeptides`), not the split's."""
+    joint_shared_prefix_expert: str | None = None
+    """The expert the joint stage's routing term sends the chat template's shared tokens to (`train-gate
+    --shared-prefix-expert`; "chat": the base, so that no trained expert writes their keys and values), or None: the
+    domain of their record, as the gate stages do."""
 
 
 def _cli(args: list[str]) -> None:
@@ -295,23 +299,7 @@ def build(
     if "joint" in stages and cfg.joint_steps:
         stage = time.perf_counter()
         data = _write_jsonl(out / "data" / "joint.jsonl", joint_mixture(world, cfg))
-        _cli(
-            [
-                "train-gate",
-                "--init",
-                str(out / "checkpoint"),
-                "--data",
-                str(data),
-                "--out",
-                str(out / "checkpoint-joint"),
-                "--trainable-experts",
-                "--expert-lr-scale",
-                str(cfg.joint_expert_lr_scale),
-                *[a for name in cfg.joint_frozen for a in ("--frozen-expert", name)],
-                *_gate_training_args(cfg, warmup=10, steps=cfg.joint_steps),
-                *common,
-            ]
-        )
+        _cli([*joint_args(cfg, out / "checkpoint", data, out / "checkpoint-joint"), *common])
         record["stages"]["gate checkpoint-joint"] = time.perf_counter() - stage
     record["seconds"] = time.perf_counter() - start
     if (out / "build.json").is_file():  # an earlier call built other stages: keep their times
@@ -320,6 +308,27 @@ def build(
         record["seconds"] += earlier.get("seconds", 0.0)
     (out / "build.json").write_text(json.dumps(record, indent=2))
     return record
+
+
+def joint_args(cfg: SmolBuildConfig, init: Path, data: Path, out: Path) -> list[str]:
+    """The joint stage's `loramix train-gate` command line (without the build's --max-length, --seed and
+    --log-every): from the gate checkpoint `init`, the gate and the experts not in cfg.joint_frozen trained together."""
+    prefix = cfg.joint_shared_prefix_expert
+    return [
+        "train-gate",
+        "--init",
+        str(init),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--trainable-experts",
+        "--expert-lr-scale",
+        str(cfg.joint_expert_lr_scale),
+        *[a for name in cfg.joint_frozen for a in ("--frozen-expert", name)],
+        *_gate_training_args(cfg, warmup=10, steps=cfg.joint_steps),
+        *(["--shared-prefix-expert", prefix] if prefix else []),
+    ]
 
 
 def _gate_training_args(cfg: SmolBuildConfig, *, warmup: int, steps: int) -> list[str]:
