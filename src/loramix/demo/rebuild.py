@@ -110,7 +110,10 @@ def rebuild_smollm2(
     torch.set_num_threads(threads)
     out = check_owned_files(out_dir, ("rebuild.json", *RESULT_FILES), what="--out")
     start = time.perf_counter()
-    console.print(f"[bold]rebuilding the SmolLM2 demo[/bold] in {out / 'build'} (chat references, 4 experts, 2 gates)")
+    console.print(
+        f"[bold]rebuilding the SmolLM2 demo[/bold] in {out / 'build'} (chat references, 4 experts, 2 gates, "
+        "the joint stage)"
+    )
     record = build_smollm2(out / "build", config)
     console.print(f"built in {record['seconds'] / 60:.1f} min")
     weights = out / "build" / "weights"

@@ -10,10 +10,11 @@ fingerprint. The build trains, through the CLI commands a user runs:
    otherwise never give, since its scalings sum to 1);
 4. the gate on all five domains, chat included, with domain supervision (`loramix train-gate`), and a second gate
    for the truncated scaling pass;
-5. optionally (SmolBuildConfig.joint_steps > 0; off in the shipped build) the joint stage: from the granular gate's
-   checkpoint, the gate and the experts (all but the design and chat experts) trained together (`loramix train-gate
-   --init ... --trainable-experts`), a quarter of the forward records on new peptides of every length and
-   hydropathy (docs/demo-smollm2.md, "The experts trained with the gate": it generalises better, and loses design).
+5. the joint stage (SmolBuildConfig.joint_steps > 0; 0 turns it off): from the granular gate's checkpoint, the gate
+   and the forward and compare experts trained together (`loramix train-gate --init ... --trainable-experts`; the
+   design, Q&A and chat experts kept as they trained alone), a quarter of the forward records on new peptides of
+   every length and hydropathy, the chat template's shared tokens routed to the chat expert, the base
+   (docs/demo-smollm2.md, "The experts trained with the gate").
 """
 
 from __future__ import annotations
@@ -137,16 +138,16 @@ class SmolBuildConfig:
     route_weight: float = 3.0
     max_length: int = 96
     seed: int = 0
-    joint_steps: int = 0
-    """The joint stage's steps (of gate_batch records, at gate_lr; 0: no joint stage, the experts as trained alone;
-    docs/demo-smollm2.md's row was 120)."""
+    joint_steps: int = 120
+    """The joint stage's steps (of gate_batch records, at gate_lr; 0: no joint stage, the experts as trained alone)."""
     joint_expert_lr_scale: float = 0.1
     """The experts' learning rate in the joint stage, relative to the gate's."""
-    joint_frozen: tuple[str, ...] = ("inverse", "chat")
-    """The experts the joint stage keeps as they are (the design expert; the zero chat expert, which is the base)."""
+    joint_frozen: tuple[str, ...] = ("inverse", "chat", "qa")
+    """The experts the joint stage keeps as they are (the design and Q&A experts; the zero chat expert, which is the
+    base)."""
     joint_new_share: float = 0.25
     """The share of the joint stage's forward records on a new peptide (`fresh.TiltedPeptides`), not the split's."""
-    joint_shared_prefix_expert: str | None = None
+    joint_shared_prefix_expert: str | None = "chat"
     """The expert the joint stage's routing term sends the chat template's shared tokens to (`train-gate
     --shared-prefix-expert`; "chat": the base, so that no trained expert writes their keys and values), or None: the
     domain of their record, as the gate stages do."""
